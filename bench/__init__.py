@@ -1,0 +1,1 @@
+"""Experiments: kernel benchmarks, results rows, timing, the command line."""

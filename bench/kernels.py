@@ -1,0 +1,333 @@
+"""Kernel benchmark: every shadow_kernels op on the layer shapes of real models, against cuBLAS dense
+and against torch ``index_select`` + matmul, with the bytes each must move and the fraction of the
+measured copy bandwidth it reaches.
+
+Each case is checked against an fp32 reference before it is timed; a case that fails (wrong result,
+out of memory, compile error) becomes an error row and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import shadow_kernels as sk
+from models.registry import ModelSpec, get_spec
+
+from .results import RowWriter, environment, git_commit, make_row
+from .timing import copy_bandwidth, time_op
+
+GEMV_OPS = ("fc1", "fc2", "qkv", "out_proj")
+PREDICTOR_OPS = ("predictor_dejavu", "predictor_shadowllm")
+TOPK_OPS = ("topk_local", "topk_global")
+OPS = GEMV_OPS + PREDICTOR_OPS + TOPK_OPS
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Relative error (||out - ref|| / ||ref|| against fp32) above which a case is reported as wrong.
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+# Hidden widths: DejaVu's per-layer predictors are low-rank MLPs (about 1k); ShadowLLM's single
+# predictor has one hidden layer of 2048 (paper, appendix A.1).
+DEJAVU_HIDDEN = 1024
+SHADOWLLM_HIDDEN = 2048
+# ShadowLLM's output layer covers every later head and neuron; above this many bytes it is skipped.
+MAX_PREDICTOR_BYTES = 6 << 30
+
+# A small model for CPU smoke runs of the benchmark (not in the registry: no real checkpoint has it).
+TINY = ModelSpec("tiny", "opt", 128, 512, 3, 4, 4, 1000, 128)
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    op: str
+    sparsity: float
+    batch: int
+
+
+@dataclass
+class Built:
+    """What a case needs: callables per variant, the fp32 reference, bytes moved, shapes."""
+
+    variants: dict[str, Callable[[], torch.Tensor]]
+    reference: Callable[[], torch.Tensor]
+    checked: tuple[str, ...]  # variants compared with the reference
+    bytes_moved: int  # fewest bytes the sparse op must read and write
+    dense_bytes: int
+    shape: dict = field(default_factory=dict)
+    # Variants whose output must equal the reference exactly (top-k selections), as 0/1 masks.
+    exact: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+
+
+def kept(n: int, sparsity: float) -> int:
+    """Units kept at a sparsity: the fraction (1 - s) of n, rounded, at least one."""
+    return max(1, min(n, round(n * (1.0 - sparsity))))
+
+
+def _rand(shape, dtype, device, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+def _choice(n, k, device, gen):
+    return torch.randperm(n, generator=gen, device=device)[:k].sort().values
+
+
+def _vec(t, batch):
+    """One token runs through the 1-D path, a batch through the 2-D path."""
+    return t[0] if batch == 1 else t
+
+
+def _rows_case(w, b, x, idx, relu, batch, dense_rows):
+    act = torch.relu if relu else (lambda t: t)
+    idx32 = idx.to(torch.int32)
+    variants = {
+        "triton": lambda: sk.gather_rows_gemv(w, x, idx32, b, "relu" if relu else None, validate=False),
+        "torch_dense": lambda: act(F.linear(x, w, b)),
+        "torch_index_select": lambda: act(F.linear(x, w.index_select(0, idx), b.index_select(0, idx))),
+    }
+    reference = lambda: act(x.float() @ w.index_select(0, idx).float().T + b.index_select(0, idx).float())
+    k, K = idx.numel(), w.shape[1]
+    elt = w.element_size()
+    moved = (k * K + batch * K + k + batch * k) * elt + 4 * k
+    dense = (dense_rows * K + batch * K + dense_rows + batch * dense_rows) * elt
+    return Built(variants, reference, ("triton", "torch_index_select"), moved, dense,
+                 {"weight": list(w.shape), "selected": k})
+
+
+def _cols_case(wt, w_natural, b, h, h_dense, idx, batch):
+    idx32 = idx.to(torch.int32)
+    h2 = h if h.dim() == 2 else h[None]
+    variants = {
+        "triton": lambda: sk.gather_cols_gemv(wt, h, idx32, b, validate=False),
+        "triton_atomic": lambda: sk.gather_cols_gemv(wt, h, idx32, b, deterministic=False, validate=False),
+        "torch_dense": lambda: F.linear(h_dense, w_natural, b),
+        "torch_index_select": lambda: torch.addmm(b, h2, wt.index_select(0, idx)),
+    }
+    reference = lambda: h.float() @ wt.index_select(0, idx).float() + b.float()
+    k, M = idx.numel(), wt.shape[1]
+    N = wt.shape[0]
+    elt = wt.element_size()
+    moved = (k * M + batch * k + M + batch * M) * elt + 4 * k
+    dense = (N * M + batch * N + M + batch * M) * elt
+    return Built(variants, reference, ("triton", "triton_atomic", "torch_index_select"), moved, dense,
+                 {"weight_t": list(wt.shape), "selected": k})
+
+
+def _predictor_case(spec, op, batch, dtype, device, gen):
+    E = spec.hidden
+    if op == "predictor_dejavu":
+        hidden, outputs = DEJAVU_HIDDEN, spec.n_heads + spec.ffn
+    else:
+        hidden, outputs = SHADOWLLM_HIDDEN, (spec.n_layers - 1) * (spec.n_heads + spec.ffn)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    if outputs * hidden * elt > MAX_PREDICTOR_BYTES:
+        raise MemoryError(f"{op} for {spec.name} needs {outputs * hidden * elt / 2**30:.1f} GiB of weights; "
+                          f"skipped above {MAX_PREDICTOR_BYTES / 2**30:.0f} GiB")
+    w1 = _rand((hidden, E), dtype, device, gen, E**-0.5)
+    b1 = _rand((hidden,), dtype, device, gen, 0.1)
+    w2 = _rand((outputs, hidden), dtype, device, gen, hidden**-0.5)
+    b2 = _rand((outputs,), dtype, device, gen, 0.1)
+    x = _vec(_rand((batch, E), dtype, device, gen), batch)
+    variants = {
+        "triton": lambda: sk.fused_predictor(x, w1, b1, w2, b2),
+        "torch_unfused": lambda: F.linear(F.linear(x, w1, b1).relu_(), w2, b2).float(),
+    }
+    moved = (hidden * E + hidden + outputs * hidden + outputs + batch * E) * elt + 4 * batch * outputs
+    return Built(variants, lambda: sk.fused_predictor_ref(x, w1, b1, w2, b2), tuple(variants), moved, moved,
+                 {"w1": [hidden, E], "w2": [outputs, hidden]})
+
+
+def _topk_case(spec, op, sparsity, device, gen):
+    # Neuron scores of every layer after the first (what the ShadowLLM predictor emits).
+    L, n = spec.n_layers - 1, spec.ffn
+    scores = torch.randn((L, n), generator=gen, device=device)
+    policy = op.removeprefix("topk_")
+    k = kept(n, sparsity) if policy == "local" else kept(L * n, sparsity)
+
+    def as_mask(fn):
+        def run():
+            sel = fn(scores, k, policy, validate=False)
+            live = torch.arange(sel.idx.shape[1], device=device)[None, :] < sel.count[:, None].long()
+            mask = torch.zeros((L, n), dtype=torch.float32, device=device)
+            # scatter_add: padded slots hold index 0 and add nothing, whatever order they land in
+            return mask.scatter_add_(1, sel.idx.long(), live.float())
+        return run
+
+    variants = {"triton": as_mask(sk.topk_indices), "torch_reference": as_mask(sk.topk_indices_ref)}
+    timed = {"triton": lambda: sk.topk_indices(scores, k, policy, validate=False),
+             "torch_reference": lambda: sk.topk_indices_ref(scores, k, policy, validate=False)}
+    reference = lambda: sk.topk_mask(scores, k, dim=-1 if policy == "local" else None).float()
+    return Built(timed, reference, (), scores.numel() * 4, scores.numel() * 4, {"scores": [L, n], "k": k},
+                 exact=variants)
+
+
+def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
+    E, H, d, Fn, B = spec.hidden, spec.n_heads, spec.head_dim, spec.ffn, case.batch
+    if case.op == "fc1":
+        w = _rand((Fn, E), dtype, device, gen, E**-0.5)
+        b = _rand((Fn,), dtype, device, gen, 0.1)
+        x = _vec(_rand((B, E), dtype, device, gen), B)
+        return _rows_case(w, b, x, _choice(Fn, kept(Fn, case.sparsity), device, gen), True, B, Fn)
+    if case.op == "qkv":
+        w = _rand((3 * E, E), dtype, device, gen, E**-0.5)
+        b = _rand((3 * E,), dtype, device, gen, 0.1)
+        x = _vec(_rand((B, E), dtype, device, gen), B)
+        heads = _choice(H, kept(H, case.sparsity), device, gen)
+        per_head = (heads[:, None] * d + torch.arange(d, device=device)[None, :]).reshape(-1)
+        idx = torch.cat([part * E + per_head for part in range(3)])
+        return _rows_case(w, b, x, idx, False, B, 3 * E)
+    if case.op in ("fc2", "out_proj"):
+        n_in = Fn if case.op == "fc2" else E
+        wt = _rand((n_in, E), dtype, device, gen, n_in**-0.5)
+        w_natural = wt.T.contiguous()
+        b = _rand((E,), dtype, device, gen, 0.1)
+        if case.op == "fc2":
+            idx = _choice(Fn, kept(Fn, case.sparsity), device, gen)
+        else:
+            heads = _choice(H, kept(H, case.sparsity), device, gen)
+            idx = (heads[:, None] * d + torch.arange(d, device=device)[None, :]).reshape(-1)
+        h = _vec(_rand((B, idx.numel()), dtype, device, gen).relu(), B)
+        h_dense = _vec(_rand((B, n_in), dtype, device, gen).relu(), B)
+        return _cols_case(wt, w_natural, b, h, h_dense, idx, B)
+    if case.op in PREDICTOR_OPS:
+        return _predictor_case(spec, case.op, B, dtype, device, gen)
+    if case.op in TOPK_OPS:
+        return _topk_case(spec, case.op, case.sparsity, device, gen)
+    raise ValueError(f"unknown op {case.op!r}; known ops: {', '.join(OPS)}")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def cases(models, ops, sparsities, batches) -> list[Case]:
+    out = []
+    for model in models:
+        for op in ops:
+            if op in PREDICTOR_OPS:
+                out += [Case(model, op, 0.0, b) for b in batches]
+            elif op in TOPK_OPS:
+                out += [Case(model, op, s, 1) for s in sparsities if s > 0]
+            else:
+                out += [Case(model, op, s, b) for s in sparsities for b in batches]
+    return out
+
+
+def _spec(name: str) -> ModelSpec:
+    return TINY if name == TINY.name else get_spec(name)
+
+
+def run_case(case: Case, dtype, device, copy_gbps, base: dict) -> list[dict]:
+    """Check and time every variant of one case; returns its rows."""
+    spec = _spec(case.model)
+    seed = zlib.crc32(f"{case.model}/{case.op}/{case.sparsity}/{case.batch}".encode())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    built = build_case(spec, case, dtype, device, gen)
+    ref = built.reference()
+    errors = {name: float((fn() != ref).sum()) for name, fn in built.exact.items()}
+    for name in built.checked:
+        errors[name] = rel_err(built.variants[name](), ref)
+    tol = 0.0 if built.exact else TOLERANCE[dtype]
+    timings = {name: time_op(fn, device) for name, fn in built.variants.items()}
+    dense_us = timings.get("torch_dense", timings.get("torch_unfused", timings.get("torch_reference")))["median_us"]
+    rows = []
+    for name, t in timings.items():
+        us = t["median_us"]
+        nbytes = built.dense_bytes if name == "torch_dense" else built.bytes_moved
+        gbps = nbytes / (us * 1e-6) / 1e9
+        err = errors.get(name)
+        status = "ok" if err is None or err <= tol else "wrong"
+        common = dict(base, model=case.model, sparsity=case.sparsity, batch=case.batch, status=status, op=case.op,
+                      variant=name, bytes=nbytes, p20_us=t["p20_us"], p80_us=t["p80_us"], timer=t["timer"],
+                      reps=t["reps"], **built.shape)
+        metrics = [("time_us", us, "us"), ("achieved_gbps", gbps, "GB/s"), ("speedup_vs_dense", dense_us / us, "x")]
+        if copy_gbps:
+            metrics.append(("pct_of_copy_bw", 100.0 * gbps / copy_gbps, "%"))
+            metrics.append(("floor_us", nbytes / (copy_gbps * 1e9) * 1e6, "us"))
+        if err is not None:
+            metrics.append(("mismatched_units" if built.exact else "rel_err", err, ""))
+        rows += [make_row(**common, metric=m, value=v, unit=u) for m, v, u in metrics]
+    return rows
+
+
+def _done_keys(rows) -> set:
+    return {(r["model"], r["extra"].get("op"), r["sparsity"], r["batch"], r["dtype"], r["device"])
+            for r in rows if r.get("kind") == "kernel" and r.get("status") in ("ok", "wrong")}
+
+
+def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progress=True) -> list[dict]:
+    """Run every case not already in ``out_path``; returns the rows written by this call."""
+    from tqdm import tqdm
+
+    dtype = DTYPES[dtype_name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    writer = RowWriter(out_path)
+    env = environment(device)
+    done = _done_keys(writer.existing())
+    bw = copy_bandwidth(device)
+    base = dict(kind="kernel", device=env["device"], dtype=dtype_name, git_commit=git_commit(),
+                extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"]})
+    todo = [c for c in cases(models, ops, sparsities, batches)
+            if (c.model, c.op, c.sparsity, c.batch, dtype_name, env["device"]) not in done]
+    new_rows: list[dict] = []
+    if bw["copy_gbps"]:
+        env_row = make_row(**base, metric="copy_bandwidth", value=bw["copy_gbps"], unit="GB/s", op="copy",
+                           variant="torch_copy", **{k: v for k, v in env.items() if k != "device"})
+        writer.write([env_row])
+        new_rows.append(env_row)
+    for case in tqdm(todo, desc="kernels", disable=not progress):
+        try:
+            rows = run_case(case, dtype, device, bw["copy_gbps"], base)
+        except Exception as err:  # one failing shape must not lose the sweep
+            rows = [make_row(**base, model=case.model, sparsity=case.sparsity, batch=case.batch, op=case.op,
+                             metric="error", value=None, unit=None, status="error",
+                             error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=3))]
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        writer.write(rows)
+        new_rows += rows
+    return new_rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    """One line per case: time of each variant, our % of copy bandwidth and speedup over dense."""
+    by_case: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("kind") != "kernel" or r["extra"].get("op") == "copy":
+            continue
+        key = (r["model"], r["extra"].get("op"), r["sparsity"], r["batch"])
+        entry = by_case.setdefault(key, {})
+        if r["status"] == "error":
+            entry["error"] = r["extra"].get("error", "")
+            continue
+        var = r["extra"]["variant"]
+        entry[(var, r["metric"])] = r["value"]
+        if r["status"] == "wrong":
+            entry.setdefault("wrong", set()).add(var)
+    lines = [f"{'model':<10} {'op':<19} {'s':>4} {'B':>2} {'ours us':>9} {'dense us':>9} {'idxsel us':>9} "
+             f"{'atomic us':>9} {'%copyBW':>8} {'vs dense':>8}"]
+    fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
+    for (model, op, s, b), e in by_case.items():
+        if "error" in e:
+            lines.append(f"{model:<10} {op:<19} {s:>4} {b:>2}  ERROR {e['error'][:70]}")
+            continue
+        dense = e.get(("torch_dense", "time_us"), e.get(("torch_unfused", "time_us"),
+                                                        e.get(("torch_reference", "time_us"))))
+        lines.append(
+            f"{model:<10} {op:<19} {s:>4} {b:>2} {fmt(e.get(('triton', 'time_us')), '9.1f')} {fmt(dense, '9.1f')} "
+            f"{fmt(e.get(('torch_index_select', 'time_us')), '9.1f')} "
+            f"{fmt(e.get(('triton_atomic', 'time_us')), '9.1f')} "
+            f"{fmt(e.get(('triton', 'pct_of_copy_bw')), '8.1f')} {fmt(e.get(('triton', 'speedup_vs_dense')), '8.2f')}"
+            + (f"  WRONG: {', '.join(sorted(e['wrong']))}" if "wrong" in e else "")
+        )
+    return "\n".join(lines)

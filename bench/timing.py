@@ -1,0 +1,82 @@
+"""GPU timing: every kernel figure is the median of many replays of a captured CUDA graph, each
+with a cold L2.
+
+Why a graph: a decode step runs as one captured graph, so launch overhead is not part of it. Timing
+eager calls instead measured the Python launch path of each op (v1 in notes/kernels.md: every op
+took 60-200 us whatever its size). Why a cold L2: decode reads every weight once per token; a 256 MB
+write between replays evicts the 50 MB L2 of an H100.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+FLUSH_BYTES = 256 << 20
+TARGET_MS = 100.0  # time spent in timed replays per measurement
+MIN_REPS, MAX_REPS = 20, 400
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
+
+
+def time_op(fn: Callable[[], object], device: torch.device) -> dict:
+    """Median and 20th/80th percentile time of ``fn`` in microseconds (see the module docstring).
+
+    On the CPU (Triton interpreter) it is wall-clock time of a few calls: a smoke test, never a
+    speed claim.
+    """
+    if device.type != "cuda":
+        fn()
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e6)
+        samples.sort()
+        return {"median_us": samples[1], "p20_us": samples[0], "p80_us": samples[2], "reps": 3,
+                "timer": "wall clock (CPU)"}
+
+    # Compile, autotune and allocate outside the capture, on a side stream as capture requires.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+    def timed(reps: int) -> list[float]:
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in pairs:
+            flush.zero_()
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) * 1e3 for start, end in pairs]
+
+    estimate = statistics.median(timed(5))
+    reps = max(MIN_REPS, min(MAX_REPS, int(TARGET_MS * 1e3 / max(estimate, 1.0))))
+    samples = sorted(timed(reps))
+    return {"median_us": statistics.median(samples), "p20_us": _percentile(samples, 0.2),
+            "p80_us": _percentile(samples, 0.8), "reps": reps, "timer": "CUDA graph replay, L2 flushed"}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
+    """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        return {"copy_gbps": None, "copy_bytes": 0}
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = time_op(lambda: dst.copy_(src), device)
+    moved = 2 * src.numel() * src.element_size()
+    return {"copy_gbps": moved / (t["median_us"] * 1e-6) / 1e9, "copy_bytes": moved, "copy_median_us": t["median_us"]}

@@ -1,0 +1,1 @@
+"""Plotly HTML reports drawn from results rows (JSON Lines)."""

@@ -1,0 +1,42 @@
+"""Triton kernels for contextual sparsity, each with a plain-PyTorch reference of the same signature.
+
+On a machine without CUDA, importing this package turns on Triton's interpreter
+(``TRITON_INTERPRET=1``) unless the variable is already set, so the kernels run (slowly) on CPU
+tensors. Triton reads the variable when a kernel is defined, hence before the submodules import.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .fused_predictor import fused_predictor, fused_predictor_ref  # noqa: E402
+from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref  # noqa: E402
+from .gather_rows import gather_rows_gemv, gather_rows_gemv_ref  # noqa: E402
+from .topk import (  # noqa: E402
+    POLICIES,
+    LayerIndices,
+    mask_to_indices,
+    mask_to_indices_ref,
+    topk_indices,
+    topk_indices_ref,
+    topk_mask,
+)
+
+__all__ = [
+    "POLICIES",
+    "LayerIndices",
+    "fused_predictor",
+    "fused_predictor_ref",
+    "gather_cols_gemv",
+    "gather_cols_gemv_ref",
+    "gather_rows_gemv",
+    "gather_rows_gemv_ref",
+    "mask_to_indices",
+    "mask_to_indices_ref",
+    "topk_indices",
+    "topk_indices_ref",
+    "topk_mask",
+]

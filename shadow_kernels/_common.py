@@ -1,0 +1,124 @@
+"""Shared plumbing for the kernels: where they run, input checks, autotune settings.
+
+Every public op checks its inputs here once, at the boundary, so the launchers and kernels can
+assume well-formed tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# SHADOW_KERNELS_AUTOTUNE=0 keeps the first config of every kernel: the tests check results over
+# many random shapes and would otherwise autotune each one.
+AUTOTUNE = os.environ.get("SHADOW_KERNELS_AUTOTUNE", "1") != "0"
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _fmt_dtypes(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_device(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors when the Triton interpreter is on."""
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; put them on one device")
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and INTERPRET:
+        return
+    raise ValueError(
+        f"{name} is on {t.device}; the Triton kernels need CUDA tensors, or CPU tensors with "
+        "TRITON_INTERPRET=1 set before shadow_kernels is imported (use the *_ref functions for plain CPU runs)"
+    )
+
+
+def check_float(
+    name: str,
+    t,
+    *,
+    ndims: tuple[int, ...],
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    last_contiguous: bool = False,
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_fmt_dtypes(FLOAT_DTYPES)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match the weight dtype {dtype}")
+    if t.dim() not in ndims:
+        want = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    check_device(name, t, device)
+    if last_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be contiguous in its last dimension (stride 1), got strides {tuple(t.stride())}; "
+            "call .contiguous() once when loading the weight, not per call"
+        )
+
+
+def is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_indices(name: str, idx, *, n: int, device: torch.device, validate: bool) -> None:
+    """`idx` is a 1-D integer tensor of row numbers in [0, n).
+
+    The range check reads the values back to the host, which a CUDA graph capture cannot do, so it
+    runs only when `validate` is set and no capture is under way.
+    """
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32 or int64, got {type(idx).__name__}")
+    if idx.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} has dtype {idx.dtype}; expected int32 or int64 row indices")
+    if idx.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(idx.shape)}")
+    check_device(name, idx, device)
+    if validate and idx.numel() > 0 and not is_capturing(device):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{name} holds values in [{lo}, {hi}]; expected indices in [0, {n - 1}]")
+
+
+def check_count(name: str, count, *, device: torch.device, upper: int, validate: bool) -> None:
+    """`count` is the device-side number of valid entries of a padded index list."""
+    if count is None:
+        return
+    if not isinstance(count, torch.Tensor):
+        raise TypeError(f"{name} must be a one-element int32 tensor on the device, got {type(count).__name__}")
+    if count.dtype != torch.int32 or count.numel() != 1:
+        raise TypeError(f"{name} must be a one-element int32 tensor, got dtype {count.dtype} and shape "
+                        f"{tuple(count.shape)}")
+    check_device(name, count, device)
+    if validate and not is_capturing(device):
+        c = int(count.reshape(()))
+        if c < 0 or c > upper:
+            raise ValueError(f"{name} is {c}; expected a value in [0, {upper}] (the length of the index list)")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def configs_for_platform(configs: list[triton.Config]) -> list[triton.Config]:
+    """The interpreter cannot time configs, so it gets the first one only (so does AUTOTUNE off)."""
+    return configs if AUTOTUNE and not INTERPRET else configs[:1]
+
+
+def autotune_bench(kernel_call, quantiles):
+    """Shorter than Triton's default (25 ms warm-up, 100 ms timing): enough to rank configs of a
+    memory-bound kernel, and it keeps a sweep over many shapes from spending minutes in autotune."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

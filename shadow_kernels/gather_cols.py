@@ -1,0 +1,241 @@
+"""Gather-columns GEMV: ``y = h @ weight_t[idx] + bias``.
+
+Used for fc2 and for out_proj over the selected heads. ``weight_t`` is W transposed ([N, M]: N
+input features, M outputs), so the weights of one selected input feature are one contiguous row
+and a warp reads them coalesced along M.
+
+The reduction runs over the selected rows, which are few compared to the parallelism of a GPU
+when M is small, so the rows are split into ``split`` chunks (split-K). Two ways to combine:
+- deterministic (default): each chunk writes fp32 partial sums to a workspace and a second small
+  kernel adds them in a fixed order, plus the bias; bit-identical from run to run.
+- atomic: chunks ``atomic_add`` fp32 into a zeroed buffer (DejaVu's approach); the summation order
+  varies between runs, so results differ in the last bits.
+Both are timed in the benchmark. With ``split == 1`` one launch writes the output directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRET,
+    autotune_bench,
+    check_count,
+    check_float,
+    check_indices,
+    configs_for_platform,
+    next_pow2,
+    sm_count,
+)
+
+
+@triton.jit
+def _cols_partial_kernel(
+    wt_ptr, h_ptr, idx_ptr, count_ptr, bias_ptr, out_ptr,
+    B, M, n_sel, SPLIT,
+    stride_wn, stride_hb, stride_ob, stride_os,
+    SEL_BUCKET,  # only an autotune key
+    HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    # A program owns BLOCK_M outputs for BLOCK_B batch rows and one chunk of the selected rows.
+    # The chunk bounds are computed on the device from `count`, so the work of a padded index list
+    # is spread over all programs whatever the count turns out to be.
+    # MODE: 0 = write the final output (SPLIT == 1), 1 = write fp32 partials, 2 = fp32 atomic add.
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    limit = n_sel
+    if HAS_COUNT:
+        limit = tl.minimum(tl.load(count_ptr), n_sel)
+    chunk = tl.cdiv(limit, SPLIT)
+    j_start = pid_s * chunk
+    j_end = tl.minimum(j_start + chunk, limit)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+
+    # The row numbers of the next block are loaded one iteration ahead, so the weight loads never
+    # wait on an index load (two dependent memory latencies per iteration halved the bandwidth).
+    src = tl.load(idx_ptr + j_start + offs_j, mask=j_start + offs_j < j_end, other=0).to(tl.int64)
+    if BLOCK_B == 1:
+        acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
+        h_row = h_ptr + pid_b * stride_hb
+        for j0 in range(j_start, j_end, BLOCK_J):
+            jj = j0 + offs_j
+            j_ok = jj < j_end
+            nxt = jj + BLOCK_J
+            src_next = tl.load(idx_ptr + nxt, mask=nxt < j_end, other=0).to(tl.int64)
+            w = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
+                        other=0.0).to(tl.float32)
+            hv = tl.load(h_row + jj, mask=j_ok, other=0.0).to(tl.float32)
+            acc += w * hv[:, None]
+            src = src_next
+        out = tl.sum(acc, axis=0)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+        for j0 in range(j_start, j_end, BLOCK_J):
+            jj = j0 + offs_j
+            j_ok = jj < j_end
+            nxt = jj + BLOCK_J
+            src_next = tl.load(idx_ptr + nxt, mask=nxt < j_end, other=0).to(tl.int64)
+            w = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
+                        other=0.0)
+            hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + jj[None, :], mask=b_ok[:, None] & j_ok[None, :],
+                         other=0.0)
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
+                hv = hv.to(tl.float32)
+            else:
+                hv = hv.to(w.dtype)
+            if DOT_IEEE:
+                acc += tl.dot(hv, w, input_precision="ieee")
+            else:
+                acc += tl.dot(hv, w)
+            src = src_next
+        out = acc
+
+    mask = b_ok[:, None] & m_ok[None, :]
+    if MODE == 0:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
+        ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_m[None, :]
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 1:
+        ptrs = out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_m[None, :]
+        tl.store(ptrs, out, mask=mask)
+    else:
+        ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_m[None, :]
+        tl.atomic_add(ptrs, out, mask=mask)
+
+
+@triton.jit
+def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    # Sums the SPLIT partials of every output in a fixed order (deterministic), adds the bias.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % M, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+_SINGLE_CONFIGS = configs_for_platform([
+    triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_J": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_J": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_J": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_J": 64}, num_warps=4, num_stages=2),
+])
+_BATCHED_CONFIGS = configs_for_platform([
+    triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_J": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_J": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_J": 128}, num_warps=8, num_stages=3),
+])
+_KEY = ["M", "SEL_BUCKET", "SPLIT", "BLOCK_B", "MODE", "HAS_COUNT"]
+_cols_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
+    _cols_partial_kernel)
+_cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
+    _cols_partial_kernel)
+
+# Rows of the selected list one program should at least stream before splitting further pays off.
+_MIN_ROWS_PER_SPLIT = 64
+
+
+def choose_split(n_sel: int, M: int, block_m: int, device: torch.device) -> int:
+    """Split the reduction so that about four programs per SM are in flight."""
+    m_blocks = triton.cdiv(M, block_m)
+    want = triton.cdiv(4 * sm_count(device), m_blocks)
+    return max(1, min(want, triton.cdiv(n_sel, _MIN_ROWS_PER_SPLIT)))
+
+
+def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: int | None) -> torch.Tensor:
+    B = h2d.shape[0]
+    n_sel = idx.shape[0]
+    M = weight_t.shape[1]
+    dev = weight_t.device
+    y = torch.empty((B, M), device=dev, dtype=weight_t.dtype)
+    if B == 0 or M == 0:
+        return y
+    if n_sel == 0:
+        return y.copy_(bias.expand(B, M)) if bias is not None else y.zero_()
+    h2d = h2d.contiguous()
+    if B == 1:
+        kernel, block_b, block_m = _cols_single, 1, 128
+    else:
+        kernel, block_b, block_m = _cols_batched, min(64, max(16, next_pow2(B))), 64
+    if split is None:
+        split = choose_split(n_sel, M, block_m, dev)
+    if split == 1:
+        mode, out = 0, y
+    elif deterministic:
+        mode, out = 1, torch.empty((split, B, M), device=dev, dtype=torch.float32)
+    else:
+        mode, out = 2, torch.zeros((B, M), device=dev, dtype=torch.float32)
+    grid = (triton.cdiv(M, block_m), split, triton.cdiv(B, block_b))
+    kernel[grid](
+        weight_t, h2d, idx, count if count is not None else idx, bias if bias is not None else weight_t, out,
+        B, M, n_sel, split,
+        weight_t.stride(0), h2d.stride(0), M, B * M,
+        next_pow2(n_sel),
+        HAS_COUNT=count is not None, HAS_BIAS=bias is not None, MODE=mode,
+        UPCAST_DOT=INTERPRET, DOT_IEEE=weight_t.dtype == torch.float32, BLOCK_B=block_b, BLOCK_M=block_m,
+    )
+    if mode != 0:
+        n_parts = split if mode == 1 else 1
+        block = 1024
+        _cols_reduce_kernel[(triton.cdiv(B * M, block),)](
+            out, bias if bias is not None else out, y, B * M, M, n_parts,
+            HAS_BIAS=bias is not None, BLOCK=block,
+        )
+    return y
+
+
+def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True):
+    """``h @ weight_t[idx] + bias`` with Triton kernels.
+
+    weight_t: [N, M] (W transposed, contiguous rows) fp16/bf16/fp32. h: [k] or [B, k], same dtype;
+    column j of h multiplies row idx[j] of weight_t. idx: int32/int64 [k] in [0, N).
+    bias: [M] or None. count: optional one-element int32 device tensor; only the first ``count``
+    entries of idx (and of h) are used.
+    deterministic: fixed-order two-stage reduction (default) or fp32 atomics (not bit-reproducible).
+    split: number of chunks of the reduction (default: chosen from the shape and the SM count).
+    Returns [M] or [B, M] in the weight dtype; accumulation is fp32.
+    """
+    check_float("weight_t", weight_t, ndims=(2,), last_contiguous=True)
+    dev = weight_t.device
+    N, M = weight_t.shape
+    check_float("h", h, ndims=(1, 2), dtype=weight_t.dtype, device=dev)
+    check_indices("idx", idx, n=N, device=dev, validate=validate)
+    k = idx.shape[0]
+    if h.shape[-1] != k:
+        raise ValueError(f"h has {h.shape[-1]} entries per row but idx has {k}; expected h [..., {k}]")
+    if bias is not None:
+        check_float("bias", bias, ndims=(1,), dtype=weight_t.dtype, device=dev)
+        if bias.shape[0] != M:
+            raise ValueError(f"bias has {bias.shape[0]} entries; expected {M} (one per output)")
+    check_count("count", count, device=dev, upper=k, validate=validate)
+    if split is not None and (not isinstance(split, int) or split < 1):
+        raise ValueError(f"split must be a positive int or None, got {split!r}")
+    y = _launch_cols(weight_t, h if h.dim() == 2 else h[None], idx, bias, count, deterministic, split)
+    return y.reshape(M) if h.dim() == 1 else y
+
+
+def gather_cols_gemv_ref(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True):
+    """Plain-PyTorch reference of :func:`gather_cols_gemv` (same signature, fp32 accumulate)."""
+    idx = idx.long()
+    hf = h.float()
+    if count is not None:
+        hf = torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), hf, 0.0)
+    y = hf @ weight_t.index_select(0, idx).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(weight_t.dtype)

@@ -1,0 +1,209 @@
+"""Gather-rows GEMV: ``y[..., j] = act(x @ weight[idx[j]] + bias[idx[j]])``.
+
+Used for fc1 (selected neurons) and for the Q/K/V rows of the selected heads: every selected
+output row of ``weight`` is one contiguous row in memory, so a program streams ``BLOCK_N`` whole
+rows and the kernel reads exactly the bytes of the selected rows once.
+
+Padded index lists (see ``shadow_kernels.topk``): with ``count`` given, only ``idx[:count]`` is
+used and the output slots ``count..k-1`` are zero, so the output shape never depends on data and
+a decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRET,
+    autotune_bench,
+    check_count,
+    check_float,
+    check_indices,
+    configs_for_platform,
+    next_pow2,
+)
+
+_ACTIVATIONS = (None, "relu")
+
+
+@triton.jit
+def _rows_gemv_kernel(
+    w_ptr, x_ptr, idx_ptr, bias_ptr, count_ptr, y_ptr,
+    B, K, n_rows,
+    stride_wn, stride_xb, stride_yb,
+    ROWS_BUCKET,  # only an autotune key: the power of two above n_rows
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, RELU: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # A program owns BLOCK_N output rows (gathered weight rows) for BLOCK_B batch rows and walks
+    # the whole reduction dimension K; no split-K, so every weight byte is read exactly once.
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    limit = n_rows
+    if HAS_COUNT:
+        limit = tl.minimum(tl.load(count_ptr), n_rows)
+    live = rows < limit
+    if HAS_IDX:
+        src = tl.load(idx_ptr + rows, mask=live, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    w_rows = w_ptr + src[:, None] * stride_wn
+    offs_k = tl.arange(0, BLOCK_K)
+    # Programs whose rows all lie past the device-side count skip the loop and only write zeros.
+    k_end = tl.where(pid_n * BLOCK_N < limit, K, 0)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+
+    if BLOCK_B == 1:
+        # One token: elementwise products accumulated in fp32, one reduction at the end. The
+        # upcast right after each load is also what the interpreter needs for bf16.
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        x_row = x_ptr + pid_b * stride_xb
+        for k0 in range(0, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            if EVEN_K:
+                w = tl.load(w_rows + kk[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+                x = tl.load(x_row + kk).to(tl.float32)
+            else:
+                k_ok = kk < K
+                w = tl.load(w_rows + kk[None, :], mask=live[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                x = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)
+            acc += w * x[None, :]
+        out = tl.sum(acc, axis=1)[None, :]
+    else:
+        # A small batch: tensor-core dot of [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_N], fp32 accumulate.
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < K
+            w = tl.load(w_rows + kk[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=b_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
+                x = x.to(tl.float32)
+            else:
+                x = x.to(w.dtype)
+            if DOT_IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        out = acc
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + src, mask=live, other=0.0).to(tl.float32)
+        out += bias[None, :]
+    if RELU:
+        out = tl.maximum(out, 0.0)
+    out = tl.where(live[None, :], out, 0.0)
+    y_ptrs = y_ptr + offs_b[:, None] * stride_yb + rows[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=b_ok[:, None] & (rows < n_rows)[None, :])
+
+
+def _even_k(args):
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+_SINGLE_CONFIGS = configs_for_platform([
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 8, "BLOCK_K": 512}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+])
+_BATCHED_CONFIGS = configs_for_platform([
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+])
+_KEY = ["K", "ROWS_BUCKET", "BLOCK_B", "HAS_COUNT"]
+_rows_gemv_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench)(
+    triton.heuristics({"EVEN_K": _even_k})(_rows_gemv_kernel))
+_rows_gemv_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench)(
+    triton.heuristics({"EVEN_K": _even_k})(_rows_gemv_kernel))
+
+
+def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """Launcher shared by gather_rows_gemv and fused_predictor; inputs are already checked.
+
+    ``idx=None`` means every row of ``weight`` in order (a plain GEMV).
+    """
+    B, K = x2d.shape
+    n_rows = weight.shape[0] if idx is None else idx.shape[0]
+    y = torch.empty((B, n_rows), device=x2d.device, dtype=out_dtype)
+    if n_rows == 0 or B == 0:
+        return y
+    x2d = x2d.contiguous()
+    if B == 1:
+        kernel, block_b = _rows_gemv_single, 1
+    else:
+        kernel, block_b = _rows_gemv_batched, min(64, max(16, next_pow2(B)))
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(B, block_b))
+    kernel[grid](
+        weight, x2d, idx if idx is not None else weight, bias if bias is not None else weight,
+        count if count is not None else weight, y,
+        B, K, n_rows,
+        weight.stride(0), x2d.stride(0), y.stride(0),
+        next_pow2(n_rows),
+        HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_COUNT=count is not None, RELU=relu,
+        UPCAST_DOT=INTERPRET, DOT_IEEE=weight.dtype == torch.float32, BLOCK_B=block_b,
+    )
+    return y
+
+
+def _check_activation(activation):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+
+
+def gather_rows_gemv(weight, x, idx, bias=None, activation=None, count=None, *, validate=True):
+    """``act(x @ weight[idx].T + bias[idx])`` with a Triton kernel.
+
+    weight: [N, K] fp16/bf16/fp32, contiguous rows. x: [K] or [B, K], same dtype.
+    idx: int32/int64 [k] with values in [0, N); order and duplicates are kept as given.
+    bias: [N] or None. activation: None or "relu".
+    count: optional one-element int32 device tensor; only ``idx[:count]`` is used and the output
+    slots from ``count`` on are 0 (padded index lists of global top-k).
+    validate: check index values (reads them back to the host; skipped during CUDA graph capture).
+    Returns [k] or [B, k] in the weight dtype; accumulation is fp32.
+    """
+    check_float("weight", weight, ndims=(2,), last_contiguous=True)
+    dev = weight.device
+    N, K = weight.shape
+    check_float("x", x, ndims=(1, 2), dtype=weight.dtype, device=dev)
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features but weight is [{N}, {K}]; expected x [..., {K}]")
+    check_indices("idx", idx, n=N, device=dev, validate=validate)
+    if bias is not None:
+        check_float("bias", bias, ndims=(1,), dtype=weight.dtype, device=dev)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias has {bias.shape[0]} entries; expected {N} (one per weight row)")
+    _check_activation(activation)
+    check_count("count", count, device=dev, upper=idx.shape[0], validate=validate)
+    y = launch_rows_gemv(weight, x if x.dim() == 2 else x[None], idx, bias, count, activation == "relu", weight.dtype)
+    return y.reshape(idx.shape[0]) if x.dim() == 1 else y
+
+
+def gather_rows_gemv_ref(weight, x, idx, bias=None, activation=None, count=None, *, validate=True):
+    """Plain-PyTorch reference of :func:`gather_rows_gemv` (same signature, fp32 accumulate)."""
+    _check_activation(activation)
+    idx = idx.long()
+    w = weight.index_select(0, idx).float()
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.index_select(0, idx).float()
+    if activation == "relu":
+        y = torch.relu(y)
+    if count is not None:
+        y = torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), y, 0.0)
+    return y.to(weight.dtype)

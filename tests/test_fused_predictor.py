@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from shadow_kernels import fused_predictor, fused_predictor_ref
+
+from conftest import DEVICE, DTYPES
+from helpers import assert_close_rel, randn
+
+
+def make(E, H, O, dtype, gen, bias=True):
+    w1 = randn(H, E, dtype=dtype, gen=gen, scale=E**-0.5)
+    w2 = randn(O, H, dtype=dtype, gen=gen, scale=H**-0.5)
+    b1 = randn(H, dtype=dtype, gen=gen) if bias else None
+    b2 = randn(O, dtype=dtype, gen=gen) if bias else None
+    return w1, b1, w2, b2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [None, 1, 5, 20])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(dtype, batch, bias):
+    gen = torch.Generator().manual_seed(0)
+    E, H, O = 96, 72, 130
+    w1, b1, w2, b2 = make(E, H, O, dtype, gen, bias)
+    x = randn(E, dtype=dtype, gen=gen) if batch is None else randn(batch, E, dtype=dtype, gen=gen)
+    out = fused_predictor(x, w1, b1, w2, b2)
+    assert out.dtype == torch.float32
+    assert out.shape == ((O,) if batch is None else (batch, O))
+    # The hidden layer stays fp32 for one token; the batched path rounds it to the weight dtype
+    # for the tensor-core dot, which is the dtype's own tolerance again.
+    assert_close_rel(out, fused_predictor_ref(x, w1, b1, w2, b2), dtype)
+
+
+def test_relu_is_applied_to_the_hidden_layer():
+    E, H, O = 8, 4, 3
+    w1 = torch.eye(H, E, dtype=torch.float32, device=DEVICE)
+    w2 = torch.ones(O, H, dtype=torch.float32, device=DEVICE)
+    x = torch.tensor([1.0, -2.0, 3.0, -4.0, 0, 0, 0, 0], device=DEVICE)
+    out = fused_predictor(x, w1, None, w2, None)
+    assert torch.allclose(out.cpu(), torch.full((O,), 4.0))  # 1 + 3, the negatives cut off
+
+
+class TestBadInput:
+    gen = torch.Generator().manual_seed(1)
+    w1, b1, w2, b2 = make(16, 8, 10, torch.float16, gen)
+    x = randn(16, dtype=torch.float16)
+
+    def test_hidden_mismatch(self):
+        with pytest.raises(ValueError, match=r"w2 is \[10, 7\] but the hidden layer has 8 units"):
+            fused_predictor(self.x, self.w1, self.b1, self.w2[:, :7].contiguous(), self.b2)
+
+    def test_input_width(self):
+        with pytest.raises(ValueError, match="x has 15 features but w1 is"):
+            fused_predictor(self.x[:15], self.w1, self.b1, self.w2, self.b2)
+
+    def test_bias_length(self):
+        with pytest.raises(ValueError, match="b2 has 9 entries; expected 10"):
+            fused_predictor(self.x, self.w1, self.b1, self.w2, self.b2[:9])
+
+    def test_mixed_dtypes(self):
+        with pytest.raises(TypeError, match="w2 has dtype torch.float32"):
+            fused_predictor(self.x, self.w1, self.b1, self.w2.float(), self.b2)

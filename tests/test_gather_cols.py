@@ -1,0 +1,118 @@
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shadow_kernels import gather_cols_gemv, gather_cols_gemv_ref
+
+from conftest import DEVICE, DTYPES
+from helpers import assert_close_rel, randn
+
+
+def ref32(wt, h, idx, b=None, count=None):
+    return gather_cols_gemv_ref(wt.float(), h.float(), idx, None if b is None else b.float(), count)
+
+
+def index(values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [None, 1, 3, 17])
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("split", [None, 1, 3])
+def test_matches_reference(dtype, batch, deterministic, split):
+    gen = torch.Generator().manual_seed(1)
+    N, M = 60, 200  # M not a multiple of the block size
+    wt = randn(N, M, dtype=dtype, gen=gen)
+    b = randn(M, dtype=dtype, gen=gen)
+    idx = index([5, 59, 0, 31, 5, 12, 40, 41, 2])
+    h = randn(idx.numel(), dtype=dtype, gen=gen) if batch is None else randn(batch, idx.numel(), dtype=dtype, gen=gen)
+    out = gather_cols_gemv(wt, h, idx, b, deterministic=deterministic, split=split)
+    assert out.dtype == dtype
+    assert_close_rel(out, ref32(wt, h, idx, b), dtype)
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+@pytest.mark.parametrize("count", [0, 1, 5, 9])
+@pytest.mark.parametrize("split", [1, 4])
+def test_count_ignores_padded_entries(batch, count, split):
+    gen = torch.Generator().manual_seed(2)
+    wt = randn(30, 70, dtype=torch.float16, gen=gen)
+    b = randn(70, dtype=torch.float16, gen=gen)
+    idx = index([1, 3, 5, 7, 9, 11, 13, 15, 17])
+    h = randn(9, dtype=torch.float16, gen=gen) if batch is None else randn(batch, 9, dtype=torch.float16, gen=gen)
+    h = h + 100  # padded entries would dominate the sum if they were read
+    cnt = torch.tensor([count], dtype=torch.int32, device=DEVICE)
+    out = gather_cols_gemv(wt, h, idx, b, count=cnt, split=split)
+    assert_close_rel(out, ref32(wt, h, idx, b, cnt), torch.float16)
+
+
+def test_deterministic_mode_is_bit_reproducible():
+    gen = torch.Generator().manual_seed(3)
+    wt = randn(512, 64, dtype=torch.float16, gen=gen)
+    idx = torch.arange(512, device=DEVICE)
+    h = randn(2, 512, dtype=torch.float16, gen=gen)
+    first = gather_cols_gemv(wt, h, idx, split=8)
+    assert all(torch.equal(first, gather_cols_gemv(wt, h, idx, split=8)) for _ in range(3))
+
+
+def test_empty_index_gives_bias():
+    wt = randn(10, 12, dtype=torch.float32)
+    b = randn(12, dtype=torch.float32)
+    empty = index([])
+    assert torch.equal(gather_cols_gemv(wt, randn(0, dtype=torch.float32), empty, b), b)
+    assert torch.equal(gather_cols_gemv(wt, randn(3, 0, dtype=torch.float32), empty), torch.zeros(3, 12, device=DEVICE))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 80),
+    m=st.integers(1, 260),
+    batch=st.sampled_from([None, 1, 2, 9]),
+    picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=50),
+    use_bias=st.booleans(),
+    deterministic=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_shape_and_index_set(n, m, batch, picks, use_bias, deterministic, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    wt = randn(n, m, dtype=dtype, gen=gen)
+    idx = torch.tensor([p % n for p in picks], dtype=torch.int64, device=DEVICE)
+    k = idx.numel()
+    h = randn(k, dtype=dtype, gen=gen) if batch is None else randn(batch, k, dtype=dtype, gen=gen)
+    b = randn(m, dtype=dtype, gen=gen) if use_bias else None
+    out = gather_cols_gemv(wt, h, idx, b, deterministic=deterministic)
+    assert_close_rel(out, ref32(wt, h, idx, b), dtype)
+
+
+class TestBadInput:
+    wt = randn(8, 16, dtype=torch.bfloat16)
+    h = randn(2, dtype=torch.bfloat16)
+    idx = index([1, 2])
+
+    def test_h_length(self):
+        with pytest.raises(ValueError, match="h has 3 entries per row but idx has 2"):
+            gather_cols_gemv(self.wt, randn(3, dtype=torch.bfloat16), self.idx)
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="h has dtype torch.float16"):
+            gather_cols_gemv(self.wt, self.h.half(), self.idx)
+
+    def test_out_of_range(self):
+        with pytest.raises(ValueError, match=r"holds values in \[1, 9\]"):
+            gather_cols_gemv(self.wt, self.h, index([1, 9]))
+
+    def test_bias_length(self):
+        with pytest.raises(ValueError, match="bias has 8 entries; expected 16"):
+            gather_cols_gemv(self.wt, self.h, self.idx, randn(8, dtype=torch.bfloat16))
+
+    @pytest.mark.parametrize("split", [0, -2, 1.5])
+    def test_split(self, split):
+        with pytest.raises(ValueError, match="split must be a positive int"):
+            gather_cols_gemv(self.wt, self.h, self.idx, split=split)
+
+    def test_count_negative(self):
+        with pytest.raises(ValueError, match="count is -1"):
+            gather_cols_gemv(self.wt, self.h, self.idx, count=torch.tensor([-1], dtype=torch.int32, device=DEVICE))

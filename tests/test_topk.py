@@ -1,0 +1,124 @@
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shadow_kernels import mask_to_indices, mask_to_indices_ref, topk_indices, topk_indices_ref, topk_mask
+
+from conftest import DEVICE
+from helpers import randn
+
+
+def check_layer_indices(sel, mask):
+    """Every live slot is a selected unit, in ascending order; padding is zero; count is the row sum."""
+    L, n = mask.shape
+    assert sel.idx.dtype == torch.int32 and sel.count.dtype == torch.int32
+    assert torch.equal(sel.count.cpu().long(), mask.sum(1).cpu())
+    for layer in range(L):
+        c = int(sel.count[layer])
+        live = sel.idx[layer, :c].cpu()
+        assert torch.equal(live, torch.nonzero(mask[layer].cpu()).flatten().int())
+        assert (sel.idx[layer, c:] == 0).all()
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 33])
+def test_local_mask_has_k_per_row(k):
+    scores = randn(4, 33)
+    mask = topk_mask(scores, k, dim=-1)
+    assert (mask.sum(-1) == k).all()
+    if 0 < k < 33:
+        # every selected score is at least every unselected one in its row
+        assert (scores.masked_fill(~mask, float("inf")).min(-1).values
+                >= scores.masked_fill(mask, -float("inf")).max(-1).values).all()
+
+
+def test_mask_along_other_dim():
+    scores = randn(6, 3)
+    assert (topk_mask(scores, 2, dim=0).sum(0) == 2).all()
+
+
+@pytest.mark.parametrize("k", [0, 7, 40, 120])
+def test_global_mask_has_k_in_total(k):
+    scores = randn(4, 30)
+    mask = topk_mask(scores, k, dim=None)
+    assert int(mask.sum()) == k
+    if 0 < k < 120:
+        assert scores[mask].min() >= scores[~mask].max()
+
+
+@pytest.mark.parametrize("policy,k", [("local", 0), ("local", 6), ("local", 50), ("global", 1), ("global", 90),
+                                      ("global", 200)])
+def test_indices_match_reference_and_mask(policy, k):
+    scores = randn(4, 50)
+    sel = topk_indices(scores, k, policy)
+    ref = topk_indices_ref(scores, k, policy)
+    assert torch.equal(sel.idx, ref.idx) and torch.equal(sel.count, ref.count)
+    assert sel.idx.shape == (4, k if policy == "local" else min(50, k))
+    check_layer_indices(sel, topk_mask(scores, k, dim=-1 if policy == "local" else None))
+
+
+def test_global_budget_follows_the_scores():
+    scores = torch.zeros(3, 10, device=DEVICE)
+    scores[1] += 5  # layer 1 dominates: a budget of 12 takes all of it and 2 elsewhere
+    sel = topk_indices(scores + randn(3, 10, scale=0.01), 12, "global")
+    assert int(sel.count[1]) == 10 and int(sel.count.sum()) == 12
+    assert sel.layer(1)[0].tolist() == list(range(10))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(L=st.integers(1, 5), n=st.integers(1, 2100), k_max_frac=st.floats(0, 1), density=st.floats(0, 1),
+       seed=st.integers(0, 2**16))
+def test_property_mask_to_indices(L, n, k_max_frac, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand((L, n), generator=gen) < density).to(DEVICE)
+    k_max = max(int(mask.sum(1).max()), round(k_max_frac * n))
+    sel = mask_to_indices(mask, k_max)
+    ref = mask_to_indices_ref(mask, k_max)
+    assert torch.equal(sel.idx, ref.idx) and torch.equal(sel.count, ref.count)
+    check_layer_indices(sel, mask)
+
+
+class TestBadInput:
+    def test_nan_scores(self):
+        scores = randn(2, 5)
+        scores[1, 3] = float("nan")
+        with pytest.raises(ValueError, match="1 NaN value"):
+            topk_indices(scores, 2)
+
+    @pytest.mark.parametrize("k", [-1, 6])
+    def test_k_out_of_range(self, k):
+        with pytest.raises(ValueError, match=rf"k is {k}; expected 0 <= k <= 5"):
+            topk_mask(randn(2, 5), k)
+
+    def test_global_k_out_of_range(self):
+        with pytest.raises(ValueError, match=r"k is 11; expected 0 <= k <= 10"):
+            topk_indices(randn(2, 5), 11, "global")
+
+    @pytest.mark.parametrize("k", [2.0, True, "3"])
+    def test_k_not_int(self, k):
+        with pytest.raises(TypeError, match="k must be an int"):
+            topk_mask(randn(2, 5), k)
+
+    def test_policy(self):
+        with pytest.raises(ValueError, match="policy must be one of"):
+            topk_indices(randn(2, 5), 2, "per-layer")
+
+    def test_scores_not_2d(self):
+        with pytest.raises(ValueError, match=r"scores must be 2-D \[layers, units\]"):
+            topk_indices(randn(10), 2)
+
+    def test_integer_scores(self):
+        with pytest.raises(TypeError, match="expected a floating-point tensor"):
+            topk_mask(torch.arange(5, device=DEVICE), 2)
+
+    def test_bad_dim(self):
+        with pytest.raises(ValueError, match="dim must be None or an int"):
+            topk_mask(randn(2, 5), 2, dim=2)
+
+    def test_mask_over_k_max(self):
+        with pytest.raises(ValueError, match="a row of mask has 3 True values but k_max is 2"):
+            mask_to_indices(torch.ones(2, 3, dtype=torch.bool, device=DEVICE), 2)
+
+    def test_mask_dtype(self):
+        with pytest.raises(TypeError, match="mask must be a bool tensor"):
+            mask_to_indices(torch.ones(2, 3, device=DEVICE), 3)
