@@ -202,6 +202,24 @@ def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
     raise ValueError(f"unknown op {case.op!r}; known ops: {', '.join(OPS)}")
 
 
+def _autotuners() -> dict:
+    from shadow_kernels import gather_cols, gather_rows
+
+    return {"rows_single": gather_rows._rows_gemv_single, "rows_batched": gather_rows._rows_gemv_batched,
+            "cols_single": gather_cols._cols_single, "cols_batched": gather_cols._cols_batched}
+
+
+def _timed_with_configs(fn, device) -> dict:
+    """Time ``fn`` and record which autotuned config each kernel it launched ran with."""
+    tuners = _autotuners()
+    for tuner in tuners.values():
+        tuner.best_config = None
+    t = time_op(fn, device)
+    t["configs"] = {name: str(tuner.best_config) for name, tuner in tuners.items()
+                    if getattr(tuner, "best_config", None) is not None}
+    return t
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     if not torch.isfinite(out).all():
@@ -237,7 +255,7 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict) -> list[dict]:
     for name in built.checked:
         errors[name] = rel_err(built.variants[name](), ref)
     tol = 0.0 if built.exact else TOLERANCE[dtype]
-    timings = {name: time_op(fn, device) for name, fn in built.variants.items()}
+    timings = {name: _timed_with_configs(fn, device) for name, fn in built.variants.items()}
     dense_us = timings.get("torch_dense", timings.get("torch_unfused", timings.get("torch_reference")))["median_us"]
     rows = []
     for name, t in timings.items():
@@ -248,7 +266,7 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict) -> list[dict]:
         status = "ok" if err is None or err <= tol else "wrong"
         common = dict(base, model=case.model, sparsity=case.sparsity, batch=case.batch, status=status, op=case.op,
                       variant=name, bytes=nbytes, p20_us=t["p20_us"], p80_us=t["p80_us"], timer=t["timer"],
-                      reps=t["reps"], **built.shape)
+                      reps=t["reps"], kernel_configs=t["configs"], **built.shape)
         metrics = [("time_us", us, "us"), ("achieved_gbps", gbps, "GB/s"), ("speedup_vs_dense", dense_us / us, "x")]
         if copy_gbps:
             metrics.append(("pct_of_copy_bw", 100.0 * gbps / copy_gbps, "%"))

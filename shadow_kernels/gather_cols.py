@@ -34,9 +34,9 @@ from ._common import (
 @triton.jit
 def _cols_partial_kernel(
     wt_ptr, h_ptr, idx_ptr, count_ptr, bias_ptr, out_ptr,
-    B, M, n_sel, SPLIT,
+    B, M, n_sel,
     stride_wn, stride_hb, stride_ob, stride_os,
-    SEL_BUCKET,  # only an autotune key
+    SEL_BUCKET, SPLIT_KEY,  # only autotune keys
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -44,14 +44,15 @@ def _cols_partial_kernel(
     # A program owns BLOCK_M outputs for BLOCK_B batch rows and one chunk of the selected rows.
     # The chunk bounds are computed on the device from `count`, so the work of a padded index list
     # is spread over all programs whatever the count turns out to be.
-    # MODE: 0 = write the final output (SPLIT == 1), 1 = write fp32 partials, 2 = fp32 atomic add.
+    # MODE: 0 = write the final output (one chunk), 1 = write fp32 partials, 2 = fp32 atomic add.
+    # The number of chunks is the grid's second dimension, chosen per config by the launcher.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2)
     limit = n_sel
     if HAS_COUNT:
         limit = tl.minimum(tl.load(count_ptr), n_sel)
-    chunk = tl.cdiv(limit, SPLIT)
+    chunk = tl.cdiv(limit, tl.num_programs(1))
     j_start = pid_s * chunk
     j_end = tl.minimum(j_start + chunk, limit)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -127,20 +128,25 @@ def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+# Wider BLOCK_M means longer contiguous pieces of each selected row (128 fp16 = 256 B was v2);
+# the split grows to keep about four programs per SM busy.
 _SINGLE_CONFIGS = configs_for_platform([
-    triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_J": 16}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_J": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_J": 32}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_J": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_J": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_J": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 512, "BLOCK_J": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 512, "BLOCK_J": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
 ])
 _BATCHED_CONFIGS = configs_for_platform([
-    triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_J": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_J": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_J": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_J": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_J": 32}, num_warps=8, num_stages=3),
 ])
-_KEY = ["M", "SEL_BUCKET", "SPLIT", "BLOCK_B", "MODE", "HAS_COUNT"]
+_KEY = ["M", "SEL_BUCKET", "SPLIT_KEY", "BLOCK_B", "MODE", "HAS_COUNT"]
 _cols_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
     _cols_partial_kernel)
 _cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
@@ -158,6 +164,9 @@ def choose_split(n_sel: int, M: int, block_m: int, device: torch.device) -> int:
 
 
 def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: int | None) -> torch.Tensor:
+    # The split depends on the config's BLOCK_M, which the autotuner picks, so the grid is a function
+    # of the config, the workspace is sized for the largest split any config can use, and the
+    # reduction reads the split of the config that ran.
     B = h2d.shape[0]
     n_sel = idx.shape[0]
     M = weight_t.shape[1]
@@ -169,28 +178,28 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         return y.copy_(bias.expand(B, M)) if bias is not None else y.zero_()
     h2d = h2d.contiguous()
     if B == 1:
-        kernel, block_b, block_m = _cols_single, 1, 128
+        kernel, block_b = _cols_single, 1
     else:
-        kernel, block_b, block_m = _cols_batched, min(64, max(16, next_pow2(B))), 64
-    if split is None:
-        split = choose_split(n_sel, M, block_m, dev)
-    if split == 1:
+        kernel, block_b = _cols_batched, min(64, max(16, next_pow2(B)))
+    split_of = (lambda block_m: split) if split else (lambda block_m: choose_split(n_sel, M, block_m, dev))
+    max_split = max(split_of(c.kwargs["BLOCK_M"]) for c in kernel.configs)
+    if max_split == 1:
         mode, out = 0, y
     elif deterministic:
-        mode, out = 1, torch.empty((split, B, M), device=dev, dtype=torch.float32)
+        mode, out = 1, torch.empty((max_split, B, M), device=dev, dtype=torch.float32)
     else:
         mode, out = 2, torch.zeros((B, M), device=dev, dtype=torch.float32)
-    grid = (triton.cdiv(M, block_m), split, triton.cdiv(B, block_b))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split_of(meta["BLOCK_M"]), triton.cdiv(B, block_b))
     kernel[grid](
         weight_t, h2d, idx, count if count is not None else idx, bias if bias is not None else weight_t, out,
-        B, M, n_sel, split,
+        B, M, n_sel,
         weight_t.stride(0), h2d.stride(0), M, B * M,
-        next_pow2(n_sel),
+        next_pow2(n_sel), split or 0,
         HAS_COUNT=count is not None, HAS_BIAS=bias is not None, MODE=mode,
-        UPCAST_DOT=INTERPRET, DOT_IEEE=weight_t.dtype == torch.float32, BLOCK_B=block_b, BLOCK_M=block_m,
+        UPCAST_DOT=INTERPRET, DOT_IEEE=weight_t.dtype == torch.float32, BLOCK_B=block_b,
     )
     if mode != 0:
-        n_parts = split if mode == 1 else 1
+        n_parts = split_of(kernel.best_config.kwargs["BLOCK_M"]) if mode == 1 else 1
         block = 1024
         _cols_reduce_kernel[(triton.cdiv(B * M, block),)](
             out, bias if bias is not None else out, y, B * M, M, n_parts,

@@ -83,8 +83,9 @@ def topk_mask(scores, k, dim=-1, *, validate=True):
         flat = scores.reshape(-1)
         _check_k(k, flat.numel(), f"the number of scores, {flat.numel()}")
         mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device)
-        mask[torch.topk(flat, k, sorted=False).indices] = True
-        return mask.view(scores.shape)
+        # scatter_ with a scalar, not `mask[i] = True`: that copies a host tensor, which a CUDA graph
+        # capture refuses
+        return mask.scatter_(0, torch.topk(flat, k, sorted=False).indices, True).view(scores.shape)
     if not isinstance(dim, int) or not -scores.dim() <= dim < scores.dim():
         raise ValueError(f"dim must be None or an int in [{-scores.dim()}, {scores.dim() - 1}], got {dim!r}")
     n = scores.shape[dim]
