@@ -43,6 +43,10 @@ MAX_PREDICTOR_BYTES = 6 << 30
 TINY = ModelSpec("tiny", "opt", 128, 512, 3, 4, 4, 1000, 128)
 
 
+class SkipCase(Exception):
+    """A case this machine or configuration does not run (recorded as a skipped row)."""
+
+
 @dataclass(frozen=True)
 class Case:
     model: str
@@ -127,7 +131,7 @@ def _predictor_case(spec, op, batch, dtype, device, gen):
         hidden, outputs = SHADOWLLM_HIDDEN, (spec.n_layers - 1) * (spec.n_heads + spec.ffn)
     elt = torch.tensor([], dtype=dtype).element_size()
     if outputs * hidden * elt > MAX_PREDICTOR_BYTES:
-        raise MemoryError(f"{op} for {spec.name} needs {outputs * hidden * elt / 2**30:.1f} GiB of weights; "
+        raise SkipCase(f"{op} for {spec.name} needs {outputs * hidden * elt / 2**30:.1f} GiB of weights; "
                           f"skipped above {MAX_PREDICTOR_BYTES / 2**30:.0f} GiB")
     w1 = _rand((hidden, E), dtype, device, gen, E**-0.5)
     b1 = _rand((hidden,), dtype, device, gen, 0.1)
@@ -279,7 +283,7 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict) -> list[dict]:
 
 def _done_keys(rows) -> set:
     return {(r["model"], r["extra"].get("op"), r["sparsity"], r["batch"], r["dtype"], r["device"])
-            for r in rows if r.get("kind") == "kernel" and r.get("status") in ("ok", "wrong")}
+            for r in rows if r.get("kind") == "kernel" and r.get("status") in ("ok", "wrong", "skipped")}
 
 
 def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progress=True) -> list[dict]:
@@ -305,6 +309,9 @@ def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progres
     for case in tqdm(todo, desc="kernels", disable=not progress):
         try:
             rows = run_case(case, dtype, device, bw["copy_gbps"], base)
+        except SkipCase as why:
+            rows = [make_row(**base, model=case.model, sparsity=case.sparsity, batch=case.batch, op=case.op,
+                             metric="skipped", value=None, unit=None, status="skipped", error=str(why))]
         except Exception as err:  # one failing shape must not lose the sweep
             rows = [make_row(**base, model=case.model, sparsity=case.sparsity, batch=case.batch, op=case.op,
                              metric="error", value=None, unit=None, status="error",
@@ -325,8 +332,8 @@ def summary_table(rows: list[dict]) -> str:
             continue
         key = (r["model"], r["extra"].get("op"), r["sparsity"], r["batch"])
         entry = by_case.setdefault(key, {})
-        if r["status"] == "error":
-            entry["error"] = r["extra"].get("error", "")
+        if r["status"] in ("error", "skipped"):
+            entry["error"] = f"{r['status'].upper()} {r['extra'].get('error', '')}"
             continue
         var = r["extra"]["variant"]
         entry[(var, r["metric"])] = r["value"]
@@ -337,7 +344,7 @@ def summary_table(rows: list[dict]) -> str:
     fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
     for (model, op, s, b), e in by_case.items():
         if "error" in e:
-            lines.append(f"{model:<10} {op:<19} {s:>4} {b:>2}  ERROR {e['error'][:70]}")
+            lines.append(f"{model:<10} {op:<19} {s:>4} {b:>2}  {e['error'][:80]}")
             continue
         dense = e.get(("torch_dense", "time_us"), e.get(("torch_unfused", "time_us"),
                                                         e.get(("torch_reference", "time_us"))))

@@ -113,9 +113,9 @@ def configs_for_platform(configs: list[triton.Config]) -> list[triton.Config]:
 
 
 def autotune_bench(kernel_call, quantiles):
-    """Shorter than Triton's default (25 ms warm-up, 100 ms timing): enough to rank configs of a
-    memory-bound kernel, and it keeps a sweep over many shapes from spending minutes in autotune."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    """Shorter than Triton's default (25 ms warm-up, 100 ms timing), so a sweep over many shapes does
+    not spend minutes in autotune; 5/20 ms (v3) ranked configs too noisily, hence 10/50 ms."""
+    return triton.testing.do_bench(kernel_call, warmup=10, rep=50, quantiles=quantiles)
 
 
 def sm_count(device: torch.device) -> int:

@@ -128,16 +128,17 @@ def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-# Wider BLOCK_M means longer contiguous pieces of each selected row (128 fp16 = 256 B was v2);
-# the split grows to keep about four programs per SM busy.
+# v2 swept BLOCK_J and warps at BLOCK_M = 128; v3 added wider BLOCK_M only (longer pieces of each
+# row) and lost 5-10% on fc2 (notes/kernels.md), so v4 keeps v2's set plus the two wide configs
+# that won some out_proj shapes.
 _SINGLE_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_J": 16}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_J": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 512, "BLOCK_J": 16}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 512, "BLOCK_J": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 16}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_J": 32}, num_warps=8, num_stages=3),
 ])
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 32}, num_warps=4, num_stages=3),
