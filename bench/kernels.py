@@ -298,12 +298,13 @@ def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progres
     bw = copy_bandwidth(device)
     base = dict(kind="kernel", device=env["device"], dtype=dtype_name, git_commit=git_commit(),
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"]})
+    copy_detail = {k: v for k, v in bw.items() if k != "copy_gbps"}
     todo = [c for c in cases(models, ops, sparsities, batches)
             if (c.model, c.op, c.sparsity, c.batch, dtype_name, env["device"]) not in done]
     new_rows: list[dict] = []
     if bw["copy_gbps"]:
         env_row = make_row(**base, metric="copy_bandwidth", value=bw["copy_gbps"], unit="GB/s", op="copy",
-                           variant="torch_copy", **{k: v for k, v in env.items() if k != "device"})
+                           variant="torch_copy", **copy_detail, **{k: v for k, v in env.items() if k != "device"})
         writer.write([env_row])
         new_rows.append(env_row)
     for case in tqdm(todo, desc="kernels", disable=not progress):

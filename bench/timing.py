@@ -72,11 +72,24 @@ def time_op(fn: Callable[[], object], device: torch.device) -> dict:
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
-    """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    """Measured device-to-device copy bandwidth (bytes read plus bytes written): the ceiling that
+    every "% of copy bandwidth" figure divides by.
+
+    Timed eagerly with ``do_bench``, not as a graph replay: inside a CUDA graph torch's copy became
+    a memcpy node that ran at 2.42 TB/s on the H100 against 3.00 TB/s eagerly (v4, notes), and the
+    lower ceiling would flatter every kernel. Both are returned; the higher one is the ceiling.
+    """
     if device.type != "cuda":
         return {"copy_gbps": None, "copy_bytes": 0}
+    import triton
+
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
     dst = torch.empty_like(src)
-    t = time_op(lambda: dst.copy_(src), device)
     moved = 2 * src.numel() * src.element_size()
-    return {"copy_gbps": moved / (t["median_us"] * 1e-6) / 1e9, "copy_bytes": moved, "copy_median_us": t["median_us"]}
+    for _ in range(3):  # bring the clocks up before the figure that counts
+        dst.copy_(src)
+    eager_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+    graph_us = time_op(lambda: dst.copy_(src), device)["median_us"]
+    eager = moved / (eager_ms * 1e-3) / 1e9
+    graph = moved / (graph_us * 1e-6) / 1e9
+    return {"copy_gbps": max(eager, graph), "copy_gbps_eager": eager, "copy_gbps_graph": graph, "copy_bytes": moved}

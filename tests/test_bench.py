@@ -1,0 +1,103 @@
+import json
+
+import pytest
+
+from bench import cli, kernels
+from bench.results import SCHEMA, RowWriter, make_row
+
+
+def run(tmp_path, ops, **kw):
+    return kernels.run_sweep([kernels.TINY.name], ops, [0.5], [1], "fp16", tmp_path / "k.jsonl", progress=False,
+                             **kw)
+
+
+def test_sweep_writes_checked_rows_and_resumes(tmp_path):
+    rows = run(tmp_path, ["fc1", "topk_global"])
+    assert rows and all(set(SCHEMA) <= set(r) for r in rows)
+    assert {r["status"] for r in rows} == {"ok"}
+    errs = {r["extra"]["variant"]: r["value"] for r in rows if r["metric"] in ("rel_err", "mismatched_units")}
+    assert errs["triton"] <= kernels.TOLERANCE[kernels.DTYPES["fp16"]]
+    on_disk = [json.loads(line) for line in (tmp_path / "k.jsonl").read_text().splitlines()]
+    assert len(on_disk) == len(rows)
+    assert run(tmp_path, ["fc1", "topk_global"]) == []  # resumed: nothing left to do
+
+
+def test_a_failing_case_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    real = kernels.build_case
+
+    def broken(spec, case, *args):
+        if case.op == "fc2":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(spec, case, *args)
+
+    monkeypatch.setattr(kernels, "build_case", broken)
+    rows = run(tmp_path, ["fc2", "qkv"])
+    failed = [r for r in rows if r["status"] == "error"]
+    assert len(failed) == 1 and "out of memory" in failed[0]["extra"]["error"]
+    assert any(r["extra"]["op"] == "qkv" and r["status"] == "ok" for r in rows)
+
+
+def test_wrong_results_are_flagged(tmp_path, monkeypatch):
+    real = kernels.build_case
+
+    def skewed(spec, case, *args):
+        built = real(spec, case, *args)
+        good = built.variants["triton"]
+        built.variants["triton"] = lambda: good() * 1.1
+        return built
+
+    monkeypatch.setattr(kernels, "build_case", skewed)
+    rows = run(tmp_path, ["fc1"])
+    assert {r["status"] for r in rows if r["extra"]["variant"] == "triton"} == {"wrong"}
+    assert "WRONG: triton" in kernels.summary_table(rows)
+
+
+def test_kept_rounds_and_keeps_at_least_one():
+    assert kernels.kept(100, 0.0) == 100
+    assert kernels.kept(100, 0.7) == 30
+    assert kernels.kept(3, 0.99) == 1
+
+
+def test_torn_last_line_is_redone_but_damage_elsewhere_is_an_error(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    writer = RowWriter(path)
+    writer.write([make_row(kind="kernel", metric="time_us", value=1.0)])
+    with path.open("a") as fh:
+        fh.write('{"kind": "kern')  # killed mid-write
+    assert len(writer.existing()) == 1
+    path.write_text('{"broken\n' + json.dumps(make_row(metric="x")) + "\n")
+    with pytest.raises(ValueError, match="rows.jsonl:1 is not valid JSON"):
+        writer.existing()
+
+
+def test_make_row_moves_unknown_keys_into_extra():
+    row = make_row(model="opt-13b", metric="time_us", value=2.0, op="fc1")
+    assert row["model"] == "opt-13b" and row["extra"] == {"op": "fc1"} and row["status"] == "ok"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["kernels", "--sparsity", "0.5,1.0"], "sparsity must be in [0, 1)"),
+    (["kernels", "--batch", "0"], "batch sizes must be >= 1"),
+    (["kernels", "--sparsity", "half"], "expected comma-separated numbers"),
+])
+def test_cli_rejects_bad_values(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["kernels", "--models", "opt-7b"], "unknown model(s) ['opt-7b']"),
+    (["kernels", "--models", "tiny", "--ops", "fc3"], "unknown op(s) ['fc3']"),
+])
+def test_cli_rejects_unknown_names(argv, message):
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        cli.main(argv)
+
+
+def test_cli_runs_on_this_machine(tmp_path, capsys):
+    out = tmp_path / "cli.jsonl"
+    assert cli.main(["kernels", "--ops", "qkv", "--sparsity", "0.5", "--batch", "1", "--no-progress",
+                     "--out", str(out)]) == 0
+    assert "qkv" in capsys.readouterr().out and out.exists()
