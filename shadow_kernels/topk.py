@@ -80,18 +80,17 @@ def topk_mask(scores, k, dim=-1, *, validate=True):
     k True over the whole tensor (global). Ties are broken by ``torch.topk``."""
     _check_scores(scores, validate)
     if dim is None:
-        flat = scores.reshape(-1)
-        _check_k(k, flat.numel(), f"the number of scores, {flat.numel()}")
-        mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device)
-        # scatter_ with a scalar, not `mask[i] = True`: that copies a host tensor, which a CUDA graph
-        # capture refuses
-        return mask.scatter_(0, torch.topk(flat, k, sorted=False).indices, True).view(scores.shape)
-    if not isinstance(dim, int) or not -scores.dim() <= dim < scores.dim():
+        # global: the same selection along the one dimension of the flattened scores
+        target, dim, what = scores.reshape(-1), 0, f"the number of scores, {scores.numel()}"
+    elif isinstance(dim, int) and -scores.dim() <= dim < scores.dim():
+        target, what = scores, f"the size of dim {dim}"
+    else:
         raise ValueError(f"dim must be None or an int in [{-scores.dim()}, {scores.dim() - 1}], got {dim!r}")
-    n = scores.shape[dim]
-    _check_k(k, n, f"the size of dim {dim}")
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return mask.scatter_(dim, torch.topk(scores, k, dim=dim, sorted=False).indices, True)
+    _check_k(k, target.shape[dim], what)
+    mask = torch.zeros(target.shape, dtype=torch.bool, device=scores.device)
+    # scatter_ with a scalar, not `mask[i] = True`: that copies a host tensor, which a CUDA graph
+    # capture refuses
+    return mask.scatter_(dim, torch.topk(target, k, dim=dim, sorted=False).indices, True).view(scores.shape)
 
 
 def _check_mask(mask, k_max):
