@@ -6,6 +6,7 @@ import argparse
 import sys
 
 DEFAULT_GPU_MODELS = "opt-1.3b,opt-6.7b,opt-13b,opt-30b,opt-66b"
+DEFAULT_LATENCY_MODELS = "opt-1.3b,opt-6.7b,opt-13b,opt-30b"  # opt-66b (132 GB in fp16) does not fit 80 GB
 
 
 def _floats(text: str) -> list[float]:
@@ -61,6 +62,35 @@ def _kernels(args) -> int:
     return 1 if bad else 0
 
 
+def _latency(args) -> int:
+    import torch
+
+    from . import latency
+
+    on_gpu = torch.cuda.is_available()
+    models = _names(args.models or (DEFAULT_LATENCY_MODELS if on_gpu else "tiny"))
+    modes = _names(args.modes)
+    bad = [m for m in modes if m not in latency.LATENCY_MODES]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}; known: {', '.join(latency.LATENCY_MODES)}")
+    granularities = _names(args.granularity)
+    bad = [g for g in granularities if g not in ("prompt", "token")]
+    if bad:
+        raise SystemExit(f"unknown granularity {bad}; known: prompt, token")
+    if not on_gpu:
+        print("No CUDA device: a tiny random model on the CPU with the PyTorch reference kernels. The times "
+              "below check that everything runs; they are not GPU speed.", file=sys.stderr)
+    rows = latency.run_latency(models, modes, args.sparsity, args.gen, granularities, prompt_len=args.prompt,
+                               batch=args.batch, dtype_name=args.dtype, out_path=args.out,
+                               shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress)
+    print(latency.summary_table(rows))
+    bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
+    for r in bad[:5]:
+        print(f"error: {r['model']} {r['mode']} s={r['sparsity']}: {r['extra'].get('error')}", file=sys.stderr)
+    print(f"\n{len(rows)} rows appended to {args.out}" + (f"; {len(bad)} not ok (see status)" if bad else ""))
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shadowbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="runs/kernels.jsonl", help="JSON Lines file; rows are appended, done cases skipped")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.set_defaults(func=_kernels)
+
+    lat = sub.add_parser("latency", help="per-token decode latency of every mode, HF generate and the floor")
+    lat.add_argument("--models", help=f"comma-separated registry names (GPU default: {DEFAULT_LATENCY_MODELS}; "
+                                      "CPU default: tiny)")
+    lat.add_argument("--modes", default="dense,static,dejavu,shadowllm,hf",
+                     help="comma-separated: dense, static, dejavu, shadowllm, hf (transformers generate)")
+    lat.add_argument("--sparsity", type=_floats, default=[0.5], help="comma-separated, each in [0, 1) (default 0.5)")
+    lat.add_argument("--gen", type=_ints, default=[128], help="generation lengths (default 128)")
+    lat.add_argument("--prompt", type=int, default=128, help="prompt length (default 128)")
+    lat.add_argument("--batch", type=int, default=1)
+    lat.add_argument("--granularity", default="token,prompt",
+                     help="when predictors run: token (every decoded token), prompt (once, after prefill)")
+    lat.add_argument("--policy", default="global,local", help="top-k policies for shadowllm (static: global, "
+                                                              "dejavu: local)")
+    lat.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    lat.add_argument("--out", default="runs/latency.jsonl", help="JSON Lines file; rows appended, done cases skipped")
+    lat.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lat.set_defaults(func=_latency)
     return parser
 
 

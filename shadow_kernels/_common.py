@@ -46,6 +46,7 @@ def check_float(
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
     last_contiguous: bool = False,
+    any_device: bool = False,
 ) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -56,7 +57,11 @@ def check_float(
     if t.dim() not in ndims:
         want = " or ".join(f"{d}-D" for d in ndims)
         raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
-    check_device(name, t, device)
+    if any_device:  # references run anywhere; they only need the inputs together
+        if device is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; put them on one device")
+    else:
+        check_device(name, t, device)
     if last_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(
             f"{name} must be contiguous in its last dimension (stride 1), got strides {tuple(t.stride())}; "

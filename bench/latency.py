@@ -1,0 +1,273 @@
+"""Per-token decode latency of every mode, Hugging Face ``generate`` and the weight-read floor.
+
+Each case generates ``gen_len`` tokens greedily after a ``prompt_len`` prompt, twice; the second run
+counts. Every decode step is one CUDA-graph replay timed with CUDA events; a row gives the median over
+the steps (p20/p80/mean in ``extra``). Weights and predictors are random (shapes of the named model),
+which does not change the work a step does; rows say ``weights: random``.
+
+The floor is the bytes of weights the step reads (the live heads and neurons of the plan, the
+predictor when it runs every token, embeddings and the LM head) divided by the measured copy
+bandwidth. The predictor's own time is measured separately, as a captured graph with a cold L2.
+"""
+
+from __future__ import annotations
+
+import statistics
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from models.config import DecoderConfig
+from models.generate import Generator
+from models.modes import DejaVu, Dense, ShadowLLM, Static
+from models.opt import OPTDecoder
+from models.registry import MODELS
+
+from .results import RowWriter, environment, git_commit, make_row
+from .timing import copy_bandwidth, time_op
+
+LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "hf")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LatencyCase:
+    model: str
+    mode: str
+    sparsity: float
+    policy: str | None
+    granularity: str | None
+    gen_len: int
+
+    def key(self):
+        return (self.model, self.mode, self.sparsity, self.policy, self.granularity, self.gen_len)
+
+
+def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies=("global", "local")):
+    out = []
+    for model in models:
+        for gen in gens:
+            for mode in modes:
+                if mode in ("dense", "hf"):
+                    out.append(LatencyCase(model, mode, 0.0, None, None, gen))
+                    continue
+                for s in sparsities:
+                    if s == 0.0:
+                        continue
+                    if mode == "static":
+                        out.append(LatencyCase(model, mode, s, "global", None, gen))
+                    elif mode == "dejavu":
+                        out += [LatencyCase(model, mode, s, "local", g, gen) for g in granularities]
+                    else:
+                        out += [LatencyCase(model, mode, s, p, g, gen) for p in shadowllm_policies
+                                for g in granularities]
+    return out
+
+
+def build_mode(case: LatencyCase, cfg: DecoderConfig, seed: int = 0):
+    if case.mode == "dense":
+        return Dense()
+    if case.mode == "static":
+        g = torch.Generator().manual_seed(seed)
+        imp = {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
+               "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
+        return Static(imp, case.sparsity, case.policy)
+    if case.mode == "dejavu":
+        return DejaVu(case.sparsity, "random", case.granularity)
+    if case.mode == "shadowllm":
+        return ShadowLLM(case.sparsity, "random", case.policy, case.granularity)
+    raise ValueError(f"mode must be one of {LATENCY_MODES}, got {case.mode!r}")
+
+
+def _stats(ms: list[float]) -> dict:
+    s = sorted(ms)
+    pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]
+    return {"median": statistics.median(s), "p20": pick(0.2), "p80": pick(0.8), "mean": statistics.fmean(s),
+            "min": s[0], "steps": len(s)}
+
+
+def _predictor_ms(mode, model, batch, device) -> float | None:
+    """Time of the predictor work of one token (all layers for DejaVu), graph-replayed, cold L2."""
+    if not hasattr(mode, "predictor"):
+        return None
+    x = torch.randn(batch, model.cfg.hidden, device=device, dtype=model.dtype)
+    if isinstance(mode, ShadowLLM):
+        fn = lambda: mode.observe(0, "attn_out", x)
+    else:
+        fn = lambda: [mode.observe(i, "input", x) for i in range(model.cfg.n_layers)]
+    return time_op(fn, device)["median_us"] / 1e3
+
+
+def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base, seed=0) -> list[dict]:
+    device = model.device
+    mode = build_mode(case, model.cfg, seed)
+    gen = Generator(model, mode, batch=batch, max_len=prompt_len + case.gen_len)
+    prompt = torch.randint(0, model.cfg.vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    gen.generate(prompt, case.gen_len)  # compiles, autotunes, captures
+    result = gen.generate(prompt, case.gen_len)
+    st = _stats(result.token_ms)
+    counts = mode.live_counts()
+    per_token_pred = mode.granularity == "token"
+    weight_bytes = model.step_weight_bytes(counts["heads"] if counts else None, counts["neurons"] if counts else None,
+                                           mode.first_sparse)
+    step_bytes = weight_bytes + (mode.predictor_bytes() if per_token_pred else 0)
+    pred_ms = _predictor_ms(mode, model, batch, device)
+    desc = mode.describe()
+    common = dict(base, model=case.model, mode=case.mode, policy=case.policy, sparsity=case.sparsity,
+                  gen_len=case.gen_len, granularity=case.granularity, cuda_graph=result.cuda_graph,
+                  predictor=desc.get("predictor"), live_heads=sum(counts["heads"]) if counts else None,
+                  live_neurons=sum(counts["neurons"]) if counts else None)
+    rows = [make_row(**common, metric="token_ms", value=st["median"], unit="ms",
+                     **{f"token_ms_{k}": v for k, v in st.items() if k != "median"}),
+            make_row(**common, metric="prefill_ms", value=result.prefill_ms, unit="ms"),
+            make_row(**common, metric="step_bytes", value=step_bytes, unit="B", weight_bytes=weight_bytes,
+                     predictor_bytes=mode.predictor_bytes())]
+    if copy_gbps:
+        floor = step_bytes / (copy_gbps * 1e9) * 1e3
+        rows += [make_row(**common, metric="floor_ms", value=floor, unit="ms"),
+                 make_row(**common, metric="floor_ratio", value=st["median"] / floor, unit="x")]
+    if pred_ms is not None:
+        rows.append(make_row(**common, metric="predictor_ms", value=pred_ms, unit="ms", per_token=per_token_pred))
+        share = pred_ms / st["median"] if per_token_pred else 0.0
+        rows.append(make_row(**common, metric="predictor_share", value=share, unit="fraction"))
+    del gen
+    return rows
+
+
+def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base, seed=0) -> list[dict]:
+    """Hugging Face ``generate`` (dynamic cache, eager) on the same weights."""
+    device = model.device
+    hf = model.to_hf()
+    prompt = torch.randint(0, model.cfg.vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    prompt = prompt.to(device)
+
+    def timed(n):
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=1, use_cache=True)
+        if device.type != "cuda":
+            import time
+
+            t0 = time.perf_counter()
+            hf.generate(prompt, **kw)
+            return (time.perf_counter() - t0) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        hf.generate(prompt, **kw)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    with torch.no_grad():
+        timed(case.gen_len)
+        first = timed(1)
+        full = timed(case.gen_len)
+    per_token = (full - first) / max(1, case.gen_len - 1)
+    step_bytes = model.step_weight_bytes()
+    common = dict(base, model=case.model, mode="hf", policy=None, sparsity=0.0, gen_len=case.gen_len,
+                  granularity=None, cuda_graph=False, baseline="transformers generate, eager, dynamic cache")
+    rows = [make_row(**common, metric="token_ms", value=per_token, unit="ms", how="(t(gen) - t(1)) / (gen - 1)",
+                     generate_ms=full, first_token_ms=first),
+            make_row(**common, metric="prefill_ms", value=first, unit="ms"),
+            make_row(**common, metric="step_bytes", value=step_bytes, unit="B")]
+    if copy_gbps:
+        floor = step_bytes / (copy_gbps * 1e9) * 1e3
+        rows += [make_row(**common, metric="floor_ms", value=floor, unit="ms"),
+                 make_row(**common, metric="floor_ratio", value=per_token / floor, unit="x")]
+    return rows
+
+
+def _done_keys(rows) -> set:
+    return {(r["model"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"), r["gen_len"],
+             r["batch"], r["prompt_len"], r["dtype"], r["device"])
+            for r in rows if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
+
+
+def build_model(name: str, dtype, device, seed=0):
+    if name == "tiny":
+        cfg = DecoderConfig(family="opt", vocab=512, hidden=64, ffn=256, n_layers=3, n_heads=4, n_kv_heads=4,
+                            max_positions=512, name="tiny")
+    elif name in MODELS:
+        cfg = DecoderConfig.from_spec(name)
+    else:
+        raise ValueError(f"unknown model {name!r}; known: tiny, {', '.join(MODELS)}")
+    return OPTDecoder.random(cfg, dtype, device, seed)
+
+
+def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
+                out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True) -> list[dict]:
+    from tqdm import tqdm
+
+    bad = [m for m in modes if m not in LATENCY_MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(LATENCY_MODES)}")
+    dtype = DTYPES[dtype_name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    writer = RowWriter(out_path)
+    env = environment(device)
+    bw = copy_bandwidth(device)
+    base = dict(kind="latency", device=env["device"], dtype=dtype_name, batch=batch, prompt_len=prompt_len,
+                git_commit=git_commit(), weights="random",
+                extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"]})
+    done = _done_keys(writer.existing())
+    todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
+            if (*c.key(), batch, prompt_len, dtype_name, env["device"]) not in done]
+    new_rows: list[dict] = []
+    by_model: dict[str, list[LatencyCase]] = {}
+    for c in todo:
+        by_model.setdefault(c.model, []).append(c)
+    bar = tqdm(total=len(todo), desc="latency", disable=not progress)
+    for name, cases in by_model.items():
+        try:
+            model = build_model(name, dtype, device)
+        except Exception as err:  # e.g. out of memory: record every case of this model as failed
+            rows = [make_row(**base, model=name, mode=c.mode, sparsity=c.sparsity, policy=c.policy,
+                             gen_len=c.gen_len, granularity=c.granularity, metric="error", value=None, unit=None,
+                             status="error", error=f"building the model: {type(err).__name__}: {err}") for c in cases]
+            writer.write(rows)
+            new_rows += rows
+            bar.update(len(cases))
+            continue
+        for case in cases:
+            run = run_hf_case if case.mode == "hf" else run_mode_case
+            try:
+                rows = run(model, case, prompt_len=prompt_len, batch=batch, copy_gbps=bw["copy_gbps"], base=base)
+            except Exception as err:  # one failing case must not lose the sweep
+                rows = [make_row(**base, model=name, mode=case.mode, sparsity=case.sparsity, policy=case.policy,
+                                 gen_len=case.gen_len, granularity=case.granularity, metric="error", value=None,
+                                 unit=None, status="error", error=f"{type(err).__name__}: {err}",
+                                 traceback=traceback.format_exc(limit=4))]
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            writer.write(rows)
+            new_rows += rows
+            bar.update(1)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    return new_rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Per model and generation length: each case's ms/token, the floor, and the speedup over dense."""
+    cases: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("kind") != "latency" or r.get("status") != "ok":
+            continue
+        key = (r["model"], r["gen_len"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"))
+        cases.setdefault(key, {})[r["metric"]] = r["value"]
+    dense = {(k[0], k[1]): v["token_ms"] for k, v in cases.items() if k[2] == "dense" and "token_ms" in v}
+    lines = [f"{'model':<10} {'gen':>4} {'mode':<10} {'s':>4} {'policy':<7} {'granul.':<7} {'ms/tok':>8} "
+             f"{'floor':>7} {'x floor':>7} {'vs dense':>8} {'pred share':>10}"]
+    for key in sorted(cases, key=lambda k: (k[0], k[1], LATENCY_MODES.index(k[2]), k[3], str(k[4]), str(k[5]))):
+        v = cases[key]
+        if "token_ms" not in v:
+            continue
+        d = dense.get((key[0], key[1]))
+        fmt = lambda x, f: format(x, f) if x is not None else "-"
+        lines.append(f"{key[0]:<10} {key[1]:>4} {key[2]:<10} {key[3]:>4.2f} {str(key[4] or '-'):<7} "
+                     f"{str(key[5] or '-'):<7} {v['token_ms']:>8.3f} {fmt(v.get('floor_ms'), '>7.3f')} "
+                     f"{fmt(v.get('floor_ratio'), '>7.2f')} {fmt(d / v['token_ms'] if d else None, '>8.2f')} "
+                     f"{fmt(v.get('predictor_share'), '>10.3f')}")
+    return "\n".join(lines)

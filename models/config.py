@@ -1,0 +1,101 @@
+"""The architecture of one decoder: everything the code needs to build it, from the registry or a HF config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from .registry import ModelSpec, get_spec
+
+FAMILIES = ("opt",)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    family: str
+    vocab: int
+    hidden: int  # E
+    ffn: int  # F
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    max_positions: int
+    word_embed_dim: int | None = None  # OPT-350m embeds in 512 and projects to E (None: = E)
+    pre_norm: bool = True  # OPT-350m is post-LN
+    final_norm: bool = True
+    norm_eps: float = 1e-5
+    activation: str = "relu"
+    tie_embeddings: bool = True
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        for field in ("vocab", "hidden", "ffn", "n_layers", "n_heads", "n_kv_heads", "max_positions"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if self.hidden % self.n_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.activation != "relu":
+            raise ValueError(f"activation {self.activation!r} is not supported; OPT uses 'relu'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.n_heads
+
+    @property
+    def embed_dim(self) -> int:
+        return self.word_embed_dim or self.hidden
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> DecoderConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec | str) -> DecoderConfig:
+        spec = get_spec(spec) if isinstance(spec, str) else spec
+        if spec.family != "opt":
+            raise ValueError(f"model {spec.name!r} is a {spec.family} model; this decoder builds {FAMILIES}")
+        extra = {"word_embed_dim": 512, "pre_norm": False, "final_norm": False} if spec.name == "opt-350m" else {}
+        return cls(family=spec.family, vocab=spec.vocab, hidden=spec.hidden, ffn=spec.ffn, n_layers=spec.n_layers,
+                   n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, max_positions=spec.max_positions,
+                   name=spec.name, **extra)
+
+    @classmethod
+    def from_hf(cls, hf, name: str = "custom") -> DecoderConfig:
+        """From a ``transformers`` config object (or its dict)."""
+        get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
+        model_type = get("model_type")
+        if model_type != "opt":
+            raise ValueError(f"checkpoint has model_type {model_type!r}; supported: 'opt'")
+        hidden = get("hidden_size")
+        wdim = get("word_embed_proj_dim", hidden)
+        pre_norm = bool(get("do_layer_norm_before", True))
+        if not get("enable_bias", True):
+            raise ValueError("OPT checkpoints without biases (enable_bias=False) are not supported")
+        if not get("layer_norm_elementwise_affine", True):
+            raise ValueError("OPT checkpoints without affine layer norms are not supported")
+        act = get("activation_function", "relu")
+        return cls(
+            family="opt", vocab=get("vocab_size"), hidden=hidden, ffn=get("ffn_dim"),
+            n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
+            n_kv_heads=get("num_attention_heads"), max_positions=get("max_position_embeddings"),
+            word_embed_dim=None if wdim == hidden else wdim, pre_norm=pre_norm,
+            final_norm=pre_norm and not get("_remove_final_layer_norm", False),
+            activation=act, tie_embeddings=bool(get("tie_word_embeddings", True)), name=name,
+        )
+
+    def hf_dict(self) -> dict:
+        """The ``transformers`` OPTConfig keyword arguments of this architecture."""
+        return dict(
+            vocab_size=self.vocab, hidden_size=self.hidden, ffn_dim=self.ffn, num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads, max_position_embeddings=self.max_positions,
+            word_embed_proj_dim=self.embed_dim, do_layer_norm_before=self.pre_norm,
+            _remove_final_layer_norm=self.pre_norm and not self.final_norm, activation_function=self.activation,
+            tie_word_embeddings=self.tie_embeddings, enable_bias=True, dropout=0.0, attention_dropout=0.0,
+            pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        )

@@ -1,0 +1,258 @@
+"""Modes: strategy objects that turn hidden states into sparsity plans. Layers never see a mode's name.
+
+Every mode answers ``plan(layer)`` with a :class:`~models.plan.LayerPlan`; a mode that predicts also
+gets ``observe(layer, site, x)`` calls (``site`` is ``"input"``, a layer's input, or ``"attn_out"``,
+its attention block's output; ``x`` is [B, E] at the current or last prompt position) and refills its
+plan buffers from them. When it observes is the *granularity*: ``"prompt"`` (during prefill, at the
+last prompt position; decoding reuses the plan) or ``"token"`` (every decoded token).
+
+Shared conventions:
+
+- The first ``first_sparse`` layers (default 1) are dense in every mode, so modes compare at equal
+  sparse-layer counts; ShadowLLM needs layer 0 dense because its predictor reads layer 0's output.
+- ``sparsity`` s keeps round((1 - s) * n) heads and neurons in each sparse layer (local), or that
+  many times the number of sparse layers over all of them together (global).
+- With a batch of several sequences, predicted scores are averaged over the batch: the kernels take
+  one index set per step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .nvtx import nvtx_range
+from .ops import Ops, get_ops
+from .plan import LayerPlan, PlanBuffers, check_policy, check_sparsity
+from .predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
+
+MODES = ("dense", "static", "dejavu", "shadowllm")
+GRANULARITIES = ("prompt", "token")
+
+
+def _check_granularity(g):
+    if g not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {g!r}")
+    return g
+
+
+class Mode:
+    name = "mode"
+    granularity: str | None = None  # None: the plan does not depend on the input
+    policy: str | None = None
+    sparsity = 0.0
+    first_sparse = 1
+
+    def bind(self, model, ops: Ops | None = None) -> Mode:
+        """Allocate the plan buffers for ``model`` (once, before prefill or graph capture)."""
+        self.model = model
+        self.ops = ops or get_ops(None, model.device)
+        self._dense = model.dense_plan()
+        return self
+
+    def observe(self, layer: int, site: str, x: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def plan(self, layer: int) -> LayerPlan:
+        return self._dense
+
+    def predictor_bytes(self) -> int:
+        """Bytes of predictor weights read per prediction."""
+        return 0
+
+    def live_counts(self) -> dict | None:
+        """Live heads and neurons per sparse layer of the current plan (None: dense)."""
+        return None
+
+    def describe(self) -> dict:
+        return {"mode": self.name, "sparsity": self.sparsity, "policy": self.policy,
+                "granularity": self.granularity, "first_sparse": self.first_sparse}
+
+
+class Dense(Mode):
+    name = "dense"
+
+
+class _Sparse(Mode):
+    def __init__(self, sparsity: float, policy: str = "local", first_sparse: int = 1):
+        self.sparsity = check_sparsity(sparsity)
+        self.policy = check_policy(policy)
+        if not isinstance(first_sparse, int) or first_sparse < 0:
+            raise ValueError(f"first_sparse must be a non-negative int, got {first_sparse!r}")
+        self.first_sparse = first_sparse
+
+    def bind(self, model, ops=None):
+        super().bind(model, ops)
+        cfg = model.cfg
+        if self.first_sparse >= cfg.n_layers:
+            raise ValueError(f"first_sparse {self.first_sparse} leaves no sparse layer in a {cfg.n_layers}-layer model")
+        self.buffers = PlanBuffers(n_layers=cfg.n_layers, first=self.first_sparse, n_heads=cfg.n_heads,
+                                   head_dim=cfg.head_dim, ffn=cfg.ffn, sparsity=self.sparsity, policy=self.policy,
+                                   device=model.device, ops=self.ops)
+        self._plans = [self.buffers.layer(i) if self.buffers.is_sparse(i) else self._dense
+                       for i in range(cfg.n_layers)]
+        return self
+
+    def plan(self, layer):
+        return self._plans[layer]
+
+    def live_counts(self):
+        return self.buffers.counts()
+
+
+class Static(_Sparse):
+    """One fixed plan from aggregated importance scores: ``heads`` [L, H] and ``neurons`` [L, F]
+    (a dict, or a safetensors/torch file with those keys; rows of dense layers are ignored)."""
+
+    name = "static"
+
+    def __init__(self, importance, sparsity: float, policy: str = "local", first_sparse: int = 1):
+        super().__init__(sparsity, policy, first_sparse)
+        self.source = str(importance) if isinstance(importance, (str, Path)) else "tensors"
+        self.importance = load_importance(importance) if isinstance(importance, (str, Path)) else importance
+
+    def bind(self, model, ops=None):
+        super().bind(model, ops)
+        cfg = model.cfg
+        imp = self.importance
+        if not isinstance(imp, dict) or "heads" not in imp or "neurons" not in imp:
+            raise ValueError("static importance must hold 'heads' [L, H] and 'neurons' [L, F] tensors")
+        for key, want in (("heads", (cfg.n_layers, cfg.n_heads)), ("neurons", (cfg.n_layers, cfg.ffn))):
+            if tuple(imp[key].shape) != want:
+                raise ValueError(f"static importance {key!r} has shape {tuple(imp[key].shape)}; the model needs {want}")
+        dev = model.device
+        heads = imp["heads"].to(dev, torch.float32)[self.first_sparse:].contiguous()
+        neurons = imp["neurons"].to(dev, torch.float32)[self.first_sparse:].contiguous()
+        for key, t in (("heads", heads), ("neurons", neurons)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"static importance {key!r} holds NaN or infinite values")
+        self.buffers.fill(self.first_sparse, heads, neurons)
+        return self
+
+    def describe(self):
+        return {**super().describe(), "importance": self.source}
+
+
+def load_importance(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"importance file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _batch_mean(scores, keepdim: bool):
+    if scores.shape[0] == 1:
+        return scores if keepdim else scores[0]
+    return scores.mean(dim=0, keepdim=keepdim)
+
+
+def _resolve_predictor(predictor, kind, model, **random_kw):
+    if predictor is None or predictor == "random":
+        return random_predictor(kind, model.cfg, dtype=model.dtype, device=model.device, **random_kw)
+    if isinstance(predictor, (str, Path)):
+        pred = load_predictor(predictor, model.cfg, dtype=model.dtype, device=model.device)
+    else:
+        pred = predictor.to(device=model.device, dtype=model.dtype)
+    if pred.kind != kind:
+        raise ValueError(f"mode {kind!r} needs a {kind} predictor, got a {pred.kind} predictor")
+    return pred
+
+
+class DejaVu(_Sparse):
+    """A predictor per sparse layer on that layer's input; local top-k.
+
+    With ``lookahead``, layer l's input predicts layer l + 1 (DejaVu's asynchronous variant; here it
+    runs in line, so it changes which input is used, not the timing)."""
+
+    name = "dejavu"
+
+    def __init__(self, sparsity: float, predictor=None, granularity: str = "token", first_sparse: int = 1,
+                 lookahead: bool = False, hidden: int | None = None):
+        super().__init__(sparsity, "local", first_sparse)
+        self.granularity = _check_granularity(granularity)
+        self.predictor_arg, self.lookahead, self.hidden = predictor, bool(lookahead), hidden
+
+    def bind(self, model, ops=None):
+        super().bind(model, ops)
+        self.predictor: DejaVuPredictor = _resolve_predictor(
+            self.predictor_arg, "dejavu", model, hidden=self.hidden, first_sparse=self.first_sparse,
+            lookahead=self.lookahead)
+        if self.predictor.first_sparse != self.first_sparse:
+            raise ValueError(f"predictor covers layers from {self.predictor.first_sparse}, the mode sparsifies "
+                             f"from {self.first_sparse}")
+        self.lookahead = self.predictor.lookahead
+        return self
+
+    def observe(self, layer, site, x):
+        if site != "input":
+            return
+        target = layer + 1 if self.lookahead else layer
+        if not self.buffers.is_sparse(target):
+            return
+        with nvtx_range("predictor"):
+            scores = self.ops.predictor(x, *self.predictor.weights(target))  # [B, H + F] fp32
+            heads, neurons = self.predictor.split(_batch_mean(scores, keepdim=True))
+            self.buffers.fill(target, heads, neurons)
+
+    def predictor_bytes(self):
+        return self.predictor.nbytes()
+
+    def describe(self):
+        return {**super().describe(), "predictor": self.predictor.meta.get("source"), "lookahead": self.lookahead}
+
+
+class ShadowLLM(_Sparse):
+    """One predictor on layer 0's attention output scoring every head and neuron of the sparse layers."""
+
+    name = "shadowllm"
+
+    def __init__(self, sparsity: float, predictor=None, policy: str = "global", granularity: str = "token",
+                 hidden: int | None = None):
+        super().__init__(sparsity, policy, 1)
+        self.granularity = _check_granularity(granularity)
+        self.predictor_arg, self.hidden = predictor, hidden
+
+    def bind(self, model, ops=None):
+        super().bind(model, ops)
+        self.predictor: ShadowLLMPredictor = _resolve_predictor(self.predictor_arg, "shadowllm", model,
+                                                                hidden=self.hidden, first_sparse=1)
+        if self.predictor.first_sparse != 1:
+            raise ValueError(f"a ShadowLLM predictor must cover layers from 1, got {self.predictor.first_sparse}")
+        return self
+
+    def observe(self, layer, site, x):
+        if layer != 0 or site != "attn_out":
+            return
+        with nvtx_range("predictor"):
+            scores = self.ops.predictor(x, *self.predictor.weights())  # [B, L_s * (H + F)] fp32
+            heads, neurons = self.predictor.split(_batch_mean(scores, keepdim=False))
+            self.buffers.fill(1, heads, neurons)
+
+    def predictor_bytes(self):
+        return self.predictor.nbytes()
+
+    def describe(self):
+        return {**super().describe(), "predictor": self.predictor.meta.get("source")}
+
+
+def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, granularity: str = "token",
+              predictor=None, importance=None, lookahead: bool = False) -> Mode:
+    """Build a mode by name (the CLI's entry point)."""
+    if name not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {name!r}")
+    if name == "dense":
+        return Dense()
+    if name == "static":
+        if importance is None:
+            raise ValueError("mode 'static' needs importance scores (a file with 'heads' and 'neurons')")
+        return Static(importance, sparsity, policy or "global")
+    if name == "dejavu":
+        if policy not in (None, "local"):
+            raise ValueError(f"mode 'dejavu' selects per layer (policy 'local'), got policy {policy!r}")
+        return DejaVu(sparsity, predictor, granularity, lookahead=lookahead)
+    return ShadowLLM(sparsity, predictor, policy or "global", granularity)

@@ -1,0 +1,49 @@
+"""The kernel backend a decoder runs on: the Triton kernels, or their plain-PyTorch references.
+
+Both have the same signatures and the same effects, and both can be captured in a CUDA graph; the
+references make CPU runs (tests, quality evaluation without a GPU) fast, and are a check on the
+kernels. The decoder calls them with ``validate=False``: index lists come from our own top-k, and a
+check would read values back to the host in the middle of a decode step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import shadow_kernels as sk
+from shadow_kernels.add_norm import add_layernorm, add_layernorm_ref
+from shadow_kernels.decode_attention import decode_attention, decode_attention_ref
+
+BACKENDS = ("triton", "torch")
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    gather_rows: Callable
+    gather_cols: Callable
+    attention: Callable
+    predictor: Callable
+    topk: Callable
+    mask_to_indices: Callable
+    add_norm: Callable
+
+
+TRITON = Ops("triton", sk.gather_rows_gemv, sk.gather_cols_gemv, decode_attention, sk.fused_predictor,
+             sk.topk_indices, sk.mask_to_indices, add_layernorm)
+TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
+            sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref)
+
+
+def get_ops(backend: str | Ops | None, device: torch.device) -> Ops:
+    """``None`` picks Triton on CUDA and the references elsewhere."""
+    if isinstance(backend, Ops):
+        return backend
+    if backend is None:
+        return TRITON if torch.device(device).type == "cuda" else TORCH
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return TRITON if backend == "triton" else TORCH

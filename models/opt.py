@@ -1,0 +1,390 @@
+"""A compact OPT decoder of our own: static KV cache, one prefill function, one decode-step function.
+
+Weights are stored the way the sparse kernels read them:
+
+- ``qkv_w`` [3E, E] head-major: the rows of head h are ``q_h | k_h | v_h`` (3 * head_dim rows), so the
+  Q/K/V rows of a set of heads are one gather and a dense projection yields the same slot layout;
+- ``out_wt`` = out_proj.weight transposed [E_in, E_out] and ``fc2_wt`` = fc2.weight transposed
+  [F, E], so a selected input feature or neuron is one contiguous row;
+- ``fc1_w`` [F, E] as in the checkpoint.
+
+Prefill is dense (it is compute-bound; every head's keys and values enter the cache). The decode
+step executes a :class:`~models.plan.LayerPlan` per layer from the mode it is given; the KV-cache
+policy for skipped heads is in :mod:`shadow_kernels.decode_attention` (a skipped head has no entry for
+that token; later tokens that compute the head attend only to positions where it was computed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DecoderConfig
+from .nvtx import nvtx_range
+from .ops import Ops, get_ops
+from .plan import LayerPlan
+
+POSITION_OFFSET = 2  # OPT's learned positions start at index 2 of the table
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [L, B, H, T, D]
+    v: torch.Tensor
+    valid: torch.Tensor  # uint8 [L, B, H, T]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.valid.nbytes
+
+
+class OPTLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, dtype, device):
+        super().__init__()
+        E, Fd = cfg.hidden, cfg.ffn
+        p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        self.ln1_w, self.ln1_b = p(E), p(E)
+        self.qkv_w, self.qkv_b = p(3 * E, E), p(3 * E)
+        self.out_wt, self.out_b = p(E, E), p(E)
+        self.ln2_w, self.ln2_b = p(E), p(E)
+        self.fc1_w, self.fc1_b = p(Fd, E), p(Fd)
+        self.fc2_wt, self.fc2_b = p(Fd, E), p(E)
+
+
+class OPTDecoder(nn.Module):
+    """OPT with our weight layout. Build with :meth:`random`, :func:`models.loading.load_model` or
+    :meth:`from_hf_state_dict`."""
+
+    def __init__(self, cfg: DecoderConfig, dtype=torch.float16, device="cpu"):
+        super().__init__()
+        if cfg.family != "opt":
+            raise ValueError(f"OPTDecoder builds OPT models, got family {cfg.family!r}")
+        self.cfg = cfg
+        p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        self.embed_tokens = p(cfg.vocab, cfg.embed_dim)
+        self.embed_positions = p(cfg.max_positions + POSITION_OFFSET, cfg.hidden)
+        self.project_in = p(cfg.hidden, cfg.embed_dim) if cfg.word_embed_dim else None
+        self.project_out = p(cfg.embed_dim, cfg.hidden) if cfg.word_embed_dim else None
+        self.final_ln_w = p(cfg.hidden) if cfg.final_norm else None
+        self.final_ln_b = p(cfg.hidden) if cfg.final_norm else None
+        self.lm_head = self.embed_tokens if cfg.tie_embeddings else p(cfg.vocab, cfg.embed_dim)
+        self.layers = nn.ModuleList(OPTLayer(cfg, dtype, device) for _ in range(cfg.n_layers))
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.register_buffer("_dense_slots", torch.arange(cfg.n_heads, dtype=torch.int32, device=device),
+                             persistent=False)
+
+    # ---------------------------------------------------------------- construction
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @classmethod
+    def random(cls, cfg: DecoderConfig, dtype=torch.float16, device="cpu", seed: int = 0, std: float = 0.02):
+        """Random weights made directly on ``device`` (latency work; outputs are meaningless)."""
+        model = cls(cfg, dtype, device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, t in model.named_parameters():
+                if name.endswith(("ln1_w", "ln2_w", "final_ln_w")):
+                    t.fill_(1.0)
+                else:
+                    t.normal_(0.0, std, generator=gen)
+        return model
+
+    @classmethod
+    def from_hf_state_dict(cls, cfg: DecoderConfig, sd: dict, dtype=torch.float16, device="cpu"):
+        """From a Hugging Face OPT state dict (``model.decoder.*`` / ``decoder.*`` keys)."""
+        model = cls(cfg, dtype, device)
+        model.load_hf_state_dict(sd)
+        return model
+
+    def load_hf_state_dict(self, sd: dict) -> None:
+        cfg = self.cfg
+        E, H, D = cfg.hidden, cfg.n_heads, cfg.head_dim
+        norm = {}
+        for key, value in sd.items():
+            k = key
+            for prefix in ("model.", "decoder."):
+                if k.startswith(prefix):
+                    k = k[len(prefix):]
+            norm[k] = value
+        used = set()
+
+        def take(key, shape):
+            if key not in norm:
+                raise ValueError(f"checkpoint has no tensor {key!r} (OPT with {cfg.n_layers} layers expected); "
+                                 f"keys start with {sorted(norm)[:3]}")
+            t = norm[key]
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}; this config expects "
+                                 f"{tuple(shape)}")
+            used.add(key)
+            return t
+
+        def put(param, value):
+            with torch.no_grad():
+                param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+        put(self.embed_tokens, take("embed_tokens.weight", (cfg.vocab, cfg.embed_dim)))
+        put(self.embed_positions, take("embed_positions.weight", (cfg.max_positions + POSITION_OFFSET, E)))
+        if self.project_in is not None:
+            put(self.project_in, take("project_in.weight", (E, cfg.embed_dim)))
+            put(self.project_out, take("project_out.weight", (cfg.embed_dim, E)))
+        if self.final_ln_w is not None:
+            put(self.final_ln_w, take("final_layer_norm.weight", (E,)))
+            put(self.final_ln_b, take("final_layer_norm.bias", (E,)))
+        if not cfg.tie_embeddings:
+            if "lm_head.weight" not in sd:
+                raise ValueError("config says tie_word_embeddings=False but the checkpoint has no lm_head.weight")
+            put(self.lm_head, sd["lm_head.weight"])
+        for i, layer in enumerate(self.layers):
+            a = f"layers.{i}."
+            w = [take(f"{a}self_attn.{n}_proj.weight", (E, E)) for n in "qkv"]
+            b = [take(f"{a}self_attn.{n}_proj.bias", (E,)) for n in "qkv"]
+            put(layer.qkv_w, torch.stack([t.reshape(H, D, E) for t in w], dim=1).reshape(3 * E, E))
+            put(layer.qkv_b, torch.stack([t.reshape(H, D) for t in b], dim=1).reshape(3 * E))
+            put(layer.out_wt, take(f"{a}self_attn.out_proj.weight", (E, E)).T)
+            put(layer.out_b, take(f"{a}self_attn.out_proj.bias", (E,)))
+            put(layer.ln1_w, take(f"{a}self_attn_layer_norm.weight", (E,)))
+            put(layer.ln1_b, take(f"{a}self_attn_layer_norm.bias", (E,)))
+            put(layer.ln2_w, take(f"{a}final_layer_norm.weight", (E,)))
+            put(layer.ln2_b, take(f"{a}final_layer_norm.bias", (E,)))
+            put(layer.fc1_w, take(f"{a}fc1.weight", (cfg.ffn, E)))
+            put(layer.fc1_b, take(f"{a}fc1.bias", (cfg.ffn,)))
+            put(layer.fc2_wt, take(f"{a}fc2.weight", (E, cfg.ffn)).T)
+            put(layer.fc2_b, take(f"{a}fc2.bias", (E,)))
+
+    def hf_state_dict(self) -> dict:
+        """Our weights under Hugging Face names (views where the layouts agree, copies for q/k/v)."""
+        cfg = self.cfg
+        E, H, D = cfg.hidden, cfg.n_heads, cfg.head_dim
+        sd = {"model.decoder.embed_tokens.weight": self.embed_tokens,
+              "model.decoder.embed_positions.weight": self.embed_positions,
+              "lm_head.weight": self.lm_head}
+        if self.project_in is not None:
+            sd["model.decoder.project_in.weight"] = self.project_in
+            sd["model.decoder.project_out.weight"] = self.project_out
+        if self.final_ln_w is not None:
+            sd["model.decoder.final_layer_norm.weight"] = self.final_ln_w
+            sd["model.decoder.final_layer_norm.bias"] = self.final_ln_b
+        for i, layer in enumerate(self.layers):
+            a = f"model.decoder.layers.{i}."
+            w = layer.qkv_w.detach().view(H, 3, D, E)
+            b = layer.qkv_b.detach().view(H, 3, D)
+            for j, n in enumerate("qkv"):
+                sd[f"{a}self_attn.{n}_proj.weight"] = w[:, j].reshape(E, E)
+                sd[f"{a}self_attn.{n}_proj.bias"] = b[:, j].reshape(E)
+            sd[f"{a}self_attn.out_proj.weight"] = layer.out_wt.detach().T
+            sd[f"{a}self_attn.out_proj.bias"] = layer.out_b
+            sd[f"{a}self_attn_layer_norm.weight"] = layer.ln1_w
+            sd[f"{a}self_attn_layer_norm.bias"] = layer.ln1_b
+            sd[f"{a}final_layer_norm.weight"] = layer.ln2_w
+            sd[f"{a}final_layer_norm.bias"] = layer.ln2_b
+            sd[f"{a}fc1.weight"] = layer.fc1_w
+            sd[f"{a}fc1.bias"] = layer.fc1_b
+            sd[f"{a}fc2.weight"] = layer.fc2_wt.detach().T
+            sd[f"{a}fc2.bias"] = layer.fc2_b
+        return {k: v.detach() for k, v in sd.items()}
+
+    def to_hf(self):
+        """A ``transformers`` OPTForCausalLM on the same weights (shared storage except q/k/v)."""
+        from transformers import OPTConfig, OPTForCausalLM
+
+        hf_cfg = OPTConfig(**self.cfg.hf_dict())
+        with torch.device("meta"):
+            hf = OPTForCausalLM(hf_cfg)
+        hf.load_state_dict(self.hf_state_dict(), assign=True, strict=True)
+        hf.tie_weights()
+        return hf.eval()
+
+    # ---------------------------------------------------------------- bytes
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.parameters():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+        return total
+
+    def step_weight_bytes(self, heads: list[int] | None = None, neurons: list[int] | None = None,
+                          first_sparse: int | None = None) -> int:
+        """Bytes of weights one decode step reads: embeddings of one token, every layer at the given
+        live heads / neurons per sparse layer (dense when None), the final norm and the LM head."""
+        cfg = self.cfg
+        E, D = cfg.hidden, cfg.head_dim
+        el = self.dtype.itemsize
+        total = cfg.embed_dim + E + cfg.vocab * cfg.embed_dim  # token row, position row, lm_head
+        if self.project_in is not None:
+            total += 2 * E * cfg.embed_dim
+        total += 2 * E if self.final_ln_w is not None else 0
+        for i in range(cfg.n_layers):
+            j = None if first_sparse is None or i < first_sparse else i - first_sparse
+            h = cfg.n_heads if heads is None or j is None else heads[j]
+            f = cfg.ffn if neurons is None or j is None else neurons[j]
+            total += 4 * E  # layer norms
+            total += h * 3 * D * (E + 1) + h * D * E + E  # qkv rows + bias, out_proj rows + bias
+            total += f * (E + 1) + f * E + E  # fc1 rows + bias, fc2 rows + bias
+        return total * el
+
+    # ---------------------------------------------------------------- running
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.cfg
+        if max_len > cfg.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds the model's {cfg.max_positions} positions")
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim)
+        return KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape[:-1], dtype=torch.uint8, device=self.device))
+
+    def _ln(self, x, w, b):
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.cfg.norm_eps)
+
+    def _embed(self, tokens, positions):
+        x = F.embedding(tokens, self.embed_tokens)
+        if self.project_in is not None:
+            x = F.linear(x, self.project_in)
+        return x + F.embedding(positions + POSITION_OFFSET, self.embed_positions)
+
+    def _logits(self, x):
+        if self.final_ln_w is not None:
+            x = self._ln(x, self.final_ln_w, self.final_ln_b)
+        if self.project_out is not None:
+            x = F.linear(x, self.project_out)
+        return F.linear(x, self.lm_head)
+
+    def _check_tokens(self, tokens, ndim):
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"tokens must be an int32/int64 tensor, got {getattr(tokens, 'dtype', type(tokens))}")
+        if tokens.dim() != ndim:
+            raise ValueError(f"tokens must be {ndim}-D, got shape {tuple(tokens.shape)}")
+
+    def prefill(self, tokens, cache: KVCache | None = None, mode=None, *, all_logits=False, hooks=None):
+        """Dense forward of whole prompts ``tokens`` [B, P] from position 0.
+
+        Fills ``cache`` (every head valid), lets ``mode`` observe the last position of each layer's
+        input and attention output (``mode.observe(layer, site, x)``) when given, and returns the
+        logits of the last position [B, V] or of every position [B, P, V]. ``hooks`` (a dict of
+        callables by site name) sees full activations; the criteria use it.
+        """
+        self._check_tokens(tokens, 2)
+        cfg = self.cfg
+        B, P = tokens.shape
+        if cache is not None and (cache.batch != B or cache.max_len < P):
+            raise ValueError(f"cache holds batch {cache.batch} x {cache.max_len} positions; prompts are {B} x {P}")
+        if cfg.max_positions < P:
+            raise ValueError(f"prompt length {P} exceeds the model's {cfg.max_positions} positions")
+        H, D = cfg.n_heads, cfg.head_dim
+        hooks = hooks or {}
+        with nvtx_range("prefill"):
+            x = self._embed(tokens, torch.arange(P, device=tokens.device)[None, :])
+            for i, layer in enumerate(self.layers):
+                if mode is not None:
+                    mode.observe(i, "input", x[:, -1])
+                res = x
+                a = self._ln(x, layer.ln1_w, layer.ln1_b) if cfg.pre_norm else x
+                qkv = F.linear(a, layer.qkv_w, layer.qkv_b).view(B, P, H, 3, D).permute(3, 0, 2, 1, 4)
+                q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+                if cache is not None:
+                    cache.k[i, :, :, :P].copy_(k)
+                    cache.v[i, :, :, :P].copy_(v)
+                    cache.valid[i, :, :, :P] = 1
+                heads = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)  # [B, H, P, D]
+                if "heads" in hooks:
+                    heads = hooks["heads"](i, heads)
+                o = torch.matmul(heads.transpose(1, 2).reshape(B, P, H * D), layer.out_wt) + layer.out_b
+                if mode is not None:
+                    mode.observe(i, "attn_out", o[:, -1])
+                x = res + o
+                if not cfg.pre_norm:
+                    x = self._ln(x, layer.ln1_w, layer.ln1_b)
+                res = x
+                a = self._ln(x, layer.ln2_w, layer.ln2_b) if cfg.pre_norm else x
+                f = torch.relu(F.linear(a, layer.fc1_w, layer.fc1_b))
+                if "neurons" in hooks:
+                    f = hooks["neurons"](i, f)
+                x = res + torch.matmul(f, layer.fc2_wt) + layer.fc2_b
+                if not cfg.pre_norm:
+                    x = self._ln(x, layer.ln2_w, layer.ln2_b)
+            return self._logits(x if all_logits else x[:, -1])
+
+    def decode_step(self, tokens, pos, cache: KVCache, mode, *, predict: bool, ops: Ops | None = None):
+        """One token per sequence: ``tokens`` [B] at position ``pos`` (one-element device tensor).
+
+        Every layer runs ``mode.plan(layer)``; when ``predict`` is set the mode first observes the
+        layer's input and attention output, so a predictor can refill the plans inside this step.
+        Shapes do not depend on data: the step can be captured in a CUDA graph. Returns logits [B, V].
+
+        Each residual add is fused with the layer norm after it (``ops.add_norm``); with pre-LN the
+        add that ends layer i carries layer i + 1's first norm (or the final norm).
+        """
+        cfg = self.cfg
+        ops = ops or get_ops(None, self.device)
+        eps = cfg.norm_eps
+        layers = self.layers
+        x = self._embed(tokens, pos.reshape(1).expand(tokens.shape[0]))
+        if cfg.pre_norm:
+            _, a = ops.add_norm(x, None, layers[0].ln1_w, layers[0].ln1_b, eps)
+        else:
+            a = x
+        for i, layer in enumerate(layers):
+            if predict:
+                mode.observe(i, "input", x)
+            plan: LayerPlan = mode.plan(i)
+            with nvtx_range(f"layer{i}.attn"):
+                if plan.qkv_rows is None:
+                    qkv = F.linear(a, layer.qkv_w, layer.qkv_b)
+                else:
+                    qkv = ops.gather_rows(layer.qkv_w, a, plan.qkv_rows, layer.qkv_b, count=plan.qkv_count,
+                                          validate=False)
+                heads = ops.attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, plan.head_slot, self.scale)
+                if plan.out_rows is None:
+                    o = torch.addmm(layer.out_b, heads, layer.out_wt)
+                else:
+                    o = ops.gather_cols(layer.out_wt, heads, plan.out_rows, layer.out_b, count=plan.out_count,
+                                        validate=False)
+            if predict:
+                mode.observe(i, "attn_out", o)
+            if cfg.pre_norm:
+                x, a = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
+            else:
+                _, x = ops.add_norm(x, o, layer.ln1_w, layer.ln1_b, eps)
+                a = x
+            with nvtx_range(f"layer{i}.mlp"):
+                if plan.neurons is None:
+                    f = torch.relu_(F.linear(a, layer.fc1_w, layer.fc1_b))
+                    o = torch.addmm(layer.fc2_b, f, layer.fc2_wt)
+                else:
+                    f = ops.gather_rows(layer.fc1_w, a, plan.neurons, layer.fc1_b, "relu", count=plan.neuron_count,
+                                        validate=False)
+                    o = ops.gather_cols(layer.fc2_wt, f, plan.neurons, layer.fc2_b, count=plan.neuron_count,
+                                        validate=False)
+            if not cfg.pre_norm:
+                _, x = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
+                a = x
+            elif i + 1 < cfg.n_layers:
+                x, a = ops.add_norm(x, o, layers[i + 1].ln1_w, layers[i + 1].ln1_b, eps)
+            elif self.final_ln_w is not None:
+                x, a = ops.add_norm(x, o, self.final_ln_w, self.final_ln_b, eps)
+            else:
+                x = a = x + o
+        if self.project_out is not None:
+            a = F.linear(a, self.project_out)
+        return F.linear(a, self.lm_head)
+
+    def dense_plan(self) -> LayerPlan:
+        return LayerPlan(head_slot=self._dense_slots)

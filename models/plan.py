@@ -1,0 +1,129 @@
+"""Sparsity plans: which attention heads and FFN neurons each layer computes for the current token.
+
+A layer reads a :class:`LayerPlan` and executes it; it never asks which mode made it. ``None`` index
+lists mean "every unit" and take the dense path (cuBLAS), so a dense layer costs what a dense model
+costs.
+
+:class:`PlanBuffers` holds the plans of all sparse layers in fixed device buffers (fixed shapes and
+addresses, so a decode step that refills them can be captured in a CUDA graph):
+
+- ``head_slot`` int32 [L_s, H + 1]: slot of each head in the Q/K/V output, -1 when skipped (the
+  extra column absorbs the padding of global top-k and is never read).
+- ``qkv_rows`` int32 [L_s, S * 3D] and ``qkv_count`` [L_s]: rows of the head-major Q/K/V weight.
+- ``out_rows`` int32 [L_s, S * D] and ``out_count``: rows of the transposed out_proj weight.
+- ``neurons`` int32 [L_s, S_f] and ``neuron_count``: rows of fc1 = rows of the transposed fc2.
+
+``S`` and ``S_f`` are the slots per layer: k for local top-k, all units for global top-k (a layer may
+receive any share of the global budget; ``count`` says how many slots are live).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .ops import Ops
+
+POLICIES = ("local", "global")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    head_slot: torch.Tensor  # int32 [H]
+    qkv_rows: torch.Tensor | None = None
+    qkv_count: torch.Tensor | None = None
+    out_rows: torch.Tensor | None = None
+    out_count: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
+    neuron_count: torch.Tensor | None = None
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def check_policy(policy) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    return policy
+
+
+def kept_units(n: int, sparsity: float) -> int:
+    """Units a layer keeps at this sparsity: round((1 - s) * n), at least one."""
+    return max(1, min(n, int(math.floor((1.0 - sparsity) * n + 0.5))))
+
+
+class PlanBuffers:
+    """Plans of layers ``first .. n_layers - 1`` in static device buffers, refilled from scores."""
+
+    def __init__(self, *, n_layers: int, first: int, n_heads: int, head_dim: int, ffn: int, sparsity: float,
+                 policy: str, device, ops: Ops):
+        self.first, self.n_layers = first, n_layers
+        self.H, self.D, self.F = n_heads, head_dim, ffn
+        self.sparsity, self.policy, self.ops = check_sparsity(sparsity), check_policy(policy), ops
+        n = n_layers - first
+        self.n_sparse = n
+        self.k_heads = kept_units(n_heads, sparsity)
+        self.k_neurons = kept_units(ffn, sparsity)
+        if policy == "global":  # one budget over all sparse layers
+            self.k_heads, self.k_neurons = self.k_heads * n, self.k_neurons * n
+            s_h, s_f = n_heads, ffn
+        else:
+            s_h, s_f = self.k_heads, self.k_neurons
+        self.slots_heads, self.slots_neurons = s_h, s_f
+        i32 = dict(dtype=torch.int32, device=device)
+        self.head_slot = torch.full((n, n_heads + 1), -1, **i32)
+        self.qkv_rows = torch.zeros((n, s_h * 3 * head_dim), **i32)
+        self.qkv_count = torch.zeros((n,), **i32)
+        self.out_rows = torch.zeros((n, s_h * head_dim), **i32)
+        self.out_count = torch.zeros((n,), **i32)
+        self.neurons = torch.zeros((n, s_f), **i32)
+        self.neuron_count = torch.zeros((n,), **i32)
+        self._slot_ids = torch.arange(s_h, **i32)
+        self._rows3 = torch.arange(3 * head_dim, **i32)
+        self._rows1 = torch.arange(head_dim, **i32)
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.first <= layer < self.n_layers
+
+    def fill(self, layer: int, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> None:
+        """Select from scores of layers ``layer .. layer + n - 1``: heads [n, H], neurons [n, F].
+
+        Global top-k needs the scores of every sparse layer in one call.
+        """
+        n = head_scores.shape[0]
+        j = layer - self.first
+        if self.policy == "global" and n != self.n_sparse:
+            raise ValueError(f"global top-k needs the scores of all {self.n_sparse} sparse layers, got {n}")
+        sl = slice(j, j + n)
+        heads = self.ops.topk(head_scores, self.k_heads, self.policy, validate=False)
+        neurons = self.ops.topk(neuron_scores, self.k_neurons, self.policy, validate=False)
+        S = self.slots_heads
+        live = self._slot_ids[None, :] < heads.count[:, None]
+        target = torch.where(live, heads.idx, self.H).long()
+        slots = self.head_slot[sl]
+        slots.fill_(-1)
+        slots.scatter_(1, target, self._slot_ids.expand(n, S))
+        torch.add(self._rows3, heads.idx[:, :, None], alpha=3 * self.D, out=self.qkv_rows[sl].view(n, S, 3 * self.D))
+        torch.mul(heads.count, 3 * self.D, out=self.qkv_count[sl])
+        torch.add(self._rows1, heads.idx[:, :, None], alpha=self.D, out=self.out_rows[sl].view(n, S, self.D))
+        torch.mul(heads.count, self.D, out=self.out_count[sl])
+        self.neurons[sl].copy_(neurons.idx)
+        self.neuron_count[sl].copy_(neurons.count)
+
+    def layer(self, layer: int) -> LayerPlan:
+        j = layer - self.first
+        return LayerPlan(
+            head_slot=self.head_slot[j, : self.H],
+            qkv_rows=self.qkv_rows[j], qkv_count=self.qkv_count[j : j + 1],
+            out_rows=self.out_rows[j], out_count=self.out_count[j : j + 1],
+            neurons=self.neurons[j], neuron_count=self.neuron_count[j : j + 1],
+        )
+
+    def counts(self) -> dict:
+        """Live heads and neurons per sparse layer (reads the device; not for use in a decode step)."""
+        return {"heads": (self.qkv_count // (3 * self.D)).tolist(), "neurons": self.neuron_count.tolist()}

@@ -1,0 +1,157 @@
+"""Sparsity predictors: two-layer MLPs ``Linear -> ReLU -> Linear`` that score heads and neurons.
+
+- :class:`ShadowLLMPredictor`: one MLP on layer 0's attention output (E) that scores every head and
+  neuron of the sparse layers at once. Output layout: ``[heads of L_s layers (L_s * H), neurons of
+  L_s layers (L_s * F)]``, layer-major.
+- :class:`DejaVuPredictor`: one MLP per sparse layer on that layer's input (or, with look-ahead, the
+  previous layer's input), scoring that layer's ``[H heads, F neurons]``.
+
+Files are safetensors with the weights and a JSON header naming the kind and the model shape, so a
+predictor that does not fit a model is refused with the mismatch named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DecoderConfig
+
+KINDS = ("shadowllm", "dejavu")
+
+
+def _mlp(E: int, hidden: int, out: int, dtype, device) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(E, hidden, dtype=dtype, device=device), nn.ReLU(),
+                         nn.Linear(hidden, out, dtype=dtype, device=device))
+
+
+class _Predictor(nn.Module):
+    kind = ""
+
+    def __init__(self, cfg: DecoderConfig, hidden: int, first_sparse: int, dtype, device):
+        super().__init__()
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"predictor hidden size must be a positive int, got {hidden!r}")
+        if not isinstance(first_sparse, int) or not 1 <= first_sparse < cfg.n_layers:
+            raise ValueError(f"first_sparse must be in [1, {cfg.n_layers - 1}], got {first_sparse!r}")
+        self.cfg, self.hidden, self.first_sparse = cfg, hidden, first_sparse
+        self.n_sparse = cfg.n_layers - first_sparse
+        self.meta: dict = {}
+
+    def header(self) -> dict:
+        c = self.cfg
+        return {"kind": self.kind, "hidden": self.hidden, "first_sparse": self.first_sparse,
+                "model": {"name": c.name, "hidden": c.hidden, "n_layers": c.n_layers, "n_heads": c.n_heads,
+                          "ffn": c.ffn}, **self.meta}
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parameters())
+
+    def save(self, path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"shadowbench": json.dumps(self.header())})
+        return path
+
+
+class ShadowLLMPredictor(_Predictor):
+    kind = "shadowllm"
+
+    def __init__(self, cfg: DecoderConfig, hidden: int = 2048, first_sparse: int = 1, dtype=torch.float16,
+                 device="cpu"):
+        super().__init__(cfg, hidden, first_sparse, dtype, device)
+        self.n_out = self.n_sparse * (cfg.n_heads + cfg.ffn)
+        self.net = _mlp(cfg.hidden, hidden, self.n_out, dtype, device)
+
+    def weights(self, layer: int | None = None):
+        return self.net[0].weight, self.net[0].bias, self.net[2].weight, self.net[2].bias
+
+    def split(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., n_out] -> heads [..., L_s, H], neurons [..., L_s, F]."""
+        c, n = self.cfg, self.n_sparse
+        heads, neurons = scores.split([n * c.n_heads, n * c.ffn], dim=-1)
+        return heads.unflatten(-1, (n, c.n_heads)), neurons.unflatten(-1, (n, c.ffn))
+
+    def forward(self, x):
+        return self.split(self.net(x))
+
+
+class DejaVuPredictor(_Predictor):
+    kind = "dejavu"
+
+    def __init__(self, cfg: DecoderConfig, hidden: int = 1024, first_sparse: int = 1, dtype=torch.float16,
+                 device="cpu", lookahead: bool = False):
+        super().__init__(cfg, hidden, first_sparse, dtype, device)
+        self.lookahead = bool(lookahead)
+        self.meta["lookahead"] = self.lookahead
+        self.n_out = cfg.n_heads + cfg.ffn
+        self.nets = nn.ModuleList(_mlp(cfg.hidden, hidden, self.n_out, dtype, device) for _ in range(self.n_sparse))
+
+    def weights(self, layer: int):
+        net = self.nets[layer - self.first_sparse]
+        return net[0].weight, net[0].bias, net[2].weight, net[2].bias
+
+    def split(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., H + F] -> heads [..., H], neurons [..., F]."""
+        return scores.split([self.cfg.n_heads, self.cfg.ffn], dim=-1)
+
+    def forward(self, x, layer: int):
+        return self.split(self.nets[layer - self.first_sparse](x))
+
+
+def random_predictor(kind: str, cfg: DecoderConfig, *, hidden: int | None = None, first_sparse: int = 1,
+                     dtype=torch.float16, device="cpu", seed: int = 0, lookahead: bool = False) -> _Predictor:
+    """A randomly initialised predictor of the right shape (latency work; marked ``random`` in rows)."""
+    if kind not in KINDS:
+        raise ValueError(f"predictor kind must be one of {KINDS}, got {kind!r}")
+    torch.manual_seed(seed)
+    if kind == "shadowllm":
+        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, dtype, device)
+    else:
+        pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, dtype, device, lookahead=lookahead)
+    pred.meta["source"] = "random"
+    return pred
+
+
+def load_predictor(path, cfg: DecoderConfig, *, dtype=torch.float16, device="cpu") -> _Predictor:
+    """Load a predictor file and check that it fits ``cfg``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"predictor file {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("shadowbench")
+    if raw is None:
+        raise ValueError(f"{path} is not a shadowbench predictor file (no 'shadowbench' header)")
+    head = json.loads(raw)
+    kind = head.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{path}: predictor kind {kind!r} is not one of {KINDS}")
+    want = {"hidden": cfg.hidden, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "ffn": cfg.ffn}
+    got = {k: head["model"].get(k) for k in want}
+    if got != want:
+        bad = ", ".join(f"{k} {got[k]} (model has {want[k]})" for k in want if got[k] != want[k])
+        raise ValueError(f"{path}: predictor was made for a different model shape: {bad}")
+    if kind == "shadowllm":
+        pred = ShadowLLMPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device)
+    else:
+        pred = DejaVuPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device,
+                               lookahead=head.get("lookahead", False))
+    state = load_file(str(path))
+    expected = {k: tuple(v.shape) for k, v in pred.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
+        raise ValueError(f"{path}: predictor tensors do not fit the model; first differences: {diff}")
+    pred.load_state_dict(state)
+    pred.meta.update({k: v for k, v in head.items() if k not in ("kind", "hidden", "first_sparse", "model")})
+    pred.meta.setdefault("source", str(path))
+    return pred.requires_grad_(False)

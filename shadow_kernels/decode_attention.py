@@ -1,0 +1,270 @@
+"""One decode step of multi-head attention over the selected heads, with the KV-cache write fused in.
+
+Layout (one token per sequence, ``B`` sequences, ``H`` heads of ``D`` features, cache length ``T``):
+
+- ``qkv`` [B, S * 3 * D]: the projections of the ``S`` computed head *slots*, slot by slot, each
+  ``q | k | v`` (this is what ``gather_rows_gemv`` returns for the Q/K/V rows of the selected heads,
+  and what a dense projection returns when the rows are stored head by head).
+- ``head_slot`` int32 [H]: the slot that holds head ``h``, or -1 when the token skips head ``h``.
+- ``k_cache``, ``v_cache`` [B, H, T, D]; ``valid`` uint8 [B, H, T]: 1 where the cache holds a key and
+  value for that head and position.
+- ``pos``: one-element integer device tensor, the position of the current token.
+
+For every head the step writes ``valid[:, h, pos]``: 1 and the new key/value when the head is
+computed, 0 when it is skipped. A skipped head therefore has no entry for this token, and later
+tokens that compute the head attend only to positions where it was computed (the token is invisible
+to that head). Writing 0 also makes the step idempotent: replaying it at the same position with a
+different selection leaves no stale entries.
+
+The output ``out`` [B, S * D] holds each computed head's attention output in its slot; slots that no
+head maps to are not written (``gather_cols_gemv`` with the plan's ``count`` never reads them).
+Queries are multiplied by ``scale`` (OPT scales after the bias; same thing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, check_float, next_pow2
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, out_ptr,
+    H, T, scale,
+    stride_qkv_b, stride_out_b, stride_cb, stride_ch, stride_ct,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    slot = tl.load(slot_ptr + h)
+    vrow = valid_ptr + b * H * T + h * T
+    if slot < 0:
+        tl.store(vrow + pos, tl.zeros([], dtype=tl.uint8))
+    else:
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        base = qkv_ptr + b * stride_qkv_b + slot * (3 * D)
+        q = tl.load(base + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        k_new = tl.load(base + D + d, mask=d_ok, other=0.0)
+        v_new = tl.load(base + 2 * D + d, mask=d_ok, other=0.0)
+        cache = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+        tl.store(k_ptr + cache + pos * stride_ct + d, k_new, mask=d_ok)
+        tl.store(v_ptr + cache + pos * stride_ct + d, v_new, mask=d_ok)
+        tl.store(vrow + pos, tl.full([], 1, dtype=tl.uint8))
+        # The current token first (its own key is always present), then earlier positions in
+        # blocks with an online softmax; positions this head skipped are masked out.
+        m_i = tl.sum(q * k_new.to(tl.float32), axis=0)
+        l_i = m_i * 0.0 + 1.0
+        acc = v_new.to(tl.float32)
+        t_offs = tl.arange(0, BLOCK_T)
+        for t0 in range(0, pos, BLOCK_T):
+            t = t0 + t_offs
+            t_ok = t < pos
+            live = (tl.load(vrow + t, mask=t_ok, other=0) != 0) & t_ok
+            kv_off = cache + t[:, None] * stride_ct + d[None, :]
+            kv_mask = live[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            s = tl.where(live, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        out = acc / l_i
+        tl.store(out_ptr + b * stride_out_b + slot * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _decode_attention_split_kernel(
+    qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, part_ptr,
+    H, T, scale,
+    stride_qkv_b, stride_cb, stride_ch, stride_ct,
+    NSPLIT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    # Flash-decoding: program (b, h, s) covers cached positions [s * CHUNK, (s + 1) * CHUNK) below pos;
+    # split 0 also writes the new key/value and takes the current token. Partials (m, l, acc[D])
+    # go to part [B, H, NSPLIT, BLOCK_D + 2] and _decode_attention_combine_kernel merges them.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    slot = tl.load(slot_ptr + h)
+    vrow = valid_ptr + b * H * T + h * T
+    t0 = s * CHUNK
+    if slot < 0:
+        if s == 0:
+            tl.store(vrow + pos, tl.zeros([], dtype=tl.uint8))
+    elif (s == 0) | (t0 < pos):
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        base = qkv_ptr + b * stride_qkv_b + slot * (3 * D)
+        q = tl.load(base + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        cache = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+        t = t0 + tl.arange(0, CHUNK)
+        t_ok = t < pos
+        live = (tl.load(vrow + t, mask=t_ok, other=0) != 0) & t_ok
+        kv_off = cache + t[:, None] * stride_ct + d[None, :]
+        kv_mask = live[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        sc = tl.where(live, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m = tl.max(sc, axis=0)
+        if s == 0:
+            k_new = tl.load(base + D + d, mask=d_ok, other=0.0)
+            v_new = tl.load(base + 2 * D + d, mask=d_ok, other=0.0)
+            tl.store(k_ptr + cache + pos * stride_ct + d, k_new, mask=d_ok)
+            tl.store(v_ptr + cache + pos * stride_ct + d, v_new, mask=d_ok)
+            tl.store(vrow + pos, tl.full([], 1, dtype=tl.uint8))
+            s_cur = tl.sum(q * k_new.to(tl.float32), axis=0)
+            m = tl.maximum(m, s_cur)
+            p = tl.exp(sc - m)
+            p_cur = tl.exp(s_cur - m)
+            l_i = tl.sum(p, axis=0) + p_cur
+            acc = tl.sum(p[:, None] * v, axis=0) + p_cur * v_new.to(tl.float32)
+        else:
+            m_safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk with no live position
+            p = tl.exp(sc - m_safe)
+            l_i = tl.sum(p, axis=0)
+            acc = tl.sum(p[:, None] * v, axis=0)
+        row = part_ptr + ((b * H + h) * NSPLIT + s) * (BLOCK_D + 2)
+        tl.store(row + d, acc)
+        tl.store(row + BLOCK_D, m)
+        tl.store(row + BLOCK_D + 1, l_i)
+
+
+@triton.jit
+def _decode_attention_combine_kernel(
+    part_ptr, pos_ptr, slot_ptr, out_ptr, H, stride_out_b,
+    NSPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + h)
+    if slot >= 0:
+        pos = tl.load(pos_ptr).to(tl.int32)
+        n_live = tl.maximum(1, tl.cdiv(pos, CHUNK))
+        sp = tl.arange(0, SPLIT_P2)
+        s_ok = sp < n_live
+        d = tl.arange(0, BLOCK_D)
+        rows = part_ptr + ((b * H + h) * NSPLIT + sp) * (BLOCK_D + 2)
+        m = tl.load(rows + BLOCK_D, mask=s_ok, other=float("-inf"))
+        m_all = tl.max(m, axis=0)
+        w = tl.where(s_ok, tl.exp(m - m_all), 0.0)
+        l_i = tl.sum(w * tl.load(rows + BLOCK_D + 1, mask=s_ok, other=0.0), axis=0)
+        acc = tl.load(rows[:, None] + d[None, :], mask=s_ok[:, None], other=0.0)
+        out = tl.sum(w[:, None] * acc, axis=0) / l_i
+        tl.store(out_ptr + b * stride_out_b + slot * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _check(qkv, k_cache, v_cache, valid, pos, head_slot, ref=False):
+    dev_check = (lambda name, t, device: None) if ref else check_device
+    check_float("k_cache", k_cache, ndims=(4,), any_device=ref)
+    B, H, T, D = k_cache.shape
+    dev = k_cache.device
+    if not k_cache.is_contiguous():
+        raise ValueError("k_cache must be contiguous [B, H, T, D]")
+    check_float("v_cache", v_cache, ndims=(4,), dtype=k_cache.dtype, device=dev, any_device=ref)
+    if v_cache.shape != k_cache.shape or not v_cache.is_contiguous():
+        raise ValueError(f"v_cache must be a contiguous tensor of shape {tuple(k_cache.shape)} like k_cache, "
+                         f"got {tuple(v_cache.shape)}")
+    check_float("qkv", qkv, ndims=(2,), dtype=k_cache.dtype, device=dev, last_contiguous=True, any_device=ref)
+    if qkv.shape[0] != B or qkv.shape[1] % (3 * D) != 0:
+        raise ValueError(f"qkv has shape {tuple(qkv.shape)}; expected [{B}, S * {3 * D}] (S slots of q|k|v)")
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.uint8 or valid.shape != (B, H, T):
+        raise ValueError(f"valid must be a uint8 tensor of shape {(B, H, T)}, got "
+                         f"{getattr(valid, 'dtype', type(valid).__name__)} {tuple(getattr(valid, 'shape', ()))}")
+    dev_check("valid", valid, dev)
+    if not valid.is_contiguous():
+        raise ValueError("valid must be contiguous")
+    if not isinstance(pos, torch.Tensor) or pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
+        raise TypeError("pos must be a one-element int32/int64 tensor on the device (the current position)")
+    dev_check("pos", pos, dev)
+    if not isinstance(head_slot, torch.Tensor) or head_slot.dtype != torch.int32 or head_slot.shape != (H,):
+        raise TypeError(f"head_slot must be an int32 tensor of shape ({H},), got "
+                        f"{getattr(head_slot, 'dtype', type(head_slot).__name__)} "
+                        f"{tuple(getattr(head_slot, 'shape', ()))}")
+    dev_check("head_slot", head_slot, dev)
+    return B, H, T, D, qkv.shape[1] // (3 * D)
+
+
+CHUNK = 64  # cached positions per program of the split kernel
+
+
+def decode_attention(qkv, k_cache, v_cache, valid, pos, head_slot, scale=None, *, chunk=None):
+    """Attention of one new token per sequence over the selected heads; see the module docstring.
+
+    Writes the new keys/values and ``valid`` in place; returns ``out`` [B, S * D] in the cache dtype.
+    ``pos`` must be below the cache length T (not checked on the device).
+    ``chunk``: cached positions per program (flash-decoding split, two launches); 0 runs one
+    program per head over all positions (one launch). Default: split when T > CHUNK.
+    """
+    B, H, T, D, S = _check(qkv, k_cache, v_cache, valid, pos, head_slot)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out = torch.empty((B, S * D), device=qkv.device, dtype=qkv.dtype)
+    if B == 0 or H == 0:
+        return out
+    block_d = next_pow2(D)
+    chunk = (CHUNK if T > CHUNK else 0) if chunk is None else chunk
+    if chunk:
+        if chunk & (chunk - 1) or chunk < 16:
+            raise ValueError(f"chunk must be a power of two >= 16 or 0, got {chunk}")
+        nsplit = triton.cdiv(T, chunk)
+        part = torch.empty((B, H, nsplit, block_d + 2), device=qkv.device, dtype=torch.float32)
+        _decode_attention_split_kernel[(B, H, nsplit)](
+            qkv, k_cache, v_cache, valid, pos, head_slot, part, H, T, scale,
+            qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            NSPLIT=nsplit, D=D, BLOCK_D=block_d, CHUNK=chunk, num_warps=4,
+        )
+        _decode_attention_combine_kernel[(B, H)](
+            part, pos, head_slot, out, H, out.stride(0),
+            NSPLIT=nsplit, SPLIT_P2=max(2, next_pow2(nsplit)), D=D, BLOCK_D=block_d, CHUNK=chunk, num_warps=4,
+        )
+        return out
+    block_t = max(16, min(64, 8192 // block_d))
+    _decode_attention_kernel[(B, H)](
+        qkv, k_cache, v_cache, valid, pos, head_slot, out,
+        H, T, scale,
+        qkv.stride(0), out.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        D=D, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4,
+    )
+    return out
+
+
+def decode_attention_ref(qkv, k_cache, v_cache, valid, pos, head_slot, scale=None, *, chunk=None):
+    """Plain-PyTorch reference of :func:`decode_attention` (same effects; fixed shapes, so it can be
+    captured in a CUDA graph too)."""
+    B, H, T, D, S = _check(qkv, k_cache, v_cache, valid, pos, head_slot, ref=True)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dev = qkv.device
+    pos = pos.reshape(1).long()
+    computed = head_slot >= 0  # [H]
+    slot = head_slot.clamp(min=0).long()
+    padded = torch.cat([qkv.view(B, S, 3, D), qkv.new_zeros(B, 1, 3, D)], dim=1)  # S may be 0
+    parts = padded.index_select(1, slot)  # [B, H, 3, D] in head order
+    old_k = k_cache.index_select(2, pos)[:, :, 0]
+    old_v = v_cache.index_select(2, pos)[:, :, 0]
+    new_k = torch.where(computed[None, :, None], parts[:, :, 1], old_k)
+    new_v = torch.where(computed[None, :, None], parts[:, :, 2], old_v)
+    k_cache.index_copy_(2, pos, new_k[:, :, None])
+    v_cache.index_copy_(2, pos, new_v[:, :, None])
+    valid.index_copy_(2, pos, computed.to(torch.uint8)[None, :, None].expand(B, H, 1).contiguous())
+    q = parts[:, :, 0].float() * scale
+    scores = torch.einsum("bhd,bhtd->bht", q, k_cache.float())
+    live = (valid != 0) & (torch.arange(T, device=dev) <= pos)[None, None, :]
+    scores = scores.masked_fill(~live, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # skipped heads may have no live entry
+    o = torch.einsum("bht,bhtd->bhd", probs, v_cache.float()).to(qkv.dtype)
+    # Each computed head goes to its slot; skipped heads go to a spare slot that is dropped.
+    target = torch.where(computed, slot, S)
+    out = torch.zeros((B, S + 1, D), device=dev, dtype=qkv.dtype)
+    out.index_copy_(1, target, o)
+    return out[:, :S].reshape(B, S * D)

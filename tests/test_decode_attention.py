@@ -1,0 +1,88 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shadow_kernels.decode_attention import decode_attention, decode_attention_ref
+
+from conftest import DEVICE, DTYPES, REL_TOL
+from helpers import rel_err
+
+
+def make_case(B, H, T, D, S, pos, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype)
+    vc = torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype)
+    valid = (torch.rand(B, H, T, generator=g) < 0.7).to(DEVICE, torch.uint8)
+    heads = torch.randperm(H, generator=g)[:S]
+    slot = torch.full((H,), -1, dtype=torch.int32)
+    slot[heads] = torch.arange(S, dtype=torch.int32)
+    qkv = torch.randn(B, S * 3 * D, generator=g).to(DEVICE, dtype)
+    return qkv, kc, vc, valid, torch.tensor([pos], device=DEVICE), slot.to(DEVICE)
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 3), H=st.integers(1, 6), T=st.integers(1, 80), D=st.sampled_from([8, 16, 24]),
+       dtype=st.sampled_from(DTYPES), chunk=st.sampled_from([None, 0, 16, 32]), data=st.data())
+def test_matches_reference(B, H, T, D, dtype, chunk, data):
+    S = data.draw(st.integers(0, H))
+    pos = data.draw(st.integers(0, T - 1))
+    qkv, kc, vc, valid, pos_t, slot = make_case(B, H, T, D, S, pos, dtype, data.draw(st.integers(0, 99)))
+    a = [kc.clone(), vc.clone(), valid.clone()]
+    b = [kc.clone(), vc.clone(), valid.clone()]
+    out = decode_attention(qkv, *a, pos_t, slot, chunk=chunk)
+    ref = decode_attention_ref(qkv, *b, pos_t, slot)
+    for x, y in zip(a, b, strict=True):  # the same cache writes, bit for bit
+        assert torch.equal(x, y)
+    if S:
+        assert rel_err(out, ref) <= REL_TOL[dtype] * 2
+    # the new entries: valid exactly for the computed heads
+    assert torch.equal(a[2][:, :, pos].cpu(), (slot >= 0).cpu().to(torch.uint8).expand(B, H))
+
+
+@pytest.mark.parametrize("fn", [decode_attention, lambda *a: decode_attention(*a, chunk=16), decode_attention_ref],
+                         ids=["triton", "triton-split", "torch"])
+def test_replay_at_same_position_leaves_no_stale_entry(fn):
+    qkv, kc, vc, valid, pos, slot = make_case(1, 4, 12, 8, 4, 7, torch.float32, 0)
+    fn(qkv, kc, vc, valid, pos, slot)  # every head computed at position 7
+    fewer = torch.tensor([0, -1, 1, -1], dtype=torch.int32, device=DEVICE)
+    fn(qkv[:, : 2 * 3 * 8], kc, vc, valid, pos, fewer)
+    assert valid[0, :, 7].tolist() == [1, 0, 1, 0]
+
+
+def test_skipped_positions_are_invisible():
+    """A head attends only to the positions where it was computed."""
+    qkv, kc, vc, valid, pos, slot = make_case(1, 2, 10, 8, 2, 9, torch.float32, 1)
+    valid.fill_(1)
+    valid[0, 0, 3] = 0
+    kc2 = kc.clone()
+    kc2[0, 0, 3] = 1e4  # would dominate the softmax if it were read
+    for chunk in (0, 16):
+        out1 = decode_attention(qkv, kc.clone(), vc.clone(), valid.clone(), pos, slot, chunk=chunk)
+        out2 = decode_attention(qkv, kc2.clone(), vc.clone(), valid.clone(), pos, slot, chunk=chunk)
+        assert torch.allclose(out1, out2)
+
+
+def test_bad_inputs():
+    qkv, kc, vc, valid, pos, slot = make_case(1, 2, 10, 8, 2, 3, torch.float32, 0)
+    with pytest.raises(ValueError, match="qkv has shape"):
+        decode_attention(qkv[:, :-1], kc, vc, valid, pos, slot)
+    with pytest.raises(ValueError, match="valid must be a uint8"):
+        decode_attention(qkv, kc, vc, valid.bool(), pos, slot)
+    with pytest.raises(TypeError, match="head_slot must be an int32"):
+        decode_attention(qkv, kc, vc, valid, pos, slot.long())
+    with pytest.raises(TypeError, match="pos must be"):
+        decode_attention(qkv, kc, vc, valid, 3, slot)
+    with pytest.raises(TypeError, match="must match the weight dtype"):
+        decode_attention(qkv.half(), kc, vc, valid, pos, slot)
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_head_with_no_earlier_entry_sees_only_itself(chunk):
+    qkv, kc, vc, valid, pos, slot = make_case(1, 2, 40, 8, 2, 35, torch.float32, 2)
+    valid.zero_()
+    out = decode_attention(qkv, kc, vc, valid, pos, slot, chunk=chunk)
+    parts = qkv.view(1, 2, 3, 8)
+    for h in range(2):
+        s = int(slot[h])
+        assert torch.allclose(out.view(1, 2, 8)[0, s], parts[0, s, 2])

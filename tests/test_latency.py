@@ -1,0 +1,58 @@
+import pytest
+
+from bench import cli, latency
+from bench.results import SCHEMA
+
+
+def run(tmp_path, modes, **kw):
+    return latency.run_latency(["tiny"], modes, [0.5], [6], ["token", "prompt"], prompt_len=5,
+                               out_path=tmp_path / "l.jsonl", progress=False, **kw)
+
+
+def test_sweep_rows_and_resume(tmp_path):
+    rows = run(tmp_path, ["dense", "shadowllm", "hf"])
+    assert rows and all(set(SCHEMA) <= set(r) for r in rows)
+    assert {r["status"] for r in rows} == {"ok"}
+    cases = {(r["mode"], r["policy"], r["extra"]["granularity"]) for r in rows}
+    assert cases == {("dense", None, None), ("hf", None, None), ("shadowllm", "global", "token"),
+                     ("shadowllm", "global", "prompt"), ("shadowllm", "local", "token"),
+                     ("shadowllm", "local", "prompt")}
+    tok = [r for r in rows if r["metric"] == "token_ms"]
+    assert all(r["value"] > 0 and r["extra"]["token_ms_steps"] == 5 for r in tok if r["mode"] != "hf")
+    share = {r["extra"]["granularity"]: r["value"] for r in rows if r["metric"] == "predictor_share"}
+    assert share["prompt"] == 0.0 and share["token"] > 0
+    sb = {(r["mode"], r["extra"]["granularity"]): r["value"] for r in rows
+          if r["metric"] == "step_bytes" and r["policy"] in (None, "global")}
+    # sparse steps read fewer weight bytes; a per-token predictor adds its own
+    assert sb[("shadowllm", "prompt")] < sb[("dense", None)]
+    assert sb[("shadowllm", "token")] > sb[("shadowllm", "prompt")]
+    assert run(tmp_path, ["dense", "shadowllm", "hf"]) == []  # resumed
+
+
+def test_failing_case_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
+    real = latency.run_mode_case
+
+    def broken(model, case, **kw):
+        if case.mode == "static":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(model, case, **kw)
+
+    monkeypatch.setattr(latency, "run_mode_case", broken)
+    rows = run(tmp_path, ["static", "dense"])
+    err = [r for r in rows if r["status"] == "error"]
+    assert len(err) == 1 and "simulated" in err[0]["extra"]["error"]
+    assert any(r["mode"] == "dense" and r["metric"] == "token_ms" for r in rows)
+
+
+def test_cli_latency(tmp_path, capsys):
+    out = tmp_path / "cli.jsonl"
+    assert cli.main(["latency", "--modes", "dense,dejavu", "--gen", "4", "--prompt", "4", "--granularity", "token",
+                     "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "dejavu" in text and "rows appended" in text
+    with pytest.raises(SystemExit, match="unknown mode"):
+        cli.main(["latency", "--modes", "turbo", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        cli.main(["latency", "--sparsity", "1.5", "--out", str(out)])
+    with pytest.raises(ValueError, match="unknown model"):
+        latency.build_model("opt-7b", None, "cpu")

@@ -1,0 +1,365 @@
+"""The OPT decoder against transformers, and every mode's sparse decode against a masked reference."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.config import DecoderConfig
+from models.generate import Generator
+from models.loading import load_model, parse_dtype, random_model
+from models.modes import DejaVu, Dense, ShadowLLM, Static, make_mode
+from models.opt import OPTDecoder
+from models.plan import kept_units
+from models.predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
+
+V = 97
+# The Triton backend on CPU tensors needs the interpreter; on a GPU machine test_gpu_models covers it.
+ON_CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors needs the interpreter")
+
+
+def tiny_cfg(pre_norm=True, **kw):
+    base = dict(family="opt", vocab=V, hidden=32, ffn=64, n_layers=4, n_heads=4, n_kv_heads=4, max_positions=64,
+                word_embed_dim=None if pre_norm else 16, pre_norm=pre_norm, final_norm=pre_norm)
+    base.update(kw)
+    return DecoderConfig(**base)
+
+
+def tiny_model(pre_norm=True, dtype=torch.float32, seed=1, **kw):
+    return OPTDecoder.random(tiny_cfg(pre_norm, **kw), dtype, "cpu", seed=seed, std=0.2)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ------------------------------------------------------------------ dense against transformers
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-ln", "post-ln+proj(350m-style)"])
+def test_dense_matches_transformers(pre_norm):
+    model = tiny_model(pre_norm)
+    hf = model.to_hf()
+    tokens = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        assert rel(model.prefill(tokens, all_logits=True), ref) <= 1e-4
+    gen = Generator(model, Dense(), batch=2, max_len=16, backend="torch")
+    gen.prefill(tokens[:, :6])
+    for t in range(6, 11):  # teacher-forced decode steps through the KV cache
+        gen.tok.copy_(tokens[:, t])
+        assert rel(gen.step(), ref[:, t]) <= 1e-4
+
+
+def test_loads_hf_checkpoint_folder(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = tiny_cfg()
+    torch.manual_seed(3)
+    hf = OPTForCausalLM(OPTConfig(**cfg.hf_dict())).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), dtype="float32")
+    tokens = torch.randint(0, V, (1, 7))
+    with torch.no_grad():
+        assert rel(model.prefill(tokens, all_logits=True), hf(tokens).logits) <= 1e-4
+    assert model.cfg == DecoderConfig.from_hf(json.loads((tmp_path / "config.json").read_text()), name=tmp_path.name)
+
+
+def test_loads_bin_checkpoint_with_weights_only(tmp_path):
+    model = tiny_model()
+    torch.save({k: v.contiguous() for k, v in model.hf_state_dict().items()}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt", **model.cfg.hf_dict()}))
+    loaded = load_model(str(tmp_path), dtype="float32")
+    for (name, a), b in zip(model.named_parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt", **tiny_cfg().hf_dict()}))
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        load_model(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown model|neither a folder"):
+        load_model("no-such-model")
+    with pytest.raises(ValueError, match="only the local cache"):
+        load_model("facebook/opt-125m-not-cached-here")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        parse_dtype("int8")
+    model = tiny_model()
+    sd = model.hf_state_dict()
+    sd["model.decoder.layers.0.fc1.weight"] = sd["model.decoder.layers.0.fc1.weight"][:, :5]
+    with pytest.raises(ValueError, match="fc1.weight' has shape"):
+        OPTDecoder.from_hf_state_dict(model.cfg, sd)
+
+
+def test_registry_configs_build_on_meta():
+    for name in ("opt-125m", "opt-350m", "opt-13b", "opt-66b"):
+        cfg = DecoderConfig.from_spec(name)
+        with torch.device("meta"):
+            model = OPTDecoder(cfg, torch.float16, "meta")
+        n = sum(p.numel() for p in model.parameters())
+        # published parameter counts within 3% (names say the rounded size)
+        want = {"opt-125m": 125e6, "opt-350m": 331e6, "opt-13b": 12.9e9, "opt-66b": 65.7e9}[name]
+        assert abs(n - want) / want < 0.03, (name, n)
+    with pytest.raises(ValueError, match="llama"):
+        DecoderConfig.from_spec("llama-2-7b")
+
+
+# ------------------------------------------------------------------ the masked reference
+def masked_reference(model, tokens, P, head_masks, neuron_masks):
+    """Logits of positions P.. when every token from P on computes only the masked heads/neurons.
+
+    Written from the definitions, with masks instead of index lists: a skipped head contributes no
+    output and leaves no key/value for later tokens; a skipped neuron contributes nothing.
+    head_masks[t] / neuron_masks[t]: [L, H] / [L, F] bool for the token at position t.
+    """
+    cfg = model.cfg
+    B, T = tokens.shape
+    H, D = cfg.n_heads, cfg.head_dim
+    keys = [[[None] * T for _ in range(H)] for _ in range(cfg.n_layers)]
+    vals = [[[None] * T for _ in range(H)] for _ in range(cfg.n_layers)]
+    out = []
+    for t in range(T):
+        x = model._embed(tokens[:, t], torch.tensor([t]).expand(B))
+        for i, layer in enumerate(model.layers):
+            hm = head_masks[t][i] if t >= P else torch.ones(H, dtype=torch.bool)
+            nm = neuron_masks[t][i] if t >= P else torch.ones(cfg.ffn, dtype=torch.bool)
+            res = x
+            a = model._ln(x, layer.ln1_w, layer.ln1_b) if cfg.pre_norm else x
+            qkv = F.linear(a, layer.qkv_w, layer.qkv_b).view(B, H, 3, D)
+            heads = torch.zeros(B, H, D)
+            for h in range(H):
+                if not hm[h]:
+                    continue
+                keys[i][h][t], vals[i][h][t] = qkv[:, h, 1], qkv[:, h, 2]
+                live = [s for s in range(t + 1) if keys[i][h][s] is not None]
+                K = torch.stack([keys[i][h][s] for s in live], 1)
+                Vv = torch.stack([vals[i][h][s] for s in live], 1)
+                p = torch.softmax(torch.einsum("bd,bsd->bs", qkv[:, h, 0] * model.scale, K), -1)
+                heads[:, h] = torch.einsum("bs,bsd->bd", p, Vv)
+            x = res + heads.reshape(B, H * D) @ layer.out_wt + layer.out_b
+            if not cfg.pre_norm:
+                x = model._ln(x, layer.ln1_w, layer.ln1_b)
+            res = x
+            a = model._ln(x, layer.ln2_w, layer.ln2_b) if cfg.pre_norm else x
+            f = torch.relu(F.linear(a, layer.fc1_w, layer.fc1_b)) * nm
+            x = res + f @ layer.fc2_wt + layer.fc2_b
+            if not cfg.pre_norm:
+                x = model._ln(x, layer.ln2_w, layer.ln2_b)
+        if t >= P:
+            out.append(model._logits(x))
+    return torch.stack(out, 1)
+
+
+def plan_masks(mode, model):
+    """The current plan of a mode as masks [L, H], [L, F] (dense layers all True)."""
+    cfg = model.cfg
+    hm = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
+    nm = torch.ones(cfg.n_layers, cfg.ffn, dtype=torch.bool)
+    for i in range(cfg.n_layers):
+        plan = mode.plan(i)
+        if plan.qkv_rows is None:
+            continue
+        hm[i] = plan.head_slot.cpu() >= 0
+        nm[i] = False
+        nm[i, plan.neurons[: int(plan.neuron_count)].long().cpu()] = True
+        assert int(hm[i].sum()) * 3 * cfg.head_dim == int(plan.qkv_count)
+        # slots are 0..count-1, each used once, and name the heads in the Q/K/V rows
+        slots = plan.head_slot[hm[i]].sort().values.cpu()
+        assert torch.equal(slots, torch.arange(int(hm[i].sum()), dtype=torch.int32))
+        rows = plan.qkv_rows[: int(plan.qkv_count)].view(-1, 3 * cfg.head_dim)[:, 0] // (3 * cfg.head_dim)
+        assert torch.equal(rows.cpu().long(), torch.nonzero(hm[i]).flatten())
+    return hm, nm
+
+
+def importance(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
+            "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
+
+
+MODE_CASES = {
+    "static-local": lambda cfg: Static(importance(cfg), 0.5, "local"),
+    "static-global": lambda cfg: Static(importance(cfg), 0.6, "global"),
+    "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
+    "dejavu-lookahead": lambda cfg: DejaVu(0.5, "random", "token", lookahead=True, hidden=16),
+    "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
+    "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.5, "random", "local", "prompt", hidden=16),
+    "dejavu-prompt": lambda cfg: DejaVu(0.7, "random", "prompt", hidden=16),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=ON_CPU_ONLY)])
+@pytest.mark.parametrize("case", list(MODE_CASES))
+def test_sparse_decode_matches_masked_reference(case, backend):
+    """Each step's plan (recorded) replayed through the masked reference gives the same logits."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    mode = MODE_CASES[case](model.cfg)
+    B, P, steps = 2, 5, 4
+    tokens = torch.randint(0, V, (B, P + steps), generator=torch.Generator().manual_seed(1))
+    gen = Generator(model, mode, batch=B, max_len=P + steps, backend=backend)
+    gen.prefill(tokens[:, :P])
+    got, hms, nms = [], {}, {}
+    for t in range(P, P + steps):
+        gen.tok.copy_(tokens[:, t])
+        got.append(gen.step().clone())
+        hms[t], nms[t] = plan_masks(mode, model)
+    ref = masked_reference(model, tokens, P, hms, nms)
+    assert rel(torch.stack(got, 1), ref) <= 1e-4
+    # the plans really are sparse and keep the budget
+    cfg = model.cfg
+    n_sparse = cfg.n_layers - 1
+    hm, nm = hms[P + steps - 1], nms[P + steps - 1]
+    assert not hm[1:].all() and not nm[1:].all()
+    k_h, k_f = kept_units(cfg.n_heads, mode.sparsity), kept_units(cfg.ffn, mode.sparsity)
+    if mode.policy == "local":
+        assert (hm[1:].sum(1) == k_h).all() and (nm[1:].sum(1) == k_f).all()
+    else:
+        assert int(hm[1:].sum()) == k_h * n_sparse and int(nm[1:].sum()) == k_f * n_sparse
+    assert hm[0].all() and nm[0].all()
+
+
+def test_token_granularity_replans_and_prompt_granularity_does_not():
+    model = tiny_model()
+    for granularity, changes in (("token", True), ("prompt", False)):
+        mode = ShadowLLM(0.5, "random", "local", granularity, hidden=16)
+        gen = Generator(model, mode, batch=1, max_len=40, backend="torch")
+        gen.prefill(torch.randint(0, V, (1, 4)))
+        seen = set()
+        for _ in range(30):
+            gen.step()
+            seen.add(tuple(plan_masks(mode, model)[1].flatten().tolist()))
+        assert (len(seen) > 1) == changes, granularity
+
+
+def constant_predictor(pred, scores):
+    """Make a predictor output `scores` whatever its input: relu(0 x + 1) = 1, then w2 = 0, b2 = scores."""
+    nets = [pred.net] if isinstance(pred, ShadowLLMPredictor) else list(pred.nets)
+    with torch.no_grad():
+        for net, s in zip(nets, scores, strict=True):
+            net[0].weight.zero_()
+            net[0].bias.fill_(1.0)
+            net[2].weight.zero_()
+            net[2].bias.copy_(s)
+    return pred
+
+
+def test_shadowllm_output_layout_and_global_budget():
+    model = tiny_model()
+    cfg = model.cfg
+    Ls, H, Fd = cfg.n_layers - 1, cfg.n_heads, cfg.ffn
+    hs = torch.randn(Ls, H)
+    ns = torch.randn(Ls, Fd)
+    flat = [torch.cat([hs.flatten(), ns.flatten()])]
+    pred = constant_predictor(ShadowLLMPredictor(cfg, 8, dtype=torch.float32), flat)
+    mode = ShadowLLM(0.5, pred, "global", "prompt")
+    Generator(model, mode, batch=1, max_len=8, backend="torch").prefill(torch.randint(0, V, (1, 3)))
+    hm, nm = plan_masks(mode, model)
+    k = kept_units(H, 0.5) * Ls
+    want = torch.zeros(Ls * H, dtype=torch.bool)
+    want[hs.flatten().topk(k).indices] = True
+    assert torch.equal(hm[1:].flatten(), want)
+    want = torch.zeros(Ls * Fd, dtype=torch.bool)
+    want[ns.flatten().topk(kept_units(Fd, 0.5) * Ls).indices] = True
+    assert torch.equal(nm[1:].flatten(), want)
+
+
+def test_dejavu_layer_routing():
+    model = tiny_model()
+    cfg = model.cfg
+    scores = [torch.randn(cfg.n_heads + cfg.ffn) for _ in range(cfg.n_layers - 1)]
+    pred = constant_predictor(DejaVuPredictor(cfg, 8, dtype=torch.float32), scores)
+    mode = DejaVu(0.5, pred, "prompt")
+    Generator(model, mode, batch=1, max_len=8, backend="torch").prefill(torch.randint(0, V, (1, 3)))
+    hm, nm = plan_masks(mode, model)
+    for i, s in enumerate(scores, start=1):
+        assert set(torch.nonzero(hm[i]).flatten().tolist()) == set(s[: cfg.n_heads].topk(2).indices.tolist())
+        assert set(torch.nonzero(nm[i]).flatten().tolist()) == set(s[cfg.n_heads:].topk(32).indices.tolist())
+
+
+def test_observed_activations_are_the_layer_inputs():
+    """Predictors see layer l's input (the residual stream) and layer 0's attention block output."""
+    model = tiny_model()
+    hf = model.to_hf()
+    tokens = torch.randint(0, V, (1, 6))
+    seen = {}
+
+    class Recorder(Dense):
+        granularity = "token"
+
+        def observe(self, layer, site, x):
+            seen[(layer, site)] = x.clone()
+
+    gen = Generator(model, Recorder(), batch=1, max_len=8, backend="torch")
+    gen.prefill(tokens[:, :5])
+    gen.tok.copy_(tokens[:, 5])
+    gen.step()
+    with torch.no_grad():
+        out = hf(tokens, output_hidden_states=True)
+        for i in range(model.cfg.n_layers):
+            assert rel(seen[(i, "input")], out.hidden_states[i][:, 5]) <= 1e-5
+        attn0 = hf.model.decoder.layers[0].self_attn(
+            hf.model.decoder.layers[0].self_attn_layer_norm(out.hidden_states[0]),
+            attention_mask=torch.full((1, 1, 6, 6), float("-inf")).triu(1))[0]
+    assert rel(seen[(0, "attn_out")], attn0[:, 5]) <= 1e-5
+
+
+def test_predictor_files_roundtrip_and_shape_errors(tmp_path):
+    model = tiny_model()
+    pred = random_predictor("shadowllm", model.cfg, hidden=8, dtype=torch.float32)
+    path = pred.save(tmp_path / "p.safetensors")
+    back = load_predictor(path, model.cfg, dtype=torch.float32)
+    for a, b in zip(pred.parameters(), back.parameters(), strict=True):
+        assert torch.equal(a, b)
+    other = tiny_cfg(ffn=48)
+    with pytest.raises(ValueError, match="ffn 64 \\(model has 48\\)"):
+        load_predictor(path, other)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_predictor(tmp_path / "missing.safetensors", model.cfg)
+    with pytest.raises(ValueError, match="needs a dejavu predictor"):
+        Generator(model, DejaVu(0.5, str(path)), max_len=8, backend="torch")
+
+
+def test_bad_mode_arguments():
+    cfg = tiny_cfg()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_mode("magic")
+    for bad in (1.0, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match="sparsity must be a number in \\[0, 1\\)"):
+            make_mode("shadowllm", sparsity=bad)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        make_mode("shadowllm", policy="everywhere")
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        make_mode("dejavu", granularity="sometimes")
+    with pytest.raises(ValueError, match="per layer"):
+        make_mode("dejavu", policy="global")
+    with pytest.raises(ValueError, match="needs importance"):
+        make_mode("static")
+    bad = importance(cfg)
+    bad["heads"] = bad["heads"][:, :3]
+    with pytest.raises(ValueError, match="'heads' has shape"):
+        Static(bad, 0.5).bind(tiny_model())
+
+
+def test_generate_timing_and_lengths():
+    model = random_model(tiny_cfg(), dtype="float32")
+    gen = Generator(model, make_mode("shadowllm", sparsity=0.5, predictor="random"), max_len=12, backend="torch")
+    out = gen.generate(torch.randint(0, V, (1, 4)), 8)
+    assert out.tokens.shape == (1, 8) and len(out.token_ms) == 7 and all(t > 0 for t in out.token_ms)
+    with pytest.raises(ValueError, match="cache positions"):
+        gen.generate(torch.randint(0, V, (1, 6)), 8)
+
+
+def test_step_weight_bytes():
+    model = tiny_model(dtype=torch.float16)
+    dense = model.step_weight_bytes()
+    # every parameter once, except the position table (one row read); the token row is counted on top
+    # of the tied LM head, which reads the whole table
+    cfg = model.cfg
+    assert dense == model.weight_bytes() - (cfg.max_positions + 2) * cfg.hidden * 2 + 2 * cfg.hidden * 2
+    half = model.step_weight_bytes([2, 2, 2], [32, 32, 32], first_sparse=1)
+    assert half < dense
