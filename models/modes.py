@@ -163,7 +163,44 @@ def _resolve_predictor(predictor, kind, model, **random_kw):
     return pred
 
 
-class DejaVu(_Sparse):
+SPARSE_HIDDEN_MIN_BYTES = 256 << 20  # auto: skip dead hidden units when the second layer is this large
+
+
+class _Predicting(_Sparse):
+    """Shared by the predictor modes: runs the MLP, optionally reading only live hidden units."""
+
+    sparse_hidden: bool | None = None
+
+    def _setup_predictor(self, layers):
+        w2_bytes = max(self.predictor.weights(i)[2].nbytes for i in layers)
+        if self.sparse_hidden_arg is None:
+            self.sparse_hidden = w2_bytes >= SPARSE_HIDDEN_MIN_BYTES
+        else:
+            self.sparse_hidden = bool(self.sparse_hidden_arg)
+        self._w2t = {i: self.predictor.weights(i)[2].T.contiguous() for i in layers} if self.sparse_hidden else {}
+        self._live = {}
+
+    def _scores(self, x, layer):
+        w1, b1, w2, b2 = self.predictor.weights(layer)
+        if not self.sparse_hidden:
+            return self.ops.predictor(x, w1, b1, w2, b2)
+        scores, self._live[layer] = self.ops.predictor_sparse(x, w1, b1, self._w2t[layer], b2, return_live=True)
+        return scores
+
+    def predictor_bytes(self):
+        """Bytes read by the last prediction (all of w2 unless dead hidden units were skipped)."""
+        total = self.predictor.nbytes()
+        for layer, live in self._live.items():
+            w2 = self.predictor.weights(layer)[2]
+            total -= int(w2.nbytes * (1.0 - int(live) / w2.shape[1]))
+        return total
+
+    def describe(self):
+        return {**super().describe(), "predictor": self.predictor.meta.get("source"),
+                "sparse_hidden": self.sparse_hidden}
+
+
+class DejaVu(_Predicting):
     """A predictor per sparse layer on that layer's input; local top-k.
 
     With ``lookahead``, layer l's input predicts layer l + 1 (DejaVu's asynchronous variant; here it
@@ -172,10 +209,11 @@ class DejaVu(_Sparse):
     name = "dejavu"
 
     def __init__(self, sparsity: float, predictor=None, granularity: str = "token", first_sparse: int = 1,
-                 lookahead: bool = False, hidden: int | None = None):
+                 lookahead: bool = False, hidden: int | None = None, sparse_hidden: bool | None = None):
         super().__init__(sparsity, "local", first_sparse)
         self.granularity = _check_granularity(granularity)
         self.predictor_arg, self.lookahead, self.hidden = predictor, bool(lookahead), hidden
+        self.sparse_hidden_arg = sparse_hidden
 
     def bind(self, model, ops=None):
         super().bind(model, ops)
@@ -186,6 +224,7 @@ class DejaVu(_Sparse):
             raise ValueError(f"predictor covers layers from {self.predictor.first_sparse}, the mode sparsifies "
                              f"from {self.first_sparse}")
         self.lookahead = self.predictor.lookahead
+        self._setup_predictor(range(self.first_sparse, model.cfg.n_layers))
         return self
 
     def observe(self, layer, site, x):
@@ -195,27 +234,25 @@ class DejaVu(_Sparse):
         if not self.buffers.is_sparse(target):
             return
         with nvtx_range("predictor"):
-            scores = self.ops.predictor(x, *self.predictor.weights(target))  # [B, H + F] fp32
+            scores = self._scores(x, target)  # [B, H + F] fp32
             heads, neurons = self.predictor.split(_batch_mean(scores, keepdim=True))
             self.buffers.fill(target, heads, neurons)
 
-    def predictor_bytes(self):
-        return self.predictor.nbytes()
-
     def describe(self):
-        return {**super().describe(), "predictor": self.predictor.meta.get("source"), "lookahead": self.lookahead}
+        return {**super().describe(), "lookahead": self.lookahead}
 
 
-class ShadowLLM(_Sparse):
+class ShadowLLM(_Predicting):
     """One predictor on layer 0's attention output scoring every head and neuron of the sparse layers."""
 
     name = "shadowllm"
 
     def __init__(self, sparsity: float, predictor=None, policy: str = "global", granularity: str = "token",
-                 hidden: int | None = None):
+                 hidden: int | None = None, sparse_hidden: bool | None = None):
         super().__init__(sparsity, policy, 1)
         self.granularity = _check_granularity(granularity)
         self.predictor_arg, self.hidden = predictor, hidden
+        self.sparse_hidden_arg = sparse_hidden
 
     def bind(self, model, ops=None):
         super().bind(model, ops)
@@ -223,21 +260,17 @@ class ShadowLLM(_Sparse):
                                                                 hidden=self.hidden, first_sparse=1)
         if self.predictor.first_sparse != 1:
             raise ValueError(f"a ShadowLLM predictor must cover layers from 1, got {self.predictor.first_sparse}")
+        self._setup_predictor([None])
         return self
 
     def observe(self, layer, site, x):
         if layer != 0 or site != "attn_out":
             return
         with nvtx_range("predictor"):
-            scores = self.ops.predictor(x, *self.predictor.weights())  # [B, L_s * (H + F)] fp32
+            scores = self._scores(x, None)  # [B, L_s * (H + F)] fp32
             heads, neurons = self.predictor.split(_batch_mean(scores, keepdim=False))
             self.buffers.fill(1, heads, neurons)
 
-    def predictor_bytes(self):
-        return self.predictor.nbytes()
-
-    def describe(self):
-        return {**super().describe(), "predictor": self.predictor.meta.get("source")}
 
 
 def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, granularity: str = "token",

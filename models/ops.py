@@ -30,12 +30,13 @@ class Ops:
     topk: Callable
     mask_to_indices: Callable
     add_norm: Callable
+    predictor_sparse: Callable
 
 
 TRITON = Ops("triton", sk.gather_rows_gemv, sk.gather_cols_gemv, decode_attention, sk.fused_predictor,
-             sk.topk_indices, sk.mask_to_indices, add_layernorm)
+             sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor)
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
-            sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref)
+            sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref, sk.sparse_hidden_predictor_ref)
 
 
 def get_ops(backend: str | Ops | None, device: torch.device) -> Ops:

@@ -12,7 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .fused_predictor import fused_predictor, fused_predictor_ref  # noqa: E402
+from .fused_predictor import (  # noqa: E402
+    fused_predictor,
+    fused_predictor_ref,
+    sparse_hidden_predictor,
+    sparse_hidden_predictor_ref,
+)
 from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref  # noqa: E402
 from .gather_rows import gather_rows_gemv, gather_rows_gemv_ref  # noqa: E402
 from .topk import (  # noqa: E402
@@ -36,6 +41,8 @@ __all__ = [
     "gather_rows_gemv_ref",
     "mask_to_indices",
     "mask_to_indices_ref",
+    "sparse_hidden_predictor",
+    "sparse_hidden_predictor_ref",
     "topk_indices",
     "topk_indices_ref",
     "topk_mask",

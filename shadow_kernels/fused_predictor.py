@@ -11,20 +11,28 @@ from __future__ import annotations
 import torch
 
 from ._common import check_float
+from .gather_cols import _launch_cols
 from .gather_rows import launch_rows_gemv
+from .topk import mask_to_indices
 
 
-def _check_predictor(x, w1, b1, w2, b2):
+def _check_predictor(x, w1, b1, w2, b2, w2_transposed=False):
     check_float("w1", w1, ndims=(2,), last_contiguous=True)
     dev = w1.device
     H, E = w1.shape
     check_float("x", x, ndims=(1, 2), dtype=w1.dtype, device=dev)
     if x.shape[-1] != E:
         raise ValueError(f"x has {x.shape[-1]} features but w1 is [{H}, {E}]; expected x [..., {E}]")
-    check_float("w2", w2, ndims=(2,), dtype=w1.dtype, device=dev, last_contiguous=True)
-    if w2.shape[1] != H:
-        raise ValueError(f"w2 is {list(w2.shape)} but the hidden layer has {H} units; expected w2 [O, {H}]")
-    O = w2.shape[0]
+    if w2_transposed:
+        check_float("w2t", w2, ndims=(2,), dtype=w1.dtype, device=dev, last_contiguous=True)
+        if w2.shape[0] != H:
+            raise ValueError(f"w2t is {list(w2.shape)} but the hidden layer has {H} units; expected w2t [{H}, O]")
+        O = w2.shape[1]
+    else:
+        check_float("w2", w2, ndims=(2,), dtype=w1.dtype, device=dev, last_contiguous=True)
+        if w2.shape[1] != H:
+            raise ValueError(f"w2 is {list(w2.shape)} but the hidden layer has {H} units; expected w2 [O, {H}]")
+        O = w2.shape[0]
     for name, b, n in (("b1", b1, H), ("b2", b2, O)):
         if b is not None:
             check_float(name, b, ndims=(1,), dtype=w1.dtype, device=dev)
@@ -51,3 +59,35 @@ def fused_predictor_ref(x, w1, b1, w2, b2):
     if b2 is not None:
         y = y + b2.float()
     return y
+
+
+def sparse_hidden_predictor(x, w1, b1, w2t, b2, *, return_live=False):
+    """:func:`fused_predictor` with the second weight stored transposed, ``w2t`` [H, O] (= w2.T), and
+    read only where the hidden unit is live: after the ReLU a hidden unit that is zero for every row
+    of the batch contributes nothing, so its row of ``w2t`` is skipped (a gather-columns GEMV over the
+    live units). Exact, not an approximation; it pays when the second layer is large (ShadowLLM's
+    E -> 2048 -> L_s (H + F) predictor is gigabytes) and about half the hidden units are zero.
+
+    Returns fp32 scores like :func:`fused_predictor`; with ``return_live`` also the one-element int32
+    device tensor counting the live hidden units.
+    """
+    _check_predictor(x, w1, b1, w2t, b2, w2_transposed=True)
+    x2d = x if x.dim() == 2 else x[None]
+    H = w1.shape[0]
+    hidden = launch_rows_gemv(w1, x2d, None, b1, None, True, torch.float32)  # [B, H] fp32, ReLU applied
+    live = (hidden != 0) if hidden.shape[0] == 1 else (hidden != 0).any(dim=0, keepdim=True)
+    sel = mask_to_indices(live, H, validate=False)
+    idx, count = sel.idx[0], sel.count
+    scores = _launch_cols(w2t, hidden.index_select(1, idx), idx, b2, count, True, None, out_dtype=torch.float32)
+    scores = scores.reshape(w2t.shape[1]) if x.dim() == 1 else scores
+    return (scores, count) if return_live else scores
+
+
+def sparse_hidden_predictor_ref(x, w1, b1, w2t, b2, *, return_live=False):
+    """Plain-PyTorch reference of :func:`sparse_hidden_predictor`."""
+    scores = fused_predictor_ref(x, w1, b1, w2t.T, b2)
+    if not return_live:
+        return scores
+    h = torch.relu(x.float() @ w1.float().T + (b1.float() if b1 is not None else 0.0))
+    live = (h != 0) if h.dim() == 1 else (h != 0).any(dim=0)
+    return scores, live.sum().reshape(1).to(torch.int32)

@@ -164,7 +164,8 @@ def choose_split(n_sel: int, M: int, block_m: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(n_sel, _MIN_ROWS_PER_SPLIT)))
 
 
-def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: int | None) -> torch.Tensor:
+def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: int | None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     # The split depends on the config's BLOCK_M, which the autotuner picks, so the grid is a function
     # of the config, the workspace is sized for the largest split any config can use, and the
     # reduction reads the split of the config that ran.
@@ -172,7 +173,7 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
     n_sel = idx.shape[0]
     M = weight_t.shape[1]
     dev = weight_t.device
-    y = torch.empty((B, M), device=dev, dtype=weight_t.dtype)
+    y = torch.empty((B, M), device=dev, dtype=out_dtype or weight_t.dtype)
     if B == 0 or M == 0:
         return y
     if n_sel == 0:

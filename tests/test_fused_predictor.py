@@ -3,8 +3,12 @@ import torch
 
 from shadow_kernels import fused_predictor, fused_predictor_ref
 
-from conftest import DEVICE, DTYPES
-from helpers import assert_close_rel, randn
+from conftest import (
+    DEVICE,
+    DTYPES,
+    REL_TOL,  # noqa: E402
+)
+from helpers import assert_close_rel, randn, rel_err
 
 
 def make(E, H, O, dtype, gen, bias=True):
@@ -60,3 +64,23 @@ class TestBadInput:
     def test_mixed_dtypes(self):
         with pytest.raises(TypeError, match="w2 has dtype torch.float32"):
             fused_predictor(self.x, self.w1, self.b1, self.w2.float(), self.b2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [None, 1, 3])
+def test_sparse_hidden_predictor_matches_reference(dtype, batch):
+    from shadow_kernels import sparse_hidden_predictor, sparse_hidden_predictor_ref
+
+    g = torch.Generator().manual_seed(batch or 0)
+    E, Hd, O = 24, 40, 70
+    x = randn(*((batch, E) if batch else (E,)), dtype=dtype, gen=g)
+    w1, b1 = randn(Hd, E, dtype=dtype, gen=g, scale=0.3), randn(Hd, dtype=dtype, gen=g)
+    b1[:10] = -100.0  # these hidden units are dead for every input
+    w2t, b2 = randn(Hd, O, dtype=dtype, gen=g, scale=0.3), randn(O, dtype=dtype, gen=g)
+    out, live = sparse_hidden_predictor(x, w1, b1, w2t, b2, return_live=True)
+    ref, live_ref = sparse_hidden_predictor_ref(x, w1, b1, w2t, b2, return_live=True)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel_err(out, ref) <= REL_TOL[dtype]
+    assert int(live) == int(live_ref) <= Hd - 10
+    with pytest.raises(ValueError, match="w2t is"):
+        sparse_hidden_predictor(x, w1, b1, w2t.T.contiguous(), b2)

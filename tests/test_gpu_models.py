@@ -41,6 +41,7 @@ MODES = {
     "dejavu-prompt": lambda c: DejaVu(0.5, "random", "prompt", hidden=128),
     "shadowllm-global": lambda c: ShadowLLM(0.5, "random", "global", "token", hidden=128),
     "shadowllm-local": lambda c: ShadowLLM(0.7, "random", "local", "token", hidden=128),
+    "shadowllm-sparse-hidden": lambda c: ShadowLLM(0.5, "random", "global", "token", hidden=128, sparse_hidden=True),
 }
 
 

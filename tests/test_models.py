@@ -189,6 +189,8 @@ MODE_CASES = {
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.5, "random", "local", "prompt", hidden=16),
     "dejavu-prompt": lambda cfg: DejaVu(0.7, "random", "prompt", hidden=16),
+    "shadowllm-sparse-hidden": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16, sparse_hidden=True),
+    "dejavu-sparse-hidden": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, sparse_hidden=True),
 }
 
 
@@ -363,3 +365,18 @@ def test_step_weight_bytes():
     assert dense == model.weight_bytes() - (cfg.max_positions + 2) * cfg.hidden * 2 + 2 * cfg.hidden * 2
     half = model.step_weight_bytes([2, 2, 2], [32, 32, 32], first_sparse=1)
     assert half < dense
+
+
+@pytest.mark.parametrize("kind", ["shadowllm", "dejavu"])
+def test_sparse_hidden_predictor_gives_the_same_plan(kind):
+    model = tiny_model()
+    prompt = torch.randint(0, V, (2, 6))
+    masks = []
+    for sparse in (False, True):
+        mode = (ShadowLLM(0.5, "random", "global", "prompt", hidden=32, sparse_hidden=sparse) if kind == "shadowllm"
+                else DejaVu(0.5, "random", "prompt", hidden=32, sparse_hidden=sparse))
+        Generator(model, mode, batch=2, max_len=8, backend="torch").prefill(prompt)
+        masks.append(plan_masks(mode, model))
+        assert mode.describe()["sparse_hidden"] is sparse
+    assert all(torch.equal(a, b) for a, b in zip(masks[0], masks[1], strict=True))
+    assert mode.predictor_bytes() < mode.predictor.nbytes()  # dead hidden units were skipped
