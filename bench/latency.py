@@ -116,7 +116,8 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     desc = mode.describe()
     common = dict(base, model=case.model, mode=case.mode, policy=case.policy, sparsity=case.sparsity,
                   gen_len=case.gen_len, granularity=case.granularity, cuda_graph=result.cuda_graph,
-                  predictor=desc.get("predictor"), sparse_hidden=desc.get("sparse_hidden"), live_heads=sum(counts["heads"]) if counts else None,
+                  predictor=desc.get("predictor"), sparse_hidden=desc.get("sparse_hidden"),
+                  live_heads=sum(counts["heads"]) if counts else None,
                   live_neurons=sum(counts["neurons"]) if counts else None)
     rows = [make_row(**common, metric="token_ms", value=st["median"], unit="ms",
                      **{f"token_ms_{k}": v for k, v in st.items() if k != "median"}),
