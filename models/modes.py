@@ -163,7 +163,10 @@ def _resolve_predictor(predictor, kind, model, **random_kw):
     return pred
 
 
-SPARSE_HIDDEN_MIN_BYTES = 256 << 20  # auto: skip dead hidden units when the second layer is this large
+# Skipping dead hidden units is exact and halves the bytes of the second layer with random
+# predictors, but on the H100 the gather-columns GEMV over ShadowLLM's [2048, 800k] transposed second
+# layer (OPT-13B) ran at ~1.5 TB/s, so the step got 0.7% faster (notes/models.md): off by default.
+SPARSE_HIDDEN_DEFAULT = False
 
 
 class _Predicting(_Sparse):
@@ -172,11 +175,8 @@ class _Predicting(_Sparse):
     sparse_hidden: bool | None = None
 
     def _setup_predictor(self, layers):
-        w2_bytes = max(self.predictor.weights(i)[2].nbytes for i in layers)
-        if self.sparse_hidden_arg is None:
-            self.sparse_hidden = w2_bytes >= SPARSE_HIDDEN_MIN_BYTES
-        else:
-            self.sparse_hidden = bool(self.sparse_hidden_arg)
+        arg = self.sparse_hidden_arg
+        self.sparse_hidden = SPARSE_HIDDEN_DEFAULT if arg is None else bool(arg)
         self._w2t = {i: self.predictor.weights(i)[2].T.contiguous() for i in layers} if self.sparse_hidden else {}
         self._live = {}
 

@@ -198,7 +198,9 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         weight_t.stride(0), h2d.stride(0), M, B * M,
         next_pow2(n_sel), split or 0,
         HAS_COUNT=count is not None, HAS_BIAS=bias is not None, MODE=mode,
-        UPCAST_DOT=INTERPRET, DOT_IEEE=weight_t.dtype == torch.float32, BLOCK_B=block_b,
+        # fp32 activations with 16-bit weights (the sparse-hidden predictor) keep fp32 in the dot
+        UPCAST_DOT=INTERPRET or h2d.dtype != weight_t.dtype,
+        DOT_IEEE=torch.float32 in (weight_t.dtype, h2d.dtype), BLOCK_B=block_b,
     )
     if mode != 0:
         n_parts = split_of(kernel.best_config.kwargs["BLOCK_M"]) if mode == 1 else 1
