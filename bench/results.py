@@ -20,6 +20,10 @@ SCHEMA = (
 
 
 def git_commit() -> str | None:
+    """The commit the code came from; ``SHADOWBENCH_COMMIT`` overrides it (a copied working tree, e.g. on a
+    remote GPU machine, may carry another commit's ``.git``)."""
+    if os.environ.get("SHADOWBENCH_COMMIT"):
+        return os.environ["SHADOWBENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
