@@ -20,8 +20,8 @@ import torch
 
 from models.config import DecoderConfig
 from models.generate import Generator
+from models.loading import decoder_class
 from models.modes import DejaVu, Dense, ShadowLLM, Static
-from models.opt import OPTDecoder
 from models.registry import MODELS
 
 from .results import RowWriter, environment, git_commit, make_row
@@ -191,7 +191,7 @@ def build_model(name: str, dtype, device, seed=0):
         cfg = DecoderConfig.from_spec(name)
     else:
         raise ValueError(f"unknown model {name!r}; known: tiny, {', '.join(MODELS)}")
-    return OPTDecoder.random(cfg, dtype, device, seed)
+    return decoder_class(cfg).random(cfg, dtype, device, seed)
 
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, replace
 
 from .registry import ModelSpec, get_spec
 
-FAMILIES = ("opt",)
+FAMILIES = ("opt", "llama")
+ACTIVATIONS = {"opt": "relu", "llama": "silu"}
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     activation: str = "relu"
     tie_embeddings: bool = True
+    rope_theta: float = 10000.0  # Llama
     name: str = "custom"
 
     def __post_init__(self):
@@ -38,8 +40,9 @@ class DecoderConfig:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.activation != "relu":
-            raise ValueError(f"activation {self.activation!r} is not supported; OPT uses 'relu'")
+        if self.activation != ACTIVATIONS[self.family]:
+            raise ValueError(f"activation {self.activation!r} is not supported for {self.family}; expected "
+                             f"{ACTIVATIONS[self.family]!r}")
 
     @property
     def head_dim(self) -> int:
@@ -58,8 +61,12 @@ class DecoderConfig:
     @classmethod
     def from_spec(cls, spec: ModelSpec | str) -> DecoderConfig:
         spec = get_spec(spec) if isinstance(spec, str) else spec
-        if spec.family != "opt":
-            raise ValueError(f"model {spec.name!r} is a {spec.family} model; this decoder builds {FAMILIES}")
+        if spec.family == "llama":
+            smol = spec.name.startswith("smollm2")
+            return cls(family="llama", vocab=spec.vocab, hidden=spec.hidden, ffn=spec.ffn, n_layers=spec.n_layers,
+                       n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, max_positions=spec.max_positions,
+                       activation="silu", tie_embeddings=smol, rope_theta=100000.0 if smol else 10000.0,
+                       norm_eps=1e-5, name=spec.name)
         extra = {"word_embed_dim": 512, "pre_norm": False, "final_norm": False} if spec.name == "opt-350m" else {}
         return cls(family=spec.family, vocab=spec.vocab, hidden=spec.hidden, ffn=spec.ffn, n_layers=spec.n_layers,
                    n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, max_positions=spec.max_positions,
@@ -70,8 +77,10 @@ class DecoderConfig:
         """From a ``transformers`` config object (or its dict)."""
         get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
         model_type = get("model_type")
+        if model_type == "llama":
+            return cls._from_hf_llama(get, name)
         if model_type != "opt":
-            raise ValueError(f"checkpoint has model_type {model_type!r}; supported: 'opt'")
+            raise ValueError(f"checkpoint has model_type {model_type!r}; supported: 'opt', 'llama'")
         hidden = get("hidden_size")
         wdim = get("word_embed_proj_dim", hidden)
         pre_norm = bool(get("do_layer_norm_before", True))
@@ -89,8 +98,37 @@ class DecoderConfig:
             activation=act, tie_embeddings=bool(get("tie_word_embeddings", True)), name=name,
         )
 
+    @classmethod
+    def _from_hf_llama(cls, get, name):
+        rope = get("rope_parameters") or {}
+        scaling = get("rope_scaling")
+        kind = rope.get("rope_type", (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")))
+        if kind not in (None, "default"):
+            raise ValueError(f"Llama rope type {kind!r} is not supported; supported: 'default' (plain RoPE)")
+        hidden, heads = get("hidden_size"), get("num_attention_heads")
+        if get("head_dim") not in (None, hidden // heads):
+            raise ValueError(f"head_dim {get('head_dim')} != hidden_size / num_attention_heads is not supported")
+        if get("attention_bias", False) or get("mlp_bias", False):
+            raise ValueError("Llama checkpoints with attention or MLP biases are not supported")
+        act = get("hidden_act", "silu")
+        return cls(
+            family="llama", vocab=get("vocab_size"), hidden=hidden, ffn=get("intermediate_size"),
+            n_layers=get("num_hidden_layers"), n_heads=heads, n_kv_heads=get("num_key_value_heads") or heads,
+            max_positions=get("max_position_embeddings"), norm_eps=float(get("rms_norm_eps", 1e-6)),
+            activation=act, tie_embeddings=bool(get("tie_word_embeddings", False)),
+            rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))), name=name,
+        )
+
     def hf_dict(self) -> dict:
-        """The ``transformers`` OPTConfig keyword arguments of this architecture."""
+        """The ``transformers`` config keyword arguments of this architecture (OPTConfig or LlamaConfig)."""
+        if self.family == "llama":
+            return dict(
+                vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.ffn,
+                num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
+                num_key_value_heads=self.n_kv_heads, max_position_embeddings=self.max_positions,
+                rms_norm_eps=self.norm_eps, hidden_act=self.activation, tie_word_embeddings=self.tie_embeddings,
+                rope_theta=self.rope_theta, attention_bias=False, mlp_bias=False,
+            )
         return dict(
             vocab_size=self.vocab, hidden_size=self.hidden, ffn_dim=self.ffn, num_hidden_layers=self.n_layers,
             num_attention_heads=self.n_heads, max_position_embeddings=self.max_positions,

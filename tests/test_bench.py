@@ -101,3 +101,12 @@ def test_cli_runs_on_this_machine(tmp_path, capsys):
     assert cli.main(["kernels", "--ops", "qkv", "--sparsity", "0.5", "--batch", "1", "--no-progress",
                      "--out", str(out)]) == 0
     assert "qkv" in capsys.readouterr().out and out.exists()
+
+
+def test_commit_override(monkeypatch):
+    from bench.results import git_commit
+
+    monkeypatch.setenv("SHADOWBENCH_COMMIT", "abc123")
+    assert git_commit() == "abc123"
+    monkeypatch.delenv("SHADOWBENCH_COMMIT")
+    assert git_commit() != "abc123"

@@ -1,0 +1,288 @@
+"""A compact Llama decoder (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention) beside the OPT one.
+
+Same interface as :class:`models.opt.OPTDecoder`: static KV cache, dense prefill, one decode-step function
+that a CUDA graph can capture, HF checkpoints in and out. This step runs the ``dense`` mode; sparse plans
+for Llama (SwiGLU neuron gathers, query-head sparsity under grouped-query attention) are the next step of
+issue #7, and binding a sparse mode to a Llama model is refused with a clear error.
+
+Weight layout, chosen for the sparse kernels to come:
+
+- ``qkv_w`` [KVH * (G + 2) * D, E], group-major: for key-value group g, the query rows of its G heads,
+  then its key rows, then its value rows; a dense projection yields [B, KVH, G + 2, D].
+- ``o_wt`` = o_proj.weight transposed and ``down_wt`` = down_proj.weight transposed (rows = inputs);
+  ``gate_w`` and ``up_w`` [F, E] as in the checkpoint.
+Keys are cached after the rotary embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DecoderConfig
+from .nvtx import nvtx_range
+from .ops import Ops
+from .opt import KVCache
+from .plan import LayerPlan
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, dtype, device):
+        super().__init__()
+        E, Fd, D = cfg.hidden, cfg.ffn, cfg.head_dim
+        G = cfg.n_heads // cfg.n_kv_heads
+        p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        self.ln1_w = p(E)
+        self.qkv_w = p(cfg.n_kv_heads * (G + 2) * D, E)
+        self.o_wt = p(cfg.n_heads * D, E)
+        self.ln2_w = p(E)
+        self.gate_w, self.up_w = p(Fd, E), p(Fd, E)
+        self.down_wt = p(Fd, E)
+
+
+class LlamaDecoder(nn.Module):
+    supports_sparse = False
+
+    def __init__(self, cfg: DecoderConfig, dtype=torch.float16, device="cpu"):
+        super().__init__()
+        if cfg.family != "llama":
+            raise ValueError(f"LlamaDecoder builds Llama models, got family {cfg.family!r}")
+        self.cfg = cfg
+        p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        self.embed_tokens = p(cfg.vocab, cfg.hidden)
+        self.norm_w = p(cfg.hidden)
+        self.lm_head = self.embed_tokens if cfg.tie_embeddings else p(cfg.vocab, cfg.hidden)
+        self.layers = nn.ModuleList(LlamaLayer(cfg, dtype, device) for _ in range(cfg.n_layers))
+        self.group = cfg.n_heads // cfg.n_kv_heads
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        D = cfg.head_dim
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+        freqs = torch.outer(torch.arange(cfg.max_positions, dtype=torch.float32, device=device), inv)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("_dense_slots", torch.arange(cfg.n_heads, dtype=torch.int32, device=device),
+                             persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def dense_plan(self) -> LayerPlan:
+        return LayerPlan(head_slot=self._dense_slots)
+
+    @classmethod
+    def random(cls, cfg: DecoderConfig, dtype=torch.float16, device="cpu", seed: int = 0, std: float = 0.02):
+        model = cls(cfg, dtype, device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, t in model.named_parameters():
+                if name.endswith(("ln1_w", "ln2_w", "norm_w")):
+                    t.fill_(1.0)
+                else:
+                    t.normal_(0.0, std, generator=gen)
+        return model
+
+    # ---------------------------------------------------------------- HF weights
+    @classmethod
+    def from_hf_state_dict(cls, cfg: DecoderConfig, sd: dict, dtype=torch.float16, device="cpu"):
+        model = cls(cfg, dtype, device)
+        model.load_hf_state_dict(sd)
+        return model
+
+    def load_hf_state_dict(self, sd: dict) -> None:
+        cfg = self.cfg
+        E, H, KVH, D, G = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.group
+        norm = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
+
+        def take(key, shape):
+            if key not in norm:
+                raise ValueError(f"checkpoint has no tensor {key!r} (Llama with {cfg.n_layers} layers expected)")
+            t = norm[key]
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}; this config expects "
+                                 f"{tuple(shape)}")
+            return t
+
+        def put(param, value):
+            with torch.no_grad():
+                param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+        put(self.embed_tokens, take("embed_tokens.weight", (cfg.vocab, E)))
+        put(self.norm_w, take("norm.weight", (E,)))
+        if not cfg.tie_embeddings:
+            put(self.lm_head, take("lm_head.weight", (cfg.vocab, E)))
+        for i, layer in enumerate(self.layers):
+            a = f"layers.{i}."
+            q = take(f"{a}self_attn.q_proj.weight", (H * D, E)).reshape(KVH, G * D, E)
+            k = take(f"{a}self_attn.k_proj.weight", (KVH * D, E)).reshape(KVH, D, E)
+            v = take(f"{a}self_attn.v_proj.weight", (KVH * D, E)).reshape(KVH, D, E)
+            put(layer.qkv_w, torch.cat([q, k, v], dim=1).reshape(-1, E))
+            put(layer.o_wt, take(f"{a}self_attn.o_proj.weight", (E, H * D)).T)
+            put(layer.ln1_w, take(f"{a}input_layernorm.weight", (E,)))
+            put(layer.ln2_w, take(f"{a}post_attention_layernorm.weight", (E,)))
+            put(layer.gate_w, take(f"{a}mlp.gate_proj.weight", (cfg.ffn, E)))
+            put(layer.up_w, take(f"{a}mlp.up_proj.weight", (cfg.ffn, E)))
+            put(layer.down_wt, take(f"{a}mlp.down_proj.weight", (E, cfg.ffn)).T)
+
+    def hf_state_dict(self) -> dict:
+        cfg = self.cfg
+        E, KVH, D, G = cfg.hidden, cfg.n_kv_heads, cfg.head_dim, self.group
+        sd = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm_w,
+              "lm_head.weight": self.lm_head}
+        for i, layer in enumerate(self.layers):
+            a = f"model.layers.{i}."
+            w = layer.qkv_w.detach().view(KVH, G + 2, D, E)
+            sd[f"{a}self_attn.q_proj.weight"] = w[:, :G].reshape(-1, E)
+            sd[f"{a}self_attn.k_proj.weight"] = w[:, G].reshape(-1, E)
+            sd[f"{a}self_attn.v_proj.weight"] = w[:, G + 1].reshape(-1, E)
+            sd[f"{a}self_attn.o_proj.weight"] = layer.o_wt.detach().T
+            sd[f"{a}input_layernorm.weight"] = layer.ln1_w
+            sd[f"{a}post_attention_layernorm.weight"] = layer.ln2_w
+            sd[f"{a}mlp.gate_proj.weight"] = layer.gate_w
+            sd[f"{a}mlp.up_proj.weight"] = layer.up_w
+            sd[f"{a}mlp.down_proj.weight"] = layer.down_wt.detach().T
+        return {k: v.detach() for k, v in sd.items()}
+
+    def to_hf(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        with torch.device("meta"):
+            hf = LlamaForCausalLM(LlamaConfig(**self.cfg.hf_dict()))
+        hf.load_state_dict(self.hf_state_dict(), assign=True, strict=True)
+        for name in ("inv_freq", "original_inv_freq"):  # built on the meta device with the model
+            if hasattr(hf.model.rotary_emb, name):
+                setattr(hf.model.rotary_emb, name, self.rope_inv_freq())
+        hf.tie_weights()
+        return hf.eval()
+
+    def rope_inv_freq(self):
+        D = self.cfg.head_dim
+        return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=self.device) / D))
+
+    # ---------------------------------------------------------------- bytes
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.parameters():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+        return total
+
+    def step_weight_bytes(self, heads=None, neurons=None, first_sparse=None) -> int:
+        if heads is not None or neurons is not None:
+            raise ValueError("sparse Llama steps are not implemented yet (issue #7)")
+        cfg = self.cfg
+        return (cfg.hidden + cfg.vocab * cfg.hidden + cfg.hidden) * self.dtype.itemsize + sum(
+            p.nbytes for layer in self.layers for p in layer.parameters())
+
+    # ---------------------------------------------------------------- running
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.cfg
+        if max_len > cfg.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds the model's {cfg.max_positions} positions")
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        return KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape[:-1], dtype=torch.uint8, device=self.device))
+
+    def _rms(self, x, w):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
+        return w * xf.to(x.dtype)
+
+    def _rope(self, x, positions):
+        """x [..., P, D] with positions [P] (or a one-element tensor for a decode step)."""
+        cos = self.rope_cos.index_select(0, positions).to(x.dtype)
+        sin = self.rope_sin.index_select(0, positions).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def _mlp(self, layer, a):
+        return torch.matmul(F.silu(F.linear(a, layer.gate_w)) * F.linear(a, layer.up_w), layer.down_wt)
+
+    def _split_qkv(self, layer, a):
+        cfg = self.cfg
+        qkv = F.linear(a, layer.qkv_w).unflatten(-1, (cfg.n_kv_heads, self.group + 2, cfg.head_dim))
+        q = qkv[..., : self.group, :].flatten(-3, -2)  # [..., H, D], heads in order
+        return q, qkv[..., self.group, :], qkv[..., self.group + 1, :]
+
+    def prefill(self, tokens, cache: KVCache | None = None, mode=None, *, all_logits=False, hooks=None):
+        """Dense forward of prompts ``tokens`` [B, P] from position 0 (see OPTDecoder.prefill)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64) or tokens.dim() != 2:
+            raise TypeError("tokens must be a 2-D int32/int64 tensor [B, P]")
+        cfg = self.cfg
+        B, P = tokens.shape
+        if cfg.max_positions < P:
+            raise ValueError(f"prompt length {P} exceeds the model's {cfg.max_positions} positions")
+        if cache is not None and (cache.batch != B or cache.max_len < P):
+            raise ValueError(f"cache holds batch {cache.batch} x {cache.max_len} positions; prompts are {B} x {P}")
+        hooks = hooks or {}
+        positions = torch.arange(P, device=tokens.device)
+        with nvtx_range("prefill"):
+            x = F.embedding(tokens, self.embed_tokens)
+            for i, layer in enumerate(self.layers):
+                if mode is not None:
+                    mode.observe(i, "input", x[:, -1])
+                q, k, v = self._split_qkv(layer, self._rms(x, layer.ln1_w))  # [B, P, H|KVH, D]
+                q = self._rope(q.transpose(1, 2), positions)
+                k = self._rope(k.transpose(1, 2), positions)
+                v = v.transpose(1, 2)
+                if cache is not None:
+                    cache.k[i, :, :, :P].copy_(k)
+                    cache.v[i, :, :, :P].copy_(v)
+                    cache.valid[i, :, :, :P] = 1
+                kk = k.repeat_interleave(self.group, dim=1)
+                vv = v.repeat_interleave(self.group, dim=1)
+                heads = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=self.scale)
+                if "heads" in hooks:
+                    heads = hooks["heads"](i, heads)
+                o = torch.matmul(heads.transpose(1, 2).reshape(B, P, -1), layer.o_wt)
+                if mode is not None:
+                    mode.observe(i, "attn_out", o[:, -1])
+                x = x + o
+                x = x + self._mlp(layer, self._rms(x, layer.ln2_w))
+            x = self._rms(x if all_logits else x[:, -1], self.norm_w)
+            return F.linear(x, self.lm_head)
+
+    def decode_step(self, tokens, pos, cache: KVCache, mode, *, predict: bool, ops: Ops | None = None):
+        """One token per sequence at position ``pos`` (one-element device tensor); dense plans only."""
+        cfg = self.cfg
+        B = tokens.shape[0]
+        T = cache.max_len
+        pos1 = pos.reshape(1)
+        live = (torch.arange(T, device=pos.device) <= pos1)  # [T]
+        x = F.embedding(tokens, self.embed_tokens)
+        for i, layer in enumerate(self.layers):
+            if predict:
+                mode.observe(i, "input", x)
+            plan = mode.plan(i)
+            if plan.qkv_rows is not None or plan.neurons is not None:
+                raise ValueError("sparse plans for Llama models are not implemented yet (issue #7); use mode 'dense'")
+            with nvtx_range(f"layer{i}.attn"):
+                q, k, v = self._split_qkv(layer, self._rms(x, layer.ln1_w))  # [B, H|KVH, D]
+                q = self._rope(q[:, :, None], pos1)[:, :, 0]
+                k = self._rope(k[:, :, None], pos1)
+                cache.k[i].index_copy_(2, pos1, k)
+                cache.v[i].index_copy_(2, pos1, v[:, :, None])
+                cache.valid[i].index_fill_(2, pos1, 1)
+                qg = q.view(B, cfg.n_kv_heads, self.group, cfg.head_dim).float()
+                scores = torch.einsum("bgqd,bgtd->bgqt", qg, cache.k[i].float()) * self.scale
+                scores = scores.masked_fill(~live, float("-inf"))
+                probs = torch.softmax(scores, dim=-1)
+                heads = torch.einsum("bgqt,bgtd->bgqd", probs, cache.v[i].float()).to(x.dtype)
+                o = torch.matmul(heads.reshape(B, -1), layer.o_wt)
+            if predict:
+                mode.observe(i, "attn_out", o)
+            x = x + o
+            with nvtx_range(f"layer{i}.mlp"):
+                x = x + self._mlp(layer, self._rms(x, layer.ln2_w))
+        return F.linear(self._rms(x, self.norm_w), self.lm_head)
