@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig
+from .decoder import DecoderBase, KVCache, StateReader
 from .nvtx import nvtx_range
 from .ops import Ops
-from .opt import KVCache
-from .plan import LayerPlan
 
 
 class LlamaLayer(nn.Module):
@@ -43,14 +42,15 @@ class LlamaLayer(nn.Module):
         self.down_wt = p(Fd, E)
 
 
-class LlamaDecoder(nn.Module):
+class LlamaDecoder(DecoderBase):
     supports_sparse = False
+    NORM_WEIGHTS = ("ln1_w", "ln2_w", "norm_w")
 
     def __init__(self, cfg: DecoderConfig, dtype=torch.float16, device="cpu"):
         super().__init__()
         if cfg.family != "llama":
             raise ValueError(f"LlamaDecoder builds Llama models, got family {cfg.family!r}")
-        self.cfg = cfg
+        self._init_common(cfg, device)
         p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
         self.embed_tokens = p(cfg.vocab, cfg.hidden)
         self.norm_w = p(cfg.hidden)
@@ -64,56 +64,12 @@ class LlamaDecoder(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
-        self.register_buffer("_dense_slots", torch.arange(cfg.n_heads, dtype=torch.int32, device=device),
-                             persistent=False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.device
-
-    def dense_plan(self) -> LayerPlan:
-        return LayerPlan(head_slot=self._dense_slots)
-
-    @classmethod
-    def random(cls, cfg: DecoderConfig, dtype=torch.float16, device="cpu", seed: int = 0, std: float = 0.02):
-        model = cls(cfg, dtype, device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        with torch.no_grad():
-            for name, t in model.named_parameters():
-                if name.endswith(("ln1_w", "ln2_w", "norm_w")):
-                    t.fill_(1.0)
-                else:
-                    t.normal_(0.0, std, generator=gen)
-        return model
-
-    # ---------------------------------------------------------------- HF weights
-    @classmethod
-    def from_hf_state_dict(cls, cfg: DecoderConfig, sd: dict, dtype=torch.float16, device="cpu"):
-        model = cls(cfg, dtype, device)
-        model.load_hf_state_dict(sd)
-        return model
 
     def load_hf_state_dict(self, sd: dict) -> None:
         cfg = self.cfg
         E, H, KVH, D, G = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.group
-        norm = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
-
-        def take(key, shape):
-            if key not in norm:
-                raise ValueError(f"checkpoint has no tensor {key!r} (Llama with {cfg.n_layers} layers expected)")
-            t = norm[key]
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}; this config expects "
-                                 f"{tuple(shape)}")
-            return t
-
-        def put(param, value):
-            with torch.no_grad():
-                param.copy_(value.to(device=param.device, dtype=param.dtype))
+        reader = StateReader(sd, ("model.",), f"Llama with {cfg.n_layers} layers")
+        take, put = reader.take, reader.put
 
         put(self.embed_tokens, take("embed_tokens.weight", (cfg.vocab, E)))
         put(self.norm_w, take("norm.weight", (E,)))
@@ -168,14 +124,6 @@ class LlamaDecoder(nn.Module):
         return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=self.device) / D))
 
     # ---------------------------------------------------------------- bytes
-    def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in self.parameters():
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.nbytes
-        return total
-
     def step_weight_bytes(self, heads=None, neurons=None, first_sparse=None) -> int:
         if heads is not None or neurons is not None:
             raise ValueError("sparse Llama steps are not implemented yet (issue #7)")
@@ -184,15 +132,6 @@ class LlamaDecoder(nn.Module):
             p.nbytes for layer in self.layers for p in layer.parameters())
 
     # ---------------------------------------------------------------- running
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        cfg = self.cfg
-        if max_len > cfg.max_positions:
-            raise ValueError(f"max_len {max_len} exceeds the model's {cfg.max_positions} positions")
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        return KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                       torch.zeros(shape, dtype=self.dtype, device=self.device),
-                       torch.zeros(shape[:-1], dtype=torch.uint8, device=self.device))
-
     def _rms(self, x, w):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)

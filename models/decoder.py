@@ -1,0 +1,118 @@
+"""What every decoder shares: the KV cache, construction, byte counts and reading HF state dicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import DecoderConfig
+from .plan import LayerPlan
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [L, B, KV heads, T, D]
+    v: torch.Tensor
+    valid: torch.Tensor  # uint8 [L, B, KV heads, T]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.valid.nbytes
+
+
+class StateReader:
+    """Takes tensors out of a Hugging Face state dict by name, with the shapes the config expects."""
+
+    def __init__(self, sd: dict, prefixes: tuple[str, ...], what: str):
+        self.sd = {}
+        for key, value in sd.items():
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+            self.sd[key] = value
+        self.what = what
+
+    def take(self, key: str, shape) -> torch.Tensor:
+        if key not in self.sd:
+            raise ValueError(f"checkpoint has no tensor {key!r} ({self.what} expected); keys start with "
+                             f"{sorted(self.sd)[:3]}")
+        t = self.sd[key]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}; this config expects "
+                             f"{tuple(shape)}")
+        return t
+
+    @staticmethod
+    def put(param: torch.Tensor, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+class DecoderBase(nn.Module):
+    """Subclasses define the weights in ``__init__`` (calling ``_init_common``), ``load_hf_state_dict``,
+    ``hf_state_dict``, ``prefill`` and ``decode_step``."""
+
+    NORM_WEIGHTS: tuple[str, ...] = ()  # parameter-name suffixes that random weights set to 1
+    supports_sparse = True
+
+    def _init_common(self, cfg: DecoderConfig, device) -> None:
+        self.cfg = cfg
+        self.register_buffer("_dense_slots", torch.arange(cfg.n_heads, dtype=torch.int32, device=device),
+                             persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def dense_plan(self) -> LayerPlan:
+        return LayerPlan(head_slot=self._dense_slots)
+
+    @classmethod
+    def random(cls, cfg: DecoderConfig, dtype=torch.float16, device="cpu", seed: int = 0, std: float = 0.02):
+        """Random weights made directly on ``device`` (latency work; outputs are meaningless)."""
+        model = cls(cfg, dtype, device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, t in model.named_parameters():
+                if name.endswith(cls.NORM_WEIGHTS):
+                    t.fill_(1.0)
+                else:
+                    t.normal_(0.0, std, generator=gen)
+        return model
+
+    @classmethod
+    def from_hf_state_dict(cls, cfg: DecoderConfig, sd: dict, dtype=torch.float16, device="cpu"):
+        """From a Hugging Face state dict of this family."""
+        model = cls(cfg, dtype, device)
+        model.load_hf_state_dict(sd)
+        return model
+
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.parameters():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+        return total
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.cfg
+        if max_len > cfg.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds the model's {cfg.max_positions} positions")
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        return KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape[:-1], dtype=torch.uint8, device=self.device))
