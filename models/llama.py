@@ -25,7 +25,7 @@ from torch import nn
 from .config import DecoderConfig
 from .decoder import DecoderBase, KVCache, StateReader
 from .nvtx import nvtx_range
-from .ops import Ops
+from .ops import Ops, get_ops
 
 
 class LlamaLayer(nn.Module):
@@ -193,35 +193,32 @@ class LlamaDecoder(DecoderBase):
             return F.linear(x, self.lm_head)
 
     def decode_step(self, tokens, pos, cache: KVCache, mode, *, predict: bool, ops: Ops | None = None):
-        """One token per sequence at position ``pos`` (one-element device tensor); dense plans only."""
-        cfg = self.cfg
-        B = tokens.shape[0]
-        T = cache.max_len
-        pos1 = pos.reshape(1)
-        live = (torch.arange(T, device=pos.device) <= pos1)  # [T]
+        """One token per sequence at position ``pos`` (one-element device tensor); dense plans only.
+
+        Attention is one fused GQA + RoPE kernel pair per layer; every residual add is fused with the
+        RMSNorm after it (the add that ends layer i carries layer i + 1's input norm, or the final norm).
+        """
+        ops = ops or get_ops(None, self.device)
+        eps = self.cfg.norm_eps
+        layers = self.layers
         x = F.embedding(tokens, self.embed_tokens)
-        for i, layer in enumerate(self.layers):
+        _, a = ops.add_rms(x, None, layers[0].ln1_w, eps)
+        for i, layer in enumerate(layers):
             if predict:
                 mode.observe(i, "input", x)
             plan = mode.plan(i)
             if plan.qkv_rows is not None or plan.neurons is not None:
                 raise ValueError("sparse plans for Llama models are not implemented yet (issue #7); use mode 'dense'")
             with nvtx_range(f"layer{i}.attn"):
-                q, k, v = self._split_qkv(layer, self._rms(x, layer.ln1_w))  # [B, H|KVH, D]
-                q = self._rope(q[:, :, None], pos1)[:, :, 0]
-                k = self._rope(k[:, :, None], pos1)
-                cache.k[i].index_copy_(2, pos1, k)
-                cache.v[i].index_copy_(2, pos1, v[:, :, None])
-                cache.valid[i].index_fill_(2, pos1, 1)
-                qg = q.view(B, cfg.n_kv_heads, self.group, cfg.head_dim).float()
-                scores = torch.einsum("bgqd,bgtd->bgqt", qg, cache.k[i].float()) * self.scale
-                scores = scores.masked_fill(~live, float("-inf"))
-                probs = torch.softmax(scores, dim=-1)
-                heads = torch.einsum("bgqt,bgtd->bgqd", probs, cache.v[i].float()).to(x.dtype)
-                o = torch.matmul(heads.reshape(B, -1), layer.o_wt)
+                qkv = F.linear(a, layer.qkv_w)
+                heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
+                                          self.rope_sin, self.scale)
+                o = torch.matmul(heads, layer.o_wt)
             if predict:
                 mode.observe(i, "attn_out", o)
-            x = x + o
+            x, a = ops.add_rms(x, o, layer.ln2_w, eps)
             with nvtx_range(f"layer{i}.mlp"):
-                x = x + self._mlp(layer, self._rms(x, layer.ln2_w))
-        return F.linear(self._rms(x, self.norm_w), self.lm_head)
+                o = self._mlp(layer, a)
+            nxt = layers[i + 1].ln1_w if i + 1 < len(layers) else self.norm_w
+            x, a = ops.add_rms(x, o, nxt, eps)
+        return F.linear(a, self.lm_head)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 import shadow_kernels as sk
-from shadow_kernels.add_norm import add_layernorm, add_layernorm_ref
+from shadow_kernels.add_norm import add_layernorm, add_layernorm_ref, add_rmsnorm, add_rmsnorm_ref
 from shadow_kernels.decode_attention import decode_attention, decode_attention_ref
+from shadow_kernels.gqa_attention import gqa_decode_attention, gqa_decode_attention_ref
 
 BACKENDS = ("triton", "torch")
 
@@ -31,12 +32,16 @@ class Ops:
     mask_to_indices: Callable
     add_norm: Callable
     predictor_sparse: Callable
+    add_rms: Callable
+    gqa_attention: Callable
 
 
 TRITON = Ops("triton", sk.gather_rows_gemv, sk.gather_cols_gemv, decode_attention, sk.fused_predictor,
-             sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor)
+             sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor,
+             add_rmsnorm, gqa_decode_attention)
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
-            sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref, sk.sparse_hidden_predictor_ref)
+            sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref,
+            sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref)
 
 
 def get_ops(backend: str | Ops | None, device: torch.device) -> Ops:

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shadow_kernels.add_norm import add_layernorm, add_layernorm_ref
+from shadow_kernels.add_norm import add_layernorm, add_layernorm_ref, add_rmsnorm, add_rmsnorm_ref
 
 from conftest import DEVICE, DTYPES, REL_TOL
 from helpers import randn, rel_err
@@ -11,19 +11,23 @@ from helpers import randn, rel_err
 
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 4), N=st.integers(1, 300), dtype=st.sampled_from(DTYPES), res=st.booleans(),
-       seed=st.integers(0, 99))
-def test_matches_reference(B, N, dtype, res, seed):
+       seed=st.integers(0, 99), rms=st.booleans())
+def test_matches_reference(B, N, dtype, res, seed, rms):
     g = torch.Generator().manual_seed(seed)
     x = randn(B, N, dtype=dtype, gen=g, scale=3.0)
     r = randn(B, N, dtype=dtype, gen=g) if res else None
     w, b = randn(N, dtype=dtype, gen=g), randn(N, dtype=dtype, gen=g)
-    s, y = add_layernorm(x, r, w, b)
-    s_ref, y_ref = add_layernorm_ref(x, r, w, b)
+    if rms:
+        s, y = add_rmsnorm(x, r, w)
+        s_ref, y_ref = add_rmsnorm_ref(x, r, w)
+    else:
+        s, y = add_layernorm(x, r, w, b)
+        s_ref, y_ref = add_layernorm_ref(x, r, w, b)
     if dtype == torch.bfloat16:  # the interpreter truncates bf16 stores: one ulp
         assert torch.allclose(s.float(), s_ref.float(), rtol=2**-7, atol=0)
     else:
         assert torch.equal(s, s_ref)  # the rounded sum, bit for bit
-    if N > 1:
+    if N > 1 or rms:
         assert rel_err(y, y_ref) <= 2 * REL_TOL[dtype]
 
 

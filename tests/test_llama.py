@@ -26,8 +26,12 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+ON_CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors needs the interpreter")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=ON_CPU_ONLY)])
 @pytest.mark.parametrize("kv_heads,tie", [(2, False), (1, True), (4, False)], ids=["gqa", "mqa-tied", "mha"])
-def test_dense_matches_transformers(kv_heads, tie):
+def test_dense_matches_transformers(kv_heads, tie, backend):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = tiny_cfg(n_kv_heads=kv_heads, tie_embeddings=tie)
@@ -38,7 +42,7 @@ def test_dense_matches_transformers(kv_heads, tie):
     with torch.no_grad():
         ref = hf(tokens).logits
         assert rel(model.prefill(tokens, all_logits=True), ref) <= 1e-4
-    gen = Generator(model, Dense(), batch=2, max_len=16, backend="torch")
+    gen = Generator(model, Dense(), batch=2, max_len=16, backend=backend)
     gen.prefill(tokens[:, :5])
     for t in range(5, 12):
         gen.tok.copy_(tokens[:, t])
