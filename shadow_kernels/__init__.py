@@ -19,7 +19,12 @@ from .fused_predictor import (  # noqa: E402
     sparse_hidden_predictor_ref,
 )
 from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref  # noqa: E402
-from .gather_rows import gather_rows_gemv, gather_rows_gemv_ref  # noqa: E402
+from .gather_rows import (  # noqa: E402
+    gather_rows_gemv,
+    gather_rows_gemv_ref,
+    gather_swiglu_gemv,
+    gather_swiglu_gemv_ref,
+)
 from .topk import (  # noqa: E402
     POLICIES,
     LayerIndices,
@@ -39,6 +44,8 @@ __all__ = [
     "gather_cols_gemv_ref",
     "gather_rows_gemv",
     "gather_rows_gemv_ref",
+    "gather_swiglu_gemv",
+    "gather_swiglu_gemv_ref",
     "mask_to_indices",
     "mask_to_indices_ref",
     "sparse_hidden_predictor",

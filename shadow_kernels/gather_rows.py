@@ -1,4 +1,5 @@
-"""Gather-rows GEMV: ``y[..., j] = act(x @ weight[idx[j]] + bias[idx[j]])``.
+"""Gather-rows GEMV: ``y[..., j] = act(x @ weight[idx[j]] + bias[idx[j]])``, and its SwiGLU form
+``y[..., j] = silu(x @ gate[idx[j]]) * (x @ up[idx[j]])`` (one Llama neuron = a row of gate and of up).
 
 Used for fc1 (selected neurons) and for the Q/K/V rows of the selected heads: every selected
 output row of ``weight`` is one contiguous row in memory, so a program streams ``BLOCK_N`` whole
@@ -30,11 +31,11 @@ _ACTIVATIONS = (None, "relu")
 
 @triton.jit
 def _rows_gemv_kernel(
-    w_ptr, x_ptr, idx_ptr, bias_ptr, count_ptr, y_ptr,
+    w_ptr, u_ptr, x_ptr, idx_ptr, bias_ptr, count_ptr, y_ptr,
     B, K, n_rows,
     stride_wn, stride_xb, stride_yb,
     ROWS_BUCKET,  # only an autotune key: the power of two above n_rows
-    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, RELU: tl.constexpr,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -52,6 +53,7 @@ def _rows_gemv_kernel(
     else:
         src = rows.to(tl.int64)
     w_rows = w_ptr + src[:, None] * stride_wn
+    u_rows = u_ptr + src[:, None] * stride_wn  # GATED: the up rows beside the gate rows in w
     offs_k = tl.arange(0, BLOCK_K)
     # Programs whose rows all lie past the device-side count skip the loop and only write zeros.
     k_end = tl.where(pid_n * BLOCK_N < limit, K, 0)
@@ -62,21 +64,28 @@ def _rows_gemv_kernel(
         # One token: elementwise products accumulated in fp32, one reduction at the end. The
         # upcast right after each load is also what the interpreter needs for bf16.
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         x_row = x_ptr + pid_b * stride_xb
         for k0 in range(0, k_end, BLOCK_K):
             kk = k0 + offs_k
             if EVEN_K:
-                w = tl.load(w_rows + kk[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+                w_mask = live[:, None]
                 x = tl.load(x_row + kk).to(tl.float32)
             else:
                 k_ok = kk < K
-                w = tl.load(w_rows + kk[None, :], mask=live[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                w_mask = live[:, None] & k_ok[None, :]
                 x = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
             acc += w * x[None, :]
+            if GATED:
+                u = tl.load(u_rows + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
+                acc_u += u * x[None, :]
         out = tl.sum(acc, axis=1)[None, :]
+        out_u = tl.sum(acc_u, axis=1)[None, :]
     else:
         # A small batch: tensor-core dot of [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_N], fp32 accumulate.
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             kk = k0 + offs_k
             k_ok = kk < K
@@ -92,13 +101,24 @@ def _rows_gemv_kernel(
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(w))
+            if GATED:
+                u = tl.load(u_rows + kk[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
+                if UPCAST_DOT:
+                    u = u.to(tl.float32)
+                if DOT_IEEE:
+                    acc_u += tl.dot(x, tl.trans(u), input_precision="ieee")
+                else:
+                    acc_u += tl.dot(x, tl.trans(u))
         out = acc
+        out_u = acc_u
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + src, mask=live, other=0.0).to(tl.float32)
         out += bias[None, :]
     if RELU:
         out = tl.maximum(out, 0.0)
+    if GATED:
+        out = out / (1.0 + tl.exp(-out)) * out_u  # silu(gate) * up
     out = tl.where(live[None, :], out, 0.0)
     y_ptrs = y_ptr + offs_b[:, None] * stride_yb + rows[None, :]
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=b_ok[:, None] & (rows < n_rows)[None, :])
@@ -128,17 +148,18 @@ _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4, num_stages=3),
 ])
-_KEY = ["K", "ROWS_BUCKET", "BLOCK_B", "HAS_COUNT"]
+_KEY = ["K", "ROWS_BUCKET", "BLOCK_B", "HAS_COUNT", "GATED"]
 _rows_gemv_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench)(
     triton.heuristics({"EVEN_K": _even_k})(_rows_gemv_kernel))
 _rows_gemv_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench)(
     triton.heuristics({"EVEN_K": _even_k})(_rows_gemv_kernel))
 
 
-def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """Launcher shared by gather_rows_gemv and fused_predictor; inputs are already checked.
+def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch.dtype, up=None) -> torch.Tensor:
+    """Launcher shared by gather_rows_gemv, gather_swiglu_gemv and fused_predictor; inputs are checked.
 
-    ``idx=None`` means every row of ``weight`` in order (a plain GEMV).
+    ``idx=None`` means every row of ``weight`` in order (a plain GEMV). ``up``: SwiGLU's up weight,
+    same shape as ``weight`` (the gate); the output is then ``silu(x @ gate.T) * (x @ up.T)``.
     """
     B, K = x2d.shape
     n_rows = weight.shape[0] if idx is None else idx.shape[0]
@@ -152,12 +173,14 @@ def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch
         kernel, block_b = _rows_gemv_batched, min(64, max(16, next_pow2(B)))
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(B, block_b))
     kernel[grid](
-        weight, x2d, idx if idx is not None else weight, bias if bias is not None else weight,
+        weight, up if up is not None else weight, x2d, idx if idx is not None else weight,
+        bias if bias is not None else weight,
         count if count is not None else weight, y,
         B, K, n_rows,
         weight.stride(0), x2d.stride(0), y.stride(0),
         next_pow2(n_rows),
         HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_COUNT=count is not None, RELU=relu,
+        GATED=up is not None,
         UPCAST_DOT=INTERPRET, DOT_IEEE=weight.dtype == torch.float32, BLOCK_B=block_b,
     )
     return y
@@ -209,3 +232,35 @@ def gather_rows_gemv_ref(weight, x, idx, bias=None, activation=None, count=None,
     if count is not None:
         y = torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), y, 0.0)
     return y.to(weight.dtype)
+
+
+def gather_swiglu_gemv(gate, up, x, idx, count=None, *, validate=True):
+    """``silu(x @ gate[idx].T) * (x @ up[idx].T)``: the selected SwiGLU neurons of a Llama MLP in one
+    kernel (each selected neuron reads its gate row and its up row once).
+
+    gate, up: [F, E] fp16/bf16/fp32 (same shape, dtype and row stride). x: [E] or [B, E]. idx, count:
+    as in :func:`gather_rows_gemv`. Returns [k] or [B, k] in the weight dtype; fp32 accumulation.
+    """
+    check_float("gate", gate, ndims=(2,), last_contiguous=True)
+    dev = gate.device
+    N, K = gate.shape
+    check_float("up", up, ndims=(2,), dtype=gate.dtype, device=dev, last_contiguous=True)
+    if up.shape != gate.shape or up.stride(0) != gate.stride(0):
+        raise ValueError(f"up must have gate's shape {tuple(gate.shape)} and row stride, got {tuple(up.shape)}")
+    check_float("x", x, ndims=(1, 2), dtype=gate.dtype, device=dev)
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features but gate is [{N}, {K}]; expected x [..., {K}]")
+    check_indices("idx", idx, n=N, device=dev, validate=validate)
+    check_count("count", count, device=dev, upper=idx.shape[0], validate=validate)
+    y = launch_rows_gemv(gate, x if x.dim() == 2 else x[None], idx, None, count, False, gate.dtype, up=up)
+    return y.reshape(idx.shape[0]) if x.dim() == 1 else y
+
+
+def gather_swiglu_gemv_ref(gate, up, x, idx, count=None, *, validate=True):
+    """Plain-PyTorch reference of :func:`gather_swiglu_gemv` (fp32, one rounding at the end)."""
+    idx = idx.long()
+    g = x.float() @ gate.index_select(0, idx).float().T
+    y = torch.nn.functional.silu(g) * (x.float() @ up.index_select(0, idx).float().T)
+    if count is not None:
+        y = torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), y, 0.0)
+    return y.to(gate.dtype)

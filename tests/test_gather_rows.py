@@ -138,3 +138,33 @@ class TestBadInput:
     def test_not_a_tensor(self):
         with pytest.raises(TypeError, match="x must be a torch.Tensor"):
             gather_rows_gemv(self.w, [1.0] * 16, self.idx)
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 70), K=st.integers(1, 300), batch=st.sampled_from([None, 1, 3, 17]),
+       dtype=st.sampled_from(DTYPES), padded=st.booleans(), data=st.data())
+def test_swiglu_matches_reference(N, K, batch, dtype, padded, data):
+    from shadow_kernels import gather_swiglu_gemv, gather_swiglu_gemv_ref
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    gate = randn(N, K, dtype=dtype, gen=g, scale=K**-0.5)
+    up = randn(N, K, dtype=dtype, gen=g, scale=K**-0.5)
+    x = randn(*((batch, K) if batch else (K,)), dtype=dtype, gen=g)
+    k = data.draw(st.integers(1, N))
+    idx = torch.randperm(N, generator=g)[:k].to(DEVICE)
+    count = torch.tensor([data.draw(st.integers(0, k))], dtype=torch.int32, device=DEVICE) if padded else None
+    out = gather_swiglu_gemv(gate, up, x, idx, count)
+    assert_close_rel(out, gather_swiglu_gemv_ref(gate, up, x, idx, count), dtype)
+
+
+def test_swiglu_bad_inputs():
+    from shadow_kernels import gather_swiglu_gemv
+
+    gate = randn(8, 16)
+    idx = torch.arange(4, device=DEVICE)
+    with pytest.raises(ValueError, match="up must have gate's shape"):
+        gather_swiglu_gemv(gate, randn(8, 8), randn(16), idx)
+    with pytest.raises(ValueError, match="x has 8 features"):
+        gather_swiglu_gemv(gate, randn(8, 16), randn(8), idx)
+    with pytest.raises(ValueError, match="idx holds values"):
+        gather_swiglu_gemv(gate, randn(8, 16), randn(16), torch.tensor([0, 9], device=DEVICE))
