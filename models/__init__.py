@@ -1,4 +1,8 @@
-"""Decoders, modes, pruning criteria and predictors. For now: the model-size registry."""
+"""Decoders (OPT, Llama), sparsity plans, modes, predictors, checkpoint loading and generation.
+
+Submodules are imported where used (``models.opt``, ``models.llama``, ``models.modes``,
+``models.generate``, ``models.loading``); this package exports the model-size registry.
+"""
 
 from .registry import MODELS, ModelSpec, get_spec
 
