@@ -100,6 +100,36 @@ class DecoderBase(nn.Module):
         model.load_hf_state_dict(sd)
         return model
 
+    def _hf_model(self):
+        """A ``transformers`` model class and config class for this family."""
+        raise NotImplementedError
+
+    def _after_hf_load(self, hf) -> None:
+        """Fix up what ``load_state_dict`` does not carry (buffers built on the meta device)."""
+
+    def to_hf(self):
+        """A ``transformers`` model on the same weights (shared storage where the layouts agree)."""
+        model_cls, config_cls = self._hf_model()
+        with torch.device("meta"):
+            hf = model_cls(config_cls(**self.cfg.hf_dict()))
+        hf.load_state_dict(self.hf_state_dict(), assign=True, strict=True)
+        self._after_hf_load(hf)
+        hf.tie_weights()
+        return hf.eval()
+
+    def _check_prompt(self, tokens, cache: KVCache | None) -> tuple[int, int]:
+        """Prompts [B, P] of int32/int64 tokens that fit the positions and the cache; returns (B, P)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"tokens must be an int32/int64 tensor, got {getattr(tokens, 'dtype', type(tokens))}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be 2-D [B, P], got shape {tuple(tokens.shape)}")
+        B, P = tokens.shape
+        if cache is not None and (cache.batch != B or cache.max_len < P):
+            raise ValueError(f"cache holds batch {cache.batch} x {cache.max_len} positions; prompts are {B} x {P}")
+        if self.cfg.max_positions < P:
+            raise ValueError(f"prompt length {P} exceeds the model's {self.cfg.max_positions} positions")
+        return B, P
+
     def weight_bytes(self) -> int:
         seen, total = set(), 0
         for t in self.parameters():

@@ -68,23 +68,27 @@ class Generator:
 
     @torch.no_grad()
     def _capture(self) -> None:
+        # Warm-up steps (compiling and autotuning every kernel of the step) advance the token and
+        # position buffers; each starts from, and the capture leaves, the state after prefill.
         saved_tok, saved_pos = self.tok.clone(), self.pos.clone()
+
+        def restore():
+            self.tok.copy_(saved_tok)
+            self.pos.copy_(saved_pos)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compiles and autotunes every kernel of the step
+        with torch.cuda.stream(side):
             for _ in range(2):
-                self.tok.copy_(saved_tok)
-                self.pos.copy_(saved_pos)
+                restore()
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
-        self.tok.copy_(saved_tok)
-        self.pos.copy_(saved_pos)
+        restore()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self._step()
         self.graph = graph
-        self.tok.copy_(saved_tok)
-        self.pos.copy_(saved_pos)
+        restore()
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shadow_kernels.add_norm import rms_norm
+from shadow_kernels.gqa_attention import apply_rope
+
 from .config import DecoderConfig
 from .decoder import DecoderBase, KVCache, StateReader
 from .nvtx import nvtx_range
@@ -60,6 +63,7 @@ class LlamaDecoder(DecoderBase):
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         D = cfg.head_dim
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+        self.register_buffer("rope_inv_freq", inv, persistent=False)
         freqs = torch.outer(torch.arange(cfg.max_positions, dtype=torch.float32, device=device), inv)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
@@ -107,21 +111,15 @@ class LlamaDecoder(DecoderBase):
             sd[f"{a}mlp.down_proj.weight"] = layer.down_wt.detach().T
         return {k: v.detach() for k, v in sd.items()}
 
-    def to_hf(self):
+    def _hf_model(self):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        with torch.device("meta"):
-            hf = LlamaForCausalLM(LlamaConfig(**self.cfg.hf_dict()))
-        hf.load_state_dict(self.hf_state_dict(), assign=True, strict=True)
+        return LlamaForCausalLM, LlamaConfig
+
+    def _after_hf_load(self, hf) -> None:
         for name in ("inv_freq", "original_inv_freq"):  # built on the meta device with the model
             if hasattr(hf.model.rotary_emb, name):
-                setattr(hf.model.rotary_emb, name, self.rope_inv_freq())
-        hf.tie_weights()
-        return hf.eval()
-
-    def rope_inv_freq(self):
-        D = self.cfg.head_dim
-        return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=self.device) / D))
+                setattr(hf.model.rotary_emb, name, self.rope_inv_freq.clone())
 
     # ---------------------------------------------------------------- bytes
     def step_weight_bytes(self, heads=None, neurons=None, first_sparse=None) -> int:
@@ -133,17 +131,13 @@ class LlamaDecoder(DecoderBase):
 
     # ---------------------------------------------------------------- running
     def _rms(self, x, w):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
-        return w * xf.to(x.dtype)
+        return rms_norm(x, w, self.cfg.norm_eps)
 
     def _rope(self, x, positions):
-        """x [..., P, D] with positions [P] (or a one-element tensor for a decode step)."""
+        """x [..., P, D] with positions [P]."""
         cos = self.rope_cos.index_select(0, positions).to(x.dtype)
         sin = self.rope_sin.index_select(0, positions).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return apply_rope(x, cos, sin)
 
     def _mlp(self, layer, a):
         return torch.matmul(F.silu(F.linear(a, layer.gate_w)) * F.linear(a, layer.up_w), layer.down_wt)
@@ -156,14 +150,7 @@ class LlamaDecoder(DecoderBase):
 
     def prefill(self, tokens, cache: KVCache | None = None, mode=None, *, all_logits=False, hooks=None):
         """Dense forward of prompts ``tokens`` [B, P] from position 0 (see OPTDecoder.prefill)."""
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64) or tokens.dim() != 2:
-            raise TypeError("tokens must be a 2-D int32/int64 tensor [B, P]")
-        cfg = self.cfg
-        B, P = tokens.shape
-        if cfg.max_positions < P:
-            raise ValueError(f"prompt length {P} exceeds the model's {cfg.max_positions} positions")
-        if cache is not None and (cache.batch != B or cache.max_len < P):
-            raise ValueError(f"cache holds batch {cache.batch} x {cache.max_len} positions; prompts are {B} x {P}")
+        B, P = self._check_prompt(tokens, cache)
         hooks = hooks or {}
         positions = torch.arange(P, device=tokens.device)
         with nvtx_range("prefill"):

@@ -134,16 +134,10 @@ class OPTDecoder(DecoderBase):
             sd[f"{a}fc2.bias"] = layer.fc2_b
         return {k: v.detach() for k, v in sd.items()}
 
-    def to_hf(self):
-        """A ``transformers`` OPTForCausalLM on the same weights (shared storage except q/k/v)."""
+    def _hf_model(self):
         from transformers import OPTConfig, OPTForCausalLM
 
-        hf_cfg = OPTConfig(**self.cfg.hf_dict())
-        with torch.device("meta"):
-            hf = OPTForCausalLM(hf_cfg)
-        hf.load_state_dict(self.hf_state_dict(), assign=True, strict=True)
-        hf.tie_weights()
-        return hf.eval()
+        return OPTForCausalLM, OPTConfig  # to_hf shares all storage except q/k/v
 
     # ---------------------------------------------------------------- bytes
     def step_weight_bytes(self, heads: list[int] | None = None, neurons: list[int] | None = None,
@@ -183,12 +177,6 @@ class OPTDecoder(DecoderBase):
             x = F.linear(x, self.project_out)
         return F.linear(x, self.lm_head)
 
-    def _check_tokens(self, tokens, ndim):
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"tokens must be an int32/int64 tensor, got {getattr(tokens, 'dtype', type(tokens))}")
-        if tokens.dim() != ndim:
-            raise ValueError(f"tokens must be {ndim}-D, got shape {tuple(tokens.shape)}")
-
     def prefill(self, tokens, cache: KVCache | None = None, mode=None, *, all_logits=False, hooks=None):
         """Dense forward of whole prompts ``tokens`` [B, P] from position 0.
 
@@ -197,13 +185,8 @@ class OPTDecoder(DecoderBase):
         logits of the last position [B, V] or of every position [B, P, V]. ``hooks`` (a dict of
         callables by site name) sees full activations; the criteria use it.
         """
-        self._check_tokens(tokens, 2)
+        B, P = self._check_prompt(tokens, cache)
         cfg = self.cfg
-        B, P = tokens.shape
-        if cache is not None and (cache.batch != B or cache.max_len < P):
-            raise ValueError(f"cache holds batch {cache.batch} x {cache.max_len} positions; prompts are {B} x {P}")
-        if cfg.max_positions < P:
-            raise ValueError(f"prompt length {P} exceeds the model's {cfg.max_positions} positions")
         H, D = cfg.n_heads, cfg.head_dim
         hooks = hooks or {}
         with nvtx_range("prefill"):

@@ -92,10 +92,15 @@ def add_layernorm_ref(x, residual, weight, bias, eps=1e-5):
     return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
 
 
+def rms_norm(x, weight, eps=1e-6):
+    """transformers' LlamaRMSNorm on any shape [..., N]: normalise in fp32, round, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
 def add_rmsnorm_ref(x, residual, weight, eps=1e-6):
-    """Plain-PyTorch reference of :func:`add_rmsnorm` (transformers' LlamaRMSNorm)."""
+    """Plain-PyTorch reference of :func:`add_rmsnorm`."""
     _check(x, residual, weight, None, ref=True)
     s = x if residual is None else x + residual
-    xf = s.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return s, weight * xf.to(s.dtype)
+    return s, rms_norm(s, weight, eps)

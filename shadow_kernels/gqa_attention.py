@@ -157,6 +157,12 @@ def gqa_decode_attention(qkv, k_cache, v_cache, valid, pos, cos, sin, scale=None
     return out
 
 
+def apply_rope(x, cos, sin):
+    """The half-split rotary embedding of transformers' Llama: x [..., D] with cos/sin broadcastable."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
 def gqa_decode_attention_ref(qkv, k_cache, v_cache, valid, pos, cos, sin, scale=None, *, chunk=None):
     """Plain-PyTorch reference of :func:`gqa_decode_attention` (capturable: fixed shapes)."""
     B, KVH, T, D, G = _check(qkv, k_cache, v_cache, valid, pos, cos, sin, ref=True)
@@ -165,13 +171,8 @@ def gqa_decode_attention_ref(qkv, k_cache, v_cache, valid, pos, cos, sin, scale=
     parts = qkv.view(B, KVH, G + 2, D)
     c = cos.index_select(0, pos1).to(qkv.dtype)
     s = sin.index_select(0, pos1).to(qkv.dtype)
-
-    def rope(x):
-        half = D // 2
-        return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s
-
-    q = rope(parts[:, :, :G])  # [B, KVH, G, D]
-    k_cache.index_copy_(2, pos1, rope(parts[:, :, G : G + 1]))
+    q = apply_rope(parts[:, :, :G], c, s)  # [B, KVH, G, D]
+    k_cache.index_copy_(2, pos1, apply_rope(parts[:, :, G : G + 1], c, s))
     v_cache.index_copy_(2, pos1, parts[:, :, G + 1 : G + 2].contiguous())
     valid.index_fill_(2, pos1, 1)
     scores = torch.einsum("bgqd,bgtd->bgqt", q.float(), k_cache.float()) * scale
