@@ -20,15 +20,15 @@ import torch
 
 from models.config import DecoderConfig
 from models.generate import Generator
-from models.loading import decoder_class
+from models.loading import random_model
 from models.modes import DejaVu, Dense, ShadowLLM, Static
 from models.registry import MODELS
 
+from .kernels import DTYPES
 from .results import RowWriter, environment, git_commit, make_row
-from .timing import copy_bandwidth, time_op
+from .timing import copy_bandwidth, percentile, time_op
 
 LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "hf")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,23 @@ def build_mode(case: LatencyCase, cfg: DecoderConfig, seed: int = 0):
 
 def _stats(ms: list[float]) -> dict:
     s = sorted(ms)
-    pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]
-    return {"median": statistics.median(s), "p20": pick(0.2), "p80": pick(0.8), "mean": statistics.fmean(s),
-            "min": s[0], "steps": len(s)}
+    return {"median": statistics.median(s), "p20": percentile(s, 0.2), "p80": percentile(s, 0.8),
+            "mean": statistics.fmean(s), "min": s[0], "steps": len(s)}
+
+
+def _floor_rows(common: dict, step_bytes: int, token_ms: float, copy_gbps: float | None) -> list[dict]:
+    """The weight-read floor of a step and how far the measured time is above it."""
+    if not copy_gbps:
+        return []
+    floor = step_bytes / (copy_gbps * 1e9) * 1e3
+    return [make_row(**common, metric="floor_ms", value=floor, unit="ms"),
+            make_row(**common, metric="floor_ratio", value=token_ms / floor, unit="x")]
+
+
+def _error_row(base: dict, case: LatencyCase, message: str, **extra) -> dict:
+    return make_row(**base, model=case.model, mode=case.mode, sparsity=case.sparsity, policy=case.policy,
+                    gen_len=case.gen_len, granularity=case.granularity, metric="error", value=None, unit=None,
+                    status="error", error=message, **extra)
 
 
 def _predictor_ms(mode, model, batch, device) -> float | None:
@@ -111,7 +125,8 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     per_token_pred = mode.granularity == "token"
     weight_bytes = model.step_weight_bytes(counts["heads"] if counts else None, counts["neurons"] if counts else None,
                                            mode.first_sparse)
-    step_bytes = weight_bytes + (mode.predictor_bytes() if per_token_pred else 0)
+    predictor_bytes = mode.predictor_bytes()
+    step_bytes = weight_bytes + (predictor_bytes if per_token_pred else 0)
     pred_ms = _predictor_ms(mode, model, batch, device)
     desc = mode.describe()
     common = dict(base, model=case.model, mode=case.mode, policy=case.policy, sparsity=case.sparsity,
@@ -123,11 +138,8 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
                      **{f"token_ms_{k}": v for k, v in st.items() if k != "median"}),
             make_row(**common, metric="prefill_ms", value=result.prefill_ms, unit="ms"),
             make_row(**common, metric="step_bytes", value=step_bytes, unit="B", weight_bytes=weight_bytes,
-                     predictor_bytes=mode.predictor_bytes())]
-    if copy_gbps:
-        floor = step_bytes / (copy_gbps * 1e9) * 1e3
-        rows += [make_row(**common, metric="floor_ms", value=floor, unit="ms"),
-                 make_row(**common, metric="floor_ratio", value=st["median"] / floor, unit="x")]
+                     predictor_bytes=predictor_bytes)]
+    rows += _floor_rows(common, step_bytes, st["median"], copy_gbps)
     if pred_ms is not None:
         rows.append(make_row(**common, metric="predictor_ms", value=pred_ms, unit="ms", per_token=per_token_pred))
         share = pred_ms / st["median"] if per_token_pred else 0.0
@@ -170,10 +182,7 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
                      generate_ms=full, first_token_ms=first),
             make_row(**common, metric="prefill_ms", value=first, unit="ms"),
             make_row(**common, metric="step_bytes", value=step_bytes, unit="B")]
-    if copy_gbps:
-        floor = step_bytes / (copy_gbps * 1e9) * 1e3
-        rows += [make_row(**common, metric="floor_ms", value=floor, unit="ms"),
-                 make_row(**common, metric="floor_ratio", value=per_token / floor, unit="x")]
+    rows += _floor_rows(common, step_bytes, per_token, copy_gbps)
     return rows
 
 
@@ -191,7 +200,7 @@ def build_model(name: str, dtype, device, seed=0):
         cfg = DecoderConfig.from_spec(name)
     else:
         raise ValueError(f"unknown model {name!r}; known: tiny, {', '.join(MODELS)}")
-    return decoder_class(cfg).random(cfg, dtype, device, seed)
+    return random_model(cfg, dtype=dtype, device=device, seed=seed)
 
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
@@ -221,9 +230,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
         try:
             model = build_model(name, dtype, device)
         except Exception as err:  # e.g. out of memory: record every case of this model as failed
-            rows = [make_row(**base, model=name, mode=c.mode, sparsity=c.sparsity, policy=c.policy,
-                             gen_len=c.gen_len, granularity=c.granularity, metric="error", value=None, unit=None,
-                             status="error", error=f"building the model: {type(err).__name__}: {err}") for c in cases]
+            rows = [_error_row(base, c, f"building the model: {type(err).__name__}: {err}") for c in cases]
             writer.write(rows)
             new_rows += rows
             bar.update(len(cases))
@@ -233,10 +240,8 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
             try:
                 rows = run(model, case, prompt_len=prompt_len, batch=batch, copy_gbps=bw["copy_gbps"], base=base)
             except Exception as err:  # one failing case must not lose the sweep
-                rows = [make_row(**base, model=name, mode=case.mode, sparsity=case.sparsity, policy=case.policy,
-                                 gen_len=case.gen_len, granularity=case.granularity, metric="error", value=None,
-                                 unit=None, status="error", error=f"{type(err).__name__}: {err}",
-                                 traceback=traceback.format_exc(limit=4))]
+                rows = [_error_row(base, case, f"{type(err).__name__}: {err}",
+                                   traceback=traceback.format_exc(limit=4))]
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

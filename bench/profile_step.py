@@ -17,7 +17,8 @@ import torch
 
 from models.generate import Generator
 
-from .latency import DTYPES, LatencyCase, build_mode, build_model
+from .kernels import DTYPES
+from .latency import LatencyCase, build_mode, build_model
 
 
 def profile(model_name, mode_name, sparsity, policy, granularity, *, prompt_len=128, steps=20, dtype="fp16",

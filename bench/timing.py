@@ -20,7 +20,7 @@ TARGET_MS = 100.0  # time spent in timed replays per measurement
 MIN_REPS, MAX_REPS = 20, 400
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
 
 
@@ -67,8 +67,8 @@ def time_op(fn: Callable[[], object], device: torch.device) -> dict:
     estimate = statistics.median(timed(5))
     reps = max(MIN_REPS, min(MAX_REPS, int(TARGET_MS * 1e3 / max(estimate, 1.0))))
     samples = sorted(timed(reps))
-    return {"median_us": statistics.median(samples), "p20_us": _percentile(samples, 0.2),
-            "p80_us": _percentile(samples, 0.8), "reps": reps, "timer": "CUDA graph replay, L2 flushed"}
+    return {"median_us": statistics.median(samples), "p20_us": percentile(samples, 0.2),
+            "p80_us": percentile(samples, 0.8), "reps": reps, "timer": "CUDA graph replay, L2 flushed"}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
