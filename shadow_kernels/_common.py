@@ -24,11 +24,12 @@ def _fmt_dtypes(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def check_device(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors when the Triton interpreter is on."""
+def check_device(name: str, t: torch.Tensor, device: torch.device | None = None, any_device: bool = False) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors when the Triton interpreter is on; references
+    (``any_device``) run anywhere but still need all inputs on one device."""
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; put them on one device")
-    if t.device.type == "cuda":
+    if any_device or t.device.type == "cuda":
         return
     if t.device.type == "cpu" and INTERPRET:
         return
@@ -57,11 +58,7 @@ def check_float(
     if t.dim() not in ndims:
         want = " or ".join(f"{d}-D" for d in ndims)
         raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
-    if any_device:  # references run anywhere; they only need the inputs together
-        if device is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; put them on one device")
-    else:
-        check_device(name, t, device)
+    check_device(name, t, device, any_device)
     if last_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(
             f"{name} must be contiguous in its last dimension (stride 1), got strides {tuple(t.stride())}; "

@@ -142,6 +142,18 @@ def _decode_attention_split_kernel(
 
 
 @triton.jit
+def merge_splits(rows, s_ok, d, WIDTH: tl.constexpr):
+    """Merges flash-decoding partials: ``rows`` points at one row per split laid out as
+    ``acc[WIDTH] | m | l`` (m the running max, l the sum of exponentials); returns acc / l over the
+    splits where ``s_ok``."""
+    m = tl.load(rows + WIDTH, mask=s_ok, other=float("-inf"))
+    w = tl.where(s_ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
+    l_i = tl.sum(w * tl.load(rows + WIDTH + 1, mask=s_ok, other=0.0), axis=0)
+    acc = tl.load(rows[:, None] + d[None, :], mask=s_ok[:, None], other=0.0)
+    return tl.sum(w[:, None] * acc, axis=0) / l_i
+
+
+@triton.jit
 def _decode_attention_combine_kernel(
     part_ptr, pos_ptr, slot_ptr, out_ptr, H, stride_out_b,
     NSPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
@@ -156,17 +168,11 @@ def _decode_attention_combine_kernel(
         s_ok = sp < n_live
         d = tl.arange(0, BLOCK_D)
         rows = part_ptr + ((b * H + h) * NSPLIT + sp) * (BLOCK_D + 2)
-        m = tl.load(rows + BLOCK_D, mask=s_ok, other=float("-inf"))
-        m_all = tl.max(m, axis=0)
-        w = tl.where(s_ok, tl.exp(m - m_all), 0.0)
-        l_i = tl.sum(w * tl.load(rows + BLOCK_D + 1, mask=s_ok, other=0.0), axis=0)
-        acc = tl.load(rows[:, None] + d[None, :], mask=s_ok[:, None], other=0.0)
-        out = tl.sum(w[:, None] * acc, axis=0) / l_i
+        out = merge_splits(rows, s_ok, d, BLOCK_D)
         tl.store(out_ptr + b * stride_out_b + slot * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def _check(qkv, k_cache, v_cache, valid, pos, head_slot, ref=False):
-    dev_check = (lambda name, t, device: None) if ref else check_device
     check_float("k_cache", k_cache, ndims=(4,), any_device=ref)
     B, H, T, D = k_cache.shape
     dev = k_cache.device
@@ -182,17 +188,17 @@ def _check(qkv, k_cache, v_cache, valid, pos, head_slot, ref=False):
     if not isinstance(valid, torch.Tensor) or valid.dtype != torch.uint8 or valid.shape != (B, H, T):
         raise ValueError(f"valid must be a uint8 tensor of shape {(B, H, T)}, got "
                          f"{getattr(valid, 'dtype', type(valid).__name__)} {tuple(getattr(valid, 'shape', ()))}")
-    dev_check("valid", valid, dev)
+    check_device("valid", valid, dev, any_device=ref)
     if not valid.is_contiguous():
         raise ValueError("valid must be contiguous")
     if not isinstance(pos, torch.Tensor) or pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
         raise TypeError("pos must be a one-element int32/int64 tensor on the device (the current position)")
-    dev_check("pos", pos, dev)
+    check_device("pos", pos, dev, any_device=ref)
     if not isinstance(head_slot, torch.Tensor) or head_slot.dtype != torch.int32 or head_slot.shape != (H,):
         raise TypeError(f"head_slot must be an int32 tensor of shape ({H},), got "
                         f"{getattr(head_slot, 'dtype', type(head_slot).__name__)} "
                         f"{tuple(getattr(head_slot, 'shape', ()))}")
-    dev_check("head_slot", head_slot, dev)
+    check_device("head_slot", head_slot, dev, any_device=ref)
     return B, H, T, D, qkv.shape[1] // (3 * D)
 
 

@@ -21,15 +21,17 @@ import triton
 import triton.language as tl
 
 from ._common import check_float, next_pow2
+from .decode_attention import merge_splits
 
 
 @triton.jit
-def _rope(ptr, d, cos, sin, HALF: tl.constexpr, mask):
-    x = tl.load(ptr + d, mask=mask, other=0.0).to(tl.float32)
-    partner = tl.where(d < HALF, d + HALF, d - HALF)
-    xr = tl.load(ptr + partner, mask=mask, other=0.0).to(tl.float32)
-    xr = tl.where(d < HALF, -xr, xr)
-    return x * cos + xr * sin
+def _rope(ptr, row_offs, d, cos, sin, mask, D: tl.constexpr):
+    """Rotated rows ``ptr + row_offs + d`` (fp32): x * cos + rotate_half(x) * sin, where
+    rotate_half(x)[d] = -x[d + D/2] in the first half and x[d - D/2] in the second."""
+    x = tl.load(ptr + row_offs + d, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
+    xr = tl.load(ptr + row_offs + partner, mask=mask, other=0.0).to(tl.float32)
+    return x * cos + tl.where(d < D // 2, -xr, xr) * sin
 
 
 @triton.jit
@@ -51,13 +53,7 @@ def _gqa_split_kernel(
         cos = tl.load(cos_ptr + pos * D + d)
         sin = tl.load(sin_ptr + pos * D + d)
         # queries of the group [G_P2, D], rotated
-        q_off = j[:, None] * D + d[None, :]
-        q_mask = j_ok[:, None] & (d[None, :] < D)
-        q = tl.load(base + q_off, mask=q_mask, other=0.0).to(tl.float32)
-        partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
-        qr = tl.load(base + j[:, None] * D + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        qr = tl.where(d[None, :] < D // 2, -qr, qr)
-        q = (q * cos[None, :] + qr * sin[None, :]) * scale
+        q = _rope(base, j[:, None] * D, d[None, :], cos[None, :], sin[None, :], j_ok[:, None], D) * scale
         cache = b.to(tl.int64) * stride_cb + g.to(tl.int64) * stride_ch
         vrow = valid_ptr + (b * KVH + g) * T
         t = t0 + tl.arange(0, CHUNK)
@@ -70,7 +66,7 @@ def _gqa_split_kernel(
         sc = tl.where(live[None, :], sc, float("-inf"))
         m = tl.max(sc, axis=1)
         if s == 0:
-            k_new = _rope(base + G * D, d, cos, sin, D // 2, d < D)
+            k_new = _rope(base + G * D, 0, d, cos, sin, d < D, D)
             v_new = tl.load(base + (G + 1) * D + d)
             tl.store(k_ptr + cache + pos * stride_ct + d, k_new.to(k_ptr.dtype.element_ty))
             tl.store(v_ptr + cache + pos * stride_ct + d, v_new)
@@ -106,12 +102,7 @@ def _gqa_combine_kernel(part_ptr, pos_ptr, out_ptr, KVH, stride_out_b,
     s_ok = sp < n_live
     d = tl.arange(0, D)
     rows = part_ptr + (((b * KVH + g) * NSPLIT + sp) * G_P2 + j) * (D + 2)
-    m = tl.load(rows + D, mask=s_ok, other=float("-inf"))
-    m_all = tl.max(m, axis=0)
-    w = tl.where(s_ok, tl.exp(m - m_all), 0.0)
-    l_i = tl.sum(w * tl.load(rows + D + 1, mask=s_ok, other=0.0), axis=0)
-    acc = tl.load(rows[:, None] + d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(w[:, None] * acc, axis=0) / l_i
+    out = merge_splits(rows, s_ok, d, D)
     tl.store(out_ptr + b * stride_out_b + h * D + d, out.to(out_ptr.dtype.element_ty))
 
 
