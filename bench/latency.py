@@ -124,7 +124,7 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     counts = mode.live_counts()
     per_token_pred = mode.granularity == "token"
     weight_bytes = model.step_weight_bytes(counts["heads"] if counts else None, counts["neurons"] if counts else None,
-                                           mode.first_sparse)
+                                           mode.first_sparse, counts["kv_groups"] if counts else None)
     predictor_bytes = mode.predictor_bytes()
     step_bytes = weight_bytes + (predictor_bytes if per_token_pred else 0)
     pred_ms = _predictor_ms(mode, model, batch, device)

@@ -62,7 +62,7 @@ class DecoderBase(nn.Module):
     ``hf_state_dict``, ``prefill`` and ``decode_step``."""
 
     NORM_WEIGHTS: tuple[str, ...] = ()  # parameter-name suffixes that random weights set to 1
-    supports_sparse = True
+    plan_kv_heads: int | None = None  # grouped-query plan layout (models.plan) when set
 
     def _init_common(self, cfg: DecoderConfig, device) -> None:
         self.cfg = cfg

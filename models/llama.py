@@ -1,9 +1,14 @@
 """A compact Llama decoder (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention) beside the OPT one.
 
 Same interface as :class:`models.opt.OPTDecoder`: static KV cache, dense prefill, one decode-step function
-that a CUDA graph can capture, HF checkpoints in and out. This step runs the ``dense`` mode; sparse plans
-for Llama (SwiGLU neuron gathers, query-head sparsity under grouped-query attention) are the next step of
-issue #7, and binding a sparse mode to a Llama model is refused with a clear error.
+that a CUDA graph can capture, HF checkpoints in and out, and every mode.
+
+Sparsity: a neuron is one intermediate channel (a row of ``gate_proj`` and ``up_proj``, a column of
+``down_proj``): the step computes ``silu(gate) * up`` for the selected rows only (one fused gather GEMV)
+and reads the matching rows of ``down_wt``. A head is a query head; under grouped-query attention a
+group's key and value are computed and cached when one of its query heads is kept, and a group whose
+heads are all skipped leaves no key/value for the token (the token is invisible to that group's heads
+later), see :mod:`shadow_kernels.gqa_attention`.
 
 Weight layout, chosen for the sparse kernels to come:
 
@@ -23,12 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from shadow_kernels.add_norm import rms_norm
-from shadow_kernels.gqa_attention import apply_rope
+from shadow_kernels.gqa_attention import apply_rope, dense_units
 
 from .config import DecoderConfig
 from .decoder import DecoderBase, KVCache, StateReader
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
+from .plan import LayerPlan
 
 
 class LlamaLayer(nn.Module):
@@ -46,7 +52,6 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaDecoder(DecoderBase):
-    supports_sparse = False
     NORM_WEIGHTS = ("ln1_w", "ln2_w", "norm_w")
 
     def __init__(self, cfg: DecoderConfig, dtype=torch.float16, device="cpu"):
@@ -68,6 +73,14 @@ class LlamaDecoder(DecoderBase):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        q_unit, kv_unit, _ = dense_units(cfg.n_heads, cfg.n_kv_heads, device)
+        self.register_buffer("_dense_q_unit", q_unit, persistent=False)
+        self.register_buffer("_dense_kv_unit", kv_unit, persistent=False)
+
+    @property
+    def plan_kv_heads(self) -> int:
+        """Plans use the grouped-query layout (see models.plan)."""
+        return self.cfg.n_kv_heads
 
     def load_hf_state_dict(self, sd: dict) -> None:
         cfg = self.cfg
@@ -122,12 +135,20 @@ class LlamaDecoder(DecoderBase):
                 setattr(hf.model.rotary_emb, name, self.rope_inv_freq.clone())
 
     # ---------------------------------------------------------------- bytes
-    def step_weight_bytes(self, heads=None, neurons=None, first_sparse=None) -> int:
-        if heads is not None or neurons is not None:
-            raise ValueError("sparse Llama steps are not implemented yet (issue #7)")
+    def step_weight_bytes(self, heads=None, neurons=None, first_sparse=None, kv_groups=None) -> int:
+        """Bytes of weights one decode step reads, with the live heads, key-value groups and neurons of
+        each sparse layer (dense when None; a group's key and value rows count when it is live)."""
         cfg = self.cfg
-        return (cfg.hidden + cfg.vocab * cfg.hidden + cfg.hidden) * self.dtype.itemsize + sum(
-            p.nbytes for layer in self.layers for p in layer.parameters())
+        E, D = cfg.hidden, cfg.head_dim
+        total = E + cfg.vocab * E + E  # token row, lm_head, final norm
+        for i in range(cfg.n_layers):
+            j = None if first_sparse is None or i < first_sparse else i - first_sparse
+            h = cfg.n_heads if heads is None or j is None else heads[j]
+            g = cfg.n_kv_heads if j is None else (kv_groups[j] if kv_groups is not None else
+                                                  min(cfg.n_kv_heads, h) if heads is not None else cfg.n_kv_heads)
+            f = cfg.ffn if neurons is None or j is None else neurons[j]
+            total += 2 * E + (h + 2 * g) * D * E + h * D * E + 3 * f * E
+        return total * self.dtype.itemsize
 
     # ---------------------------------------------------------------- running
     def _rms(self, x, w):
@@ -180,7 +201,7 @@ class LlamaDecoder(DecoderBase):
             return F.linear(x, self.lm_head)
 
     def decode_step(self, tokens, pos, cache: KVCache, mode, *, predict: bool, ops: Ops | None = None):
-        """One token per sequence at position ``pos`` (one-element device tensor); dense plans only.
+        """One token per sequence at position ``pos`` (one-element device tensor), running ``mode``'s plans.
 
         Attention is one fused GQA + RoPE kernel pair per layer; every residual add is fused with the
         RMSNorm after it (the add that ends layer i carries layer i + 1's input norm, or the final norm).
@@ -193,19 +214,29 @@ class LlamaDecoder(DecoderBase):
         for i, layer in enumerate(layers):
             if predict:
                 mode.observe(i, "input", x)
-            plan = mode.plan(i)
-            if plan.qkv_rows is not None or plan.neurons is not None:
-                raise ValueError("sparse plans for Llama models are not implemented yet (issue #7); use mode 'dense'")
+            plan: LayerPlan = mode.plan(i)
             with nvtx_range(f"layer{i}.attn"):
-                qkv = F.linear(a, layer.qkv_w)
-                heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
-                                          self.rope_sin, self.scale)
-                o = torch.matmul(heads, layer.o_wt)
+                if plan.qkv_rows is None:
+                    qkv = F.linear(a, layer.qkv_w)
+                    heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
+                                              self.rope_sin, self.scale, self._dense_q_unit, self._dense_kv_unit,
+                                              plan.head_slot)
+                    o = torch.matmul(heads, layer.o_wt)
+                else:
+                    qkv = ops.gather_rows(layer.qkv_w, a, plan.qkv_rows, count=plan.qkv_count, validate=False)
+                    heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
+                                              self.rope_sin, self.scale, plan.q_unit, plan.kv_unit, plan.head_slot)
+                    o = ops.gather_cols(layer.o_wt, heads[:, : plan.out_rows.shape[0]], plan.out_rows,
+                                        count=plan.out_count, validate=False)
             if predict:
                 mode.observe(i, "attn_out", o)
             x, a = ops.add_rms(x, o, layer.ln2_w, eps)
             with nvtx_range(f"layer{i}.mlp"):
-                o = self._mlp(layer, a)
+                if plan.neurons is None:
+                    o = self._mlp(layer, a)
+                else:
+                    f = ops.swiglu(layer.gate_w, layer.up_w, a, plan.neurons, count=plan.neuron_count, validate=False)
+                    o = ops.gather_cols(layer.down_wt, f, plan.neurons, count=plan.neuron_count, validate=False)
             nxt = layers[i + 1].ln1_w if i + 1 < len(layers) else self.norm_w
             x, a = ops.add_rms(x, o, nxt, eps)
         return F.linear(a, self.lm_head)

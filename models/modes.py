@@ -83,16 +83,13 @@ class _Sparse(Mode):
         self.first_sparse = first_sparse
 
     def bind(self, model, ops=None):
-        if not getattr(model, "supports_sparse", True):
-            raise ValueError(f"mode {self.name!r} needs sparse plans, which {model.cfg.family} models do not run yet "
-                             "(issue #7); use mode 'dense'")
         super().bind(model, ops)
         cfg = model.cfg
         if self.first_sparse >= cfg.n_layers:
             raise ValueError(f"first_sparse {self.first_sparse} leaves no sparse layer in a {cfg.n_layers}-layer model")
         self.buffers = PlanBuffers(n_layers=cfg.n_layers, first=self.first_sparse, n_heads=cfg.n_heads,
                                    head_dim=cfg.head_dim, ffn=cfg.ffn, sparsity=self.sparsity, policy=self.policy,
-                                   device=model.device, ops=self.ops)
+                                   device=model.device, ops=self.ops, n_kv_heads=model.plan_kv_heads)
         self._plans = [self.buffers.layer(i) if self.buffers.is_sparse(i) else self._dense
                        for i in range(cfg.n_layers)]
         return self

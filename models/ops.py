@@ -34,14 +34,15 @@ class Ops:
     predictor_sparse: Callable
     add_rms: Callable
     gqa_attention: Callable
+    swiglu: Callable
 
 
 TRITON = Ops("triton", sk.gather_rows_gemv, sk.gather_cols_gemv, decode_attention, sk.fused_predictor,
              sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor,
-             add_rmsnorm, gqa_decode_attention)
+             add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv)
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
             sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref,
-            sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref)
+            sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref, sk.gather_swiglu_gemv_ref)
 
 
 def get_ops(backend: str | Ops | None, device: torch.device) -> Ops:

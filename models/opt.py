@@ -141,9 +141,10 @@ class OPTDecoder(DecoderBase):
 
     # ---------------------------------------------------------------- bytes
     def step_weight_bytes(self, heads: list[int] | None = None, neurons: list[int] | None = None,
-                          first_sparse: int | None = None) -> int:
+                          first_sparse: int | None = None, kv_groups=None) -> int:
         """Bytes of weights one decode step reads: embeddings of one token, every layer at the given
-        live heads / neurons per sparse layer (dense when None), the final norm and the LM head."""
+        live heads / neurons per sparse layer (dense when None), the final norm and the LM head.
+        (``kv_groups`` is for grouped-query models; in OPT every head is its own group.)"""
         cfg = self.cfg
         E, D = cfg.hidden, cfg.head_dim
         el = self.dtype.itemsize

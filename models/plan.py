@@ -15,6 +15,12 @@ addresses, so a decode step that refills them can be captured in a CUDA graph):
 
 ``S`` and ``S_f`` are the slots per layer: k for local top-k, all units for global top-k (a layer may
 receive any share of the global budget; ``count`` says how many slots are live).
+
+With grouped-query attention (``n_kv_heads`` given, Llama's group-major Q/K/V layout, see
+:mod:`shadow_kernels.gqa_attention`) the Q/K/V rows are *units* of D rows: the query of each kept head
+and the key and value of each group with a kept head, group by group; ``q_unit`` [L_s, H] and
+``kv_unit`` [L_s, KVH] say where they are and ``head_slot`` is the output slot of each kept head (its
+rank among the kept heads, so ``out_rows`` are those of OPT).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class LayerPlan:
     out_count: torch.Tensor | None = None
     neurons: torch.Tensor | None = None
     neuron_count: torch.Tensor | None = None
+    q_unit: torch.Tensor | None = None  # grouped-query attention only
+    kv_unit: torch.Tensor | None = None
 
 
 def check_sparsity(sparsity) -> float:
@@ -61,8 +69,12 @@ class PlanBuffers:
     """Plans of layers ``first .. n_layers - 1`` in static device buffers, refilled from scores."""
 
     def __init__(self, *, n_layers: int, first: int, n_heads: int, head_dim: int, ffn: int, sparsity: float,
-                 policy: str, device, ops: Ops):
+                 policy: str, device, ops: Ops, n_kv_heads: int | None = None):
         self.first, self.n_layers = first, n_layers
+        self.gqa = n_kv_heads is not None
+        if self.gqa and (n_kv_heads < 1 or n_heads % n_kv_heads):
+            raise ValueError(f"n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}")
+        self.KVH = n_kv_heads if self.gqa else n_heads
         self.H, self.D, self.F = n_heads, head_dim, ffn
         self.sparsity, self.policy, self.ops = check_sparsity(sparsity), check_policy(policy), ops
         n = n_layers - first
@@ -77,7 +89,17 @@ class PlanBuffers:
         self.slots_heads, self.slots_neurons = s_h, s_f
         i32 = dict(dtype=torch.int32, device=device)
         self.head_slot = torch.full((n, n_heads + 1), -1, **i32)
-        self.qkv_rows = torch.zeros((n, s_h * 3 * head_dim), **i32)
+        if self.gqa:
+            G = n_heads // n_kv_heads
+            self.G, self.U = G, n_kv_heads * (G + 2)
+            s_units = min(self.U, s_h + 2 * min(n_kv_heads, s_h))  # kept queries + keys/values of their groups
+            self.qkv_rows = torch.zeros((n, s_units * head_dim), **i32)
+            self.q_unit = torch.full((n, n_heads), -1, **i32)
+            self.kv_unit = torch.full((n, n_kv_heads), -1, **i32)
+            self._unit_ids = torch.arange(self.U, **i32)
+            self._s_units = s_units
+        else:
+            self.qkv_rows = torch.zeros((n, s_h * 3 * head_dim), **i32)
         self.qkv_count = torch.zeros((n,), **i32)
         self.out_rows = torch.zeros((n, s_h * head_dim), **i32)
         self.out_count = torch.zeros((n,), **i32)
@@ -108,12 +130,33 @@ class PlanBuffers:
         slots = self.head_slot[sl]
         slots.fill_(-1)
         slots.scatter_(1, target, self._slot_ids.expand(n, S))
-        torch.add(self._rows3, heads.idx[:, :, None], alpha=3 * self.D, out=self.qkv_rows[sl].view(n, S, 3 * self.D))
-        torch.mul(heads.count, 3 * self.D, out=self.qkv_count[sl])
+        if self.gqa:
+            self._fill_units(sl, n, slots[:, : self.H] >= 0)
+        else:
+            torch.add(self._rows3, heads.idx[:, :, None], alpha=3 * self.D,
+                      out=self.qkv_rows[sl].view(n, S, 3 * self.D))
+            torch.mul(heads.count, 3 * self.D, out=self.qkv_count[sl])
         torch.add(self._rows1, heads.idx[:, :, None], alpha=self.D, out=self.out_rows[sl].view(n, S, self.D))
         torch.mul(heads.count, self.D, out=self.out_count[sl])
         self.neurons[sl].copy_(neurons.idx)
         self.neuron_count[sl].copy_(neurons.count)
+
+    def _fill_units(self, sl, n: int, head_live: torch.Tensor) -> None:
+        """Grouped-query layout from the kept heads [n, H] bool: a group's key and value are live when
+        one of its queries is; live units are numbered group by group in the dense unit order."""
+        KVH, G, D = self.KVH, self.G, self.D
+        hl = head_live.view(n, KVH, G)
+        group_live = hl.any(dim=2, keepdim=True)
+        unit_live = torch.cat([hl, group_live, group_live], dim=2).view(n, self.U)
+        offs = torch.cumsum(unit_live, dim=1, dtype=torch.int32) - 1
+        unit_at = torch.where(unit_live, offs, -1).view(n, KVH, G + 2)
+        self.q_unit[sl].copy_(unit_at[:, :, :G].reshape(n, self.H))
+        self.kv_unit[sl].copy_(unit_at[:, :, G])
+        compact = torch.zeros((n, self.U + 1), dtype=torch.int32, device=head_live.device)
+        compact.scatter_(1, torch.where(unit_live, offs, self.U).long(), self._unit_ids.expand(n, self.U))
+        units = compact[:, : self._s_units]
+        torch.add(self._rows1, units[:, :, None], alpha=D, out=self.qkv_rows[sl].view(n, self._s_units, D))
+        torch.mul(unit_live.sum(dim=1, dtype=torch.int32), D, out=self.qkv_count[sl])
 
     def layer(self, layer: int) -> LayerPlan:
         j = layer - self.first
@@ -122,8 +165,12 @@ class PlanBuffers:
             qkv_rows=self.qkv_rows[j], qkv_count=self.qkv_count[j : j + 1],
             out_rows=self.out_rows[j], out_count=self.out_count[j : j + 1],
             neurons=self.neurons[j], neuron_count=self.neuron_count[j : j + 1],
+            q_unit=self.q_unit[j] if self.gqa else None, kv_unit=self.kv_unit[j] if self.gqa else None,
         )
 
     def counts(self) -> dict:
-        """Live heads and neurons per sparse layer (reads the device; not for use in a decode step)."""
-        return {"heads": (self.qkv_count // (3 * self.D)).tolist(), "neurons": self.neuron_count.tolist()}
+        """Live heads, key-value groups and neurons per sparse layer (reads the device; not for use in a
+        decode step)."""
+        heads = (self.out_count // self.D).tolist()
+        groups = (self.kv_unit >= 0).sum(dim=1).tolist() if self.gqa else heads
+        return {"heads": heads, "kv_groups": groups, "neurons": self.neuron_count.tolist()}

@@ -47,3 +47,73 @@ def test_bad_inputs():
         gqa_decode_attention(torch.zeros(1, 2 * 8, device=DEVICE), kc, kc.clone(), valid, pos, cos, sin)
     with pytest.raises(ValueError, match="cos and sin"):
         gqa_decode_attention(torch.zeros(1, 2 * 3 * 8, device=DEVICE), kc, kc.clone(), valid, pos, cos[:, :4], sin)
+
+
+def compact(qkv, keep, KVH, G, D):
+    """Maps and compacted units for the kept heads ``keep`` [H] bool, written with loops (independent of
+    models.plan): per group with a kept head, its kept queries, then its key and value."""
+    units, q_unit, kv_unit, out_slot = [], [-1] * (KVH * G), [-1] * KVH, [-1] * (KVH * G)
+    dense = qkv.view(qkv.shape[0], KVH, G + 2, D)
+    rank = 0
+    for g in range(KVH):
+        kept = [j for j in range(G) if keep[g * G + j]]
+        if not kept:
+            continue
+        for j in kept:
+            q_unit[g * G + j] = len(units)
+            out_slot[g * G + j] = rank
+            rank += 1
+            units.append(dense[:, g, j])
+        kv_unit[g] = len(units)
+        units += [dense[:, g, G], dense[:, g, G + 1]]
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=DEVICE)
+    packed = torch.stack(units, 1).reshape(qkv.shape[0], -1) if units else qkv[:, :0]
+    return packed.contiguous(), i32(q_unit), i32(kv_unit), i32(out_slot)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("KVH,G,keep", [
+    (2, 3, [1, 0, 1, 0, 0, 0]),  # group 1 dead
+    (3, 2, [0, 1, 1, 1, 0, 0]),
+    (4, 1, [1, 0, 0, 1]),  # multi-head attention
+    (1, 4, [0, 0, 1, 0]),
+])
+def test_sparse_heads_equal_dense_on_kept_heads(backend, KVH, G, keep):
+    torch.manual_seed(0)
+    B, T, D, pos = 2, 40, 16, 23
+    kc = torch.randn(B, KVH, T, D, device=DEVICE)
+    vc = torch.randn(B, KVH, T, D, device=DEVICE)
+    valid = (torch.rand(B, KVH, T, device=DEVICE) < 0.8).to(torch.uint8)
+    qkv = torch.randn(B, KVH * (G + 2) * D, device=DEVICE)
+    cos, sin = rope_tables(T, D)
+    p = torch.tensor([pos], device=DEVICE)
+    fn = gqa_decode_attention if backend == "triton" else gqa_decode_attention_ref
+    dense = [kc.clone(), vc.clone(), valid.clone()]
+    want = gqa_decode_attention_ref(qkv, *dense, p, cos, sin).view(B, KVH * G, D)
+    packed, q_unit, kv_unit, out_slot = compact(qkv, keep, KVH, G, D)
+    sparse = [kc.clone(), vc.clone(), valid.clone()]
+    got = fn(packed, *sparse, p, cos, sin, None, q_unit, kv_unit, out_slot).view(B, KVH * G, D)
+    kept = torch.tensor(keep, dtype=torch.bool)
+    assert rel_err(got[:, : int(kept.sum())], want[:, kept]) <= 1e-5
+    live = torch.tensor([any(keep[g * G:(g + 1) * G]) for g in range(KVH)], device=DEVICE)
+    assert torch.equal(sparse[2][:, :, pos], live.to(torch.uint8).expand(B, KVH))
+    for c in (0, 1):  # live groups cache the new key/value; dead groups leave the cache as it was
+        assert rel_err(sparse[c][:, live, pos], dense[c][:, live, pos]) <= 1e-6
+        assert torch.equal(sparse[c][:, ~live, pos], [kc, vc][c][:, ~live, pos])
+    others = torch.arange(T, device=DEVICE) != pos
+    assert torch.equal(sparse[2][:, :, others], valid[:, :, others])
+
+
+def test_bad_maps():
+    kc = torch.zeros(1, 2, 8, 8, device=DEVICE)
+    cos, sin = rope_tables(8, 8)
+    valid = torch.zeros(1, 2, 8, dtype=torch.uint8, device=DEVICE)
+    pos = torch.tensor([3], device=DEVICE)
+    qkv = torch.zeros(1, 2 * 4 * 8, device=DEVICE)
+    i32 = lambda n: torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="give all three or none"):
+        gqa_decode_attention(qkv, kc, kc.clone(), valid, pos, cos, sin, None, i32(4))
+    with pytest.raises(TypeError, match=r"kv_unit must be an int32 tensor of shape \(2,\)"):
+        gqa_decode_attention(qkv, kc, kc.clone(), valid, pos, cos, sin, None, i32(4), i32(3), i32(4))
+    with pytest.raises(TypeError, match="out_slot must be an int32"):
+        gqa_decode_attention(qkv, kc, kc.clone(), valid, pos, cos, sin, None, i32(4), i32(2), i32(4).long())

@@ -1,4 +1,5 @@
-"""The Llama decoder (dense step of issue #7) against transformers, and SmolLM2 from its GGUF file."""
+"""The Llama decoder against transformers, its sparse modes against a masked reference, and SmolLM2 from its
+GGUF file."""
 
 import importlib.util
 import json
@@ -10,7 +11,8 @@ from models.config import DecoderConfig
 from models.generate import Generator
 from models.llama import LlamaDecoder
 from models.loading import load_model
-from models.modes import Dense, ShadowLLM
+from models.modes import DejaVu, Dense, ShadowLLM, Static
+from models.plan import kept_units
 
 V = 97
 
@@ -67,9 +69,6 @@ def test_unsupported_configs_and_modes():
         tiny_cfg(n_kv_heads=3)
     with pytest.raises(ValueError, match="activation 'relu' is not supported for llama"):
         tiny_cfg(activation="relu")
-    model = LlamaDecoder.random(tiny_cfg(), torch.float32, "cpu")
-    with pytest.raises(ValueError, match="issue #7"):
-        Generator(model, ShadowLLM(0.5, "random"), max_len=8, backend="torch")
 
 
 def test_registry_llama_sizes_on_meta():
@@ -99,3 +98,149 @@ def test_smollm2_gguf_matches_transformers_and_knows_paris():
         assert rel(model.prefill(ids, all_logits=True), hf(ids).logits) <= 1e-4
     out = Generator(model, Dense(), max_len=ids.shape[1] + 8, backend="torch").generate(ids, 6)
     assert "Paris" in tok.decode(out.tokens[0])
+
+
+# ------------------------------------------------------------------ sparse modes
+def masked_reference(model, tokens, P, head_masks, neuron_masks):
+    """Logits of positions P.. when every token from P on computes only the masked query heads and
+    neurons, written from the definitions with loops: a key-value group caches the token's key and value
+    when one of its query heads is kept (all its heads see them later); a group with no kept head leaves
+    nothing; a skipped head contributes no output and a skipped neuron nothing."""
+    cfg = model.cfg
+    B, T = tokens.shape
+    H, KVH, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    G = H // KVH
+    keys = [[[None] * T for _ in range(KVH)] for _ in range(cfg.n_layers)]
+    vals = [[[None] * T for _ in range(KVH)] for _ in range(cfg.n_layers)]
+    out = []
+    for t in range(T):
+        x = torch.nn.functional.embedding(tokens[:, t], model.embed_tokens)
+        pos = torch.tensor([t])
+        for i, layer in enumerate(model.layers):
+            hm = head_masks[t][i] if t >= P else torch.ones(H, dtype=torch.bool)
+            nm = neuron_masks[t][i] if t >= P else torch.ones(cfg.ffn, dtype=torch.bool)
+            a = model._rms(x, layer.ln1_w)
+            q, k, v = model._split_qkv(layer, a)  # [B, H|KVH, D]
+            q = model._rope(q[:, :, None], pos)[:, :, 0]
+            k = model._rope(k[:, :, None], pos)[:, :, 0]
+            heads = torch.zeros(B, H, D)
+            for g in range(KVH):
+                if hm[g * G:(g + 1) * G].any():
+                    keys[i][g][t], vals[i][g][t] = k[:, g], v[:, g]
+                live = [s for s in range(t + 1) if keys[i][g][s] is not None]
+                for h in range(g * G, (g + 1) * G):
+                    if not hm[h]:
+                        continue
+                    K = torch.stack([keys[i][g][s] for s in live], 1)
+                    Vv = torch.stack([vals[i][g][s] for s in live], 1)
+                    p = torch.softmax(torch.einsum("bd,bsd->bs", q[:, h] * model.scale, K), -1)
+                    heads[:, h] = torch.einsum("bs,bsd->bd", p, Vv)
+            x = x + heads.reshape(B, H * D) @ layer.o_wt
+            a = model._rms(x, layer.ln2_w)
+            f = torch.nn.functional.silu(a @ layer.gate_w.T) * (a @ layer.up_w.T) * nm
+            x = x + f @ layer.down_wt
+        if t >= P:
+            out.append(torch.nn.functional.linear(model._rms(x, model.norm_w), model.lm_head))
+    return torch.stack(out, 1)
+
+
+def plan_masks(mode, model):
+    """The current plan as masks [L, H], [L, F], checking the grouped-query unit layout on the way."""
+    cfg = model.cfg
+    H, KVH, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    G = H // KVH
+    hm = torch.ones(cfg.n_layers, H, dtype=torch.bool)
+    nm = torch.ones(cfg.n_layers, cfg.ffn, dtype=torch.bool)
+    for i in range(cfg.n_layers):
+        plan = mode.plan(i)
+        if plan.qkv_rows is None:
+            continue
+        hm[i] = plan.head_slot.cpu() >= 0
+        nm[i] = False
+        nm[i, plan.neurons[: int(plan.neuron_count)].long().cpu()] = True
+        # the gathered rows are, unit by unit, the rows the maps point at in the dense layout
+        rows = plan.qkv_rows[: int(plan.qkv_count)].view(-1, D).cpu().long()
+        expect = []
+        for g in range(KVH):
+            kept = [h for h in range(g * G, (g + 1) * G) if hm[i, h]]
+            assert (int(plan.kv_unit[g]) >= 0) == bool(kept)
+            for h in kept:
+                assert int(plan.q_unit[h]) == len(expect)
+                expect.append(g * (G + 2) + h % G)
+            if kept:
+                expect += [g * (G + 2) + G, g * (G + 2) + G + 1]
+        assert torch.equal(rows, torch.tensor(expect)[:, None] * D + torch.arange(D))
+        assert (plan.q_unit.cpu()[~hm[i]] == -1).all()
+        assert torch.equal(plan.head_slot.cpu()[hm[i]], torch.arange(int(hm[i].sum()), dtype=torch.int32))
+    return hm, nm
+
+
+def imp(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
+            "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
+
+
+SPARSE_CASES = {
+    "static-local": lambda cfg: Static(imp(cfg), 0.5, "local"),
+    "static-global": lambda cfg: Static(imp(cfg), 0.6, "global"),
+    "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
+    "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
+    "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.7, "random", "local", "prompt", hidden=16),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=ON_CPU_ONLY)])
+@pytest.mark.parametrize("case", list(SPARSE_CASES))
+@pytest.mark.parametrize("kv_heads", [2, 1, 4], ids=["gqa", "mqa", "mha"])
+def test_sparse_decode_matches_masked_reference(case, kv_heads, backend):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_kv_heads=kv_heads, n_heads=4, n_layers=4)
+    model = LlamaDecoder.random(cfg, torch.float32, "cpu", seed=3, std=0.2)
+    mode = SPARSE_CASES[case](cfg)
+    B, P, steps = 2, 5, 4
+    tokens = torch.randint(0, V, (B, P + steps), generator=torch.Generator().manual_seed(1))
+    gen = Generator(model, mode, batch=B, max_len=P + steps, backend=backend)
+    gen.prefill(tokens[:, :P])
+    got, hms, nms = [], {}, {}
+    for t in range(P, P + steps):
+        gen.tok.copy_(tokens[:, t])
+        got.append(gen.step().clone())
+        hms[t], nms[t] = plan_masks(mode, model)
+    assert rel(torch.stack(got, 1), masked_reference(model, tokens, P, hms, nms)) <= 1e-4
+    hm, nm = hms[P + steps - 1], nms[P + steps - 1]
+    k_h, k_f = kept_units(cfg.n_heads, mode.sparsity), kept_units(cfg.ffn, mode.sparsity)
+    if mode.policy == "local":
+        assert (hm[1:].sum(1) == k_h).all() and (nm[1:].sum(1) == k_f).all()
+    else:
+        assert int(hm[1:].sum()) == k_h * 3 and int(nm[1:].sum()) == k_f * 3
+    assert hm[0].all() and not hm[1:].all()
+
+
+def test_dead_group_hides_the_token_from_the_group():
+    """With group 1's two heads skipped at one step, that position is invalid for group 1 only."""
+    cfg = tiny_cfg(n_kv_heads=2, n_layers=2)
+    model = LlamaDecoder.random(cfg, torch.float32, "cpu", seed=4, std=0.2)
+    scores = imp(cfg)
+    scores["heads"][1] = torch.tensor([4.0, 3.0, 0.0, 0.0])  # keep heads 0 and 1 = group 0
+    mode = Static(scores, 0.5, "local")
+    gen = Generator(model, mode, batch=1, max_len=12, backend="torch")
+    gen.prefill(torch.randint(0, V, (1, 6)))
+    gen.step()
+    valid = gen.cache.valid[1, 0, :, 6]
+    assert valid.tolist() == [1, 0] and gen.cache.valid[0, 0, :, 6].tolist() == [1, 1]
+    assert mode.live_counts()["kv_groups"] == [1] and mode.live_counts()["heads"] == [2]
+
+
+def test_step_weight_bytes_counts_groups():
+    cfg = tiny_cfg(n_kv_heads=2, n_layers=3)
+    model = LlamaDecoder.random(cfg, torch.float16, "cpu")
+    E, D, Fd = cfg.hidden, cfg.head_dim, cfg.ffn
+    dense = model.step_weight_bytes()
+    params = sum(p.nbytes for layer in model.layers for p in layer.parameters())
+    assert dense == params + (2 * E + cfg.vocab * E) * 2
+    sparse = model.step_weight_bytes([2, 1], [10, 20], 1, kv_groups=[1, 1])
+    per_layer_dense = (2 * E + (4 + 4) * D * E + 4 * D * E + 3 * Fd * E) * 2
+    layer1 = (2 * E + (2 + 2) * D * E + 2 * D * E + 3 * 10 * E) * 2
+    layer2 = (2 * E + (1 + 2) * D * E + 1 * D * E + 3 * 20 * E) * 2
+    assert sparse == dense - 2 * per_layer_dense + layer1 + layer2
