@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig
@@ -57,9 +58,49 @@ class StateReader:
             param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
+HOOK_SITES = ("input", "kv_live", "heads", "attn_out", "ffn_in", "ffn_pre", "neurons")
+
+
+def check_hooks(hooks) -> dict:
+    """Prefill hooks: a dict of callables by site (see ``DecoderBase.prefill``)."""
+    hooks = hooks or {}
+    bad = sorted(set(hooks) - set(HOOK_SITES))
+    if bad:
+        raise ValueError(f"unknown hook sites {bad}; known: {HOOK_SITES}")
+    return hooks
+
+
+def attend(q, k, v, kv_live, scale):
+    """Causal attention over [B, H, P, D] queries and [B, KVH, P, D] keys/values (heads of a group share
+    them). ``kv_live`` [B, KVH, P] bool, when given, hides positions where a group left no key/value."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if kv_live is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    P = q.shape[2]
+    causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
+    live = kv_live.repeat_interleave(group, dim=1) if group > 1 else kv_live
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal & live[:, :, None, :], scale=scale)
+
+
 class DecoderBase(nn.Module):
     """Subclasses define the weights in ``__init__`` (calling ``_init_common``), ``load_hf_state_dict``,
-    ``hf_state_dict``, ``prefill`` and ``decode_step``."""
+    ``hf_state_dict``, ``prefill`` and ``decode_step``.
+
+    ``prefill(tokens, cache, mode, all_logits=, hooks=)`` takes hooks by site, each called with the layer
+    index and full activations of all positions (used by the criteria and by the per-position sparse
+    forward of :mod:`models.sparse_forward`):
+
+    - ``input(i, x)``: the layer's input [B, P, E] (observe only);
+    - ``kv_live(i)`` -> [B, KVH, P] bool or None: positions whose key/value each group keeps;
+    - ``heads(i, heads)`` -> heads: the heads' outputs [B, H, P, D] before the output projection;
+    - ``attn_out(i, o)``: the attention block's output [B, P, E] (observe only);
+    - ``ffn_in(i, a)``: the MLP's input after its norm [B, P, E] (observe only);
+    - ``ffn_pre(i, pre)`` -> pre: the neurons' pre-activations, fc1's [B, P, F] (OPT) or the pair
+      (gate, up) (Llama);
+    - ``neurons(i, f)`` -> f: the neurons' activations [B, P, F] (after ReLU; silu(gate) * up).
+    """
 
     NORM_WEIGHTS: tuple[str, ...] = ()  # parameter-name suffixes that random weights set to 1
     plan_kv_heads: int | None = None  # grouped-query plan layout (models.plan) when set

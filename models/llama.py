@@ -31,7 +31,7 @@ from shadow_kernels.add_norm import rms_norm
 from shadow_kernels.gqa_attention import apply_rope, dense_units
 
 from .config import DecoderConfig
-from .decoder import DecoderBase, KVCache, StateReader
+from .decoder import DecoderBase, KVCache, StateReader, attend, check_hooks
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
 from .plan import LayerPlan
@@ -172,13 +172,15 @@ class LlamaDecoder(DecoderBase):
     def prefill(self, tokens, cache: KVCache | None = None, mode=None, *, all_logits=False, hooks=None):
         """Dense forward of prompts ``tokens`` [B, P] from position 0 (see OPTDecoder.prefill)."""
         B, P = self._check_prompt(tokens, cache)
-        hooks = hooks or {}
+        hooks = check_hooks(hooks)
+        hook = lambda site, i, t: hooks[site](i, t) if site in hooks else t
         positions = torch.arange(P, device=tokens.device)
         with nvtx_range("prefill"):
             x = F.embedding(tokens, self.embed_tokens)
             for i, layer in enumerate(self.layers):
                 if mode is not None:
                     mode.observe(i, "input", x[:, -1])
+                hook("input", i, x)
                 q, k, v = self._split_qkv(layer, self._rms(x, layer.ln1_w))  # [B, P, H|KVH, D]
                 q = self._rope(q.transpose(1, 2), positions)
                 k = self._rope(k.transpose(1, 2), positions)
@@ -187,16 +189,18 @@ class LlamaDecoder(DecoderBase):
                     cache.k[i, :, :, :P].copy_(k)
                     cache.v[i, :, :, :P].copy_(v)
                     cache.valid[i, :, :, :P] = 1
-                kk = k.repeat_interleave(self.group, dim=1)
-                vv = v.repeat_interleave(self.group, dim=1)
-                heads = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=self.scale)
-                if "heads" in hooks:
-                    heads = hooks["heads"](i, heads)
+                kv_live = hooks["kv_live"](i) if "kv_live" in hooks else None
+                heads = hook("heads", i, attend(q, k, v, kv_live, self.scale))
                 o = torch.matmul(heads.transpose(1, 2).reshape(B, P, -1), layer.o_wt)
                 if mode is not None:
                     mode.observe(i, "attn_out", o[:, -1])
+                hook("attn_out", i, o)
                 x = x + o
-                x = x + self._mlp(layer, self._rms(x, layer.ln2_w))
+                a = self._rms(x, layer.ln2_w)
+                hook("ffn_in", i, a)
+                gate, up = hook("ffn_pre", i, (F.linear(a, layer.gate_w), F.linear(a, layer.up_w)))
+                f = hook("neurons", i, F.silu(gate) * up)
+                x = x + torch.matmul(f, layer.down_wt)
             x = self._rms(x if all_logits else x[:, -1], self.norm_w)
             return F.linear(x, self.lm_head)
 

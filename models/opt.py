@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig
-from .decoder import DecoderBase, KVCache, StateReader
+from .decoder import DecoderBase, KVCache, StateReader, attend, check_hooks
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
 from .plan import LayerPlan
@@ -183,18 +183,20 @@ class OPTDecoder(DecoderBase):
 
         Fills ``cache`` (every head valid), lets ``mode`` observe the last position of each layer's
         input and attention output (``mode.observe(layer, site, x)``) when given, and returns the
-        logits of the last position [B, V] or of every position [B, P, V]. ``hooks`` (a dict of
-        callables by site name) sees full activations; the criteria use it.
+        logits of the last position [B, V] or of every position [B, P, V]. ``hooks``: see
+        :class:`~models.decoder.DecoderBase`.
         """
         B, P = self._check_prompt(tokens, cache)
         cfg = self.cfg
         H, D = cfg.n_heads, cfg.head_dim
-        hooks = hooks or {}
+        hooks = check_hooks(hooks)
+        hook = lambda site, i, t: hooks[site](i, t) if site in hooks else t
         with nvtx_range("prefill"):
             x = self._embed(tokens, torch.arange(P, device=tokens.device)[None, :])
             for i, layer in enumerate(self.layers):
                 if mode is not None:
                     mode.observe(i, "input", x[:, -1])
+                hook("input", i, x)
                 res = x
                 a = self._ln(x, layer.ln1_w, layer.ln1_b) if cfg.pre_norm else x
                 qkv = F.linear(a, layer.qkv_w, layer.qkv_b).view(B, P, H, 3, D).permute(3, 0, 2, 1, 4)
@@ -203,20 +205,19 @@ class OPTDecoder(DecoderBase):
                     cache.k[i, :, :, :P].copy_(k)
                     cache.v[i, :, :, :P].copy_(v)
                     cache.valid[i, :, :, :P] = 1
-                heads = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)  # [B, H, P, D]
-                if "heads" in hooks:
-                    heads = hooks["heads"](i, heads)
+                kv_live = hooks["kv_live"](i) if "kv_live" in hooks else None
+                heads = hook("heads", i, attend(q, k, v, kv_live, 1.0))  # [B, H, P, D]
                 o = torch.matmul(heads.transpose(1, 2).reshape(B, P, H * D), layer.out_wt) + layer.out_b
                 if mode is not None:
                     mode.observe(i, "attn_out", o[:, -1])
+                hook("attn_out", i, o)
                 x = res + o
                 if not cfg.pre_norm:
                     x = self._ln(x, layer.ln1_w, layer.ln1_b)
                 res = x
                 a = self._ln(x, layer.ln2_w, layer.ln2_b) if cfg.pre_norm else x
-                f = torch.relu(F.linear(a, layer.fc1_w, layer.fc1_b))
-                if "neurons" in hooks:
-                    f = hooks["neurons"](i, f)
+                hook("ffn_in", i, a)
+                f = hook("neurons", i, torch.relu(hook("ffn_pre", i, F.linear(a, layer.fc1_w, layer.fc1_b))))
                 x = res + torch.matmul(f, layer.fc2_wt) + layer.fc2_b
                 if not cfg.pre_norm:
                     x = self._ln(x, layer.ln2_w, layer.ln2_b)

@@ -93,8 +93,9 @@ def add_layernorm_ref(x, residual, weight, bias, eps=1e-5):
 
 
 def rms_norm(x, weight, eps=1e-6):
-    """transformers' LlamaRMSNorm on any shape [..., N]: normalise in fp32, round, then scale."""
-    xf = x.float()
+    """transformers' LlamaRMSNorm on any shape [..., N]: normalise in fp32 (fp64 stays fp64), round, then
+    scale."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
