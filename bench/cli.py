@@ -43,9 +43,9 @@ def _kernels(args) -> int:
 
     on_gpu = torch.cuda.is_available()
     models = _names(args.models or (DEFAULT_GPU_MODELS if on_gpu else kernels.TINY.name))
-    unknown = [m for m in models if m not in MODELS and m != kernels.TINY.name]
+    unknown = [m for m in models if m not in MODELS and m not in kernels.TINY_SPECS]
     if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join([*MODELS, kernels.TINY.name])}")
+        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join([*MODELS, *kernels.TINY_SPECS])}")
     ops = _names(args.ops) if args.ops else list(kernels.OPS)
     bad_ops = [o for o in ops if o not in kernels.OPS]
     if bad_ops:

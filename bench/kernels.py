@@ -24,9 +24,10 @@ from .results import RowWriter, environment, git_commit, make_row
 from .timing import copy_bandwidth, time_op
 
 GEMV_OPS = ("fc1", "fc2", "qkv", "out_proj")
+LLAMA_OPS = ("swiglu",)  # fused gate+up gather GEMV (Llama models only)
 PREDICTOR_OPS = ("predictor_dejavu", "predictor_shadowllm")
 TOPK_OPS = ("topk_local", "topk_global")
-OPS = GEMV_OPS + PREDICTOR_OPS + TOPK_OPS
+OPS = GEMV_OPS + LLAMA_OPS + PREDICTOR_OPS + TOPK_OPS
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Relative error (||out - ref|| / ||ref|| against fp32) above which a case is reported as wrong.
@@ -41,6 +42,8 @@ MAX_PREDICTOR_BYTES = 6 << 30
 
 # A small model for CPU smoke runs of the benchmark (not in the registry: no real checkpoint has it).
 TINY = ModelSpec("tiny", "opt", 128, 512, 3, 4, 4, 1000, 128)
+TINY_LLAMA = ModelSpec("tiny-llama", "llama", 128, 384, 3, 4, 2, 1000, 128)
+TINY_SPECS = {TINY.name: TINY, TINY_LLAMA.name: TINY_LLAMA}
 
 
 class SkipCase(Exception):
@@ -123,6 +126,29 @@ def _cols_case(wt, w_natural, b, h, h_dense, idx, batch):
                  {"weight_t": list(wt.shape), "selected": k})
 
 
+def _swiglu_case(spec, sparsity, batch, dtype, device, gen):
+    if spec.family != "llama":
+        raise SkipCase(f"swiglu is the Llama MLP; {spec.name} is {spec.family}")
+    E, Fn = spec.hidden, spec.ffn
+    gate = _rand((Fn, E), dtype, device, gen, E**-0.5)
+    up = _rand((Fn, E), dtype, device, gen, E**-0.5)
+    x = _vec(_rand((batch, E), dtype, device, gen), batch)
+    idx = _choice(Fn, kept(Fn, sparsity), device, gen)
+    idx32 = idx.to(torch.int32)
+    variants = {
+        "triton": lambda: sk.gather_swiglu_gemv(gate, up, x, idx32, validate=False),
+        "torch_dense": lambda: F.silu(F.linear(x, gate)) * F.linear(x, up),
+        "torch_index_select": lambda: (F.silu(F.linear(x, gate.index_select(0, idx)))
+                                       * F.linear(x, up.index_select(0, idx))),
+    }
+    reference = lambda: sk.gather_swiglu_gemv_ref(gate.float(), up.float(), x.float(), idx)
+    k, elt = idx.numel(), gate.element_size()
+    moved = (2 * k * E + batch * E + batch * k) * elt + 4 * k
+    dense = (2 * Fn * E + batch * E + batch * Fn) * elt
+    return Built(variants, reference, ("triton", "torch_index_select"), moved, dense,
+                 {"weight": [2, Fn, E], "selected": k})
+
+
 def _predictor_case(spec, op, batch, dtype, device, gen):
     E = spec.hidden
     if op == "predictor_dejavu":
@@ -199,6 +225,8 @@ def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
         h = _vec(_rand((B, idx.numel()), dtype, device, gen).relu(), B)
         h_dense = _vec(_rand((B, n_in), dtype, device, gen).relu(), B)
         return _cols_case(wt, w_natural, b, h, h_dense, idx, B)
+    if case.op == "swiglu":
+        return _swiglu_case(spec, case.sparsity, B, dtype, device, gen)
     if case.op in PREDICTOR_OPS:
         return _predictor_case(spec, case.op, B, dtype, device, gen)
     if case.op in TOPK_OPS:
@@ -245,7 +273,7 @@ def cases(models, ops, sparsities, batches) -> list[Case]:
 
 
 def _spec(name: str) -> ModelSpec:
-    return TINY if name == TINY.name else get_spec(name)
+    return TINY_SPECS[name] if name in TINY_SPECS else get_spec(name)
 
 
 def run_case(case: Case, dtype, device, copy_gbps, base: dict) -> list[dict]:

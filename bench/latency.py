@@ -196,10 +196,13 @@ def build_model(name: str, dtype, device, seed=0):
     if name == "tiny":
         cfg = DecoderConfig(family="opt", vocab=512, hidden=64, ffn=256, n_layers=3, n_heads=4, n_kv_heads=4,
                             max_positions=512, name="tiny")
+    elif name == "tiny-llama":
+        cfg = DecoderConfig(family="llama", vocab=512, hidden=64, ffn=192, n_layers=3, n_heads=4, n_kv_heads=2,
+                            max_positions=512, activation="silu", name="tiny-llama")
     elif name in MODELS:
         cfg = DecoderConfig.from_spec(name)
     else:
-        raise ValueError(f"unknown model {name!r}; known: tiny, {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; known: tiny, tiny-llama, {', '.join(MODELS)}")
     return random_model(cfg, dtype=dtype, device=device, seed=seed)
 
 

@@ -110,3 +110,13 @@ def test_commit_override(monkeypatch):
     assert git_commit() == "abc123"
     monkeypatch.delenv("SHADOWBENCH_COMMIT")
     assert git_commit() != "abc123"
+
+
+def test_swiglu_op_runs_on_llama_and_is_skipped_on_opt(tmp_path):
+    rows = kernels.run_sweep(["tiny-llama", "tiny"], ["swiglu"], [0.5], [1], "fp16", tmp_path / "k.jsonl",
+                             progress=False)
+    llama = [r for r in rows if r["model"] == "tiny-llama"]
+    errs = {r["extra"]["variant"]: r["value"] for r in llama if r["metric"] == "rel_err"}
+    assert {r["status"] for r in llama} == {"ok"} and errs["triton"] <= kernels.TOLERANCE[kernels.DTYPES["fp16"]]
+    opt = [r for r in rows if r["model"] == "tiny"]
+    assert opt and {r["status"] for r in opt} == {"skipped"}

@@ -56,3 +56,14 @@ def test_cli_latency(tmp_path, capsys):
         cli.main(["latency", "--sparsity", "1.5", "--out", str(out)])
     with pytest.raises(ValueError, match="unknown model"):
         latency.build_model("opt-7b", None, "cpu")
+
+
+def test_llama_runs_every_mode(tmp_path):
+    rows = latency.run_latency(["tiny-llama"], ["dense", "static", "dejavu", "shadowllm", "hf"], [0.5], [4],
+                               ["token"], prompt_len=5, out_path=tmp_path / "l.jsonl", progress=False,
+                               shadowllm_policies=("global",))
+    assert {r["status"] for r in rows} == {"ok"}
+    tok = {r["mode"] for r in rows if r["metric"] == "token_ms"}
+    assert tok == {"dense", "static", "dejavu", "shadowllm", "hf"}
+    sb = {r["mode"]: r["value"] for r in rows if r["metric"] == "step_bytes"}
+    assert sb["static"] < sb["dense"]
