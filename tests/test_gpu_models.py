@@ -117,20 +117,23 @@ def test_llama_dense_on_gpu_matches_transformers_and_graph():
         assert rel(gen.step(), ref[:, t]) <= 5e-3
 
 
-def llama_model(kv_heads=2):
+def llama_model(kv_heads=2, dtype=torch.float16):
     from models.llama import LlamaDecoder
 
     c = DecoderConfig(family="llama", vocab=V, hidden=512, ffn=1024, n_layers=4, n_heads=8, n_kv_heads=kv_heads,
                       max_positions=256, activation="silu", tie_embeddings=False, rope_theta=10000.0)
-    return LlamaDecoder.random(c, torch.float16, "cuda", seed=0, std=0.05)
+    return LlamaDecoder.random(c, dtype, "cuda", seed=0, std=0.05)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 8])
 @pytest.mark.parametrize("name", [n for n in MODES if n != "dense"])
 def test_llama_sparse_graph_triton_equals_eager_torch(name, kv_heads):
     """Sparse Llama on the GPU: graph-captured Triton kernels give the logits of the eager PyTorch
-    references (GQA head sparsity, SwiGLU gathers)."""
-    m = llama_model(kv_heads)
+    references (GQA head sparsity, SwiGLU gathers). Predictor modes run in fp32: in fp16 the two
+    backends' rounding moves scores at the top-k boundary, a unit swaps and the logits move by ~2% (seen
+    with DejaVu at commit 0236822), which says nothing about the kernels."""
+    dtype = torch.float16 if name == "static" else torch.float32
+    m = llama_model(kv_heads, dtype)
     tokens = torch.randint(0, V, (1, 30), device="cuda")
     logits = []
     for backend, graph in (("triton", True), ("torch", False)):
@@ -141,7 +144,7 @@ def test_llama_sparse_graph_triton_equals_eager_torch(name, kv_heads):
             gen.tok.copy_(tokens[:, t])
             steps.append(gen.step().float().clone())
         logits.append(torch.stack(steps))
-    assert rel(logits[0], logits[1]) <= 1e-2
+    assert rel(logits[0], logits[1]) <= (1e-2 if dtype == torch.float16 else 1e-3)
 
 
 def test_llama_2_7b_shape_in_every_mode():
