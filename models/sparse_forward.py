@@ -37,13 +37,22 @@ def _select(scores: torch.Tensor, k: int, policy: str) -> torch.Tensor:
 class PositionPlans:
     """Prefill hooks that make a dense prefill run ``mode`` from position ``sparse_from`` on."""
 
-    def __init__(self, model, mode: Mode, sparse_from: int, positions: int):
-        if not isinstance(sparse_from, int) or not 1 <= sparse_from <= positions:
+    def __init__(self, model, mode: Mode, sparse_from, positions: int, batch: int):
+        """``sparse_from``: one int for all sequences, or an int tensor [batch], each in [1, positions]."""
+        if isinstance(sparse_from, torch.Tensor):
+            start = sparse_from.to(device=model.device, dtype=torch.long).reshape(-1)
+            if start.numel() != batch:
+                raise ValueError(f"sparse_from has {start.numel()} entries for {batch} sequences")
+        elif isinstance(sparse_from, int) and not isinstance(sparse_from, bool):
+            start = torch.full((batch,), sparse_from, dtype=torch.long, device=model.device)
+        else:
+            raise TypeError(f"sparse_from must be an int or an int tensor, got {type(sparse_from).__name__}")
+        if start.numel() and (int(start.min()) < 1 or int(start.max()) > positions):
             raise ValueError(f"sparse_from must be an int in [1, {positions}] (position 0 is always prefilled), "
                              f"got {sparse_from!r}")
         if not hasattr(mode, "model") or mode.model is not model:
             raise ValueError("bind the mode to this model first (mode.bind(model))")
-        self.model, self.mode, self.start, self.P = model, mode, sparse_from, positions
+        self.model, self.mode, self.start, self.P = model, mode, start, positions
         cfg = model.cfg
         self.kvh = model.plan_kv_heads or cfg.n_heads
         self.head_masks: dict[int, torch.Tensor] = {}  # layer -> [B, P, H] bool
@@ -62,15 +71,15 @@ class PositionPlans:
     # ---------------------------------------------------------------- masks
     def _store(self, layer, hm, nm):
         """Masks of the sparse positions, [B or 1, P or 1, units]; dense positions are added here."""
-        B = hm.shape[0]
-        dense_rows = torch.arange(self.P, device=hm.device) < self.start
-        self.head_masks[layer] = hm.expand(B, self.P, -1) | dense_rows[None, :, None]
-        self.neuron_masks[layer] = nm.expand(B, self.P, -1) | dense_rows[None, :, None]
+        B = self.start.shape[0]
+        dense_rows = (torch.arange(self.P, device=hm.device)[None, :] < self.start[:, None])[:, :, None]
+        self.head_masks[layer] = hm.expand(B, self.P, -1) | dense_rows
+        self.neuron_masks[layer] = nm.expand(B, self.P, -1) | dense_rows
 
     def _sources(self, x):
         """The predictor inputs the plans come from: every position (token) or the last prefilled one."""
-        if self.mode.granularity == "prompt":
-            return x[:, self.start - 1: self.start]  # [B, 1, E], broadcast to all positions
+        if self.mode.granularity == "prompt":  # [B, 1, E], broadcast to all positions
+            return x[torch.arange(x.shape[0], device=x.device), self.start - 1][:, None]
         return x
 
     def _scores(self, x, layer):
@@ -120,9 +129,10 @@ class PositionPlans:
 
 
 @torch.no_grad()
-def sparse_logits(model, tokens: torch.Tensor, mode: Mode, sparse_from: int) -> torch.Tensor:
+def sparse_logits(model, tokens: torch.Tensor, mode: Mode, sparse_from) -> torch.Tensor:
     """Logits [B, P, V] of every position of ``tokens`` [B, P] under ``mode`` (bound to ``model``), with
-    positions before ``sparse_from`` prefilled densely (see the module docstring)."""
-    plans = PositionPlans(model, mode, sparse_from, tokens.shape[1])
+    positions before ``sparse_from`` (an int, or one per sequence) prefilled densely (see the module
+    docstring). Right padding is harmless: positions only see earlier ones."""
+    plans = PositionPlans(model, mode, sparse_from, tokens.shape[1], tokens.shape[0])
     return model.prefill(tokens, all_logits=True, hooks=plans.hooks())
 

@@ -64,6 +64,11 @@ def test_equals_teacher_forced_decoding(family, case):
     assert rel(got[:, start - 1:], want) <= 1e-4
     if case != "dense":  # and it is not the dense forward
         assert rel(got[:, start:], model.prefill(tokens, all_logits=True)[:, start:]) > 1e-3
+    # one start per sequence: each row is what it is alone
+    starts = torch.tensor([start, start + 2])
+    per_row = sparse_logits(model, tokens, mode, starts)
+    assert rel(per_row[0], got[0]) <= 1e-6
+    assert rel(per_row[1], sparse_logits(model, tokens[1:], mode, start + 2)[0]) <= 1e-6
 
 
 def test_bad_arguments():
@@ -75,5 +80,7 @@ def test_bad_arguments():
     mode.bind(model)
     with pytest.raises(ValueError, match="sparse_from must be an int in \\[1, 6\\]"):
         sparse_logits(model, tokens, mode, 0)
+    with pytest.raises(ValueError, match="sparse_from has 2 entries for 1 sequences"):
+        sparse_logits(model, tokens, mode, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="unknown hook sites"):
         model.prefill(tokens, hooks={"nope": lambda i, x: x})

@@ -1,0 +1,145 @@
+"""Criteria datasets: pruning criteria and predictor inputs for task prompts (``shadowbench collect``).
+
+For each task's *predictor* split (never its eval split, see :mod:`bench.tasks`) and each shot count,
+every example's context (with that many solved examples before it) is the prompt and its gold
+continuation the target. One forward and backward per batch (:func:`models.criteria.compute`) gives, per
+example, every per-example criterion of every head and neuron, layer 0's attention output at the last
+context position (the ShadowLLM predictor's input) and each layer's input there (DejaVu's).
+
+Written to ``OUT/``:
+
+- ``criteria.safetensors``: ``{criterion}.heads`` [N, L, H] and ``{criterion}.neurons`` [N, L, F]
+  (fp32; aggregate-only criteria [L, H] / [L, F]), ``attn0`` [N, E] (fp32) and ``inputs`` [N, L, E]
+  (fp16);
+- ``meta.json``: model, criteria, shots, neuron site, per-task counts, tasks missing here and why, the
+  split rule, the examples (task, index, shots) in row order, the commit;
+- ``importance-{criterion}.safetensors``: the mean over examples (the aggregate for jacov/epenas), the
+  ``static`` mode's input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from models.criteria import AGGREGATE, Batch, check_criteria, compute
+
+from .results import git_commit
+from .tasks import DataError, check_tasks, load_task, with_shots
+
+
+def _examples(tasks, shots, per_task, data_dir, seed):
+    """(task, index, shots, context, continuation) of the gold choices; ``per_task`` examples per task
+    and shot count, drawn without replacement with a seeded generator."""
+    out, counts, missing = [], {}, {}
+    for task in tasks:
+        try:
+            pool = load_task(task, "predictor", data_dir)
+        except DataError as e:
+            missing[task] = str(e)
+            continue
+        rng = random.Random(f"{seed}/{task}")
+        chosen = rng.sample(pool, min(per_task, len(pool))) if per_task else pool
+        for k in shots:
+            for ex in chosen:
+                shot = with_shots(ex, pool, k, seed)
+                ctx, cont = shot.choices[shot.gold]
+                out.append((task, ex.index, k, ctx, cont))
+        counts[task] = len(chosen) * len(shots)
+    if not out:
+        raise DataError(f"no task data found for {tasks}: " + "; ".join(missing.values()))
+    return out, counts, missing
+
+
+def collect(model, tokenizer, *, tasks, shots=(0,), criteria=("plainact", "l2norm"), per_task=50,
+            batch_size=8, neuron_site="weight", data_dir=None, out_dir="runs/criteria", seed=0,
+            model_name=None, progress=True) -> Path:
+    tasks = check_tasks(tasks)
+    criteria = check_criteria(criteria)
+    shots = [int(s) for s in shots]
+    examples, counts, missing = _examples(tasks, shots, per_task, data_dir, seed)
+    max_len = model.cfg.max_positions
+    pairs = []
+    for task, index, _, ctx, cont in examples:
+        c_ids = tokenizer.encode(ctx, special=True)
+        t_ids = tokenizer.encode(cont, special=False)
+        if not t_ids or len(t_ids) >= max_len:
+            raise ValueError(f"{task} example {index}: a target of {len(t_ids)} tokens does not fit "
+                             f"{max_len} positions")
+        pairs.append((c_ids[-(max_len - len(t_ids)):], t_ids))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_example = [c for c in criteria if c not in AGGREGATE]
+    store = {f"{c}.{k}": [] for c in per_example for k in ("heads", "neurons")}
+    agg = {f"{c}.{k}": 0.0 for c in criteria if c in AGGREGATE for k in ("heads", "neurons")}
+    n_agg = 0
+    attn0, inputs, losses = [], [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pairs), desc="collect", unit="ex")
+    t0 = time.time()
+    for i in range(0, len(pairs), batch_size):
+        batch = Batch.from_pairs(pairs[i: i + batch_size], device=model.device)
+        res = compute(model, batch, criteria, neuron_site=neuron_site)
+        for c in per_example:
+            for k in ("heads", "neurons"):
+                store[f"{c}.{k}"].append(res[c][k].float().cpu())
+        if agg and batch.tokens.shape[0] >= 2:  # a correlation needs two examples
+            for key in agg:
+                c, k = key.split(".")
+                agg[key] = agg[key] + res[c][k][0].float().cpu()
+            n_agg += 1
+        attn0.append(res["attn0"].float().cpu())
+        inputs.append(res["inputs"].half().cpu())
+        losses.append(res["loss"].float().cpu())
+        if bar is not None:
+            bar.update(batch.tokens.shape[0])
+    if bar is not None:
+        bar.close()
+    tensors = {k: torch.cat(v) for k, v in store.items()}
+    if agg:
+        if n_agg == 0:
+            raise ValueError(f"{', '.join(c for c in criteria if c in AGGREGATE)} need batches of at least 2 examples")
+        tensors.update({k: v / n_agg for k, v in agg.items()})
+    tensors.update(attn0=torch.cat(attn0), inputs=torch.cat(inputs), loss=torch.cat(losses))
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out_dir / "criteria.safetensors"))
+    for c in criteria:
+        imp = {k: (tensors[f"{c}.{k}"] if c in AGGREGATE else tensors[f"{c}.{k}"].mean(0)).contiguous()
+               for k in ("heads", "neurons")}
+        save_file(imp, str(out_dir / f"importance-{c}.safetensors"))
+    cfg = model.cfg
+    meta = {
+        "model": model_name or cfg.name, "config": dataclasses.asdict(cfg),
+        "family": cfg.family, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads, "ffn": cfg.ffn, "hidden": cfg.hidden, "dtype": str(model.dtype),
+        "tokenizer": getattr(tokenizer, "name", None), "criteria": criteria,
+        "aggregate_only": [c for c in criteria if c in AGGREGATE], "aggregate_batches": n_agg,
+        "shots": shots, "neuron_site": neuron_site, "per_task": per_task, "seed": seed,
+        "tasks": counts, "missing_tasks": missing, "n_examples": len(pairs),
+        "split": "predictor splits of bench.tasks (PIQA/HellaSwag: even records of validation)",
+        "predictor_input_position": "last context token",
+        "examples": [[t, i, k] for t, i, k, _, _ in examples],
+        "commit": git_commit(), "seconds": round(time.time() - t0, 1),
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return out_dir
+
+
+def load_dataset(path) -> tuple[dict, dict]:
+    """The tensors and metadata of a criteria directory written by :func:`collect`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "criteria.safetensors").is_file() or not (path / "meta.json").is_file():
+        raise ValueError(f"{str(path)!r} is not a criteria directory (needs criteria.safetensors and meta.json; "
+                         "make one with `shadowbench collect`)")
+    return load_file(str(path / "criteria.safetensors")), json.loads((path / "meta.json").read_text())

@@ -1,0 +1,286 @@
+"""Perplexity and multiple-choice accuracy of a model in a mode, through the decoder's sparse semantics.
+
+Every number goes through :func:`models.sparse_forward.sparse_logits`, which the tests prove equal to
+prefilling densely and then decoding token by token with the mode's plans (batch 1 per sequence):
+
+- perplexity: WikiText-2 test, sliding windows of ``context`` tokens advancing by ``stride``; each window
+  scores its last ``stride`` tokens (all of them in the first window); the tokens before them are the
+  window's dense prefill, the scored ones are decoded sparsely (with ``sparse_prefix`` the whole window
+  after its first token is decoded);
+- accuracy: per choice, the summed log-likelihood of the continuation tokens given the context
+  (lm-evaluation-harness's ``acc``; ``acc_norm`` divides by the choice's length in characters). The
+  context is the dense prefill and the continuation is decoded; with ``sparse_prefix`` the context is
+  decoded too (from its second token), which is the paper's setting where every position is sparse.
+  The first continuation token is predicted by the last context position, so with a dense context a
+  one-token continuation (RTE's " True") is scored densely: that is what decoding does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from models.sparse_forward import sparse_logits
+
+from .tasks import Example, with_shots
+
+
+def _nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """-log p(tokens[:, t + 1] | ..) for every position t: [B, P - 1] (fp32)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(2, tokens[:, 1:, None])[..., 0]
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll: float
+    tokens: int  # scored tokens
+    windows: int
+
+
+def perplexity(model, mode, ids: list[int], *, context: int, stride: int, batch: int = 4,
+               sparse_prefix: bool = False, progress=None) -> Perplexity:
+    """Sliding-window perplexity of ``ids`` (see the module docstring). ``mode`` must be bound to ``model``."""
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+    if context > model.cfg.max_positions:
+        raise ValueError(f"context {context} exceeds the model's {model.cfg.max_positions} positions")
+    if len(ids) < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {len(ids)}")
+    windows = []  # (begin, end, first scored position within the window)
+    prev_end = 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        scored = end - prev_end
+        first = max(1, (end - begin) - scored)
+        windows.append((begin, end, first))
+        prev_end = end
+        if end == len(ids):
+            break
+    total, count = 0.0, 0
+    device = model.device
+    for i in range(0, len(windows), batch):
+        group = windows[i: i + batch]
+        P = max(e - b for b, e, _ in group)
+        tok = torch.zeros(len(group), P, dtype=torch.long)
+        for r, (b, e, _) in enumerate(group):
+            tok[r, : e - b] = torch.tensor(ids[b:e])
+        tok = tok.to(device)
+        starts = torch.tensor([1 if sparse_prefix else f for _, _, f in group])
+        nll = _nll(sparse_logits(model, tok, mode, starts), tok)  # nll[:, t] scores token t + 1
+        for r, (b, e, f) in enumerate(group):
+            total += float(nll[r, f - 1: e - b - 1].sum())
+            count += e - b - f
+        if progress is not None:
+            progress.update(len(group))
+    return Perplexity(math.exp(total / count), total / count, count, len(windows))
+
+
+@dataclass
+class Accuracy:
+    acc: float
+    acc_norm: float
+    n: int
+
+
+def _requests(ex: Example, tokenizer, max_len: int):
+    out = []
+    for context, continuation in ex.choices:
+        ctx = tokenizer.encode(context, special=True)
+        cont = tokenizer.encode(continuation, special=False)
+        if not cont:
+            raise ValueError(f"{ex.task} example {ex.index}: continuation {continuation!r} has no tokens")
+        if len(cont) >= max_len:
+            raise ValueError(f"{ex.task} example {ex.index}: continuation of {len(cont)} tokens does not fit "
+                             f"the model's {max_len} positions")
+        ctx = ctx[-(max_len - len(cont)):]  # left-truncate long contexts (lm-eval does the same)
+        out.append((ctx, cont))
+    return out
+
+
+def accuracy(model, mode, tokenizer, examples: list[Example], *, batch: int = 8, sparse_prefix: bool = False,
+             progress=None) -> Accuracy:
+    """lm-eval ``acc`` and ``acc_norm`` over ``examples`` (``mode`` bound to ``model``)."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    reqs = []  # (example number, choice, ctx ids, cont ids)
+    for n, ex in enumerate(examples):
+        for c, (ctx, cont) in enumerate(_requests(ex, tokenizer, model.cfg.max_positions)):
+            reqs.append((n, c, ctx, cont))
+    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][2]) - len(reqs[i][3]))  # similar lengths together
+    loglik = {}
+    for i in range(0, len(order), batch):
+        group = [reqs[j] for j in order[i: i + batch]]
+        P = max(len(c) + len(t) for _, _, c, t in group)
+        tok = torch.zeros(len(group), P, dtype=torch.long)
+        for r, (_, _, c, t) in enumerate(group):
+            tok[r, : len(c) + len(t)] = torch.tensor(c + t)
+        tok = tok.to(model.device)
+        starts = torch.tensor([1 if sparse_prefix else len(c) for _, _, c, _ in group])
+        nll = _nll(sparse_logits(model, tok, mode, starts), tok)
+        for r, (n, ch, c, t) in enumerate(group):
+            loglik[(n, ch)] = -float(nll[r, len(c) - 1: len(c) + len(t) - 1].sum())
+        if progress is not None:
+            progress.update(len(group))
+    correct = correct_norm = 0
+    for n, ex in enumerate(examples):
+        ll = [loglik[(n, c)] for c in range(len(ex.choices))]
+        conts = [cont for _, cont in ex.choices]
+        # acc_norm divides by the length of what the choices differ in: the continuation without lm-eval's
+        # target delimiter, or the context for Winogrande's partial scoring (one shared continuation)
+        lengths = [len(ctx) for ctx, _ in ex.choices] if len(set(conts)) == 1 else [len(t) - 1 for t in conts]
+        norm = [v / max(1, n_chars) for v, n_chars in zip(ll, lengths, strict=True)]
+        correct += int(max(range(len(ll)), key=ll.__getitem__) == ex.gold)
+        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == ex.gold)
+    return Accuracy(correct / len(examples), correct_norm / len(examples), len(examples))
+
+
+# ------------------------------------------------------------------ sweeps (shadowbench quality)
+QUALITY_MODES = ("dense", "static", "dejavu", "shadowllm")
+
+
+@dataclass(frozen=True)
+class QualityCase:
+    mode: str
+    criterion: str | None
+    policy: str | None
+    sparsity: float
+
+    def key(self):
+        return (self.mode, self.criterion, self.policy, self.sparsity)
+
+
+def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
+    bad = [m for m in modes if m not in QUALITY_MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(QUALITY_MODES)}")
+    out = []
+    for mode in modes:
+        if mode == "dense":
+            out.append(QualityCase("dense", None, None, 0.0))
+            continue
+        for crit in criteria:
+            for s in sparsities:
+                if s == 0.0:
+                    continue
+                for pol in (("local",) if mode == "dejavu" else policies):
+                    out.append(QualityCase(mode, crit, pol, s))
+    return out
+
+
+def build_quality_mode(case: QualityCase, *, criteria_dir, predictors_dir, granularity="token"):
+    """The mode of a case, with its importance file (static) or trained predictor (dejavu, shadowllm)."""
+    from pathlib import Path
+
+    from models.modes import DejaVu, Dense, ShadowLLM, Static
+
+    if case.mode == "dense":
+        return Dense(), None
+    if case.mode == "static":
+        path = Path(criteria_dir or ".") / f"importance-{case.criterion}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"static mode needs {path} (make it with `shadowbench collect --criteria "
+                                    f"{case.criterion}`)")
+        return Static(str(path), case.sparsity, case.policy), str(path)
+    path = Path(predictors_dir or ".") / f"{case.mode}-{case.criterion}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"mode {case.mode} needs the predictor {path} (make it with `shadowbench train "
+                                f"--kind {case.mode} --criterion {case.criterion}`)")
+    if case.mode == "dejavu":
+        return DejaVu(case.sparsity, str(path), granularity), str(path)
+    return ShadowLLM(case.sparsity, str(path), case.policy, granularity), str(path)
+
+
+def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsities, policies=("global",),
+                granularity="token", tasks=(), shots=0, limit=None, ppl=True, ppl_tokens=4096, context=512,
+                stride=256, sparse_prefix=False, criteria_dir=None, predictors_dir=None, data_dir=None,
+                out_path="runs/quality.jsonl", batch=8, progress=True) -> list[dict]:
+    """Perplexity and accuracy rows for every case; resumes ``out_path`` and records failed cases."""
+    import traceback
+
+    from .results import RowWriter, device_name, git_commit, make_row
+    from .tasks import load_task, wikitext2_text
+
+    cases = quality_cases(modes, criteria, sparsities, policies)
+    writer = RowWriter(out_path)
+    done = {(r["mode"], r["criterion"], r["policy"], r["sparsity"], r["extra"].get("eval"))
+            for r in writer.existing() if r.get("kind") == "quality" and r.get("status") == "ok"
+            and r["model"] == model_name}
+    base = dict(kind="quality", model=model_name, batch=1, device=device_name(model.device),
+                dtype=str(model.dtype).replace("torch.", ""), git_commit=git_commit(), granularity=granularity,
+                sparse_prefix=sparse_prefix)
+    evals = []
+    if ppl:
+        ids = tokenizer.encode(wikitext2_text(data_dir), special=False)[:ppl_tokens]
+        evals.append(("wikitext2", ids))
+    for task in tasks:
+        pool = load_task(task, "predictor", data_dir) if shots else None
+        exs = load_task(task, "eval", data_dir, limit)
+        evals.append((task, [with_shots(e, pool, shots) for e in exs] if shots else exs))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cases) * len(evals), desc="quality", unit="eval")
+    rows = []
+    for case in cases:
+        common = dict(base, mode=case.mode, criterion=case.criterion, policy=case.policy, sparsity=case.sparsity)
+        try:
+            mode, source = build_quality_mode(case, criteria_dir=criteria_dir, predictors_dir=predictors_dir,
+                                              granularity=granularity)
+            mode.bind(model)
+        except Exception as err:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
+            row = make_row(**common, metric="error", value=None, unit=None, status="error",
+                           error=f"{type(err).__name__}: {err}")
+            writer.write([row])
+            rows.append(row)
+            if bar is not None:
+                bar.update(len(evals))
+            continue
+        for name, data in evals:
+            if (case.mode, case.criterion, case.policy, case.sparsity, name) in done:
+                if bar is not None:
+                    bar.update(1)
+                continue
+            try:
+                if name == "wikitext2":
+                    r = perplexity(model, mode, data, context=context, stride=stride, sparse_prefix=sparse_prefix,
+                                   batch=max(1, batch // 2))
+                    new = [make_row(**common, metric="perplexity", value=r.ppl, unit="ppl", eval=name, source=source,
+                                    tokens=r.tokens, windows=r.windows, context=context, stride=stride)]
+                else:
+                    r = accuracy(model, mode, tokenizer, data, batch=batch, sparse_prefix=sparse_prefix)
+                    new = [make_row(**common, metric=m, value=v, unit="fraction", eval=name, source=source,
+                                    examples=r.n, shots=shots) for m, v in (("acc", r.acc), ("acc_norm", r.acc_norm))]
+            except Exception as err:  # noqa: BLE001
+                new = [make_row(**common, metric="error", value=None, unit=None, status="error", eval=name,
+                                error=f"{type(err).__name__}: {err}", trace=traceback.format_exc(limit=3))]
+            writer.write(new)
+            rows += new
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def quality_table(rows) -> str:
+    """Perplexity and accuracy per case, one line each."""
+    cases: dict = {}
+    for r in rows:
+        if r.get("kind") != "quality" or r["status"] != "ok" or r["metric"] not in ("perplexity", "acc"):
+            continue
+        key = (r["model"], r["mode"], r["criterion"] or "-", r["policy"] or "-", r["sparsity"])
+        cases.setdefault(key, {})[r["extra"]["eval"]] = r["value"]
+    evals = sorted({e for v in cases.values() for e in v}, key=lambda e: (e != "wikitext2", e))
+    head = f"{'model':<14} {'mode':<10} {'criterion':<9} {'policy':<7} {'s':>5} "
+    head += " ".join(f"{e[:10]:>10}" for e in evals)
+    lines = [head]
+    for key in sorted(cases, key=lambda k: (k[0], k[1] != "dense", k[1], k[2], k[3], k[4])):
+        vals = cases[key]
+        lines.append(f"{key[0][:14]:<14} {key[1]:<10} {key[2]:<9} {key[3]:<7} {key[4]:>5.2f} " + " ".join(
+            f"{vals[e]:>10.4g}" if e in vals else f"{'-':>10}" for e in evals))
+    return "\n".join(lines)
