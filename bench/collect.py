@@ -29,6 +29,7 @@ import torch
 
 from models.criteria import AGGREGATE, Batch, check_criteria, compute
 
+from .quality import encode_pair
 from .results import git_commit
 from .tasks import DataError, check_tasks, load_task, with_shots
 
@@ -66,8 +67,7 @@ def collect(model, tokenizer, *, tasks, shots=(0,), criteria=("plainact", "l2nor
     max_len = model.cfg.max_positions
     pairs = []
     for task, index, _, ctx, cont in examples:
-        c_ids = tokenizer.encode(ctx, special=True)
-        t_ids = tokenizer.encode(cont, special=False)
+        c_ids, t_ids = encode_pair(tokenizer, ctx, cont)  # as accuracy() and lm-eval tokenize
         if not t_ids or len(t_ids) >= max_len:
             raise ValueError(f"{task} example {index}: a target of {len(t_ids)} tokens does not fit "
                              f"{max_len} positions")

@@ -86,11 +86,26 @@ class Accuracy:
     n: int
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a (context, continuation) request as lm-evaluation-harness's Hugging Face model makes
+    them (0.4.x ``TemplateLM``): trailing spaces of the context move to the continuation, the pair is
+    encoded whole with the tokenizer's default special tokens (a begin token where it adds one) and the
+    continuation is what follows the context's own tokens; an empty context becomes the prefix token."""
+    if context == "":
+        cont = tokenizer.encode(continuation, special=False)
+        return ([tokenizer.prefix_id], cont) if cont[:1] != [tokenizer.prefix_id] else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation, special=True)
+    ctx = tokenizer.encode(context, special=True)
+    return ctx, whole[len(ctx):]
+
+
 def _requests(ex: Example, tokenizer, max_len: int):
     out = []
     for context, continuation in ex.choices:
-        ctx = tokenizer.encode(context, special=True)
-        cont = tokenizer.encode(continuation, special=False)
+        ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont:
             raise ValueError(f"{ex.task} example {ex.index}: continuation {continuation!r} has no tokens")
         if len(cont) >= max_len:

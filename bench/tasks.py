@@ -3,7 +3,8 @@
 Each task becomes a list of :class:`Example`: for every choice a (context, continuation) pair, and the
 gold index. Prompt formats, choice strings and preprocessing follow lm-evaluation-harness's task
 definitions (``piqa``, ``copa`` of SuperGLUE, ``openbookqa``, ``winogrande`` with partial scoring,
-``sglue_rte``, ``hellaswag``, ``arc_easy``); the continuation carries lm-eval's target delimiter " ".
+``sglue_rte``, ``hellaswag``, ``arc_easy``); the continuation carries lm-eval's target delimiter " " (for
+COPA, whose choices already begin with a space, that makes two, as lm-eval scores them).
 
 Splits: ``predictor`` (examples for criteria collection and predictor training) and ``eval`` (accuracy),
 never overlapping:
@@ -144,7 +145,9 @@ def _copa(d: Path, split: str) -> list[Example]:
             choices = []
             for k in ("choice1", "choice2"):
                 c = _field(row, k, path, n)
-                choices.append((ctx, " " + c[0].lower() + c[1:]))
+                # lm-eval's COPA choices start with a space and it adds its target delimiter " " in front:
+                # the continuation it scores has two spaces, and so does ours (tests/test_lmeval.py)
+                choices.append((ctx, "  " + c[0].lower() + c[1:]))
             out.append(Example("copa", len(out), tuple(choices), _gold(row.get("label"), 2, f"{path}:{n}")))
     return out
 

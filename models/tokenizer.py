@@ -14,6 +14,7 @@ class ByteTokenizer:
     name = "bytes"
     vocab_size = 259
     bos_id = 1
+    prefix_id = 1  # the begin token, what lm-eval puts before an empty context
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         ids = [b + 3 for b in text.encode("utf-8")]
@@ -27,6 +28,8 @@ class HFTokenizer:
     def __init__(self, tok, name: str):
         self.tok, self.name = tok, name
         self.vocab_size = len(tok)
+        # lm-eval's prefix for an empty context: the begin token, else the end-of-text token
+        self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """``special``: add the tokenizer's own special tokens (a begin token where it uses one), as

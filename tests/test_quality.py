@@ -57,7 +57,7 @@ def examples():
 def brute_loglik(model, mode, tok, ex, sparse_prefix=False):
     out = []
     for ctx, cont in ex.choices:
-        c, t = tok.encode(ctx), tok.encode(cont, special=False)
+        c, t = tok.encode(ctx), tok.encode(cont, special=False)  # bytes: no merges across the boundary
         x = torch.tensor([c + t])
         logp = torch.log_softmax(sparse_logits(model, x, mode, 1 if sparse_prefix else len(c))[0].float(), -1)
         out.append(float(sum(logp[len(c) - 1 + j, t[j]] for j in range(len(t)))))

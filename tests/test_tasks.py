@@ -38,7 +38,7 @@ def test_every_task_loads_with_lm_eval_formats():
     assert piqa.choices[0][0].startswith("Question: ") and piqa.choices[0][0].endswith("\nAnswer:")
     copa = load_task("copa", "eval")[0]  # "The man turned on the faucet." + effect
     assert copa.choices[0][0] == "The man turned on the faucet therefore"
-    assert copa.choices[copa.gold][1] == " water flowed from the spout."
+    assert copa.choices[copa.gold][1] == "  water flowed from the spout."  # lm-eval's two spaces
     wino = load_task("winogrande", "eval")[0]  # partial scoring: two contexts, one continuation
     assert wino.choices[0][1] == wino.choices[1][1] and wino.choices[0][0] != wino.choices[1][0]
     rte = load_task("rte", "eval")[0]
