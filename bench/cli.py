@@ -231,6 +231,19 @@ def _quality(args) -> int:
     return 1 if bad else 0
 
 
+def _report(args) -> int:
+    from reports.html import build_report
+
+    try:
+        path, drawn = build_report(args.results, args.o, title=args.title)
+    except ValueError as err:
+        raise SystemExit(f"report: {err}") from None
+    for name, n in drawn.items():
+        print(f"{name:<20} {n if n else 'no rows'}")
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shadowbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch", type=int, default=8)
     q.add_argument("--out", default="runs/quality.jsonl")
     q.set_defaults(func=_quality)
+
+    rep = sub.add_parser("report", help="one self-contained HTML report (plotly inline) from results rows")
+    rep.add_argument("results", nargs="+", help="JSON Lines files, or directories searched for *.jsonl")
+    rep.add_argument("-o", default="reports/report.html", help="output HTML file")
+    rep.add_argument("--title", default="shadowbench report")
+    rep.set_defaults(func=_report)
     return parser
 
 

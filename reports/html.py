@@ -1,0 +1,332 @@
+"""One self-contained HTML report (plotly.js inline, opens offline) from results rows (JSON Lines).
+
+Figures, each drawn only from rows of its kind, each captioned with the devices, dtypes, models, commits
+and row counts it comes from (paper figure numbers of ShadowLLM in brackets):
+
+- latency vs model size [10], with each mode's weight-read floor (the bandwidth roofline) dotted;
+- time per generated sequence vs generation length [11];
+- per-token latency vs sparsity [12], floors dotted;
+- perplexity vs sparsity per mode, criterion and policy [7, 9, 16];
+- accuracy per task per mode [8];
+- Spearman rho of predicted against true importance [5, 14];
+- a table like table 2: per mode at one sparsity, latency (per model) and mean accuracy.
+
+A figure with no rows says so in the page instead of drawing an empty chart. The page records JavaScript
+errors in ``#report-errors`` and marks each drawn figure (``data-drawn="1"``), which the browser test reads.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+MODE_ORDER = {"dense": 0, "static": 1, "dejavu": 2, "shadowllm": 3, "hf": 4}
+
+
+def read_rows(paths) -> list[dict]:
+    rows = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(p.rglob("*.jsonl")) if p.is_dir() else [p]
+        if not files:
+            raise ValueError(f"{str(p)!r} holds no .jsonl results files")
+        for f in files:
+            if not f.is_file():
+                raise ValueError(f"results file {str(f)!r} does not exist")
+            for n, line in enumerate(f.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{n}: not valid JSON ({e.msg})") from None
+    return [r for r in rows if r.get("status", "ok") == "ok"]
+
+
+def _model_size(rows_by_model, model: str) -> float:
+    """Models ordered by weight bytes of a dense step where known, else by name."""
+    for r in rows_by_model.get(model, []):
+        if r["metric"] == "step_bytes" and r["mode"] == "dense":
+            return float(r["value"])
+    digits = "".join(ch if ch.isdigit() or ch == "." else " " for ch in model).split()
+    try:
+        scale = 1e3 if model.lower().endswith("m") else 1e9
+        return float(digits[-1]) * scale if digits else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _caption(rows) -> str:
+    def vals(key):
+        return sorted({str(r.get(key)) for r in rows if r.get(key) is not None})
+
+    return (f"device: {', '.join(vals('device')) or '-'} | dtype: {', '.join(vals('dtype')) or '-'} | "
+            f"model: {', '.join(vals('model')) or '-'} | commit: {', '.join(vals('git_commit')) or '-'} | "
+            f"{len(rows)} rows")
+
+
+def _label(r) -> str:
+    parts = [r["mode"]]
+    if r.get("criterion"):
+        parts.append(r["criterion"])
+    if r.get("policy"):
+        parts.append(r["policy"])
+    g = (r.get("extra") or {}).get("granularity")
+    if g and r["mode"] in ("dejavu", "shadowllm"):
+        parts.append(f"per-{g}")
+    return " ".join(parts)
+
+
+def _layout(fig, title, xlab, ylab, rows):
+    fig.update_layout(title=dict(text=f"{title}<br><sup>{html.escape(_caption(rows))}</sup>"), xaxis_title=xlab,
+                      yaxis_title=ylab, template="plotly_white", height=460, legend=dict(font=dict(size=10)))
+    return fig
+
+
+def fig_latency_vs_model(rows, sparsity=0.5):
+    lat = [r for r in rows if r.get("kind") == "latency" and r["metric"] in ("token_ms", "floor_ms", "step_bytes")
+           and r["sparsity"] in (0.0, sparsity) and r.get("gen_len") == max(
+               (x.get("gen_len") or 0 for x in rows if x.get("kind") == "latency"), default=None)]
+    if not any(r["metric"] == "token_ms" for r in lat):
+        return None, lat
+    by_model = defaultdict(list)
+    for r in lat:
+        by_model[r["model"]].append(r)
+    models = sorted(by_model, key=lambda m: _model_size(by_model, m))
+    fig = go.Figure()
+    series = defaultdict(dict)
+    floors = defaultdict(dict)
+    for r in lat:
+        if r["metric"] == "token_ms":
+            series[_label(r)][r["model"]] = r["value"]
+        elif r["metric"] == "floor_ms":
+            floors[_label(r)][r["model"]] = r["value"]
+    for name in sorted(series, key=lambda s: (MODE_ORDER.get(s.split()[0], 9), s)):
+        pts = series[name]
+        fig.add_trace(go.Scatter(x=[m for m in models if m in pts], y=[pts[m] for m in models if m in pts],
+                                 mode="lines+markers", name=name))
+        if name in floors:
+            f = floors[name]
+            fig.add_trace(go.Scatter(x=[m for m in models if m in f], y=[f[m] for m in models if m in f],
+                                     mode="lines", line=dict(dash="dot", width=1), name=f"{name} floor",
+                                     legendgroup="floors"))
+    used = [r for r in lat if r["metric"] == "token_ms"]
+    return _layout(fig, f"Per-token latency vs model size (s={sparsity}; dotted: weight-read floor)", "model",
+                   "ms / token (median)", used), used
+
+
+def fig_generation_time(rows):
+    tok = {(r["model"], _label(r), r["sparsity"], r["gen_len"]): r for r in rows
+           if r.get("kind") == "latency" and r["metric"] == "token_ms"}
+    pre = {(r["model"], _label(r), r["sparsity"], r["gen_len"]): r["value"] for r in rows
+           if r.get("kind") == "latency" and r["metric"] == "prefill_ms"}
+    gens = {k[3] for k in tok}
+    if len(gens) < 2:
+        return None, []
+    fig = go.Figure()
+    series = defaultdict(dict)
+    for k, r in tok.items():
+        if k in pre and r["sparsity"] in (0.0, 0.5):
+            series[f"{k[0]} {k[1]}"][k[3]] = pre[k] + r["value"] * (k[3] - 1)
+    for name in sorted(series):
+        pts = series[name]
+        xs = sorted(pts)
+        fig.add_trace(go.Scatter(x=xs, y=[pts[x] / 1e3 for x in xs], mode="lines+markers", name=name))
+    used = [r for k, r in tok.items() if len(series.get(f"{k[0]} {k[1]}", {})) > 0]
+    return _layout(fig, "Time per generated sequence vs generation length (prefill + decode, s=0.5)",
+                   "generated tokens", "seconds per sequence", used), used
+
+
+def fig_latency_vs_sparsity(rows):
+    lat = [r for r in rows if r.get("kind") == "latency" and r["metric"] in ("token_ms", "floor_ms")
+           and r["mode"] != "hf"]
+    sparsities = {r["sparsity"] for r in lat if r["sparsity"] > 0}
+    if len(sparsities) < 2:
+        return None, []
+    fig = go.Figure()
+    series, floors = defaultdict(dict), defaultdict(dict)
+    for r in lat:
+        key = f"{r['model']} {_label(r)} gen{r['gen_len']}"
+        (series if r["metric"] == "token_ms" else floors)[key][r["sparsity"]] = r["value"]
+    dense = {k: v[0.0] for k, v in series.items() if k.split()[1] == "dense" and 0.0 in v}
+    for name in sorted(series):
+        if name.split()[1] == "dense":
+            continue
+        pts = series[name]
+        if len(pts) < 2:
+            continue
+        xs = sorted(pts)
+        fig.add_trace(go.Scatter(x=xs, y=[pts[x] for x in xs], mode="lines+markers", name=name))
+        if name in floors:
+            fx = sorted(floors[name])
+            fig.add_trace(go.Scatter(x=fx, y=[floors[name][x] for x in fx], mode="lines", name=f"{name} floor",
+                                     line=dict(dash="dot", width=1), legendgroup="floors"))
+    for name, v in dense.items():
+        fig.add_hline(y=v, line=dict(dash="dash", color="gray"), annotation_text=f"{name.split()[0]} dense")
+    used = [r for r in lat if r["metric"] == "token_ms"]
+    return _layout(fig, "Per-token latency vs sparsity (dotted: floor; dashed: dense)", "sparsity",
+                   "ms / token (median)", used), used
+
+
+def fig_perplexity(rows):
+    q = [r for r in rows if r.get("kind") == "quality" and r["metric"] == "perplexity"]
+    if not q:
+        return None, []
+    fig = go.Figure()
+    series = defaultdict(dict)
+    dense = {}
+    for r in q:
+        if r["mode"] == "dense":
+            dense[r["model"]] = r["value"]
+        series[f"{r['model']} {_label(r)}"][r["sparsity"]] = r["value"]
+    for name in sorted(series, key=lambda s: (MODE_ORDER.get(s.split()[1], 9), s)):
+        pts = series[name]
+        if name.split()[1] == "dense":
+            continue
+        xs = sorted(pts)
+        fig.add_trace(go.Scatter(x=xs, y=[pts[x] for x in xs], mode="lines+markers", name=name))
+    for model, v in dense.items():
+        fig.add_hline(y=v, line=dict(dash="dash", color="gray"), annotation_text=f"{model} dense {v:.2f}")
+    fig.update_yaxes(type="log")
+    tokens = sorted({(r.get("extra") or {}).get("tokens") for r in q} - {None})
+    return _layout(fig, f"WikiText-2 perplexity vs sparsity ({', '.join(map(str, tokens))} tokens scored)",
+                   "sparsity", "perplexity (log scale)", q), q
+
+
+def fig_accuracy(rows, sparsity=0.5):
+    q = [r for r in rows if r.get("kind") == "quality" and r["metric"] == "acc"
+         and r["sparsity"] in (0.0, sparsity)]
+    if not q:
+        return None, []
+    tasks = sorted({r["extra"]["eval"] for r in q})
+    fig = go.Figure()
+    series = defaultdict(dict)
+    for r in q:
+        series[f"{r['model']} {_label(r)}"][r["extra"]["eval"]] = r["value"]
+    for name in sorted(series, key=lambda s: (MODE_ORDER.get(s.split()[1], 9), s)):
+        pts = series[name]
+        fig.add_trace(go.Bar(x=tasks, y=[pts.get(t) for t in tasks], name=name))
+    fig.update_layout(barmode="group")
+    n = sorted({(r["extra"]["eval"], r["extra"].get("examples")) for r in q})
+    return _layout(fig, f"Zero-shot accuracy per task at s={sparsity} (examples: "
+                   + ", ".join(f"{t} {k}" for t, k in n) + ")", "task", "acc", q), q
+
+
+def fig_spearman(rows):
+    p = [r for r in rows if r.get("kind") == "predictor" and str(r["metric"]).startswith("spearman_")]
+    if not p:
+        return None, []
+    cats = sorted({r["metric"].replace("spearman_", "") for r in p})
+    fig = go.Figure()
+    series = defaultdict(dict)
+    for r in p:
+        series[f"{r['model']} {r['mode']} {r['criterion']}"][r["metric"].replace("spearman_", "")] = r["value"]
+    for name in sorted(series):
+        fig.add_trace(go.Bar(x=cats, y=[series[name].get(c) for c in cats], name=name))
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Spearman rho, predicted vs true importance (held-out examples; local = within a layer)",
+                   "scope and unit", "Spearman rho", p), p
+
+
+def table2(rows, sparsity=0.5) -> tuple[str, list]:
+    """Per mode at one sparsity: ms/token per latency model and mean accuracy per quality model."""
+    lat = [r for r in rows if r.get("kind") == "latency" and r["metric"] == "token_ms"
+           and r["sparsity"] in (0.0, sparsity) and r["mode"] != "hf"]
+    acc = [r for r in rows if r.get("kind") == "quality" and r["metric"] == "acc" and r["sparsity"] in (0.0, sparsity)]
+    if not lat and not acc:
+        return "", []
+    cols_l = sorted({r["model"] for r in lat})
+    cols_a = sorted({r["model"] for r in acc})
+    keys = sorted({(r["mode"], r.get("policy") or "") for r in lat + acc}, key=lambda k: (MODE_ORDER.get(k[0], 9), k))
+    head = "".join(f"<th>{html.escape(m)}<br>ms/token</th>" for m in cols_l)
+    head += "".join(f"<th>{html.escape(m)}<br>mean acc by criterion</th>" for m in cols_a)
+    body = []
+    for mode, pol in keys:
+        cells = []
+        for m in cols_l:
+            v = [r["value"] for r in lat if r["model"] == m and r["mode"] == mode and (r.get("policy") or "") == pol
+                 and (r.get("extra") or {}).get("granularity") in (None, "token")]
+            cells.append(f"{min(v):.3f}" if v else "-")
+        for m in cols_a:
+            by_crit = defaultdict(list)
+            for r in acc:
+                if r["model"] == m and r["mode"] == mode and (r.get("policy") or "") == pol:
+                    by_crit[r.get("criterion") or "-"].append(r["value"])
+            cells.append(", ".join(f"{c}: {sum(v) / len(v):.3f} ({len(v)} tasks)" for c, v in sorted(by_crit.items()))
+                         or "-")
+        label = " ".join(x for x in (mode, pol) if x)
+        body.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    caption = html.escape(_caption(lat + acc))
+    return (f"<h2>Latency and accuracy per mode at s={sparsity} (like table 2)</h2><p class='cap'>{caption}. "
+            "Latency: per-token decoders (predictor every token); accuracy: mean over the tasks present.</p>"
+            f"<table><tr><th>mode</th>{head}</tr>{''.join(body)}</table>"), lat + acc
+
+
+FIGURES = (("latency-vs-model", fig_latency_vs_model), ("generation-time", fig_generation_time),
+           ("latency-vs-sparsity", fig_latency_vs_sparsity), ("perplexity", fig_perplexity),
+           ("accuracy", fig_accuracy), ("spearman", fig_spearman))
+
+
+def build_report(paths, out, title="shadowbench report") -> tuple[Path, dict]:
+    """Write the report; returns its path and, per figure, the number of rows drawn (0: no rows)."""
+    from plotly.offline import get_plotlyjs
+
+    rows = read_rows(paths)
+    if not rows:
+        raise ValueError(f"no ok rows in {[str(p) for p in paths]}")
+    parts, drawn = [], {}
+    for name, fn in FIGURES:
+        fig, used = fn(rows)
+        drawn[name] = len(used) if fig is not None else 0
+        if fig is None:
+            parts.append(f"<div class='missing' id='{name}'>{name}: no rows for this figure in these results</div>")
+            continue
+        payload = json.dumps(fig.to_plotly_json(), default=_json_default).replace("</", "<\\/")
+        parts.append(f"<div class='fig' id='{name}'></div><script type='application/json' id='{name}-spec'>"
+                     f"{payload}</script>")
+    table, used = table2(rows)
+    drawn["table2"] = len(used)
+    sources = ", ".join(html.escape(str(p)) for p in paths)
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<script>
+window.__errors = [];
+window.addEventListener("error", e => window.__errors.push(String(e.message)));
+const _err = console.error; console.error = (...a) => {{ window.__errors.push(a.join(" ")); _err(...a); }};
+</script>
+<script>{get_plotlyjs()}</script>
+<style>body{{font-family:sans-serif;margin:24px;max-width:1200px}} .cap{{color:#555;font-size:12px}}
+table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child{{text-align:left}} .missing{{color:#a00;margin:16px 0}}</style></head>
+<body><h1>{html.escape(title)}</h1><p class="cap">from {sources}; {len(rows)} ok rows</p>
+{''.join(parts)}
+{table}
+<pre id="report-errors"></pre>
+<script>
+const figs = document.querySelectorAll("div.fig");
+Promise.all(Array.from(figs).map(div => {{
+  const spec = JSON.parse(document.getElementById(div.id + "-spec").textContent);
+  return Plotly.newPlot(div, spec.data, spec.layout, {{responsive: true}}).then(() => div.dataset.drawn = "1");
+}})).catch(e => window.__errors.push(String(e))).finally(() => {{
+  document.getElementById("report-errors").textContent = window.__errors.join("\\n");
+  document.body.dataset.done = "1";
+}});
+</script></body></html>"""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out, drawn
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"cannot serialise {type(o).__name__}")

@@ -1,0 +1,103 @@
+"""The HTML report: every figure from rows of its kind, and a real headless browser (Debian's chromium) draws
+them all with no console errors; a screenshot is taken and is not blank."""
+
+import json
+import shutil
+import subprocess
+import zlib
+
+import pytest
+
+from bench import cli
+from bench.results import make_row
+from reports.html import FIGURES, build_report
+
+
+def rows():
+    out = []
+    base = dict(device="NVIDIA H100 80GB HBM3", dtype="fp16", git_commit="abc1234", batch=1, prompt_len=128)
+    for model, scale in (("opt-1.3b", 1.0), ("opt-6.7b", 4.0)):
+        for gen in (32, 128):
+            for mode, s in (("dense", 0.0), ("shadowllm", 0.5), ("shadowllm", 0.7), ("static", 0.5)):
+                c = dict(base, kind="latency", model=model, mode=mode, sparsity=s, gen_len=gen,
+                         policy=None if mode == "dense" else "global",
+                         granularity="token" if mode == "shadowllm" else None)
+                ms = scale * (1.0 - 0.6 * s)
+                out += [make_row(**c, metric="token_ms", value=ms, unit="ms"),
+                        make_row(**c, metric="prefill_ms", value=3 * scale, unit="ms"),
+                        make_row(**c, metric="floor_ms", value=0.8 * ms, unit="ms"),
+                        make_row(**c, metric="step_bytes", value=scale * 1e9, unit="B")]
+    qb = dict(kind="quality", model="smollm2", device="cpu", dtype="float32", git_commit="abc1234")
+    for mode, crit in (("dense", None), ("static", "plainact"), ("shadowllm", "plainact"), ("dejavu", "l2norm")):
+        for s in ((0.0,) if mode == "dense" else (0.3, 0.5, 0.7)):
+            c = dict(qb, mode=mode, criterion=crit, sparsity=s, policy=None if mode == "dense" else "global")
+            out.append(make_row(**c, metric="perplexity", value=14 * (1 + 3 * s * s), unit="ppl", eval="wikitext2",
+                                tokens=4095))
+            for task in ("copa", "piqa"):
+                out.append(make_row(**c, metric="acc", value=0.6 - 0.2 * s, unit="fraction", eval=task, examples=100))
+    for kind in ("shadowllm", "dejavu"):
+        for m in ("local_heads", "global_heads", "local_neurons", "global_neurons"):
+            out.append(make_row(kind="predictor", model="smollm2", mode=kind, criterion="plainact",
+                                metric=f"spearman_{m}", value=0.7, unit="rho", device="cpu", dtype="float32"))
+    return out
+
+
+def write(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    return path
+
+
+def test_every_figure_has_rows_and_captions(tmp_path):
+    out, drawn = build_report([write(tmp_path)], tmp_path / "r.html")
+    assert all(drawn[name] > 0 for name, _ in FIGURES) and drawn["table2"] > 0, drawn
+    page = out.read_text()
+    assert "device: NVIDIA H100 80GB HBM3 | dtype: fp16" in page and "commit: abc1234" in page
+    assert page.count("<div class='fig'") == len(FIGURES) and "<script src=" not in page  # plotly.js inline
+
+
+def test_missing_figures_say_so_and_bad_input_is_clear(tmp_path):
+    path = tmp_path / "only-latency.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows() if r["kind"] == "latency"))
+    out, drawn = build_report([path], tmp_path / "r.html")
+    assert drawn["perplexity"] == 0 and "perplexity: no rows for this figure" in out.read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "latency"}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+        build_report([bad], tmp_path / "x.html")
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["report", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "x.html")])
+
+
+def _png_is_not_blank(data: bytes) -> bool:
+    """Decode the PNG's pixel rows (8-bit RGB/RGBA) and check that they are not all one colour."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width = 8, b"", 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            width = int.from_bytes(body[:4], "big")
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    return len(set(raw[1: 1 + width * 3])) > 1 or len(set(raw[::997])) > 8
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_headless_chromium_draws_every_figure_without_errors(tmp_path):
+    out, _ = build_report([write(tmp_path)], tmp_path / "r.html")
+    flags = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000"]
+    dom = subprocess.run([*flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    assert 'data-done="1"' in dom, "the page's script did not finish"
+    assert dom.count('data-drawn="1"') == len(FIGURES)
+    errors = dom.split('<pre id="report-errors">')[1].split("</pre>")[0]
+    assert errors == "", errors
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, "--hide-scrollbars", "--window-size=1300,2600", f"--screenshot={shot}", out.as_uri()],
+                   capture_output=True, timeout=180, check=True)
+    assert shot.stat().st_size > 20_000 and _png_is_not_blank(shot.read_bytes())
