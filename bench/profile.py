@@ -21,7 +21,7 @@ import sys
 import torch
 
 from models.generate import Generator
-from models.nvtx import DOMAIN, _nvtx
+from models.nvtx import DOMAIN, backend
 
 from .kernels import DTYPES
 from .latency import LatencyCase, build_mode, build_model
@@ -37,7 +37,7 @@ def run(model_name, mode_name, sparsity, steps, prompt_len=16) -> dict:
     prompt = torch.randint(0, model.cfg.vocab, (1, prompt_len))
     out = gen.generate(prompt, steps)
     return {"device": str(device), "steps": len(out.token_ms), "layers": model.cfg.n_layers,
-            "nvtx": _nvtx is not None}
+            "nvtx": backend()}
 
 
 def main(argv=None) -> int:
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     info = run(args.model, args.mode, args.sparsity, args.steps)
     ranges = "prefill, decode, predictor, layer{0.." + str(info["layers"] - 1) + "}.attn/.mlp"
     print(f"{args.model} {args.mode} s={args.sparsity}: {info['steps']} eager decode steps on {info['device']}; "
-          f"NVTX ranges {ranges} in domain {DOMAIN!r}" + ("" if info["nvtx"] else " (nvtx package missing: no-ops)"))
+          f"NVTX ranges {ranges} in domain {DOMAIN!r} via {info['nvtx']}")
     return 0
 
 
