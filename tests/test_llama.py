@@ -12,7 +12,8 @@ from models.generate import Generator
 from models.llama import LlamaDecoder
 from models.loading import load_model
 from models.modes import DejaVu, Dense, ShadowLLM, Static
-from models.plan import kept_units
+
+from helpers import check_decode_against_masked_reference, plan_masks_checked, random_importance
 
 V = 97
 
@@ -149,20 +150,13 @@ def plan_masks(mode, model):
     cfg = model.cfg
     H, KVH, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     G = H // KVH
-    hm = torch.ones(cfg.n_layers, H, dtype=torch.bool)
-    nm = torch.ones(cfg.n_layers, cfg.ffn, dtype=torch.bool)
-    for i in range(cfg.n_layers):
-        plan = mode.plan(i)
-        if plan.qkv_rows is None:
-            continue
-        hm[i] = plan.head_slot.cpu() >= 0
-        nm[i] = False
-        nm[i, plan.neurons[: int(plan.neuron_count)].long().cpu()] = True
+
+    def check(i, plan, hm):
         # the gathered rows are, unit by unit, the rows the maps point at in the dense layout
         rows = plan.qkv_rows[: int(plan.qkv_count)].view(-1, D).cpu().long()
         expect = []
         for g in range(KVH):
-            kept = [h for h in range(g * G, (g + 1) * G) if hm[i, h]]
+            kept = [h for h in range(g * G, (g + 1) * G) if hm[h]]
             assert (int(plan.kv_unit[g]) >= 0) == bool(kept)
             for h in kept:
                 assert int(plan.q_unit[h]) == len(expect)
@@ -170,20 +164,15 @@ def plan_masks(mode, model):
             if kept:
                 expect += [g * (G + 2) + G, g * (G + 2) + G + 1]
         assert torch.equal(rows, torch.tensor(expect)[:, None] * D + torch.arange(D))
-        assert (plan.q_unit.cpu()[~hm[i]] == -1).all()
-        assert torch.equal(plan.head_slot.cpu()[hm[i]], torch.arange(int(hm[i].sum()), dtype=torch.int32))
-    return hm, nm
+        assert (plan.q_unit.cpu()[~hm] == -1).all()
+        assert torch.equal(plan.head_slot.cpu()[hm], torch.arange(int(hm.sum()), dtype=torch.int32))
 
-
-def imp(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
-            "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
+    return plan_masks_checked(mode, model, check)
 
 
 SPARSE_CASES = {
-    "static-local": lambda cfg: Static(imp(cfg), 0.5, "local"),
-    "static-global": lambda cfg: Static(imp(cfg), 0.6, "global"),
+    "static-local": lambda cfg: Static(random_importance(cfg), 0.5, "local"),
+    "static-global": lambda cfg: Static(random_importance(cfg), 0.6, "global"),
     "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.7, "random", "local", "prompt", hidden=16),
@@ -194,34 +183,16 @@ SPARSE_CASES = {
 @pytest.mark.parametrize("case", list(SPARSE_CASES))
 @pytest.mark.parametrize("kv_heads", [2, 1, 4], ids=["gqa", "mqa", "mha"])
 def test_sparse_decode_matches_masked_reference(case, kv_heads, backend):
-    torch.manual_seed(0)
     cfg = tiny_cfg(n_kv_heads=kv_heads, n_heads=4, n_layers=4)
     model = LlamaDecoder.random(cfg, torch.float32, "cpu", seed=3, std=0.2)
-    mode = SPARSE_CASES[case](cfg)
-    B, P, steps = 2, 5, 4
-    tokens = torch.randint(0, V, (B, P + steps), generator=torch.Generator().manual_seed(1))
-    gen = Generator(model, mode, batch=B, max_len=P + steps, backend=backend)
-    gen.prefill(tokens[:, :P])
-    got, hms, nms = [], {}, {}
-    for t in range(P, P + steps):
-        gen.tok.copy_(tokens[:, t])
-        got.append(gen.step().clone())
-        hms[t], nms[t] = plan_masks(mode, model)
-    assert rel(torch.stack(got, 1), masked_reference(model, tokens, P, hms, nms)) <= 1e-4
-    hm, nm = hms[P + steps - 1], nms[P + steps - 1]
-    k_h, k_f = kept_units(cfg.n_heads, mode.sparsity), kept_units(cfg.ffn, mode.sparsity)
-    if mode.policy == "local":
-        assert (hm[1:].sum(1) == k_h).all() and (nm[1:].sum(1) == k_f).all()
-    else:
-        assert int(hm[1:].sum()) == k_h * 3 and int(nm[1:].sum()) == k_f * 3
-    assert hm[0].all() and not hm[1:].all()
+    check_decode_against_masked_reference(model, SPARSE_CASES[case](cfg), backend, plan_masks, masked_reference)
 
 
 def test_dead_group_hides_the_token_from_the_group():
     """With group 1's two heads skipped at one step, that position is invalid for group 1 only."""
     cfg = tiny_cfg(n_kv_heads=2, n_layers=2)
     model = LlamaDecoder.random(cfg, torch.float32, "cpu", seed=4, std=0.2)
-    scores = imp(cfg)
+    scores = random_importance(cfg)
     scores["heads"][1] = torch.tensor([4.0, 3.0, 0.0, 0.0])  # keep heads 0 and 1 = group 0
     mode = Static(scores, 0.5, "local")
     gen = Generator(model, mode, batch=1, max_len=12, backend="torch")

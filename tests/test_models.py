@@ -14,6 +14,8 @@ from models.opt import OPTDecoder
 from models.plan import kept_units
 from models.predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
 
+from helpers import check_decode_against_masked_reference, plan_masks_checked, random_importance
+
 V = 97
 # The Triton backend on CPU tensors needs the interpreter; on a GPU machine test_gpu_models covers it.
 ON_CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors needs the interpreter")
@@ -155,34 +157,22 @@ def masked_reference(model, tokens, P, head_masks, neuron_masks):
 
 def plan_masks(mode, model):
     """The current plan of a mode as masks [L, H], [L, F] (dense layers all True)."""
-    cfg = model.cfg
-    hm = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
-    nm = torch.ones(cfg.n_layers, cfg.ffn, dtype=torch.bool)
-    for i in range(cfg.n_layers):
-        plan = mode.plan(i)
-        if plan.qkv_rows is None:
-            continue
-        hm[i] = plan.head_slot.cpu() >= 0
-        nm[i] = False
-        nm[i, plan.neurons[: int(plan.neuron_count)].long().cpu()] = True
-        assert int(hm[i].sum()) * 3 * cfg.head_dim == int(plan.qkv_count)
+    D3 = 3 * model.cfg.head_dim
+
+    def check(i, plan, hm):
+        assert int(hm.sum()) * D3 == int(plan.qkv_count)
         # slots are 0..count-1, each used once, and name the heads in the Q/K/V rows
-        slots = plan.head_slot[hm[i]].sort().values.cpu()
-        assert torch.equal(slots, torch.arange(int(hm[i].sum()), dtype=torch.int32))
-        rows = plan.qkv_rows[: int(plan.qkv_count)].view(-1, 3 * cfg.head_dim)[:, 0] // (3 * cfg.head_dim)
-        assert torch.equal(rows.cpu().long(), torch.nonzero(hm[i]).flatten())
-    return hm, nm
+        slots = plan.head_slot[hm].sort().values.cpu()
+        assert torch.equal(slots, torch.arange(int(hm.sum()), dtype=torch.int32))
+        rows = plan.qkv_rows[: int(plan.qkv_count)].view(-1, D3)[:, 0] // D3
+        assert torch.equal(rows.cpu().long(), torch.nonzero(hm).flatten())
 
-
-def importance(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
-            "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
+    return plan_masks_checked(mode, model, check)
 
 
 MODE_CASES = {
-    "static-local": lambda cfg: Static(importance(cfg), 0.5, "local"),
-    "static-global": lambda cfg: Static(importance(cfg), 0.6, "global"),
+    "static-local": lambda cfg: Static(random_importance(cfg), 0.5, "local"),
+    "static-global": lambda cfg: Static(random_importance(cfg), 0.6, "global"),
     "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
     "dejavu-lookahead": lambda cfg: DejaVu(0.5, "random", "token", lookahead=True, hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
@@ -197,31 +187,8 @@ MODE_CASES = {
 @pytest.mark.parametrize("case", list(MODE_CASES))
 def test_sparse_decode_matches_masked_reference(case, backend):
     """Each step's plan (recorded) replayed through the masked reference gives the same logits."""
-    torch.manual_seed(0)
     model = tiny_model()
-    mode = MODE_CASES[case](model.cfg)
-    B, P, steps = 2, 5, 4
-    tokens = torch.randint(0, V, (B, P + steps), generator=torch.Generator().manual_seed(1))
-    gen = Generator(model, mode, batch=B, max_len=P + steps, backend=backend)
-    gen.prefill(tokens[:, :P])
-    got, hms, nms = [], {}, {}
-    for t in range(P, P + steps):
-        gen.tok.copy_(tokens[:, t])
-        got.append(gen.step().clone())
-        hms[t], nms[t] = plan_masks(mode, model)
-    ref = masked_reference(model, tokens, P, hms, nms)
-    assert rel(torch.stack(got, 1), ref) <= 1e-4
-    # the plans really are sparse and keep the budget
-    cfg = model.cfg
-    n_sparse = cfg.n_layers - 1
-    hm, nm = hms[P + steps - 1], nms[P + steps - 1]
-    assert not hm[1:].all() and not nm[1:].all()
-    k_h, k_f = kept_units(cfg.n_heads, mode.sparsity), kept_units(cfg.ffn, mode.sparsity)
-    if mode.policy == "local":
-        assert (hm[1:].sum(1) == k_h).all() and (nm[1:].sum(1) == k_f).all()
-    else:
-        assert int(hm[1:].sum()) == k_h * n_sparse and int(nm[1:].sum()) == k_f * n_sparse
-    assert hm[0].all() and nm[0].all()
+    check_decode_against_masked_reference(model, MODE_CASES[case](model.cfg), backend, plan_masks, masked_reference)
 
 
 def test_token_granularity_replans_and_prompt_granularity_does_not():
@@ -340,7 +307,7 @@ def test_bad_mode_arguments():
         make_mode("dejavu", policy="global")
     with pytest.raises(ValueError, match="needs importance"):
         make_mode("static")
-    bad = importance(cfg)
+    bad = random_importance(cfg)
     bad["heads"] = bad["heads"][:, :3]
     with pytest.raises(ValueError, match="'heads' has shape"):
         Static(bad, 0.5).bind(tiny_model())

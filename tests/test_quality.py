@@ -129,3 +129,16 @@ def test_collect_train_quality_end_to_end(tmp_path, capsys):
               "--predictors-dir", str(pred), "--out", str(res), "--no-progress"])
     assert len(res.read_text().splitlines()) == n  # resumed: nothing redone
     assert "wikitext2" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason=f"no data directory at {DEFAULT_DATA_DIR}")
+@pytest.mark.filterwarnings("ignore:.*record skipped")
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    code = cli.main(["demo", "--model", TINY_RANDOM, "--out", str(tmp_path / "demo"), "--report",
+                     str(tmp_path / "demo.html"), "--examples", "2", "--epochs", "2", "--eval-examples", "3",
+                     "--ppl-tokens", "300", "--sparsity", "0.5", "--no-progress"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "demo.html")
+    page = (tmp_path / "demo.html").read_text()
+    for fig in ("latency-vs-model", "perplexity", "accuracy", "spearman"):
+        assert f"<div class='fig' id='{fig}'>" in page, fig

@@ -3,35 +3,22 @@
 import pytest
 import torch
 
-from models.config import DecoderConfig
 from models.generate import Generator
-from models.llama import LlamaDecoder
 from models.modes import DejaVu, Dense, ShadowLLM, Static
-from models.opt import OPTDecoder
 from models.sparse_forward import sparse_logits
+
+from helpers import random_importance, teacher_forced, tiny_decoder
 
 V = 97
 
 
 def tiny(family):
-    if family == "opt":
-        cfg = DecoderConfig(family="opt", vocab=V, hidden=32, ffn=64, n_layers=4, n_heads=4, n_kv_heads=4,
-                            max_positions=64, word_embed_dim=None, pre_norm=True, final_norm=True)
-        return OPTDecoder.random(cfg, torch.float32, "cpu", seed=1, std=0.2)
-    cfg = DecoderConfig(family="llama", vocab=V, hidden=64, ffn=96, n_layers=4, n_heads=4, n_kv_heads=2,
-                        max_positions=64, activation="silu", tie_embeddings=False, rope_theta=500.0)
-    return LlamaDecoder.random(cfg, torch.float32, "cpu", seed=1, std=0.2)
-
-
-def importance(cfg):
-    g = torch.Generator().manual_seed(0)
-    return {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
-            "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
+    return tiny_decoder(family)
 
 
 CASES = {
     "dense": lambda cfg: Dense(),
-    "static-global": lambda cfg: Static(importance(cfg), 0.5, "global"),
+    "static-global": lambda cfg: Static(random_importance(cfg), 0.5, "global"),
     "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
     "dejavu-lookahead-prompt": lambda cfg: DejaVu(0.6, "random", "prompt", lookahead=True, hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
@@ -53,11 +40,8 @@ def test_equals_teacher_forced_decoding(family, case):
     want = []
     for b in range(2):  # the decode path, one sequence at a time (batch 1)
         gen = Generator(model, mode, batch=1, max_len=11, backend="torch")
-        rows = [gen.prefill(tokens[b:b + 1, :start])]
-        for t in range(start, 11):
-            gen.tok.copy_(tokens[b, t:t + 1])
-            rows.append(gen.step().clone())
-        want.append(torch.cat(rows))
+        steps = teacher_forced(gen, tokens[b:b + 1], start)[:, 0]  # positions start .. 10
+        want.append(torch.cat([gen.model.prefill(tokens[b:b + 1, :start]), steps]))
     want = torch.stack(want)  # [2, 7, V]: positions start-1 .. 10
     mode.bind(model)
     got = sparse_logits(model, tokens, mode, start)
