@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 
-def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smollm2", per_task=6, epochs=15,
-             eval_examples=20, ppl_tokens=1024, sparsities=(0.3, 0.5, 0.7), data_dir=None, progress=True) -> Path:
+def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smollm2", per_task=4, epochs=10,
+             eval_examples=10, ppl_tokens=512, sparsities=(0.5,), data_dir=None, progress=True) -> Path:
     import torch
 
     from bench import latency
@@ -95,11 +95,11 @@ def add_args(p) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (default), or tiny-random for a smoke run")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--report", default="reports/demo.html")
-    p.add_argument("--examples", type=int, default=6, help="prompts per task for the criteria")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--eval-examples", type=int, default=20, help="examples per task for accuracy")
-    p.add_argument("--ppl-tokens", type=int, default=1024)
-    p.add_argument("--sparsity", default="0.3,0.5,0.7", help="comma-separated sparsities for the quality runs")
+    p.add_argument("--examples", type=int, default=4, help="prompts per task for the criteria")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--eval-examples", type=int, default=10, help="examples per task for accuracy")
+    p.add_argument("--ppl-tokens", type=int, default=512, help="first tokens of WikiText-2 test (one window each 256)")
+    p.add_argument("--sparsity", default="0.5", help="comma-separated sparsities for the quality runs")
     p.add_argument("--data-dir")
     p.add_argument("--no-progress", action="store_true")
 
