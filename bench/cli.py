@@ -150,7 +150,7 @@ def _train(args) -> int:
     from models.train import train_predictor
 
     from .collect import load_dataset
-    from .results import RowWriter, git_commit, make_row
+    from .results import RowWriter, predictor_rows
 
     try:
         tensors, meta = load_dataset(args.data)
@@ -181,15 +181,8 @@ def _train(args) -> int:
                     bar.close()
             res.predictor.meta.update({"dataset": str(args.data), "dataset_model": meta["model"]})
             path = res.predictor.save(f"{out}/{kind}-{crit}.safetensors")
-            common = dict(kind="predictor", model=meta["model"], mode=kind, criterion=crit, device=device,
-                          dtype="float32", git_commit=git_commit(), dataset=str(args.data), n_train=res.n_train,
-                          n_val=res.n_val, best_epoch=res.best_epoch, epochs=args.epochs, hidden=res.predictor.hidden,
-                          normalisation=args.normalisation, log=args.log, path=str(path))
-            rows = [make_row(**common, metric=f"spearman_{scope}_{unit}", value=v, unit="rho")
-                    for unit, d in res.quality.items() for scope, v in d.items()]
-            rows.append(make_row(**common, metric="val_mse", value=min(h["val_loss"] for h in res.history), unit="",
-                                 history=res.history))
-            writer.write(rows)
+            writer.write(predictor_rows(res, model=meta["model"], kind=kind, criterion=crit, device=device, path=path,
+                                        dataset=str(args.data), epochs=args.epochs))
             q = res.quality
             print(f"{kind:<9} {crit:<9} rho heads local/global {q['heads']['local']:.3f}/{q['heads']['global']:.3f}"
                   f"  neurons {q['neurons']['local']:.3f}/{q['neurons']['global']:.3f}  "

@@ -29,7 +29,7 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
     from bench import latency
     from bench.collect import collect
     from bench.quality import quality_table, run_quality
-    from bench.results import RowWriter, git_commit, make_row
+    from bench.results import RowWriter, predictor_rows
     from bench.tasks import TASKS, available_tasks
     from models.config import DecoderConfig
     from models.loading import load_model
@@ -68,11 +68,8 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
         for crit in ("plainact", "l2norm"):
             res = train_predictor(kind, cfg, tensors, crit, hidden=hidden, epochs=epochs, log=True, device=device)
             path = res.predictor.save(pred_dir / f"{kind}-{crit}.safetensors")
-            common = dict(kind="predictor", model=model_name, mode=kind, criterion=crit, device=device,
-                          dtype="float32", git_commit=git_commit(), n_train=res.n_train, n_val=res.n_val,
-                          epochs=epochs, hidden=hidden, path=str(path))
-            writer.write([make_row(**common, metric=f"spearman_{scope}_{unit}", value=v, unit="rho")
-                          for unit, d in res.quality.items() for scope, v in d.items()])
+            writer.write(predictor_rows(res, model=model_name, kind=kind, criterion=crit, device=device, path=path,
+                                        epochs=epochs))
             step(f"train {kind}/{crit}: Spearman rho neurons local {res.quality['neurons']['local']:.3f}, "
                  f"global {res.quality['neurons']['global']:.3f} on {res.n_val} held-out prompts")
     step(f"quality: WikiText-2 ({ppl_tokens} tokens) and {eval_examples} examples per task, s={list(sparsities)}")

@@ -12,12 +12,9 @@ tasks can read local files (``dataset_path: json`` with ``data_files``), so noth
 
 from __future__ import annotations
 
-import torch
 from lm_eval.api.model import LM
 
-from models.sparse_forward import sparse_logits
-
-from .quality import encode_pair
+from .quality import encode_pair, score_continuations
 
 
 class ShadowbenchLM(LM):
@@ -29,29 +26,8 @@ class ShadowbenchLM(LM):
             mode.bind(model)
 
     def _score(self, pairs):
-        """(loglik, is_greedy) of each (context ids, continuation ids)."""
-        max_len = self.model.cfg.max_positions
-        out = [None] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s: s + self.batch_size]
-            group = []
-            for i in idx:
-                ctx, cont = pairs[i]
-                group.append((ctx[-(max_len - len(cont)):], cont))
-            P = max(len(c) + len(t) for c, t in group)
-            tok = torch.zeros(len(group), P, dtype=torch.long)
-            for r, (c, t) in enumerate(group):
-                tok[r, : len(c) + len(t)] = torch.tensor(c + t)
-            tok = tok.to(self.model.device)
-            starts = torch.tensor([1 if self.sparse_prefix else len(c) for c, _ in group])
-            logp = torch.log_softmax(sparse_logits(self.model, tok, self.mode, starts).float(), dim=-1)
-            for r, (i, (c, t)) in enumerate(zip(idx, group, strict=True)):
-                rows = logp[r, len(c) - 1: len(c) + len(t) - 1]
-                target = torch.tensor(t, device=rows.device)
-                ll = float(rows.gather(1, target[:, None]).sum())
-                out[i] = (ll, bool((rows.argmax(dim=-1) == target).all()))
-        return out
+        return score_continuations(self.model, self.mode, pairs, batch=self.batch_size,
+                                   sparse_prefix=self.sparse_prefix)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return self._score([encode_pair(self.tokenizer, *req.args) for req in requests])

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
                   "Install Nsight Systems, or use `ncu --nvtx --nvtx-include \"shadowbench@decode/\"` where Nsight "
                   "Compute is installed.", file=sys.stderr)
         else:
-            rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+            rest = argv if argv is not None else sys.argv[1:]
             cmd = [nsys, "profile", "-t", "cuda,nvtx", "-o", args.nsys, "--force-overwrite", "true",
                    sys.executable, "-m", "bench.profile", *rest]
             print(" ".join(cmd), file=sys.stderr)

@@ -22,15 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from models.decoder import token_nll
 from models.sparse_forward import sparse_logits
 
 from .tasks import Example, with_shots
-
-
-def _nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """-log p(tokens[:, t + 1] | ..) for every position t: [B, P - 1] (fp32)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(2, tokens[:, 1:, None])[..., 0]
 
 
 @dataclass
@@ -70,7 +65,7 @@ def perplexity(model, mode, ids: list[int], *, context: int, stride: int, batch:
             tok[r, : e - b] = torch.tensor(ids[b:e])
         tok = tok.to(device)
         starts = torch.tensor([1 if sparse_prefix else f for _, _, f in group])
-        nll = _nll(sparse_logits(model, tok, mode, starts), tok)  # nll[:, t] scores token t + 1
+        nll = token_nll(sparse_logits(model, tok, mode, starts), tok)  # nll[:, t] scores token t + 1
         for r, (b, e, f) in enumerate(group):
             total += float(nll[r, f - 1: e - b - 1].sum())
             count += e - b - f
@@ -111,8 +106,35 @@ def _requests(ex: Example, tokenizer, max_len: int):
         if len(cont) >= max_len:
             raise ValueError(f"{ex.task} example {ex.index}: continuation of {len(cont)} tokens does not fit "
                              f"the model's {max_len} positions")
-        ctx = ctx[-(max_len - len(cont)):]  # left-truncate long contexts (lm-eval does the same)
         out.append((ctx, cont))
+    return out
+
+
+def score_continuations(model, mode, pairs, *, batch: int = 8, sparse_prefix: bool = False, progress=None):
+    """(log-likelihood, greedy) of each (context ids, continuation ids) pair: the summed log-probability
+    of the continuation's tokens, and whether each of them is the argmax. Contexts are left-truncated to
+    fit the model (as lm-eval does); similar lengths share a padded batch; with ``sparse_prefix`` the
+    context is decoded sparsely too."""
+    max_len = model.cfg.max_positions
+    out = [None] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    for s in range(0, len(order), batch):
+        idx = order[s: s + batch]
+        group = [(pairs[i][0][-(max_len - len(pairs[i][1])):], pairs[i][1]) for i in idx]
+        P = max(len(c) + len(t) for c, t in group)
+        tok = torch.zeros(len(group), P, dtype=torch.long)
+        for r, (c, t) in enumerate(group):
+            tok[r, : len(c) + len(t)] = torch.tensor(c + t)
+        tok = tok.to(model.device)
+        starts = torch.tensor([1 if sparse_prefix else len(c) for c, _ in group])
+        logits = sparse_logits(model, tok, mode, starts)
+        nll = token_nll(logits, tok)  # nll[:, t] scores token t + 1
+        for r, (i, (c, t)) in enumerate(zip(idx, group, strict=True)):
+            span = slice(len(c) - 1, len(c) + len(t) - 1)
+            greedy = bool((logits[r, span].argmax(dim=-1) == tok[r, len(c): len(c) + len(t)]).all())
+            out[i] = (-float(nll[r, span].sum()), greedy)
+        if progress is not None:
+            progress.update(len(group))
     return out
 
 
@@ -121,25 +143,13 @@ def accuracy(model, mode, tokenizer, examples: list[Example], *, batch: int = 8,
     """lm-eval ``acc`` and ``acc_norm`` over ``examples`` (``mode`` bound to ``model``)."""
     if not examples:
         raise ValueError("no examples to evaluate")
-    reqs = []  # (example number, choice, ctx ids, cont ids)
+    keys, pairs = [], []  # (example number, choice), (ctx ids, cont ids)
     for n, ex in enumerate(examples):
-        for c, (ctx, cont) in enumerate(_requests(ex, tokenizer, model.cfg.max_positions)):
-            reqs.append((n, c, ctx, cont))
-    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][2]) - len(reqs[i][3]))  # similar lengths together
-    loglik = {}
-    for i in range(0, len(order), batch):
-        group = [reqs[j] for j in order[i: i + batch]]
-        P = max(len(c) + len(t) for _, _, c, t in group)
-        tok = torch.zeros(len(group), P, dtype=torch.long)
-        for r, (_, _, c, t) in enumerate(group):
-            tok[r, : len(c) + len(t)] = torch.tensor(c + t)
-        tok = tok.to(model.device)
-        starts = torch.tensor([1 if sparse_prefix else len(c) for _, _, c, _ in group])
-        nll = _nll(sparse_logits(model, tok, mode, starts), tok)
-        for r, (n, ch, c, t) in enumerate(group):
-            loglik[(n, ch)] = -float(nll[r, len(c) - 1: len(c) + len(t) - 1].sum())
-        if progress is not None:
-            progress.update(len(group))
+        for c, pair in enumerate(_requests(ex, tokenizer, model.cfg.max_positions)):
+            keys.append((n, c))
+            pairs.append(pair)
+    scored = score_continuations(model, mode, pairs, batch=batch, sparse_prefix=sparse_prefix, progress=progress)
+    loglik = {k: ll for k, (ll, _) in zip(keys, scored, strict=True)}
     correct = correct_norm = 0
     for n, ex in enumerate(examples):
         ll = [loglik[(n, c)] for c in range(len(ex.choices))]

@@ -68,6 +68,20 @@ def make_row(**fields) -> dict:
     return row
 
 
+def predictor_rows(res, *, model: str, kind: str, criterion: str, device, path, **extra) -> list[dict]:
+    """Rows of one trained predictor (a ``models.train.TrainResult``): Spearman rho per scope and unit,
+    and the best validation MSE with the loss history."""
+    common = dict(kind="predictor", model=model, mode=kind, criterion=criterion, device=str(device),
+                  dtype="float32", git_commit=git_commit(), n_train=res.n_train, n_val=res.n_val,
+                  best_epoch=res.best_epoch, hidden=res.predictor.hidden, path=str(path),
+                  **res.normaliser.describe(), **extra)
+    rows = [make_row(**common, metric=f"spearman_{scope}_{unit}", value=v, unit="rho")
+            for unit, d in res.quality.items() for scope, v in d.items()]
+    rows.append(make_row(**common, metric="val_mse", value=min(h["val_loss"] for h in res.history), unit="",
+                         history=res.history))
+    return rows
+
+
 class RowWriter:
     """Appends rows to a JSON Lines file, flushing each one."""
 

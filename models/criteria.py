@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .decoder import token_nll
+
 PER_EXAMPLE = ("l2norm", "gradnorm", "plainact", "fisher", "grasp", "snip", "nwot")
 AGGREGATE = ("jacov", "epenas")
 CRITERIA = PER_EXAMPLE + AGGREGATE
@@ -95,8 +97,7 @@ class Batch:
     def target_loss(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-example summed NLL [B] of the target tokens (position t predicts token t + 1)."""
         P = self.tokens.shape[1]
-        logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        nll = -logp.gather(2, self.tokens[:, 1:, None])[..., 0]  # [B, P - 1]
+        nll = token_nll(logits, self.tokens)  # [B, P - 1]
         t = torch.arange(1, P, device=logits.device)[None, :]
         target = (t >= self.context_lengths[:, None]) & (t < self.lengths[:, None])
         return (nll * target).sum(dim=1)

@@ -84,6 +84,17 @@ def attend(q, k, v, kv_live, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal & live[:, :, None, :], scale=scale)
 
 
+def param_factory(dtype, device):
+    """``p(*shape)``: an uninitialised frozen parameter (weights are loaded or randomised afterwards)."""
+    return lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """-log p(tokens[:, t + 1] | ..) for every position t, [B, P - 1], in fp32 (fp64 stays fp64)."""
+    logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return -logp.gather(2, tokens[:, 1:, None])[..., 0]
+
+
 class DecoderBase(nn.Module):
     """Subclasses define the weights in ``__init__`` (calling ``_init_common``), ``load_hf_state_dict``,
     ``hf_state_dict``, ``prefill`` and ``decode_step``.
@@ -104,8 +115,11 @@ class DecoderBase(nn.Module):
 
     NORM_WEIGHTS: tuple[str, ...] = ()  # parameter-name suffixes that random weights set to 1
     plan_kv_heads: int | None = None  # grouped-query plan layout (models.plan) when set
+    FAMILY = ""
 
     def _init_common(self, cfg: DecoderConfig, device) -> None:
+        if cfg.family != self.FAMILY:
+            raise ValueError(f"{type(self).__name__} builds {self.FAMILY} models, got family {cfg.family!r}")
         self.cfg = cfg
         self.register_buffer("_dense_slots", torch.arange(cfg.n_heads, dtype=torch.int32, device=device),
                              persistent=False)

@@ -31,7 +31,7 @@ from shadow_kernels.add_norm import rms_norm
 from shadow_kernels.gqa_attention import apply_rope, dense_units
 
 from .config import DecoderConfig
-from .decoder import DecoderBase, KVCache, StateReader, attend, check_hooks
+from .decoder import DecoderBase, KVCache, StateReader, attend, check_hooks, param_factory
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
 from .plan import LayerPlan
@@ -42,7 +42,7 @@ class LlamaLayer(nn.Module):
         super().__init__()
         E, Fd, D = cfg.hidden, cfg.ffn, cfg.head_dim
         G = cfg.n_heads // cfg.n_kv_heads
-        p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        p = param_factory(dtype, device)
         self.ln1_w = p(E)
         self.qkv_w = p(cfg.n_kv_heads * (G + 2) * D, E)
         self.o_wt = p(cfg.n_heads * D, E)
@@ -52,14 +52,13 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaDecoder(DecoderBase):
+    FAMILY = "llama"
     NORM_WEIGHTS = ("ln1_w", "ln2_w", "norm_w")
 
     def __init__(self, cfg: DecoderConfig, dtype=torch.float16, device="cpu"):
         super().__init__()
-        if cfg.family != "llama":
-            raise ValueError(f"LlamaDecoder builds Llama models, got family {cfg.family!r}")
         self._init_common(cfg, device)
-        p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        p = param_factory(dtype, device)
         self.embed_tokens = p(cfg.vocab, cfg.hidden)
         self.norm_w = p(cfg.hidden)
         self.lm_head = self.embed_tokens if cfg.tie_embeddings else p(cfg.vocab, cfg.hidden)

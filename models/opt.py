@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig
-from .decoder import DecoderBase, KVCache, StateReader, attend, check_hooks
+from .decoder import DecoderBase, KVCache, StateReader, attend, check_hooks, param_factory
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
 from .plan import LayerPlan
@@ -35,7 +35,7 @@ class OPTLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, dtype, device):
         super().__init__()
         E, Fd = cfg.hidden, cfg.ffn
-        p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        p = param_factory(dtype, device)
         self.ln1_w, self.ln1_b = p(E), p(E)
         self.qkv_w, self.qkv_b = p(3 * E, E), p(3 * E)
         self.out_wt, self.out_b = p(E, E), p(E)
@@ -48,12 +48,12 @@ class OPTDecoder(DecoderBase):
     """OPT with our weight layout. Build with :meth:`random`, :func:`models.loading.load_model` or
     :meth:`from_hf_state_dict`."""
 
+    FAMILY = "opt"
+
     def __init__(self, cfg: DecoderConfig, dtype=torch.float16, device="cpu"):
         super().__init__()
-        if cfg.family != "opt":
-            raise ValueError(f"OPTDecoder builds OPT models, got family {cfg.family!r}")
         self._init_common(cfg, device)
-        p = lambda *shape: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        p = param_factory(dtype, device)
         self.embed_tokens = p(cfg.vocab, cfg.embed_dim)
         self.embed_positions = p(cfg.max_positions + POSITION_OFFSET, cfg.hidden)
         self.project_in = p(cfg.hidden, cfg.embed_dim) if cfg.word_embed_dim else None
