@@ -55,7 +55,8 @@ def _kernels(args) -> int:
     if not on_gpu:
         print("No CUDA device: running the kernels in the Triton interpreter on a tiny shape. The times below "
               "check that everything runs; they are not GPU speed.", file=sys.stderr)
-    rows = kernels.run_sweep(models, ops, sparsities, batches, args.dtype, args.out, progress=not args.no_progress)
+    rows = kernels.run_sweep(models, ops, sparsities, batches, args.dtype, args.out, progress=not args.no_progress,
+                             timer=args.timer)
     print(kernels.summary_table(rows))
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     print(f"\n{len(rows)} rows appended to {args.out}" + (f"; {len(bad)} not ok (see status)" if bad else ""))
@@ -80,6 +81,10 @@ def _latency(args) -> int:
     if not on_gpu:
         print("No CUDA device: a tiny random model on the CPU with the PyTorch reference kernels. The times "
               "below check that everything runs; they are not GPU speed.", file=sys.stderr)
+    if args.no_pdl:
+        from shadow_kernels.pdl import set_pdl
+
+        set_pdl(False)
     rows = latency.run_latency(models, modes, args.sparsity, args.gen, granularities, prompt_len=args.prompt,
                                batch=args.batch, dtype_name=args.dtype, out_path=args.out,
                                shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress)
@@ -248,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch", type=_ints, help="comma-separated batch sizes (GPU default: 1,8)")
     k.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     k.add_argument("--out", default="runs/kernels.jsonl", help="JSON Lines file; rows are appended, done cases skipped")
+    k.add_argument("--timer", choices=["stream", "single"], default="stream",
+                   help="stream: each variant runs back to back on copies of its data inside one CUDA graph (a "
+                        "decode-like stream, default); single: one call per graph replay after an L2 flush")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.set_defaults(func=_kernels)
 
@@ -266,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "dejavu: local)")
     lat.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     lat.add_argument("--out", default="runs/latency.jsonl", help="JSON Lines file; rows appended, done cases skipped")
+    lat.add_argument("--no-pdl", action="store_true",
+                     help="launch our kernels without programmatic dependent launch (on by default on Hopper and "
+                          "newer; shadow_kernels.pdl)")
     lat.add_argument("--no-progress", action="store_true", help="no progress bar")
     lat.set_defaults(func=_latency)
 

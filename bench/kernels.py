@@ -21,7 +21,7 @@ import shadow_kernels as sk
 from models.registry import ModelSpec, get_spec
 
 from .results import RowWriter, environment, git_commit, make_row
-from .timing import copy_bandwidth, time_op
+from .timing import copy_bandwidth, time_stream
 
 GEMV_OPS = ("fc1", "fc2", "qkv", "out_proj")
 LLAMA_OPS = ("swiglu",)  # fused gate+up gather GEMV (Llama models only)
@@ -113,6 +113,7 @@ def _cols_case(wt, w_natural, b, h, h_dense, idx, batch):
     variants = {
         "triton": lambda: sk.gather_cols_gemv(wt, h, idx32, b, validate=False),
         "triton_atomic": lambda: sk.gather_cols_gemv(wt, h, idx32, b, deterministic=False, validate=False),
+        "triton_twopass": lambda: sk.gather_cols_gemv(wt, h, idx32, b, onepass=False, validate=False),
         "torch_dense": lambda: F.linear(h_dense, w_natural, b),
         "torch_index_select": lambda: torch.addmm(b, h2, wt.index_select(0, idx)),
     }
@@ -122,8 +123,8 @@ def _cols_case(wt, w_natural, b, h, h_dense, idx, batch):
     elt = wt.element_size()
     moved = (k * M + batch * k + M + batch * M) * elt + 4 * k
     dense = (N * M + batch * N + M + batch * M) * elt
-    return Built(variants, reference, ("triton", "triton_atomic", "torch_index_select"), moved, dense,
-                 {"weight_t": list(wt.shape), "selected": k})
+    checked = ("triton", "triton_atomic", "triton_twopass", "torch_index_select")
+    return Built(variants, reference, checked, moved, dense, {"weight_t": list(wt.shape), "selected": k})
 
 
 def _swiglu_case(spec, sparsity, batch, dtype, device, gen):
@@ -241,12 +242,25 @@ def _autotuners() -> dict:
             "cols_single": gather_cols._cols_single, "cols_batched": gather_cols._cols_batched}
 
 
-def _timed_with_configs(fn, device) -> dict:
-    """Time ``fn`` and record which autotuned config each kernel it launched ran with."""
+# The stream timer (bench.timing.time_stream) runs each variant on enough copies of a case's data that
+# one replay reads at least this many bytes (five times the H100's L2), between MIN and MAX copies.
+STREAM_BYTES = 256 << 20
+MIN_COPIES, MAX_COPIES = 4, 256
+TIMERS = ("stream", "single")
+
+
+def n_copies(bytes_moved: int, timer: str) -> int:
+    if timer == "single":
+        return 1
+    return max(MIN_COPIES, min(MAX_COPIES, -(-STREAM_BYTES // max(1, bytes_moved))))
+
+
+def _timed_with_configs(fns, device) -> dict:
+    """Time the calls ``fns`` (one per data copy) and record which autotuned config each kernel ran with."""
     tuners = _autotuners()
     for tuner in tuners.values():
         tuner.best_config = None
-    t = time_op(fn, device)
+    t = time_stream(fns, device)
     t["configs"] = {name: str(tuner.best_config) for name, tuner in tuners.items()
                     if getattr(tuner, "best_config", None) is not None}
     return t
@@ -276,8 +290,12 @@ def _spec(name: str) -> ModelSpec:
     return TINY_SPECS[name] if name in TINY_SPECS else get_spec(name)
 
 
-def run_case(case: Case, dtype, device, copy_gbps, base: dict) -> list[dict]:
-    """Check and time every variant of one case; returns its rows."""
+def run_case(case: Case, dtype, device, copy_gbps, base: dict, timer: str = "stream") -> list[dict]:
+    """Check and time every variant of one case; returns its rows.
+
+    The first copy of the data is checked against the reference; with the stream timer, further copies
+    (other weights, inputs and index sets of the same shapes) are built for timing only.
+    """
     spec = _spec(case.model)
     seed = zlib.crc32(f"{case.model}/{case.op}/{case.sparsity}/{case.batch}".encode())
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -286,8 +304,12 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict) -> list[dict]:
     errors = {name: float((fn() != ref).sum()) for name, fn in built.exact.items()}
     for name in built.checked:
         errors[name] = rel_err(built.variants[name](), ref)
+    del ref
     tol = 0.0 if built.exact else TOLERANCE[dtype]
-    timings = {name: _timed_with_configs(fn, device) for name, fn in built.variants.items()}
+    copies = [built] + [build_case(spec, case, dtype, device, gen)
+                        for _ in range(n_copies(built.bytes_moved, timer) - 1)]
+    timings = {name: _timed_with_configs([c.variants[name] for c in copies], device) for name in built.variants}
+    del copies
     dense_us = timings.get("torch_dense", timings.get("torch_unfused", timings.get("torch_reference")))["median_us"]
     rows = []
     for name, t in timings.items():
@@ -298,7 +320,8 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict) -> list[dict]:
         status = "ok" if err is None or err <= tol else "wrong"
         common = dict(base, model=case.model, sparsity=case.sparsity, batch=case.batch, status=status, op=case.op,
                       variant=name, bytes=nbytes, p20_us=t["p20_us"], p80_us=t["p80_us"], timer=t["timer"],
-                      reps=t["reps"], kernel_configs=t["configs"], **built.shape)
+                      reps=t["reps"], calls_per_replay=t.get("calls_per_replay", 1), kernel_configs=t["configs"],
+                      **built.shape)
         metrics = [("time_us", us, "us"), ("achieved_gbps", gbps, "GB/s"), ("speedup_vs_dense", dense_us / us, "x")]
         if copy_gbps:
             metrics.append(("pct_of_copy_bw", 100.0 * gbps / copy_gbps, "%"))
@@ -309,13 +332,24 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict) -> list[dict]:
     return rows
 
 
+def _timer_of(row) -> str:
+    # rows before v6 have no timer_kind: they were timed one call per replay
+    return row["extra"].get("timer_kind", "single")
+
+
 def _done_keys(rows) -> set:
-    return {(r["model"], r["extra"].get("op"), r["sparsity"], r["batch"], r["dtype"], r["device"])
+    return {(r["model"], r["extra"].get("op"), r["sparsity"], r["batch"], r["dtype"], r["device"], _timer_of(r))
             for r in rows if r.get("kind") == "kernel" and r.get("status") in ("ok", "wrong", "skipped")}
 
 
-def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progress=True) -> list[dict]:
-    """Run every case not already in ``out_path``; returns the rows written by this call."""
+def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progress=True, timer="stream") -> list[dict]:
+    """Run every case not already in ``out_path``; returns the rows written by this call.
+
+    timer: ``stream`` (default; :func:`bench.timing.time_stream` over copies of the data) or ``single``
+    (one call per graph replay after an L2 flush, the timer of v2-v5 in notes/kernels.md).
+    """
+    if timer not in TIMERS:
+        raise ValueError(f"timer must be one of {TIMERS}, got {timer!r}")
     from tqdm import tqdm
 
     dtype = DTYPES[dtype_name]
@@ -325,10 +359,11 @@ def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progres
     done = _done_keys(writer.existing())
     bw = copy_bandwidth(device)
     base = dict(kind="kernel", device=env["device"], dtype=dtype_name, git_commit=git_commit(),
-                extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"]})
+                extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"],
+                       "timer_kind": timer})
     copy_detail = {k: v for k, v in bw.items() if k != "copy_gbps"}
     todo = [c for c in cases(models, ops, sparsities, batches)
-            if (c.model, c.op, c.sparsity, c.batch, dtype_name, env["device"]) not in done]
+            if (c.model, c.op, c.sparsity, c.batch, dtype_name, env["device"], timer) not in done]
     new_rows: list[dict] = []
     if bw["copy_gbps"]:
         env_row = make_row(**base, metric="copy_bandwidth", value=bw["copy_gbps"], unit="GB/s", op="copy",
@@ -337,7 +372,7 @@ def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progres
         new_rows.append(env_row)
     for case in tqdm(todo, desc="kernels", disable=not progress):
         try:
-            rows = run_case(case, dtype, device, bw["copy_gbps"], base)
+            rows = run_case(case, dtype, device, bw["copy_gbps"], base, timer)
         except SkipCase as why:
             rows = [make_row(**base, model=case.model, sparsity=case.sparsity, batch=case.batch, op=case.op,
                              metric="skipped", value=None, unit=None, status="skipped", error=str(why))]
@@ -369,7 +404,7 @@ def summary_table(rows: list[dict]) -> str:
         if r["status"] == "wrong":
             entry.setdefault("wrong", set()).add(var)
     lines = [f"{'model':<10} {'op':<19} {'s':>4} {'B':>2} {'ours us':>9} {'dense us':>9} {'idxsel us':>9} "
-             f"{'atomic us':>9} {'%copyBW':>8} {'vs dense':>8}"]
+             f"{'atomic us':>9} {'2pass us':>9} {'%copyBW':>8} {'vs dense':>8}"]
     fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
     for (model, op, s, b), e in by_case.items():
         if "error" in e:
@@ -380,7 +415,7 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(
             f"{model:<10} {op:<19} {s:>4} {b:>2} {fmt(e.get(('triton', 'time_us')), '9.1f')} {fmt(dense, '9.1f')} "
             f"{fmt(e.get(('torch_index_select', 'time_us')), '9.1f')} "
-            f"{fmt(e.get(('triton_atomic', 'time_us')), '9.1f')} "
+            f"{fmt(e.get(('triton_atomic', 'time_us')), '9.1f')} {fmt(e.get(('triton_twopass', 'time_us')), '9.1f')} "
             f"{fmt(e.get(('triton', 'pct_of_copy_bw')), '8.1f')} {fmt(e.get(('triton', 'speedup_vs_dense')), '8.2f')}"
             + (f"  WRONG: {', '.join(sorted(e['wrong']))}" if "wrong" in e else "")
         )

@@ -188,7 +188,7 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
 
 def _done_keys(rows) -> set:
     return {(r["model"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"), r["gen_len"],
-             r["batch"], r["prompt_len"], r["dtype"], r["device"])
+             r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False))
             for r in rows if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
 
 
@@ -213,17 +213,20 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     bad = [m for m in modes if m not in LATENCY_MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(LATENCY_MODES)}")
+    from shadow_kernels.pdl import pdl_enabled
+
     dtype = DTYPES[dtype_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     writer = RowWriter(out_path)
     env = environment(device)
     bw = copy_bandwidth(device)
+    pdl = pdl_enabled(device)  # programmatic dependent launch of our kernels (shadow_kernels.pdl)
     base = dict(kind="latency", device=env["device"], dtype=dtype_name, batch=batch, prompt_len=prompt_len,
                 git_commit=git_commit(), weights="random",
-                extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"]})
+                extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl})
     done = _done_keys(writer.existing())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
-            if (*c.key(), batch, prompt_len, dtype_name, env["device"]) not in done]
+            if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl) not in done]
     new_rows: list[dict] = []
     by_model: dict[str, list[LatencyCase]] = {}
     for c in todo:
@@ -259,15 +262,17 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Per model and generation length: each case's ms/token, the floor, and the speedup over dense."""
+    """Per model and generation length: each case's ms/token, the floor, and the speedup over dense (with
+    programmatic dependent launch, "+pdl", against dense with it)."""
     cases: dict[tuple, dict] = {}
     for r in rows:
         if r.get("kind") != "latency" or r.get("status") != "ok":
             continue
-        key = (r["model"], r["gen_len"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"))
+        model = r["model"] + ("+pdl" if r["extra"].get("pdl") else "")
+        key = (model, r["gen_len"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"))
         cases.setdefault(key, {})[r["metric"]] = r["value"]
     dense = {(k[0], k[1]): v["token_ms"] for k, v in cases.items() if k[2] == "dense" and "token_ms" in v}
-    lines = [f"{'model':<10} {'gen':>4} {'mode':<10} {'s':>4} {'policy':<7} {'granul.':<7} {'ms/tok':>8} "
+    lines = [f"{'model':<14} {'gen':>4} {'mode':<10} {'s':>4} {'policy':<7} {'granul.':<7} {'ms/tok':>8} "
              f"{'floor':>7} {'x floor':>7} {'vs dense':>8} {'pred share':>10}"]
     for key in sorted(cases, key=lambda k: (k[0], k[1], LATENCY_MODES.index(k[2]), k[3], str(k[4]), str(k[5]))):
         v = cases[key]
@@ -275,7 +280,7 @@ def summary_table(rows: list[dict]) -> str:
             continue
         d = dense.get((key[0], key[1]))
         fmt = lambda x, f: format(x, f) if x is not None else "-"
-        lines.append(f"{key[0]:<10} {key[1]:>4} {key[2]:<10} {key[3]:>4.2f} {str(key[4] or '-'):<7} "
+        lines.append(f"{key[0]:<14} {key[1]:>4} {key[2]:<10} {key[3]:>4.2f} {str(key[4] or '-'):<7} "
                      f"{str(key[5] or '-'):<7} {v['token_ms']:>8.3f} {fmt(v.get('floor_ms'), '>7.3f')} "
                      f"{fmt(v.get('floor_ratio'), '>7.2f')} {fmt(d / v['token_ms'] if d else None, '>8.2f')} "
                      f"{fmt(v.get('predictor_share'), '>10.3f')}")

@@ -231,7 +231,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
 
     cases = quality_cases(modes, criteria, sparsities, policies)
     writer = RowWriter(out_path)
-    done = {(r["mode"], r["criterion"], r["policy"], r["sparsity"], r["extra"].get("eval"))
+    # a row is done per case, data set and shot count (perplexity rows have no shots)
+    done = {(r["mode"], r["criterion"], r["policy"], r["sparsity"], r["extra"].get("eval"), r["extra"].get("shots", 0))
             for r in writer.existing() if r.get("kind") == "quality" and r.get("status") == "ok"
             and r["model"] == model_name}
     base = dict(kind="quality", model=model_name, batch=1, device=device_name(model.device),
@@ -266,7 +267,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 bar.update(len(evals))
             continue
         for name, data in evals:
-            if (case.mode, case.criterion, case.policy, case.sparsity, name) in done:
+            key = (case.mode, case.criterion, case.policy, case.sparsity, name, 0 if name == "wikitext2" else shots)
+            if key in done:
                 if bar is not None:
                     bar.update(1)
                 continue

@@ -71,6 +71,31 @@ def time_op(fn: Callable[[], object], device: torch.device) -> dict:
             "p80_us": percentile(samples, 0.8), "reps": reps, "timer": "CUDA graph replay, L2 flushed"}
 
 
+def time_stream(fns: list[Callable[[], object]], device: torch.device) -> dict:
+    """Time per call of a stream of calls, each on its own copy of the data, captured in one graph.
+
+    Why (v6 in notes/kernels.md): a single-kernel graph replayed after an L2 flush carries a fixed cost
+    that is not the kernel's: the graph launch behind the timing event, and the write-back of the 50 MB
+    of dirty flush lines that the kernel's first reads evict. On the H100 that was ~8 us per op, a third
+    of a 25 us GEMV. A decode step is a stream of kernels inside one graph, each reading weights that
+    are not in L2 and evicting clean lines of the weights before it; this reproduces that: the calls
+    run back to back on copies of the weights whose total is several L2 sizes, so each call reads from
+    DRAM. The figure includes the gap between kernels of one graph, as a decode step does.
+    """
+    if device.type != "cuda" or len(fns) == 1:
+        return time_op(fns[0], device)
+
+    def all_calls():
+        for fn in fns:
+            fn()
+
+    t = time_op(all_calls, device)
+    n = len(fns)
+    return {"median_us": t["median_us"] / n, "p20_us": t["p20_us"] / n, "p80_us": t["p80_us"] / n,
+            "reps": t["reps"], "calls_per_replay": n,
+            "timer": f"CUDA graph of {n} calls on {n} copies of the data, L2 flushed before each replay"}
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
     """Measured device-to-device copy bandwidth (bytes read plus bytes written): the ceiling that
     every "% of copy bandwidth" figure divides by.

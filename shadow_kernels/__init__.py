@@ -18,13 +18,14 @@ from .fused_predictor import (  # noqa: E402
     sparse_hidden_predictor,
     sparse_hidden_predictor_ref,
 )
-from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref  # noqa: E402
+from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref, set_onepass  # noqa: E402
 from .gather_rows import (  # noqa: E402
     gather_rows_gemv,
     gather_rows_gemv_ref,
     gather_swiglu_gemv,
     gather_swiglu_gemv_ref,
 )
+from .pdl import pdl_enabled, set_pdl  # noqa: E402
 from .topk import (  # noqa: E402
     POLICIES,
     LayerIndices,
@@ -48,6 +49,9 @@ __all__ = [
     "gather_swiglu_gemv_ref",
     "mask_to_indices",
     "mask_to_indices_ref",
+    "pdl_enabled",
+    "set_onepass",
+    "set_pdl",
     "sparse_hidden_predictor",
     "sparse_hidden_predictor_ref",
     "topk_indices",

@@ -115,9 +115,49 @@ def configs_for_platform(configs: list[triton.Config]) -> list[triton.Config]:
 
 
 def autotune_bench(kernel_call, quantiles):
-    """Shorter than Triton's default (25 ms warm-up, 100 ms timing), so a sweep over many shapes does
-    not spend minutes in autotune; 5/20 ms (v3) ranked configs too noisily, hence 10/50 ms."""
+    """How the autotuner times a config. v6 (notes/kernels.md): back to back in one CUDA graph, as the
+    kernels run in a decode step. v2-v5 timed eager calls after an L2 flush (``do_bench``, 10/50 ms),
+    where the launch behind the timing event and the write-back of the flushed lines added ~8 us of
+    noise to every call, and the autotuner picked different configs from run to run."""
+    if torch.cuda.is_available() and not INTERPRET:
+        return _bench_in_graph(kernel_call, quantiles)
     return triton.testing.do_bench(kernel_call, warmup=10, rep=50, quantiles=quantiles)
+
+
+def _bench_in_graph(kernel_call, quantiles, rep_ms: float = 20.0):
+    """Like ``triton.testing.do_bench_cudagraph``, but the device is synchronised first: that function
+    starts on a fresh stream without waiting for the work already queued, so the first kernel of a
+    new shape (autotuned mid-step) ran concurrently with the step's earlier kernels (session 4: wrong
+    results and an illegal address with the single-launch reduction's shared counters)."""
+    torch.cuda.synchronize()
+    kernel_call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        kernel_call()
+    end.record()
+    torch.cuda.synchronize()
+    n = max(1, min(1000, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(n):
+            kernel_call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    del graph
+    times.sort()
+    if quantiles is None:
+        return sum(times) / len(times)
+    return [times[min(len(times) - 1, round(q * (len(times) - 1)))] for q in quantiles]
 
 
 def sm_count(device: torch.device) -> int:

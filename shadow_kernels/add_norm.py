@@ -13,12 +13,16 @@ import triton
 import triton.language as tl
 
 from ._common import check_float, next_pow2
+from .pdl import pdl_kwargs
 
 
 @triton.jit
 def _add_layernorm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, eps,
                           stride_x, stride_r, stride_s, stride_y,
-                          HAS_RES: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_RES: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
@@ -81,6 +85,7 @@ def _launch(x, residual, weight, bias, eps, rms):
         x, residual if residual is not None else x, weight, bias if bias is not None else weight, s, y, N, eps,
         x.stride(0), residual.stride(0) if residual is not None else 0, s.stride(0), y.stride(0),
         HAS_RES=residual is not None, RMS=rms, BLOCK=block, num_warps=min(16, max(4, block // 512)),
+        **pdl_kwargs(x.device),
     )
     return s, y
 

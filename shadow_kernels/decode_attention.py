@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_float, next_pow2
+from .pdl import pdl_kwargs
 
 
 @triton.jit
@@ -38,7 +39,11 @@ def _decode_attention_kernel(
     H, T, scale,
     stride_qkv_b, stride_out_b, stride_cb, stride_ch, stride_ct,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr).to(tl.int32)
@@ -89,7 +94,11 @@ def _decode_attention_split_kernel(
     H, T, scale,
     stride_qkv_b, stride_cb, stride_ch, stride_ct,
     NSPLIT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Flash-decoding: program (b, h, s) covers cached positions [s * CHUNK, (s + 1) * CHUNK) below pos;
     # split 0 also writes the new key/value and takes the current token. Partials (m, l, acc[D])
     # go to part [B, H, NSPLIT, BLOCK_D + 2] and _decode_attention_combine_kernel merges them.
@@ -157,7 +166,11 @@ def merge_splits(rows, s_ok, d, WIDTH: tl.constexpr):
 def _decode_attention_combine_kernel(
     part_ptr, pos_ptr, slot_ptr, out_ptr, H, stride_out_b,
     NSPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + h)
@@ -228,11 +241,12 @@ def decode_attention(qkv, k_cache, v_cache, valid, pos, head_slot, scale=None, *
         _decode_attention_split_kernel[(B, H, nsplit)](
             qkv, k_cache, v_cache, valid, pos, head_slot, part, H, T, scale,
             qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            NSPLIT=nsplit, D=D, BLOCK_D=block_d, CHUNK=chunk, num_warps=4,
+            NSPLIT=nsplit, D=D, BLOCK_D=block_d, CHUNK=chunk, num_warps=4, **pdl_kwargs(qkv.device),
         )
         _decode_attention_combine_kernel[(B, H)](
             part, pos, head_slot, out, H, out.stride(0),
             NSPLIT=nsplit, SPLIT_P2=max(2, next_pow2(nsplit)), D=D, BLOCK_D=block_d, CHUNK=chunk, num_warps=4,
+            **pdl_kwargs(qkv.device),
         )
         return out
     block_t = max(16, min(64, 8192 // block_d))
@@ -240,7 +254,7 @@ def decode_attention(qkv, k_cache, v_cache, valid, pos, head_slot, scale=None, *
         qkv, k_cache, v_cache, valid, pos, head_slot, out,
         H, T, scale,
         qkv.stride(0), out.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        D=D, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4,
+        D=D, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4, **pdl_kwargs(qkv.device),
     )
     return out
 

@@ -29,23 +29,28 @@ from ._common import (
     next_pow2,
     sm_count,
 )
+from .pdl import pdl_kwargs
 
 
 @triton.jit
 def _cols_partial_kernel(
-    wt_ptr, h_ptr, idx_ptr, count_ptr, bias_ptr, out_ptr,
+    wt_ptr, h_ptr, idx_ptr, count_ptr, bias_ptr, out_ptr, y_ptr, ticket_ptr,
     B, M, n_sel,
     stride_wn, stride_hb, stride_ob, stride_os,
     SEL_BUCKET, SPLIT_KEY,  # only autotune keys
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     # A program owns BLOCK_M outputs for BLOCK_B batch rows and one chunk of the selected rows.
     # The chunk bounds are computed on the device from `count`, so the work of a padded index list
     # is spread over all programs whatever the count turns out to be.
-    # MODE: 0 = write the final output (one chunk), 1 = write fp32 partials, 2 = fp32 atomic add.
+    # MODE: 0 = write the final output (one chunk), 1 = write fp32 partials, 2 = fp32 atomic add,
+    # 3 = write fp32 partials and the last chunk of each output block to finish adds them (one launch).
     # The number of chunks is the grid's second dimension, chosen per config by the launcher.
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -110,13 +115,38 @@ def _cols_partial_kernel(
     elif MODE == 1:
         ptrs = out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_m[None, :]
         tl.store(ptrs, out, mask=mask)
-    else:
+    elif MODE == 2:
         ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_m[None, :]
         tl.atomic_add(ptrs, out, mask=mask)
+    else:
+        ptrs = out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_m[None, :]
+        tl.store(ptrs, out, mask=mask)
+        # Every thread fences its partials gpu-wide, the program synchronises, then takes a ticket for
+        # its output block; the program that takes the last ticket sums all chunks in chunk order (the
+        # same sum as MODE 1, so bit-identical) and resets the ticket for the next launch.
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+        tl.debug_barrier()
+        ticket = ticket_ptr + pid_b * tl.num_programs(0) + pid_m
+        n_chunks = tl.num_programs(1)
+        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == n_chunks - 1:
+            total = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+            part = out_ptr + offs_b[:, None] * stride_ob + offs_m[None, :]
+            for c in range(0, n_chunks):
+                total += tl.load(part + c * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_b[:, None] * stride_ob + offs_m[None, :], total.to(y_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.atomic_xchg(ticket, 0)
 
 
 @triton.jit
-def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Sums the SPLIT partials of every output in a fixed order (deterministic), adds the bias.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
@@ -153,6 +183,37 @@ _cols_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_benc
 _cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
     _cols_partial_kernel)
 
+_TICKETS: dict = {}
+_ONEPASS = {"on": True}
+
+
+def set_onepass(on: bool) -> bool:
+    """Single-launch split reduction (MODE 3) on CUDA; off, the partials are summed by a second kernel.
+    Returns the previous setting."""
+    if not isinstance(on, bool):
+        raise TypeError(f"set_onepass takes True or False, got {on!r}")
+    prev, _ONEPASS["on"] = _ONEPASS["on"], on
+    return prev
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
+    """Zeroed int32 counters of the single-launch reduction, one buffer per device. Every launch leaves
+    them at zero, so one allocation serves every later call and every CUDA-graph replay. It is never
+    made during a capture (memory allocated there belongs to the graph and is not zeroed until a
+    replay): a capture that finds no buffer large enough gets None and the two-launch reduction.
+    Launches that use the counters must not run concurrently on two streams (a decode step runs on
+    one; shadow_kernels' autotuning synchronises the device before it times anything)."""
+    buf = _TICKETS.get(device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+    torch.cuda.synchronize(device)
+    _TICKETS[device] = buf
+    return buf
+
+
 # Rows of the selected list one program should at least stream before splitting further pays off.
 _MIN_ROWS_PER_SPLIT = 64
 
@@ -165,7 +226,7 @@ def choose_split(n_sel: int, M: int, block_m: int, device: torch.device) -> int:
 
 
 def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: int | None,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, onepass: bool | None = None) -> torch.Tensor:
     # The split depends on the config's BLOCK_M, which the autotuner picks, so the grid is a function
     # of the config, the workspace is sized for the largest split any config can use, and the
     # reduction reads the split of the config that ran.
@@ -185,15 +246,21 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         kernel, block_b = _cols_batched, min(64, max(16, next_pow2(B)))
     split_of = (lambda block_m: split) if split else (lambda block_m: choose_split(n_sel, M, block_m, dev))
     max_split = max(split_of(c.kwargs["BLOCK_M"]) for c in kernel.configs)
+    onepass = (_ONEPASS["on"] if onepass is None else onepass) and dev.type == "cuda" and not INTERPRET
+    tickets = None
+    if max_split > 1 and deterministic and onepass:
+        min_block_m = min(c.kwargs["BLOCK_M"] for c in kernel.configs)
+        tickets = _tickets(dev, triton.cdiv(M, min_block_m) * triton.cdiv(B, block_b))
     if max_split == 1:
         mode, out = 0, y
     elif deterministic:
-        mode, out = 1, torch.empty((max_split, B, M), device=dev, dtype=torch.float32)
+        mode, out = (3 if tickets is not None else 1), torch.empty((max_split, B, M), device=dev, dtype=torch.float32)
     else:
         mode, out = 2, torch.zeros((B, M), device=dev, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split_of(meta["BLOCK_M"]), triton.cdiv(B, block_b))
     kernel[grid](
         weight_t, h2d, idx, count if count is not None else idx, bias if bias is not None else weight_t, out,
+        y, tickets if tickets is not None else y,
         B, M, n_sel,
         weight_t.stride(0), h2d.stride(0), M, B * M,
         next_pow2(n_sel), split or 0,
@@ -201,18 +268,20 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         # fp32 activations with 16-bit weights (the sparse-hidden predictor) keep fp32 in the dot
         UPCAST_DOT=INTERPRET or h2d.dtype != weight_t.dtype,
         DOT_IEEE=torch.float32 in (weight_t.dtype, h2d.dtype), BLOCK_B=block_b,
+        **pdl_kwargs(dev),
     )
-    if mode != 0:
+    if mode in (1, 2):
         n_parts = split_of(kernel.best_config.kwargs["BLOCK_M"]) if mode == 1 else 1
         block = 1024
         _cols_reduce_kernel[(triton.cdiv(B * M, block),)](
             out, bias if bias is not None else out, y, B * M, M, n_parts,
-            HAS_BIAS=bias is not None, BLOCK=block,
+            HAS_BIAS=bias is not None, BLOCK=block, **pdl_kwargs(dev),
         )
     return y
 
 
-def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True):
+def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True,
+                     onepass=None):
     """``h @ weight_t[idx] + bias`` with Triton kernels.
 
     weight_t: [N, M] (W transposed, contiguous rows) fp16/bf16/fp32. h: [k] or [B, k], same dtype;
@@ -221,6 +290,9 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
     entries of idx (and of h) are used.
     deterministic: fixed-order two-stage reduction (default) or fp32 atomics (not bit-reproducible).
     split: number of chunks of the reduction (default: chosen from the shape and the SM count).
+    onepass: on CUDA, finish the deterministic reduction inside the one launch (the last chunk of each
+    output block adds the partials; same sum, same bits) instead of a second kernel; default
+    :func:`set_onepass` (on).
     Returns [M] or [B, M] in the weight dtype; accumulation is fp32.
     """
     check_float("weight_t", weight_t, ndims=(2,), last_contiguous=True)
@@ -238,11 +310,13 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
     check_count("count", count, device=dev, upper=k, validate=validate)
     if split is not None and (not isinstance(split, int) or split < 1):
         raise ValueError(f"split must be a positive int or None, got {split!r}")
-    y = _launch_cols(weight_t, h if h.dim() == 2 else h[None], idx, bias, count, deterministic, split)
+    y = _launch_cols(weight_t, h if h.dim() == 2 else h[None], idx, bias, count, deterministic, split,
+                     onepass=onepass)
     return y.reshape(M) if h.dim() == 1 else y
 
 
-def gather_cols_gemv_ref(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True):
+def gather_cols_gemv_ref(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True,
+                         onepass=None):
     """Plain-PyTorch reference of :func:`gather_cols_gemv` (same signature, fp32 accumulate)."""
     idx = idx.long()
     hf = h.float()

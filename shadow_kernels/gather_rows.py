@@ -25,6 +25,7 @@ from ._common import (
     configs_for_platform,
     next_pow2,
 )
+from .pdl import pdl_kwargs
 
 _ACTIVATIONS = (None, "relu")
 
@@ -36,11 +37,16 @@ def _rows_gemv_kernel(
     stride_wn, stride_xb, stride_yb,
     ROWS_BUCKET,  # only an autotune key: the power of two above n_rows
     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # A program owns BLOCK_N output rows (gathered weight rows) for BLOCK_B batch rows and walks
     # the whole reduction dimension K; no split-K, so every weight byte is read exactly once.
+    if USE_PDL:
+        # Programmatic dependent launch (see shadow_kernels.pdl): wait for the previous kernel's writes,
+        # then let the next kernel's programs be scheduled while this one streams its weights.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,6 +143,11 @@ _SINGLE_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    # v6: fewer rows per program (more programs, a shorter tail) and whole 1-2k pieces of a row
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 512}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024}, num_warps=8, num_stages=2),
 ])
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
@@ -155,7 +166,8 @@ _rows_gemv_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotu
     triton.heuristics({"EVEN_K": _even_k})(_rows_gemv_kernel))
 
 
-def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch.dtype, up=None) -> torch.Tensor:
+def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch.dtype, up=None,
+                     pdl: bool | None = None) -> torch.Tensor:
     """Launcher shared by gather_rows_gemv, gather_swiglu_gemv and fused_predictor; inputs are checked.
 
     ``idx=None`` means every row of ``weight`` in order (a plain GEMV). ``up``: SwiGLU's up weight,
@@ -182,6 +194,7 @@ def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch
         HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_COUNT=count is not None, RELU=relu,
         GATED=up is not None,
         UPCAST_DOT=INTERPRET, DOT_IEEE=weight.dtype == torch.float32, BLOCK_B=block_b,
+        **pdl_kwargs(x2d.device, pdl),
     )
     return y
 

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ._common import check_device, check_float, next_pow2
 from .decode_attention import merge_splits
+from .pdl import pdl_kwargs
 
 
 @triton.jit
@@ -53,7 +54,11 @@ def _gqa_split_kernel(
     qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, cos_ptr, sin_ptr, qunit_ptr, kvunit_ptr, part_ptr,
     KVH, T, scale, stride_qkv_b, stride_cb, stride_ch, stride_ct,
     G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -110,7 +115,10 @@ def _gqa_split_kernel(
 @triton.jit
 def _gqa_combine_kernel(part_ptr, pos_ptr, outslot_ptr, out_ptr, KVH, stride_out_b,
                         G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
-                        SPLIT_P2: tl.constexpr, CHUNK: tl.constexpr):
+                        SPLIT_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(outslot_ptr + h)
@@ -200,11 +208,12 @@ def gqa_decode_attention(qkv, k_cache, v_cache, valid, pos, cos, sin, scale=None
     _gqa_split_kernel[(B, KVH, nsplit)](
         qkv, k_cache, v_cache, valid, pos, cos, sin, q_unit, kv_unit, part, KVH, T, scale,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        G=G, G_P2=g_p2, D=D, NSPLIT=nsplit, CHUNK=chunk, num_warps=4,
+        G=G, G_P2=g_p2, D=D, NSPLIT=nsplit, CHUNK=chunk, num_warps=4, **pdl_kwargs(qkv.device),
     )
     _gqa_combine_kernel[(B, KVH * G)](
         part, pos, out_slot, out, KVH, out.stride(0),
         G=G, G_P2=g_p2, D=D, NSPLIT=nsplit, SPLIT_P2=max(2, next_pow2(nsplit)), CHUNK=chunk, num_warps=4,
+        **pdl_kwargs(qkv.device),
     )
     return out
 
