@@ -87,7 +87,8 @@ def _latency(args) -> int:
         set_pdl(False)
     rows = latency.run_latency(models, modes, args.sparsity, args.gen, granularities, prompt_len=args.prompt,
                                batch=args.batch, dtype_name=args.dtype, out_path=args.out,
-                               shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress)
+                               shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress,
+                               batch_rule=args.batch_rule)
     print(latency.summary_table(rows))
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     for r in bad[:5]:
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--gen", type=_ints, default=[128], help="generation lengths (default 128)")
     lat.add_argument("--prompt", type=int, default=128, help="prompt length (default 128)")
     lat.add_argument("--batch", type=int, default=1)
+    lat.add_argument("--batch-rule", choices=["mean", "union"], default="mean",
+                     help="batch > 1 in the predictor modes: one plan from the mean scores (default) or the union "
+                          "of every sequence's selection")
     lat.add_argument("--granularity", default="token,prompt",
                      help="when predictors run: token (every decoded token), prompt (once, after prefill)")
     lat.add_argument("--policy", default="global,local", help="top-k policies for shadowllm (static: global, "

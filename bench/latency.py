@@ -65,7 +65,7 @@ def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_poli
     return out
 
 
-def build_mode(case: LatencyCase, cfg: DecoderConfig, seed: int = 0):
+def build_mode(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean"):
     if case.mode == "dense":
         return Dense()
     if case.mode == "static":
@@ -74,9 +74,9 @@ def build_mode(case: LatencyCase, cfg: DecoderConfig, seed: int = 0):
                "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
         return Static(imp, case.sparsity, case.policy)
     if case.mode == "dejavu":
-        return DejaVu(case.sparsity, "random", case.granularity)
+        return DejaVu(case.sparsity, "random", case.granularity, batch_rule=batch_rule)
     if case.mode == "shadowllm":
-        return ShadowLLM(case.sparsity, "random", case.policy, case.granularity)
+        return ShadowLLM(case.sparsity, "random", case.policy, case.granularity, batch_rule=batch_rule)
     raise ValueError(f"mode must be one of {LATENCY_MODES}, got {case.mode!r}")
 
 
@@ -115,7 +115,7 @@ def _predictor_ms(mode, model, batch, device) -> float | None:
 
 def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base, seed=0) -> list[dict]:
     device = model.device
-    mode = build_mode(case, model.cfg, seed)
+    mode = build_mode(case, model.cfg, seed, base["extra"].get("batch_rule", "mean"))
     gen = Generator(model, mode, batch=batch, max_len=prompt_len + case.gen_len)
     prompt = torch.randint(0, model.cfg.vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     gen.generate(prompt, case.gen_len)  # compiles, autotunes, captures
@@ -188,7 +188,8 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
 
 def _done_keys(rows) -> set:
     return {(r["model"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"), r["gen_len"],
-             r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False))
+             r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False),
+             r["extra"].get("batch_rule", "mean"))
             for r in rows if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
 
 
@@ -207,9 +208,15 @@ def build_model(name: str, dtype, device, seed=0):
 
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
-                out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True) -> list[dict]:
+                out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
+                batch_rule="mean") -> list[dict]:
+    """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
+    the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan)."""
     from tqdm import tqdm
 
+    from models.plan import check_batch_rule
+
+    check_batch_rule(batch_rule)
     bad = [m for m in modes if m not in LATENCY_MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(LATENCY_MODES)}")
@@ -223,10 +230,11 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     pdl = pdl_enabled(device)  # programmatic dependent launch of our kernels (shadow_kernels.pdl)
     base = dict(kind="latency", device=env["device"], dtype=dtype_name, batch=batch, prompt_len=prompt_len,
                 git_commit=git_commit(), weights="random",
-                extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl})
+                extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl,
+                       "batch_rule": batch_rule})
     done = _done_keys(writer.existing())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
-            if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl) not in done]
+            if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule) not in done]
     new_rows: list[dict] = []
     by_model: dict[str, list[LatencyCase]] = {}
     for c in todo:

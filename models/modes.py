@@ -24,7 +24,7 @@ import torch
 
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
-from .plan import LayerPlan, PlanBuffers, check_policy, check_sparsity
+from .plan import LayerPlan, PlanBuffers, check_batch_rule, check_policy, check_sparsity
 from .predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
 
 MODES = ("dense", "static", "dejavu", "shadowllm")
@@ -75,6 +75,8 @@ class Dense(Mode):
 
 
 class _Sparse(Mode):
+    batch_rule = "mean"
+
     def __init__(self, sparsity: float, policy: str = "local", first_sparse: int = 1):
         self.sparsity = check_sparsity(sparsity)
         self.policy = check_policy(policy)
@@ -89,7 +91,8 @@ class _Sparse(Mode):
             raise ValueError(f"first_sparse {self.first_sparse} leaves no sparse layer in a {cfg.n_layers}-layer model")
         self.buffers = PlanBuffers(n_layers=cfg.n_layers, first=self.first_sparse, n_heads=cfg.n_heads,
                                    head_dim=cfg.head_dim, ffn=cfg.ffn, sparsity=self.sparsity, policy=self.policy,
-                                   device=model.device, ops=self.ops, n_kv_heads=model.plan_kv_heads)
+                                   device=model.device, ops=self.ops, n_kv_heads=model.plan_kv_heads,
+                                   batch_rule=self.batch_rule)
         self._plans = [self.buffers.layer(i) if self.buffers.is_sparse(i) else self._dense
                        for i in range(cfg.n_layers)]
         return self
@@ -145,12 +148,6 @@ def load_importance(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _batch_mean(scores, keepdim: bool):
-    if scores.shape[0] == 1:
-        return scores if keepdim else scores[0]
-    return scores.mean(dim=0, keepdim=keepdim)
-
-
 def _resolve_predictor(predictor, kind, model, **random_kw):
     if predictor is None or predictor == "random":
         return random_predictor(kind, model.cfg, dtype=model.dtype, device=model.device, **random_kw)
@@ -170,9 +167,16 @@ SPARSE_HIDDEN_DEFAULT = False
 
 
 class _Predicting(_Sparse):
-    """Shared by the predictor modes: runs the MLP, optionally reading only live hidden units."""
+    """Shared by the predictor modes: runs the MLP, optionally reading only live hidden units.
+
+    A batch shares one plan per step: ``batch_rule`` ``mean`` (default) selects from the batch's mean
+    scores, ``union`` takes the union of every sequence's own selection (see ``models.plan.PlanBuffers``).
+    """
 
     sparse_hidden: bool | None = None
+
+    def _set_batch_rule(self, rule: str) -> None:
+        self.batch_rule = check_batch_rule(rule)
 
     def _setup_predictor(self, layers):
         arg = self.sparse_hidden_arg
@@ -197,7 +201,7 @@ class _Predicting(_Sparse):
 
     def describe(self):
         return {**super().describe(), "predictor": self.predictor.meta.get("source"),
-                "sparse_hidden": self.sparse_hidden}
+                "sparse_hidden": self.sparse_hidden, "batch_rule": self.batch_rule}
 
 
 class DejaVu(_Predicting):
@@ -209,8 +213,10 @@ class DejaVu(_Predicting):
     name = "dejavu"
 
     def __init__(self, sparsity: float, predictor=None, granularity: str = "token", first_sparse: int = 1,
-                 lookahead: bool = False, hidden: int | None = None, sparse_hidden: bool | None = None):
+                 lookahead: bool = False, hidden: int | None = None, sparse_hidden: bool | None = None,
+                 batch_rule: str = "mean"):
         super().__init__(sparsity, "local", first_sparse)
+        self._set_batch_rule(batch_rule)
         self.granularity = _check_granularity(granularity)
         self.predictor_arg, self.lookahead, self.hidden = predictor, bool(lookahead), hidden
         self.sparse_hidden_arg = sparse_hidden
@@ -235,8 +241,8 @@ class DejaVu(_Predicting):
             return
         with nvtx_range("predictor"):
             scores = self._scores(x, target)  # [B, H + F] fp32
-            heads, neurons = self.predictor.split(_batch_mean(scores, keepdim=True))
-            self.buffers.fill(target, heads, neurons)
+            heads, neurons = self.predictor.split(scores)  # [B, H], [B, F]
+            self.buffers.fill_batch(target, heads[:, None], neurons[:, None])
 
     def describe(self):
         return {**super().describe(), "lookahead": self.lookahead}
@@ -248,8 +254,9 @@ class ShadowLLM(_Predicting):
     name = "shadowllm"
 
     def __init__(self, sparsity: float, predictor=None, policy: str = "global", granularity: str = "token",
-                 hidden: int | None = None, sparse_hidden: bool | None = None):
+                 hidden: int | None = None, sparse_hidden: bool | None = None, batch_rule: str = "mean"):
         super().__init__(sparsity, policy, 1)
+        self._set_batch_rule(batch_rule)
         self.granularity = _check_granularity(granularity)
         self.predictor_arg, self.hidden = predictor, hidden
         self.sparse_hidden_arg = sparse_hidden
@@ -268,13 +275,13 @@ class ShadowLLM(_Predicting):
             return
         with nvtx_range("predictor"):
             scores = self._scores(x, None)  # [B, L_s * (H + F)] fp32
-            heads, neurons = self.predictor.split(_batch_mean(scores, keepdim=False))
-            self.buffers.fill(1, heads, neurons)
+            heads, neurons = self.predictor.split(scores)  # [B, L_s, H], [B, L_s, F]
+            self.buffers.fill_batch(1, heads, neurons)
 
 
 
 def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, granularity: str = "token",
-              predictor=None, importance=None, lookahead: bool = False) -> Mode:
+              predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean") -> Mode:
     """Build a mode by name (the CLI's entry point)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
@@ -287,5 +294,5 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
     if name == "dejavu":
         if policy not in (None, "local"):
             raise ValueError(f"mode 'dejavu' selects per layer (policy 'local'), got policy {policy!r}")
-        return DejaVu(sparsity, predictor, granularity, lookahead=lookahead)
-    return ShadowLLM(sparsity, predictor, policy or "global", granularity)
+        return DejaVu(sparsity, predictor, granularity, lookahead=lookahead, batch_rule=batch_rule)
+    return ShadowLLM(sparsity, predictor, policy or "global", granularity, batch_rule=batch_rule)

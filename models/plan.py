@@ -65,11 +65,28 @@ def kept_units(n: int, sparsity: float) -> int:
     return max(1, min(n, int(math.floor((1.0 - sparsity) * n + 0.5))))
 
 
+BATCH_RULES = ("mean", "union")
+
+
+def check_batch_rule(rule) -> str:
+    if rule not in BATCH_RULES:
+        raise ValueError(f"batch_rule must be one of {BATCH_RULES}, got {rule!r}")
+    return rule
+
+
 class PlanBuffers:
-    """Plans of layers ``first .. n_layers - 1`` in static device buffers, refilled from scores."""
+    """Plans of layers ``first .. n_layers - 1`` in static device buffers, refilled from scores.
+
+    A batch of sequences shares one plan per step (the kernels take one index set). ``batch_rule``
+    says how the sequences' scores make it (:meth:`fill_batch`): ``mean`` selects the top-k of the
+    batch's mean scores (k units, as for one sequence); ``union`` selects each sequence's own top-k and
+    computes their union (every sequence gets all its units; a step computes between k and B * k, so
+    its speed falls as the batch's choices differ). With ``union`` every layer has slots for all of its
+    units and a device-side count, as global top-k has.
+    """
 
     def __init__(self, *, n_layers: int, first: int, n_heads: int, head_dim: int, ffn: int, sparsity: float,
-                 policy: str, device, ops: Ops, n_kv_heads: int | None = None):
+                 policy: str, device, ops: Ops, n_kv_heads: int | None = None, batch_rule: str = "mean"):
         self.first, self.n_layers = first, n_layers
         self.gqa = n_kv_heads is not None
         if self.gqa and (n_kv_heads < 1 or n_heads % n_kv_heads):
@@ -77,12 +94,14 @@ class PlanBuffers:
         self.KVH = n_kv_heads if self.gqa else n_heads
         self.H, self.D, self.F = n_heads, head_dim, ffn
         self.sparsity, self.policy, self.ops = check_sparsity(sparsity), check_policy(policy), ops
+        self.batch_rule = check_batch_rule(batch_rule)
         n = n_layers - first
         self.n_sparse = n
         self.k_heads = kept_units(n_heads, sparsity)
         self.k_neurons = kept_units(ffn, sparsity)
         if policy == "global":  # one budget over all sparse layers
             self.k_heads, self.k_neurons = self.k_heads * n, self.k_neurons * n
+        if policy == "global" or batch_rule == "union":
             s_h, s_f = n_heads, ffn
         else:
             s_h, s_f = self.k_heads, self.k_neurons
@@ -117,13 +136,38 @@ class PlanBuffers:
 
         Global top-k needs the scores of every sparse layer in one call.
         """
-        n = head_scores.shape[0]
-        j = layer - self.first
-        if self.policy == "global" and n != self.n_sparse:
-            raise ValueError(f"global top-k needs the scores of all {self.n_sparse} sparse layers, got {n}")
-        sl = slice(j, j + n)
+        self._check_layers(head_scores.shape[0])
         heads = self.ops.topk(head_scores, self.k_heads, self.policy, validate=False)
         neurons = self.ops.topk(neuron_scores, self.k_neurons, self.policy, validate=False)
+        self._write(layer, heads, neurons)
+
+    def fill_batch(self, layer: int, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> None:
+        """:meth:`fill` from a batch's scores, heads [B, n, H] and neurons [B, n, F], by ``batch_rule``."""
+        if head_scores.shape[0] == 1 or self.batch_rule == "mean":
+            self.fill(layer, head_scores.mean(dim=0), neuron_scores.mean(dim=0))
+            return
+        self._check_layers(head_scores.shape[1])
+        heads = self.ops.mask_to_indices(self._union(head_scores, self.k_heads), self.slots_heads, validate=False)
+        neurons = self.ops.mask_to_indices(self._union(neuron_scores, self.k_neurons), self.slots_neurons,
+                                           validate=False)
+        self._write(layer, heads, neurons)
+
+    def _union(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """[B, n, units] -> [n, units] bool: the union over the batch of each sequence's top-k (per layer,
+        or over all layers of a sequence with the global policy)."""
+        B, n, units = scores.shape
+        flat = scores.reshape(B, n * units) if self.policy == "global" else scores.reshape(B * n, units)
+        mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device)
+        mask.scatter_(1, torch.topk(flat, k, dim=1, sorted=False).indices, True)
+        return mask.view(B, n, units).any(dim=0)
+
+    def _check_layers(self, n: int) -> None:
+        if self.policy == "global" and n != self.n_sparse:
+            raise ValueError(f"global top-k needs the scores of all {self.n_sparse} sparse layers, got {n}")
+
+    def _write(self, layer: int, heads, neurons) -> None:
+        n = heads.idx.shape[0]
+        sl = slice(layer - self.first, layer - self.first + n)
         S = self.slots_heads
         live = self._slot_ids[None, :] < heads.count[:, None]
         target = torch.where(live, heads.idx, self.H).long()

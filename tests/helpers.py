@@ -98,7 +98,13 @@ def check_decode_against_masked_reference(model, mode, backend, plan_masks, mask
     n_sparse = cfg.n_layers - 1
     assert not hm[1:].all() and not nm[1:].all()
     k_h, k_f = kept_units(cfg.n_heads, mode.sparsity), kept_units(cfg.ffn, mode.sparsity)
-    if mode.policy == "local":
+    if getattr(mode, "batch_rule", "mean") == "union":  # between one sequence's budget and B of them
+        for m, k, n in ((hm, k_h, cfg.n_heads), (nm, k_f, cfg.ffn)):
+            if mode.policy == "local":
+                assert (m[1:].sum(1) >= k).all() and (m[1:].sum(1) <= min(n, B * k)).all()
+            else:
+                assert k * n_sparse <= int(m[1:].sum()) <= B * k * n_sparse
+    elif mode.policy == "local":
         assert (hm[1:].sum(1) == k_h).all() and (nm[1:].sum(1) == k_f).all()
     else:
         assert int(hm[1:].sum()) == k_h * n_sparse and int(nm[1:].sum()) == k_f * n_sparse

@@ -67,3 +67,19 @@ def test_llama_runs_every_mode(tmp_path):
     assert tok == {"dense", "static", "dejavu", "shadowllm", "hf"}
     sb = {r["mode"]: r["value"] for r in rows if r["metric"] == "step_bytes"}
     assert sb["static"] < sb["dense"]
+
+
+def test_batch_union_reads_more_than_one_sequences_plan(tmp_path):
+    """Batch 3 with the union rule: the rows say so, the step reads at least the mean rule's bytes (the
+    union holds k or more units a layer), and the two rules are separate cases of one results file."""
+    kw = dict(batch=3)
+    mean = run(tmp_path, ["shadowllm"], **kw)
+    union = run(tmp_path, ["shadowllm"], batch_rule="union", **kw)
+    assert union and all(r["extra"]["batch_rule"] == "union" for r in union)
+    sb = lambda rows: {(r["policy"], r["extra"]["granularity"]): r["value"] for r in rows
+                       if r["metric"] == "step_bytes"}
+    for key, nbytes in sb(union).items():
+        assert nbytes >= sb(mean)[key]
+    assert sum(sb(union).values()) > sum(sb(mean).values())
+    with pytest.raises(ValueError, match="batch_rule must be one of"):
+        run(tmp_path, ["shadowllm"], batch_rule="max")

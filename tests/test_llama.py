@@ -176,6 +176,7 @@ SPARSE_CASES = {
     "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.7, "random", "local", "prompt", hidden=16),
+    "shadowllm-union-local": lambda cfg: ShadowLLM(0.5, "random", "local", "token", hidden=16, batch_rule="union"),
 }
 
 

@@ -180,6 +180,9 @@ MODE_CASES = {
     "dejavu-prompt": lambda cfg: DejaVu(0.7, "random", "prompt", hidden=16),
     "shadowllm-sparse-hidden": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16, sparse_hidden=True),
     "dejavu-sparse-hidden": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, sparse_hidden=True),
+    "shadowllm-union-global": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16, batch_rule="union"),
+    "shadowllm-union-local": lambda cfg: ShadowLLM(0.6, "random", "local", "token", hidden=16, batch_rule="union"),
+    "dejavu-union": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, batch_rule="union"),
 }
 
 
@@ -346,3 +349,37 @@ def test_sparse_hidden_predictor_gives_the_same_plan(kind):
         assert mode.describe()["sparse_hidden"] is sparse
     assert all(torch.equal(a, b) for a, b in zip(masks[0], masks[1], strict=True))
     assert mode.predictor_bytes() < mode.predictor.nbytes()  # dead hidden units were skipped
+
+
+def test_union_plan_is_the_union_of_each_sequences_top_k():
+    """batch_rule 'union': the plan of a batch is exactly the union of each sequence's own top-k, per layer
+    (local) or over all sparse layers (global); 'mean' selects from the mean scores."""
+    from models.ops import TORCH
+    from models.plan import PlanBuffers
+
+    gen = torch.Generator().manual_seed(4)
+    L, H, D, F, B = 4, 6, 2, 20, 3
+    heads, neurons = torch.randn(B, L - 1, H, generator=gen), torch.randn(B, L - 1, F, generator=gen)
+    for policy in ("local", "global"):
+        pb = PlanBuffers(n_layers=L, first=1, n_heads=H, head_dim=D, ffn=F, sparsity=0.5, policy=policy,
+                         device="cpu", ops=TORCH, batch_rule="union")
+        pb.fill_batch(1, heads, neurons)
+        want = torch.zeros(L - 1, F, dtype=torch.bool)
+        for b in range(B):
+            if policy == "local":
+                top = neurons[b].topk(F // 2, dim=1).indices
+                want |= torch.zeros(L - 1, F, dtype=torch.bool).scatter_(1, top, True)
+            else:
+                flat = torch.zeros((L - 1) * F, dtype=torch.bool)
+                want |= flat.scatter_(0, neurons[b].reshape(-1).topk((L - 1) * F // 2).indices, True).view(L - 1, F)
+        got = torch.zeros(L - 1, F, dtype=torch.bool)
+        for j in range(L - 1):
+            got[j, pb.neurons[j, : int(pb.neuron_count[j])].long()] = True
+        assert torch.equal(got, want)
+        assert int(pb.neuron_count.sum()) > (L - 1) * F // 2  # three random sequences disagree somewhere
+    mean = PlanBuffers(n_layers=L, first=1, n_heads=H, head_dim=D, ffn=F, sparsity=0.5, policy="local",
+                       device="cpu", ops=TORCH)
+    mean.fill_batch(1, heads, neurons)
+    assert (mean.neuron_count == F // 2).all()
+    with pytest.raises(ValueError, match="batch_rule must be one of"):
+        ShadowLLM(0.5, "random", batch_rule="intersection")
