@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import demo
 
+    for name, p in sub.choices.items():
+        p.add_argument("--config", metavar="TOML", help=f"flags of `{name}` from a TOML file (its [{name}] table or "
+                       "top level); flags on the command line win (bench/config.py)")
     dm = sub.add_parser("demo", help="the whole pipeline, small, on SmolLM2 and the local data; prints the "
                                      "report's path")
     demo.add_args(dm)
@@ -357,7 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .config import expand
+
+    parser = build_parser()
+    args = parser.parse_args(expand(parser, list(sys.argv[1:] if argv is None else argv)))
     if args.command == "quality":
         args.criteria_dir = args.criteria_dir or f"runs/criteria/{args.model}"
         args.predictors_dir = args.predictors_dir or f"runs/predictors/{args.model}"

@@ -169,6 +169,11 @@ class PlanBuffers:
         n = heads.idx.shape[0]
         sl = slice(layer - self.first, layer - self.first + n)
         S = self.slots_heads
+        # a global budget below one layer's width (k_total < H or F: few layers, high sparsity) gives
+        # narrower index lists than the slots; pad them (the counts say how many entries are live)
+        heads = heads._replace(idx=torch.nn.functional.pad(heads.idx, (0, S - heads.idx.shape[1])))
+        pad = self.slots_neurons - neurons.idx.shape[1]
+        neurons = neurons._replace(idx=torch.nn.functional.pad(neurons.idx, (0, pad)))
         live = self._slot_ids[None, :] < heads.count[:, None]
         target = torch.where(live, heads.idx, self.H).long()
         slots = self.head_slot[sl]

@@ -83,3 +83,39 @@ def test_batch_union_reads_more_than_one_sequences_plan(tmp_path):
     assert sum(sb(union).values()) > sum(sb(mean).values())
     with pytest.raises(ValueError, match="batch_rule must be one of"):
         run(tmp_path, ["shadowllm"], batch_rule="max")
+
+
+def test_config_file_sets_flags_and_the_command_line_wins(tmp_path, capsys):
+    cfg = tmp_path / "sweep.toml"
+    out = tmp_path / "c.jsonl"
+    cfg.write_text(f'[latency]\nmodels = ["tiny"]\nmodes = ["dense", "static"]\nsparsity = [0.5, 0.7]\n'
+                   f'gen = [4]\nprompt = 4\ngranularity = "token"\nno_progress = true\nout = "{out}"\n'
+                   '[kernels]\nops = ["fc1"]\n')
+    assert cli.main(["latency", "--config", str(cfg), "--sparsity", "0.6"]) == 0
+    rows = [r for r in __import__("bench.results", fromlist=["x"]).RowWriter(out).existing()
+            if r["metric"] == "token_ms"]
+    assert {(r["mode"], r["sparsity"]) for r in rows} == {("dense", 0.0), ("static", 0.6)}
+    capsys.readouterr()
+    for text, match in (('[latency]\nturbo = 1\n', "unknown key 'turbo'.*known:.*sparsity"),
+                        ('[latency]\nno_progress = "yes"\n', "switch"),
+                        ('[report]\nout = "x"\n', "none for 'latency'"),
+                        ('models = [\n', "not valid TOML")):
+        cfg.write_text(text)
+        with pytest.raises(SystemExit, match=match):
+            cli.main(["latency", "--config", str(cfg)])
+    with pytest.raises(SystemExit, match="not a file"):
+        cli.main(["latency", "--config", str(tmp_path / "missing.toml")])
+
+
+def test_bundled_sweep_config_parses():
+    from pathlib import Path
+
+    from bench.config import config_argv
+
+    parser = cli.build_parser()
+    subs = parser._subparsers._group_actions[0].choices
+    path = Path(__file__).parents[1] / "benchmarks" / "sweep-opt.toml"
+    for command in ("latency", "kernels"):
+        argv = [command, *config_argv(subs[command], command, path)]
+        args = parser.parse_args(argv)
+        assert args.out == "runs/" + command + ".jsonl"

@@ -173,6 +173,8 @@ def plan_masks(mode, model):
 MODE_CASES = {
     "static-local": lambda cfg: Static(random_importance(cfg), 0.5, "local"),
     "static-global": lambda cfg: Static(random_importance(cfg), 0.6, "global"),
+    # a global budget narrower than one layer (k_total < H and < F) once broke the plan fill
+    "static-global-narrow": lambda cfg: Static(random_importance(cfg), 1 - 0.9 / (cfg.n_layers - 1), "global"),
     "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
     "dejavu-lookahead": lambda cfg: DejaVu(0.5, "random", "token", lookahead=True, hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
