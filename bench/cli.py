@@ -88,7 +88,7 @@ def _latency(args) -> int:
     rows = latency.run_latency(models, modes, args.sparsity, args.gen, granularities, prompt_len=args.prompt,
                                batch=args.batch, dtype_name=args.dtype, out_path=args.out,
                                shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress,
-                               batch_rule=args.batch_rule)
+                               batch_rule=args.batch_rule, predictor_dtype=args.predictor_dtype)
     print(latency.summary_table(rows))
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     for r in bad[:5]:
@@ -219,6 +219,7 @@ def _quality(args) -> int:
                        ppl_tokens=args.ppl_tokens, context=args.context, stride=args.stride,
                        sparse_prefix=args.sparse_prefix, criteria_dir=args.criteria_dir,
                        predictors_dir=args.predictors_dir, data_dir=args.data_dir, out_path=args.out,
+                       predictor_dtype=args.predictor_dtype,
                        batch=args.batch, progress=not args.no_progress)
     from .results import RowWriter
 
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--batch-rule", choices=["mean", "union"], default="mean",
                      help="batch > 1 in the predictor modes: one plan from the mean scores (default) or the union "
                           "of every sequence's selection")
+    lat.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
+                     help="the predictors' second layer in the model's dtype (default) or float8 e4m3 with a scale "
+                          "per output (half the bytes per prediction)")
     lat.add_argument("--granularity", default="token,prompt",
                      help="when predictors run: token (every decoded token), prompt (once, after prefill)")
     lat.add_argument("--policy", default="global,local", help="top-k policies for shadowllm (static: global, "
@@ -336,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stride", type=int, default=256, help="perplexity window step (tokens scored per window)")
     q.add_argument("--sparse-prefix", action="store_true", help="decode the context too (every position sparse)")
     q.add_argument("--criteria-dir", help="importance files (default runs/criteria/MODEL)")
+    q.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
+                   help="the predictors' second layer as stored (default) or quantised to float8 e4m3")
     q.add_argument("--predictors-dir", help="predictor files (default runs/predictors/MODEL)")
     q.add_argument("--batch", type=int, default=8)
     q.add_argument("--out", default="runs/quality.jsonl")

@@ -70,6 +70,9 @@ class Built:
     shape: dict = field(default_factory=dict)
     # Variants whose output must equal the reference exactly (top-k selections), as 0/1 masks.
     exact: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    # Variants with their own reference (other weights: fp8) and their own byte count.
+    own_reference: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    own_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def kept(n: int, sparsity: float) -> int:
@@ -165,13 +168,20 @@ def _predictor_case(spec, op, batch, dtype, device, gen):
     w2 = _rand((outputs, hidden), dtype, device, gen, hidden**-0.5)
     b2 = _rand((outputs,), dtype, device, gen, 0.1)
     x = _vec(_rand((batch, E), dtype, device, gen), batch)
+    q, scale = sk.quantize_rows_fp8(w2) if device.type == "cuda" else (None, None)
     variants = {
         "triton": lambda: sk.fused_predictor(x, w1, b1, w2, b2),
         "torch_unfused": lambda: F.linear(F.linear(x, w1, b1).relu_(), w2, b2).float(),
     }
     moved = (hidden * E + hidden + outputs * hidden + outputs + batch * E) * elt + 4 * batch * outputs
-    return Built(variants, lambda: sk.fused_predictor_ref(x, w1, b1, w2, b2), tuple(variants), moved, moved,
-                 {"w1": [hidden, E], "w2": [outputs, hidden]})
+    built = Built(variants, lambda: sk.fused_predictor_ref(x, w1, b1, w2, b2), tuple(variants), moved, moved,
+                  {"w1": [hidden, E], "w2": [outputs, hidden]})
+    if q is not None:  # fp8 second layer (the interpreter has no fp8 loads)
+        variants["triton_fp8"] = lambda: sk.fused_predictor(x, w1, b1, q, b2, w2_scale=scale)
+        built.checked += ("triton_fp8",)
+        built.own_reference["triton_fp8"] = lambda: sk.fused_predictor_ref(x, w1, b1, q, b2, w2_scale=scale)
+        built.own_bytes["triton_fp8"] = moved - outputs * hidden * elt + outputs * hidden + 4 * outputs
+    return built
 
 
 def _topk_case(spec, op, sparsity, device, gen):
@@ -303,7 +313,8 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict, timer: str = "str
     ref = built.reference()
     errors = {name: float((fn() != ref).sum()) for name, fn in built.exact.items()}
     for name in built.checked:
-        errors[name] = rel_err(built.variants[name](), ref)
+        own = built.own_reference.get(name)
+        errors[name] = rel_err(built.variants[name](), own() if own else ref)
     del ref
     tol = 0.0 if built.exact else TOLERANCE[dtype]
     copies = [built] + [build_case(spec, case, dtype, device, gen)
@@ -314,7 +325,7 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict, timer: str = "str
     rows = []
     for name, t in timings.items():
         us = t["median_us"]
-        nbytes = built.dense_bytes if name == "torch_dense" else built.bytes_moved
+        nbytes = built.own_bytes.get(name, built.dense_bytes if name == "torch_dense" else built.bytes_moved)
         gbps = nbytes / (us * 1e-6) / 1e9
         err = errors.get(name)
         status = "ok" if err is None or err <= tol else "wrong"
@@ -404,7 +415,7 @@ def summary_table(rows: list[dict]) -> str:
         if r["status"] == "wrong":
             entry.setdefault("wrong", set()).add(var)
     lines = [f"{'model':<10} {'op':<19} {'s':>4} {'B':>2} {'ours us':>9} {'dense us':>9} {'idxsel us':>9} "
-             f"{'atomic us':>9} {'2pass us':>9} {'%copyBW':>8} {'vs dense':>8}"]
+             f"{'atomic us':>9} {'2pass us':>9} {'%copyBW':>8} {'vs dense':>8} {'fp8 us':>8}"]
     fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
     for (model, op, s, b), e in by_case.items():
         if "error" in e:
@@ -416,7 +427,8 @@ def summary_table(rows: list[dict]) -> str:
             f"{model:<10} {op:<19} {s:>4} {b:>2} {fmt(e.get(('triton', 'time_us')), '9.1f')} {fmt(dense, '9.1f')} "
             f"{fmt(e.get(('torch_index_select', 'time_us')), '9.1f')} "
             f"{fmt(e.get(('triton_atomic', 'time_us')), '9.1f')} {fmt(e.get(('triton_twopass', 'time_us')), '9.1f')} "
-            f"{fmt(e.get(('triton', 'pct_of_copy_bw')), '8.1f')} {fmt(e.get(('triton', 'speedup_vs_dense')), '8.2f')}"
+            f"{fmt(e.get(('triton', 'pct_of_copy_bw')), '8.1f')} {fmt(e.get(('triton', 'speedup_vs_dense')), '8.2f')} "
+            f"{fmt(e.get(('triton_fp8', 'time_us')), '8.1f')}"
             + (f"  WRONG: {', '.join(sorted(e['wrong']))}" if "wrong" in e else "")
         )
     return "\n".join(lines)

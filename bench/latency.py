@@ -65,7 +65,8 @@ def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_poli
     return out
 
 
-def build_mode(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean"):
+def build_mode(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean",
+               predictor_dtype: str = "model"):
     if case.mode == "dense":
         return Dense()
     if case.mode == "static":
@@ -74,9 +75,11 @@ def build_mode(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule:
                "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
         return Static(imp, case.sparsity, case.policy)
     if case.mode == "dejavu":
-        return DejaVu(case.sparsity, "random", case.granularity, batch_rule=batch_rule)
+        return DejaVu(case.sparsity, "random", case.granularity, batch_rule=batch_rule,
+                      predictor_dtype=predictor_dtype)
     if case.mode == "shadowllm":
-        return ShadowLLM(case.sparsity, "random", case.policy, case.granularity, batch_rule=batch_rule)
+        return ShadowLLM(case.sparsity, "random", case.policy, case.granularity, batch_rule=batch_rule,
+                         predictor_dtype=predictor_dtype)
     raise ValueError(f"mode must be one of {LATENCY_MODES}, got {case.mode!r}")
 
 
@@ -115,7 +118,8 @@ def _predictor_ms(mode, model, batch, device) -> float | None:
 
 def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base, seed=0) -> list[dict]:
     device = model.device
-    mode = build_mode(case, model.cfg, seed, base["extra"].get("batch_rule", "mean"))
+    mode = build_mode(case, model.cfg, seed, base["extra"].get("batch_rule", "mean"),
+                      base["extra"].get("predictor_dtype", "model"))
     gen = Generator(model, mode, batch=batch, max_len=prompt_len + case.gen_len)
     prompt = torch.randint(0, model.cfg.vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     gen.generate(prompt, case.gen_len)  # compiles, autotunes, captures
@@ -189,7 +193,7 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
 def _done_keys(rows) -> set:
     return {(r["model"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"), r["gen_len"],
              r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False),
-             r["extra"].get("batch_rule", "mean"))
+             r["extra"].get("batch_rule", "mean"), r["extra"].get("predictor_dtype", "model"))
             for r in rows if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
 
 
@@ -209,9 +213,10 @@ def build_model(name: str, dtype, device, seed=0):
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
-                batch_rule="mean") -> list[dict]:
+                batch_rule="mean", predictor_dtype="model") -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
-    the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan)."""
+    the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
+    ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes)."""
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
@@ -231,10 +236,10 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     base = dict(kind="latency", device=env["device"], dtype=dtype_name, batch=batch, prompt_len=prompt_len,
                 git_commit=git_commit(), weights="random",
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl,
-                       "batch_rule": batch_rule})
+                       "batch_rule": batch_rule, "predictor_dtype": predictor_dtype})
     done = _done_keys(writer.existing())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
-            if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule) not in done]
+            if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype) not in done]
     new_rows: list[dict] = []
     by_model: dict[str, list[LatencyCase]] = {}
     for c in todo:
@@ -276,11 +281,12 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         if r.get("kind") != "latency" or r.get("status") != "ok":
             continue
-        model = r["model"] + ("+pdl" if r["extra"].get("pdl") else "")
+        model = (r["model"] + ("+pdl" if r["extra"].get("pdl") else "")
+                 + ("+fp8pred" if r["extra"].get("predictor_dtype") == "fp8" else ""))
         key = (model, r["gen_len"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"))
         cases.setdefault(key, {})[r["metric"]] = r["value"]
     dense = {(k[0], k[1]): v["token_ms"] for k, v in cases.items() if k[2] == "dense" and "token_ms" in v}
-    lines = [f"{'model':<14} {'gen':>4} {'mode':<10} {'s':>4} {'policy':<7} {'granul.':<7} {'ms/tok':>8} "
+    lines = [f"{'model':<20} {'gen':>4} {'mode':<10} {'s':>4} {'policy':<7} {'granul.':<7} {'ms/tok':>8} "
              f"{'floor':>7} {'x floor':>7} {'vs dense':>8} {'pred share':>10}"]
     for key in sorted(cases, key=lambda k: (k[0], k[1], LATENCY_MODES.index(k[2]), k[3], str(k[4]), str(k[5]))):
         v = cases[key]
@@ -288,7 +294,7 @@ def summary_table(rows: list[dict]) -> str:
             continue
         d = dense.get((key[0], key[1]))
         fmt = lambda x, f: format(x, f) if x is not None else "-"
-        lines.append(f"{key[0]:<14} {key[1]:>4} {key[2]:<10} {key[3]:>4.2f} {str(key[4] or '-'):<7} "
+        lines.append(f"{key[0]:<20} {key[1]:>4} {key[2]:<10} {key[3]:>4.2f} {str(key[4] or '-'):<7} "
                      f"{str(key[5] or '-'):<7} {v['token_ms']:>8.3f} {fmt(v.get('floor_ms'), '>7.3f')} "
                      f"{fmt(v.get('floor_ratio'), '>7.2f')} {fmt(d / v['token_ms'] if d else None, '>8.2f')} "
                      f"{fmt(v.get('predictor_share'), '>10.3f')}")

@@ -196,7 +196,8 @@ def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
     return out
 
 
-def build_quality_mode(case: QualityCase, *, criteria_dir, predictors_dir, granularity="token"):
+def build_quality_mode(case: QualityCase, *, criteria_dir, predictors_dir, granularity="token",
+                       predictor_dtype="model"):
     """The mode of a case, with its importance file (static) or trained predictor (dejavu, shadowllm)."""
     from pathlib import Path
 
@@ -215,14 +216,14 @@ def build_quality_mode(case: QualityCase, *, criteria_dir, predictors_dir, granu
         raise FileNotFoundError(f"mode {case.mode} needs the predictor {path} (make it with `shadowbench train "
                                 f"--kind {case.mode} --criterion {case.criterion}`)")
     if case.mode == "dejavu":
-        return DejaVu(case.sparsity, str(path), granularity), str(path)
-    return ShadowLLM(case.sparsity, str(path), case.policy, granularity), str(path)
+        return DejaVu(case.sparsity, str(path), granularity, predictor_dtype=predictor_dtype), str(path)
+    return ShadowLLM(case.sparsity, str(path), case.policy, granularity, predictor_dtype=predictor_dtype), str(path)
 
 
 def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsities, policies=("global",),
                 granularity="token", tasks=(), shots=0, limit=None, ppl=True, ppl_tokens=4096, context=512,
                 stride=256, sparse_prefix=False, criteria_dir=None, predictors_dir=None, data_dir=None,
-                out_path="runs/quality.jsonl", batch=8, progress=True) -> list[dict]:
+                out_path="runs/quality.jsonl", batch=8, progress=True, predictor_dtype="model") -> list[dict]:
     """Perplexity and accuracy rows for every case; resumes ``out_path`` and records failed cases."""
     import traceback
 
@@ -234,10 +235,10 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
     # a row is done per case, data set and shot count (perplexity rows have no shots)
     done = {(r["mode"], r["criterion"], r["policy"], r["sparsity"], r["extra"].get("eval"), r["extra"].get("shots", 0))
             for r in writer.existing() if r.get("kind") == "quality" and r.get("status") == "ok"
-            and r["model"] == model_name}
+            and r["model"] == model_name and r["extra"].get("predictor_dtype", "model") == predictor_dtype}
     base = dict(kind="quality", model=model_name, batch=1, device=device_name(model.device),
                 dtype=str(model.dtype).replace("torch.", ""), git_commit=git_commit(), granularity=granularity,
-                sparse_prefix=sparse_prefix)
+                sparse_prefix=sparse_prefix, predictor_dtype=predictor_dtype)
     evals = []
     if ppl:
         ids = tokenizer.encode(wikitext2_text(data_dir), special=False)[:ppl_tokens]
@@ -256,7 +257,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
         common = dict(base, mode=case.mode, criterion=case.criterion, policy=case.policy, sparsity=case.sparsity)
         try:
             mode, source = build_quality_mode(case, criteria_dir=criteria_dir, predictors_dir=predictors_dir,
-                                              granularity=granularity)
+                                              granularity=granularity, predictor_dtype=predictor_dtype)
             mode.bind(model)
         except Exception as err:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
             row = make_row(**common, metric="error", value=None, unit=None, status="error",

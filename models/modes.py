@@ -12,8 +12,10 @@ Shared conventions:
   sparse-layer counts; ShadowLLM needs layer 0 dense because its predictor reads layer 0's output.
 - ``sparsity`` s keeps round((1 - s) * n) heads and neurons in each sparse layer (local), or that
   many times the number of sparse layers over all of them together (global).
-- With a batch of several sequences, predicted scores are averaged over the batch: the kernels take
-  one index set per step.
+- With a batch of several sequences the kernels take one index set per step: ``batch_rule`` ``mean``
+  (default) selects from the batch's mean scores, ``union`` unites every sequence's own selection.
+- ``predictor_dtype`` ``fp8`` stores a predictor's second layer as float8 e4m3 with one scale per
+  output (half the bytes a per-token prediction reads); the default keeps the model's dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from shadow_kernels.fused_predictor import quantize_rows_fp8
 
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
@@ -164,6 +168,8 @@ def _resolve_predictor(predictor, kind, model, **random_kw):
 # predictors, but on the H100 the gather-columns GEMV over ShadowLLM's [2048, 800k] transposed second
 # layer (OPT-13B) ran at ~1.5 TB/s, so the step got 0.7% faster (notes/models.md): off by default.
 SPARSE_HIDDEN_DEFAULT = False
+# "model": the predictor in the model's dtype; "fp8": its second layer as float8 e4m3 with a scale per output
+PREDICTOR_DTYPES = ("model", "fp8")
 
 
 class _Predicting(_Sparse):
@@ -174,26 +180,44 @@ class _Predicting(_Sparse):
     """
 
     sparse_hidden: bool | None = None
+    predictor_dtype: str = "model"
 
     def _set_batch_rule(self, rule: str) -> None:
         self.batch_rule = check_batch_rule(rule)
 
+    def _set_predictor_dtype(self, dtype: str) -> None:
+        if dtype not in PREDICTOR_DTYPES:
+            raise ValueError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {dtype!r}")
+        self.predictor_dtype = dtype
+
     def _setup_predictor(self, layers):
         arg = self.sparse_hidden_arg
         self.sparse_hidden = SPARSE_HIDDEN_DEFAULT if arg is None else bool(arg)
+        if self.sparse_hidden and self.predictor_dtype == "fp8":
+            raise ValueError("predictor_dtype 'fp8' quantises the second layer for the fused predictor; it does not "
+                             "combine with sparse_hidden")
         self._w2t = {i: self.predictor.weights(i)[2].T.contiguous() for i in layers} if self.sparse_hidden else {}
+        # fp8: the second (large) layer stored as float8 e4m3 with one scale per output, built once here
+        self._w2q = ({i: quantize_rows_fp8(self.predictor.weights(i)[2]) for i in layers}
+                     if self.predictor_dtype == "fp8" else {})
         self._live = {}
 
     def _scores(self, x, layer):
         w1, b1, w2, b2 = self.predictor.weights(layer)
+        if self._w2q:
+            q, scale = self._w2q[layer]
+            return self.ops.predictor(x, w1, b1, q, b2, w2_scale=scale)
         if not self.sparse_hidden:
             return self.ops.predictor(x, w1, b1, w2, b2)
         scores, self._live[layer] = self.ops.predictor_sparse(x, w1, b1, self._w2t[layer], b2, return_live=True)
         return scores
 
     def predictor_bytes(self):
-        """Bytes read by the last prediction (all of w2 unless dead hidden units were skipped)."""
+        """Bytes read by the last prediction (all of w2 unless dead hidden units were skipped; fp8 w2 and
+        its scales in place of w2)."""
         total = self.predictor.nbytes()
+        for layer, (q, scale) in self._w2q.items():
+            total += q.nbytes + scale.nbytes - self.predictor.weights(layer)[2].nbytes
         for layer, live in self._live.items():
             w2 = self.predictor.weights(layer)[2]
             total -= int(w2.nbytes * (1.0 - int(live) / w2.shape[1]))
@@ -201,7 +225,8 @@ class _Predicting(_Sparse):
 
     def describe(self):
         return {**super().describe(), "predictor": self.predictor.meta.get("source"),
-                "sparse_hidden": self.sparse_hidden, "batch_rule": self.batch_rule}
+                "sparse_hidden": self.sparse_hidden, "batch_rule": self.batch_rule,
+                "predictor_dtype": self.predictor_dtype}
 
 
 class DejaVu(_Predicting):
@@ -214,9 +239,10 @@ class DejaVu(_Predicting):
 
     def __init__(self, sparsity: float, predictor=None, granularity: str = "token", first_sparse: int = 1,
                  lookahead: bool = False, hidden: int | None = None, sparse_hidden: bool | None = None,
-                 batch_rule: str = "mean"):
+                 batch_rule: str = "mean", predictor_dtype: str = "model"):
         super().__init__(sparsity, "local", first_sparse)
         self._set_batch_rule(batch_rule)
+        self._set_predictor_dtype(predictor_dtype)
         self.granularity = _check_granularity(granularity)
         self.predictor_arg, self.lookahead, self.hidden = predictor, bool(lookahead), hidden
         self.sparse_hidden_arg = sparse_hidden
@@ -254,9 +280,11 @@ class ShadowLLM(_Predicting):
     name = "shadowllm"
 
     def __init__(self, sparsity: float, predictor=None, policy: str = "global", granularity: str = "token",
-                 hidden: int | None = None, sparse_hidden: bool | None = None, batch_rule: str = "mean"):
+                 hidden: int | None = None, sparse_hidden: bool | None = None, batch_rule: str = "mean",
+                 predictor_dtype: str = "model"):
         super().__init__(sparsity, policy, 1)
         self._set_batch_rule(batch_rule)
+        self._set_predictor_dtype(predictor_dtype)
         self.granularity = _check_granularity(granularity)
         self.predictor_arg, self.hidden = predictor, hidden
         self.sparse_hidden_arg = sparse_hidden
@@ -281,7 +309,8 @@ class ShadowLLM(_Predicting):
 
 
 def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, granularity: str = "token",
-              predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean") -> Mode:
+              predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean",
+              predictor_dtype: str = "model") -> Mode:
     """Build a mode by name (the CLI's entry point)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
@@ -294,5 +323,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
     if name == "dejavu":
         if policy not in (None, "local"):
             raise ValueError(f"mode 'dejavu' selects per layer (policy 'local'), got policy {policy!r}")
-        return DejaVu(sparsity, predictor, granularity, lookahead=lookahead, batch_rule=batch_rule)
-    return ShadowLLM(sparsity, predictor, policy or "global", granularity, batch_rule=batch_rule)
+        return DejaVu(sparsity, predictor, granularity, lookahead=lookahead, batch_rule=batch_rule,
+                      predictor_dtype=predictor_dtype)
+    return ShadowLLM(sparsity, predictor, policy or "global", granularity, batch_rule=batch_rule,
+                     predictor_dtype=predictor_dtype)

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 from .fused_predictor import (  # noqa: E402
     fused_predictor,
     fused_predictor_ref,
+    quantize_rows_fp8,
     sparse_hidden_predictor,
     sparse_hidden_predictor_ref,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "mask_to_indices",
     "mask_to_indices_ref",
     "pdl_enabled",
+    "quantize_rows_fp8",
     "set_onepass",
     "set_pdl",
     "sparse_hidden_predictor",

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_float
+from ._common import check_device, check_float
 from .gather_cols import _launch_cols
 from .gather_rows import launch_rows_gemv
 from .topk import mask_to_indices
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
 
 
 def _check_predictor(x, w1, b1, w2, b2, w2_transposed=False):
@@ -29,7 +32,14 @@ def _check_predictor(x, w1, b1, w2, b2, w2_transposed=False):
             raise ValueError(f"w2t is {list(w2.shape)} but the hidden layer has {H} units; expected w2t [{H}, O]")
         O = w2.shape[1]
     else:
-        check_float("w2", w2, ndims=(2,), dtype=w1.dtype, device=dev, last_contiguous=True)
+        if w2.dtype == FP8:  # fused_predictor with w2_scale: checked like w1's dtype but for the dtype
+            if w2.dim() != 2:
+                raise ValueError(f"w2 must be 2-D, got shape {tuple(w2.shape)}")
+            check_device("w2", w2, dev)
+            if w2.shape[1] > 1 and w2.stride(1) != 1:
+                raise ValueError(f"w2 must be contiguous in its last dimension, got strides {tuple(w2.stride())}")
+        else:
+            check_float("w2", w2, ndims=(2,), dtype=w1.dtype, device=dev, last_contiguous=True)
         if w2.shape[1] != H:
             raise ValueError(f"w2 is {list(w2.shape)} but the hidden layer has {H} units; expected w2 [O, {H}]")
         O = w2.shape[0]
@@ -40,22 +50,52 @@ def _check_predictor(x, w1, b1, w2, b2, w2_transposed=False):
                 raise ValueError(f"{name} has {b.shape[0]} entries; expected {n}")
 
 
-def fused_predictor(x, w1, b1, w2, b2):
-    """Scores in float32: [E] -> [O] or [B, E] -> [B, O]. w1 [H, E], w2 [O, H]; biases may be None."""
+def quantize_rows_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q`` float8 e4m3 [O, H] and ``scale`` fp32 [O], ``w ~= q * scale[:, None]``:
+    one scale per row (per predictor output), the row's largest magnitude mapped to 448. For the large
+    second layer of a predictor, whose outputs only have to rank units: it halves the bytes a per-token
+    prediction reads (session 4: rank agreement in notes/models.md)."""
+    check_float("w", w, ndims=(2,))
+    amax = w.float().abs().amax(dim=1).clamp_min(1e-12)
+    scale = amax / FP8_MAX
+    q = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _check_w2_scale(w2, w2_scale):
+    if w2.dtype == FP8:
+        if not isinstance(w2_scale, torch.Tensor) or w2_scale.dtype != torch.float32 \
+                or tuple(w2_scale.shape) != (w2.shape[0],):
+            raise ValueError(f"w2 is float8_e4m3fn; w2_scale must be a float32 tensor [{w2.shape[0]}] (one per "
+                             f"output), got {getattr(w2_scale, 'dtype', w2_scale)!r} "
+                             f"{tuple(getattr(w2_scale, 'shape', ()))}")
+        if w2_scale.device != w2.device:
+            raise ValueError(f"w2_scale is on {w2_scale.device}, w2 on {w2.device}")
+    elif w2_scale is not None:
+        raise ValueError(f"w2_scale is only for float8_e4m3fn w2 (see quantize_rows_fp8); w2 is {w2.dtype}")
+
+
+def fused_predictor(x, w1, b1, w2, b2, w2_scale=None):
+    """Scores in float32: [E] -> [O] or [B, E] -> [B, O]. w1 [H, E], w2 [O, H]; biases may be None.
+    w2 may be float8_e4m3fn with ``w2_scale`` fp32 [O] (:func:`quantize_rows_fp8`)."""
+    _check_w2_scale(w2, w2_scale)
     _check_predictor(x, w1, b1, w2, b2)
     x2d = x if x.dim() == 2 else x[None]
     hidden = launch_rows_gemv(w1, x2d, None, b1, None, True, torch.float32)
-    scores = launch_rows_gemv(w2, hidden, None, b2, None, False, torch.float32)
+    scores = launch_rows_gemv(w2, hidden, None, b2, None, False, torch.float32, scale=w2_scale)
     return scores.reshape(w2.shape[0]) if x.dim() == 1 else scores
 
 
-def fused_predictor_ref(x, w1, b1, w2, b2):
+def fused_predictor_ref(x, w1, b1, w2, b2, w2_scale=None):
     """Plain-PyTorch reference of :func:`fused_predictor` (fp32 throughout)."""
+    _check_w2_scale(w2, w2_scale)
     h = x.float() @ w1.float().T
     if b1 is not None:
         h = h + b1.float()
     h = torch.relu(h)
     y = h @ w2.float().T
+    if w2_scale is not None:
+        y = y * w2_scale
     if b2 is not None:
         y = y + b2.float()
     return y

@@ -32,11 +32,12 @@ _ACTIVATIONS = (None, "relu")
 
 @triton.jit
 def _rows_gemv_kernel(
-    w_ptr, u_ptr, x_ptr, idx_ptr, bias_ptr, count_ptr, y_ptr,
+    w_ptr, u_ptr, x_ptr, idx_ptr, bias_ptr, count_ptr, y_ptr, scale_ptr,
     B, K, n_rows,
     stride_wn, stride_xb, stride_yb,
     ROWS_BUCKET,  # only an autotune key: the power of two above n_rows
     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -101,6 +102,9 @@ def _rows_gemv_kernel(
             if UPCAST_DOT:
                 w = w.to(tl.float32)
                 x = x.to(tl.float32)
+            elif HAS_SCALE:  # fp8 weights (exact in fp16), scaled per row after the sum
+                w = w.to(tl.float16)
+                x = x.to(tl.float16)
             else:
                 x = x.to(w.dtype)
             if DOT_IEEE:
@@ -118,6 +122,8 @@ def _rows_gemv_kernel(
         out = acc
         out_u = acc_u
 
+    if HAS_SCALE:
+        out = out * tl.load(scale_ptr + src, mask=live, other=0.0)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + src, mask=live, other=0.0).to(tl.float32)
         out += bias[None, :]
@@ -159,7 +165,7 @@ _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4, num_stages=3),
 ])
-_KEY = ["K", "ROWS_BUCKET", "BLOCK_B", "HAS_COUNT", "GATED"]
+_KEY = ["K", "ROWS_BUCKET", "BLOCK_B", "HAS_COUNT", "GATED", "HAS_SCALE"]
 _rows_gemv_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench)(
     triton.heuristics({"EVEN_K": _even_k})(_rows_gemv_kernel))
 _rows_gemv_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench)(
@@ -167,11 +173,12 @@ _rows_gemv_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotu
 
 
 def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch.dtype, up=None,
-                     pdl: bool | None = None) -> torch.Tensor:
+                     pdl: bool | None = None, scale=None) -> torch.Tensor:
     """Launcher shared by gather_rows_gemv, gather_swiglu_gemv and fused_predictor; inputs are checked.
 
     ``idx=None`` means every row of ``weight`` in order (a plain GEMV). ``up``: SwiGLU's up weight,
     same shape as ``weight`` (the gate); the output is then ``silu(x @ gate.T) * (x @ up.T)``.
+    ``scale``: fp32 [N], one factor per weight row applied to its sum before the bias (fp8 weights).
     """
     B, K = x2d.shape
     n_rows = weight.shape[0] if idx is None else idx.shape[0]
@@ -187,12 +194,12 @@ def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch
     kernel[grid](
         weight, up if up is not None else weight, x2d, idx if idx is not None else weight,
         bias if bias is not None else weight,
-        count if count is not None else weight, y,
+        count if count is not None else weight, y, scale if scale is not None else y,
         B, K, n_rows,
         weight.stride(0), x2d.stride(0), y.stride(0),
         next_pow2(n_rows),
         HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_COUNT=count is not None, RELU=relu,
-        GATED=up is not None,
+        GATED=up is not None, HAS_SCALE=scale is not None,
         UPCAST_DOT=INTERPRET, DOT_IEEE=weight.dtype == torch.float32, BLOCK_B=block_b,
         **pdl_kwargs(x2d.device, pdl),
     )

@@ -84,3 +84,25 @@ def test_sparse_hidden_predictor_matches_reference(dtype, batch):
     assert int(live) == int(live_ref) <= Hd - 10
     with pytest.raises(ValueError, match="w2t is"):
         sparse_hidden_predictor(x, w1, b1, w2t.T.contiguous(), b2)
+
+
+def test_fp8_second_layer_reference_and_errors():
+    """quantize_rows_fp8: one scale per row, |w - q * s| within e4m3's rounding (2^-4 of the row's
+    largest magnitude at most); the reference with the scale equals a dequantised fp32 run; bad scales
+    and a scale for a non-fp8 weight are errors that say what is expected."""
+    from shadow_kernels import quantize_rows_fp8
+
+    gen = torch.Generator().manual_seed(2)
+    w1, b1 = torch.randn(16, 8, generator=gen), torch.randn(16, generator=gen)
+    w2, b2 = torch.randn(40, 16, generator=gen), torch.randn(40, generator=gen)
+    q, scale = quantize_rows_fp8(w2)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (40,)
+    deq = q.float() * scale[:, None]
+    assert ((deq - w2).abs() <= w2.abs().amax(dim=1, keepdim=True) * 2**-4 + 1e-12).all()
+    x = torch.randn(3, 8, generator=gen)
+    got = fused_predictor_ref(x, w1, b1, q, b2, w2_scale=scale)
+    torch.testing.assert_close(got, fused_predictor_ref(x, w1, b1, deq, b2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="w2_scale must be a float32 tensor \\[40\\]"):
+        fused_predictor_ref(x, w1, b1, q, b2)
+    with pytest.raises(ValueError, match="only for float8_e4m3fn"):
+        fused_predictor_ref(x, w1, b1, w2, b2, w2_scale=scale)

@@ -173,3 +173,25 @@ def test_onepass_survives_autotuning_new_shapes_mid_stream():
         assert torch.equal(out, gather_cols_gemv(wt, h, idx, onepass=False))
     for buf in gather_cols._TICKETS.values():
         assert int(buf.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fp8_predictor_kernel_matches_its_reference(batch):
+    """The fused predictor with a float8 second layer and per-output scales (Triton) against the fp32
+    reference on the same quantised weights; and its ranking against the fp16 predictor's."""
+    from shadow_kernels import quantize_rows_fp8
+
+    gen = torch.Generator().manual_seed(batch)
+    E, H, O = 1024, 2048, 23 * (32 + 8192)
+    w1 = randn(H, E, dtype=torch.float16, gen=gen, scale=E**-0.5)
+    w2 = randn(O, H, dtype=torch.float16, gen=gen, scale=H**-0.5)
+    b1, b2 = randn(H, dtype=torch.float16, gen=gen), randn(O, dtype=torch.float16, gen=gen)
+    x = randn(batch, E, dtype=torch.float16, gen=gen)
+    q, scale = quantize_rows_fp8(w2)
+    got = fused_predictor(x, w1, b1, q, b2, w2_scale=scale)
+    assert_close_rel(got, fused_predictor_ref(x, w1, b1, q, b2, w2_scale=scale), torch.float16)
+    full = fused_predictor(x, w1, b1, w2, b2)
+    keep = O // 2
+    top = lambda s: torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(keep).indices, True)
+    agree = (top(got) & top(full)).sum() / (batch * keep)
+    assert float(agree) > 0.9

@@ -385,3 +385,22 @@ def test_union_plan_is_the_union_of_each_sequences_top_k():
     assert (mean.neuron_count == F // 2).all()
     with pytest.raises(ValueError, match="batch_rule must be one of"):
         ShadowLLM(0.5, "random", batch_rule="intersection")
+
+
+@pytest.mark.parametrize("name", ["shadowllm", "dejavu"])
+def test_fp8_predictor_mode_decodes_like_its_masked_reference(name):
+    """predictor_dtype 'fp8' (second layer float8 + a scale per output): decoding with the plans it makes
+    equals the masked reference, it reads fewer predictor bytes, and it refuses sparse_hidden."""
+    model = tiny_model()
+    make = ShadowLLM if name == "shadowllm" else DejaVu
+    mode = make(0.5, "random", granularity="token", hidden=16, predictor_dtype="fp8")
+    check_decode_against_masked_reference(model, mode, "torch", plan_masks, masked_reference)
+    from models.ops import TORCH
+
+    fp16 = make(0.5, "random", granularity="token", hidden=16).bind(model, TORCH)
+    assert mode.predictor_bytes() < fp16.predictor_bytes()
+    assert mode.describe()["predictor_dtype"] == "fp8"
+    with pytest.raises(ValueError, match="does not combine with sparse_hidden"):
+        make(0.5, "random", hidden=16, predictor_dtype="fp8", sparse_hidden=True).bind(model, TORCH)
+    with pytest.raises(ValueError, match="predictor_dtype must be one of"):
+        make(0.5, "random", predictor_dtype="int4")

@@ -23,6 +23,8 @@ CASES = {
     "dejavu-lookahead-prompt": lambda cfg: DejaVu(0.6, "random", "prompt", lookahead=True, hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.7, "random", "local", "prompt", hidden=16),
+    "shadowllm-fp8-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16, predictor_dtype="fp8"),
+    "dejavu-fp8-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, predictor_dtype="fp8"),
 }
 
 
