@@ -259,6 +259,9 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
             mode, source = build_quality_mode(case, criteria_dir=criteria_dir, predictors_dir=predictors_dir,
                                               granularity=granularity, predictor_dtype=predictor_dtype)
             mode.bind(model)
+            meta = getattr(getattr(mode, "predictor", None), "meta", None) or {}
+            if "normalisation" in meta:  # how the predictor's targets were normalised when it was trained
+                common = dict(common, predictor_normalisation=meta["normalisation"], predictor_log=meta.get("log"))
         except Exception as err:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
             row = make_row(**common, metric="error", value=None, unit=None, status="error",
                            error=f"{type(err).__name__}: {err}")

@@ -69,16 +69,57 @@ def _caption(rows) -> str:
             f"{len(rows)} rows")
 
 
-def _label(r) -> str:
+def _base_label(r) -> str:
     parts = [r["mode"]]
     if r.get("criterion"):
         parts.append(r["criterion"])
     if r.get("policy"):
         parts.append(r["policy"])
-    g = (r.get("extra") or {}).get("granularity")
+    ex = r.get("extra") or {}
+    g = ex.get("granularity")
     if g and r["mode"] in ("dejavu", "shadowllm"):
         parts.append(f"per-{g}")
+    # variants of a case that results files keep side by side
+    if ex.get("predictor_dtype") == "fp8":
+        parts.append("fp8-predictor")
+    if ex.get("batch_rule") == "union" and (r.get("batch") or 1) > 1:
+        parts.append("batch-union")
+    if ex.get("pdl") is False:
+        parts.append("no-PDL")
+    if ex.get("shots"):
+        parts.append(f"{ex['shots']}-shot")
     return " ".join(parts)
+
+
+def _label(r) -> str:
+    return (r.get("extra") or {}).get("_label") or _base_label(r)
+
+
+def prepare_rows(rows: list[dict]) -> list[dict]:
+    """Labels that tell apart rows of one case made from different predictor or importance files (the
+    file's folder is added when a label has several), and the newest row of each measurement."""
+    from pathlib import PurePath
+
+    dirs = defaultdict(set)
+    for r in rows:
+        src = (r.get("extra") or {}).get("source")
+        if r.get("kind") == "quality" and src:
+            dirs[(r["model"], _base_label(r))].add(PurePath(src).parent.name)
+    newest = {}
+    for r in rows:
+        ex = dict(r.get("extra") or {})
+        label = _base_label(r)
+        src = ex.get("source")
+        if r.get("kind") == "quality" and src and len(dirs[(r["model"], label)]) > 1:
+            label = f"{label} [{PurePath(src).parent.name}]"
+        ex["_label"] = label
+        r = {**r, "extra": ex}
+        key = (r.get("kind"), r.get("model"), label, r.get("sparsity"), r.get("metric"), r.get("gen_len"),
+               r.get("batch"), r.get("prompt_len"), r.get("dtype"), r.get("device"), ex.get("eval"), ex.get("op"),
+               ex.get("variant"), ex.get("normalisation"), ex.get("log"))
+        if key not in newest or str(r.get("time") or "") >= str(newest[key].get("time") or ""):
+            newest[key] = r
+    return list(newest.values())
 
 
 def _layout(fig, title, xlab, ylab, rows):
@@ -88,9 +129,14 @@ def _layout(fig, title, xlab, ylab, rows):
 
 
 def fig_latency_vs_model(rows, sparsity=0.5):
+    # the generation length measured on the most models (ties: the longer)
+    per_gen = defaultdict(set)
+    for x in rows:
+        if x.get("kind") == "latency" and x["metric"] == "token_ms" and x.get("batch", 1) == 1:
+            per_gen[x.get("gen_len") or 0].add(x["model"])
+    gen = max(per_gen, key=lambda g: (len(per_gen[g]), g), default=None)
     lat = [r for r in rows if r.get("kind") == "latency" and r["metric"] in ("token_ms", "floor_ms", "step_bytes")
-           and r["sparsity"] in (0.0, sparsity) and r.get("gen_len") == max(
-               (x.get("gen_len") or 0 for x in rows if x.get("kind") == "latency"), default=None)]
+           and r["sparsity"] in (0.0, sparsity) and r.get("gen_len") == gen and r.get("batch", 1) == 1]
     if not any(r["metric"] == "token_ms" for r in lat):
         return None, lat
     by_model = defaultdict(list)
@@ -224,7 +270,9 @@ def fig_spearman(rows):
     fig = go.Figure()
     series = defaultdict(dict)
     for r in p:
-        series[f"{r['model']} {r['mode']} {r['criterion']}"][r["metric"].replace("spearman_", "")] = r["value"]
+        norm = (r.get("extra") or {}).get("normalisation")
+        name = f"{r['model']} {r['mode']} {r['criterion']}" + (f" ({norm}-normalised)" if norm else "")
+        series[name][r["metric"].replace("spearman_", "")] = r["value"]
     for name in sorted(series):
         fig.add_trace(go.Bar(x=cats, y=[series[name].get(c) for c in cats], name=name))
     fig.update_layout(barmode="group")
@@ -278,6 +326,7 @@ def build_report(paths, out, title="shadowbench report") -> tuple[Path, dict]:
     rows = read_rows(paths)
     if not rows:
         raise ValueError(f"no ok rows in {[str(p) for p in paths]}")
+    rows = prepare_rows(rows)
     parts, drawn = [], {}
     for name, fn in FIGURES:
         fig, used = fn(rows)

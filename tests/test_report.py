@@ -101,3 +101,20 @@ def test_headless_chromium_draws_every_figure_without_errors(tmp_path):
     subprocess.run([*flags, "--hide-scrollbars", "--window-size=1300,2600", f"--screenshot={shot}", out.as_uri()],
                    capture_output=True, timeout=180, check=True)
     assert shot.stat().st_size > 20_000 and _png_is_not_blank(shot.read_bytes())
+
+
+def test_rows_of_variants_stay_apart_and_the_newest_measurement_wins():
+    from reports.html import _label, prepare_rows
+
+    c = dict(kind="quality", model="smollm2", mode="shadowllm", criterion="plainact", policy="global", sparsity=0.5,
+             device="cpu", dtype="float32", metric="perplexity", unit="ppl", eval="wikitext2")
+    old = make_row(**c, value=9.0, source="runs/predictors/smollm2/shadowllm-plainact.safetensors",
+                   time="2026-01-01T00:00:00+00:00")
+    new = make_row(**c, value=8.0, source="runs/predictors/smollm2/shadowllm-plainact.safetensors",
+                   time="2026-02-01T00:00:00+00:00")
+    layer = make_row(**c, value=7.0, source="runs/predictors/smollm2-layer/shadowllm-plainact.safetensors")
+    fp8 = make_row(**c, value=8.5, source="runs/predictors/smollm2/shadowllm-plainact.safetensors",
+                   predictor_dtype="fp8")
+    got = {_label(r): r["value"] for r in prepare_rows([old, new, layer, fp8])}
+    assert got == {"shadowllm plainact global [smollm2]": 8.0, "shadowllm plainact global [smollm2-layer]": 7.0,
+                   "shadowllm plainact global fp8-predictor": 8.5}
