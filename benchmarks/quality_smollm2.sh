@@ -26,3 +26,9 @@ $sb quality $common --predictors-dir runs/predictors/smollm2-layer --modes shado
 $sb quality $common --modes static --criteria l2norm,gradnorm,plainact,fisher,snip,nwot,grasp,jacov,epenas \
     --sparsity 0.3,0.5,0.7 --policy global,local --tasks "" --ppl-tokens 2048 --context 512 --stride 256 \
     --out "$out/smollm2-static-criteria.jsonl" || true
+# ShadowLLM with the predictor's second layer in fp8 (models.modes predictor_dtype)
+$sb quality $common --predictors-dir runs/predictors/smollm2 --modes shadowllm --criteria plainact,l2norm \
+    --sparsity 0.3,0.5 --policy local --tasks "" --ppl-tokens 2048 --context 512 --stride 256 \
+    --predictor-dtype fp8 --out "$out/smollm2-ppl-fp8pred.jsonl" || true
+PYTHONPATH=. ${PYTHON:-python3} benchmarks/fp8_predictor_quality.py --data runs/criteria/smollm2 \
+    --predictors runs/predictors/smollm2 --out "$out/smollm2-fp8-predictor.jsonl"

@@ -50,16 +50,23 @@ def _check_predictor(x, w1, b1, w2, b2, w2_transposed=False):
                 raise ValueError(f"{name} has {b.shape[0]} entries; expected {n}")
 
 
-def quantize_rows_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8(w: torch.Tensor, chunk_rows: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)`` with ``q`` float8 e4m3 [O, H] and ``scale`` fp32 [O], ``w ~= q * scale[:, None]``:
     one scale per row (per predictor output), the row's largest magnitude mapped to 448. For the large
     second layer of a predictor, whose outputs only have to rank units: it halves the bytes a per-token
-    prediction reads (session 4: rank agreement in notes/models.md)."""
+    prediction reads (rank agreement: notes/quality.md). Works ``chunk_rows`` rows at a time, so the fp32
+    copy it needs is a chunk, not the whole weight (OPT-30B's second layer is 5.5 GB in fp16)."""
     check_float("w", w, ndims=(2,))
-    amax = w.float().abs().amax(dim=1).clamp_min(1e-12)
-    scale = amax / FP8_MAX
-    q = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.contiguous(), scale.contiguous()
+    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], chunk_rows):
+        part = w[i: i + chunk_rows].float()
+        s = part.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
+        scale[i: i + chunk_rows] = s
+        q[i: i + chunk_rows] = (part / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
 
 
 def _check_w2_scale(w2, w2_scale):

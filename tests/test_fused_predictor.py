@@ -97,6 +97,8 @@ def test_fp8_second_layer_reference_and_errors():
     w2, b2 = torch.randn(40, 16, generator=gen), torch.randn(40, generator=gen)
     q, scale = quantize_rows_fp8(w2)
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (40,)
+    q7, scale7 = quantize_rows_fp8(w2, chunk_rows=7)  # chunked: the same result
+    assert torch.equal(q7.view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale7, scale)
     deq = q.float() * scale[:, None]
     assert ((deq - w2).abs() <= w2.abs().amax(dim=1, keepdim=True) * 2**-4 + 1e-12).all()
     x = torch.randn(3, 8, generator=gen)
