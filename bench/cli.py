@@ -208,7 +208,7 @@ def _quality(args) -> int:
             check_tasks(tasks)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-        status = available_tasks(args.data_dir, ("eval", "predictor") if args.shots else ("eval",))
+        status = available_tasks(args.data_dir, ("eval", "predictor") if args.shots else ("eval",), tasks)
         for t in [t for t in tasks if status[t] is not None]:
             print(f"task {t} is missing here and skipped: {status[t]}", file=sys.stderr)
         tasks = [t for t in tasks if status[t] is None]

@@ -283,10 +283,11 @@ def load_task(name: str, split: str, data_dir_path=None, limit: int | None = Non
     return examples[:limit] if limit is not None else examples
 
 
-def available_tasks(data_dir_path=None, splits=SPLITS) -> dict[str, str | None]:
-    """For each task: None when its ``splits`` load, else the reason they do not."""
+def available_tasks(data_dir_path=None, splits=SPLITS, names=None) -> dict[str, str | None]:
+    """For each task (``names``, default all): None when its ``splits`` load (the first example of each
+    is read), else the reason they do not."""
     out = {}
-    for name in TASKS:
+    for name in TASKS if names is None else names:
         try:
             for split in splits:
                 with warnings.catch_warnings():
