@@ -20,11 +20,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
 
 def _flags(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """Long option name without dashes -> action, for every option of a sub-command but --config."""
@@ -37,6 +32,11 @@ def _flags(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def load_config(path: str | Path, command: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the tomli package (a dependency there)
+        import tomli as tomllib  # type: ignore[no-redef]
+
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"--config: {str(path)!r} is not a file")
