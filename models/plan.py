@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shadow_kernels.topk import topk_mask
+
 from .ops import Ops
 
 POLICIES = ("local", "global")
@@ -101,10 +103,10 @@ class PlanBuffers:
         self.k_neurons = kept_units(ffn, sparsity)
         if policy == "global":  # one budget over all sparse layers
             self.k_heads, self.k_neurons = self.k_heads * n, self.k_neurons * n
-        if policy == "global" or batch_rule == "union":
+        if batch_rule == "union":  # a union can hold every unit of a layer
             s_h, s_f = n_heads, ffn
-        else:
-            s_h, s_f = self.k_heads, self.k_neurons
+        else:  # the width of the top-k index lists: k, or with a global budget min(units, k)
+            s_h, s_f = min(n_heads, self.k_heads), min(ffn, self.k_neurons)
         self.slots_heads, self.slots_neurons = s_h, s_f
         i32 = dict(dtype=torch.int32, device=device)
         self.head_slot = torch.full((n, n_heads + 1), -1, **i32)
@@ -143,7 +145,10 @@ class PlanBuffers:
 
     def fill_batch(self, layer: int, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> None:
         """:meth:`fill` from a batch's scores, heads [B, n, H] and neurons [B, n, F], by ``batch_rule``."""
-        if head_scores.shape[0] == 1 or self.batch_rule == "mean":
+        if head_scores.shape[0] == 1:  # one sequence: its own scores (no mean kernel in the decode step)
+            self.fill(layer, head_scores[0], neuron_scores[0])
+            return
+        if self.batch_rule == "mean":
             self.fill(layer, head_scores.mean(dim=0), neuron_scores.mean(dim=0))
             return
         self._check_layers(head_scores.shape[1])
@@ -157,9 +162,7 @@ class PlanBuffers:
         or over all layers of a sequence with the global policy)."""
         B, n, units = scores.shape
         flat = scores.reshape(B, n * units) if self.policy == "global" else scores.reshape(B * n, units)
-        mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device)
-        mask.scatter_(1, torch.topk(flat, k, dim=1, sorted=False).indices, True)
-        return mask.view(B, n, units).any(dim=0)
+        return topk_mask(flat, k, dim=-1, validate=False).view(B, n, units).any(dim=0)
 
     def _check_layers(self, n: int) -> None:
         if self.policy == "global" and n != self.n_sparse:
@@ -169,11 +172,6 @@ class PlanBuffers:
         n = heads.idx.shape[0]
         sl = slice(layer - self.first, layer - self.first + n)
         S = self.slots_heads
-        # a global budget below one layer's width (k_total < H or F: few layers, high sparsity) gives
-        # narrower index lists than the slots; pad them (the counts say how many entries are live)
-        heads = heads._replace(idx=torch.nn.functional.pad(heads.idx, (0, S - heads.idx.shape[1])))
-        pad = self.slots_neurons - neurons.idx.shape[1]
-        neurons = neurons._replace(idx=torch.nn.functional.pad(neurons.idx, (0, pad)))
         live = self._slot_ids[None, :] < heads.count[:, None]
         target = torch.where(live, heads.idx, self.H).long()
         slots = self.head_slot[sl]
