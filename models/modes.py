@@ -202,13 +202,17 @@ class _Predicting(_Sparse):
                      if self.predictor_dtype == "fp8" else {})
         self._live = {}
 
-    def _scores(self, x, layer):
+    def predictor_weights(self, layer):
+        """``(w1, b1, w2, b2, w2_scale)`` the mode predicts with: w2 in fp8 with its scales under
+        ``predictor_dtype="fp8"``, else the predictor's own w2 and ``None``."""
         w1, b1, w2, b2 = self.predictor.weights(layer)
-        if self._w2q:
-            q, scale = self._w2q[layer]
-            return self.ops.predictor(x, w1, b1, q, b2, w2_scale=scale)
+        q, scale = self._w2q.get(layer, (w2, None))
+        return w1, b1, q, b2, scale
+
+    def _scores(self, x, layer):
+        w1, b1, w2, b2, w2_scale = self.predictor_weights(layer)
         if not self.sparse_hidden:
-            return self.ops.predictor(x, w1, b1, w2, b2)
+            return self.ops.predictor(x, w1, b1, w2, b2, w2_scale=w2_scale)
         scores, self._live[layer] = self.ops.predictor_sparse(x, w1, b1, self._w2t[layer], b2, return_live=True)
         return scores
 

@@ -83,12 +83,9 @@ class PositionPlans:
         return x
 
     def _scores(self, x, layer):
-        w1, b1, w2, b2 = self.mode.predictor.weights(layer)
+        w1, b1, w2, b2, w2_scale = self.mode.predictor_weights(layer)
         B, P, E = x.shape
-        q = getattr(self.mode, "_w2q", {}).get(layer)  # the mode's fp8 second layer, when it has one
-        if q is not None:
-            return fused_predictor_ref(x.reshape(B * P, E), w1, b1, q[0], b2, w2_scale=q[1]).view(B, P, -1)
-        return fused_predictor_ref(x.reshape(B * P, E), w1, b1, w2, b2).view(B, P, -1)
+        return fused_predictor_ref(x.reshape(B * P, E), w1, b1, w2, b2, w2_scale=w2_scale).view(B, P, -1)
 
     def _on_input(self, i, x):
         mode = self.mode
