@@ -51,7 +51,7 @@ def check_float(
 ) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES and t.dtype != dtype:  # an explicitly asked dtype (fp8 weights) also passes
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_fmt_dtypes(FLOAT_DTYPES)}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but must match the weight dtype {dtype}")
@@ -103,6 +103,14 @@ def check_count(name: str, count, *, device: torch.device, upper: int, validate:
         c = int(count.reshape(()))
         if c < 0 or c > upper:
             raise ValueError(f"{name} is {c}; expected a value in [0, {upper}] (the length of the index list)")
+
+
+def set_switch(state: dict, on, name: str) -> bool:
+    """Set a module's on/off ``state["on"]`` (``name`` is the setter, for the error); returns the old value."""
+    if not isinstance(on, bool):
+        raise TypeError(f"{name} takes True or False, got {on!r}")
+    prev, state["on"] = state["on"], on
+    return prev
 
 
 def next_pow2(n: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_device, check_float
+from ._common import check_float
 from .gather_cols import _launch_cols
 from .gather_rows import launch_rows_gemv
 from .topk import mask_to_indices
@@ -32,14 +32,9 @@ def _check_predictor(x, w1, b1, w2, b2, w2_transposed=False):
             raise ValueError(f"w2t is {list(w2.shape)} but the hidden layer has {H} units; expected w2t [{H}, O]")
         O = w2.shape[1]
     else:
-        if w2.dtype == FP8:  # fused_predictor with w2_scale: checked like w1's dtype but for the dtype
-            if w2.dim() != 2:
-                raise ValueError(f"w2 must be 2-D, got shape {tuple(w2.shape)}")
-            check_device("w2", w2, dev)
-            if w2.shape[1] > 1 and w2.stride(1) != 1:
-                raise ValueError(f"w2 must be contiguous in its last dimension, got strides {tuple(w2.stride())}")
-        else:
-            check_float("w2", w2, ndims=(2,), dtype=w1.dtype, device=dev, last_contiguous=True)
+        # fp8 w2 comes with w2_scale (fused_predictor checks that pair); otherwise w2 has w1's dtype
+        check_float("w2", w2, ndims=(2,), dtype=FP8 if w2.dtype == FP8 else w1.dtype, device=dev,
+                    last_contiguous=True)
         if w2.shape[1] != H:
             raise ValueError(f"w2 is {list(w2.shape)} but the hidden layer has {H} units; expected w2 [O, {H}]")
         O = w2.shape[0]

@@ -27,6 +27,7 @@ from ._common import (
     check_indices,
     configs_for_platform,
     next_pow2,
+    set_switch,
     sm_count,
 )
 from .pdl import pdl_kwargs
@@ -190,10 +191,7 @@ _ONEPASS = {"on": True}
 def set_onepass(on: bool) -> bool:
     """Single-launch split reduction (MODE 3) on CUDA; off, the partials are summed by a second kernel.
     Returns the previous setting."""
-    if not isinstance(on, bool):
-        raise TypeError(f"set_onepass takes True or False, got {on!r}")
-    prev, _ONEPASS["on"] = _ONEPASS["on"], on
-    return prev
+    return set_switch(_ONEPASS, on, "set_onepass")
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor | None:

@@ -20,17 +20,14 @@ import os
 
 import torch
 
-from ._common import INTERPRET
+from ._common import INTERPRET, set_switch
 
 _STATE = {"on": os.environ.get("SHADOWBENCH_PDL", "1") != "0"}
 
 
 def set_pdl(on: bool) -> bool:
     """Turn programmatic dependent launch on or off for later launches; returns the previous setting."""
-    if not isinstance(on, bool):
-        raise TypeError(f"set_pdl takes True or False, got {on!r}")
-    prev, _STATE["on"] = _STATE["on"], on
-    return prev
+    return set_switch(_STATE, on, "set_pdl")
 
 
 def pdl_enabled(device: torch.device) -> bool:
