@@ -122,47 +122,95 @@ def configs_for_platform(configs: list[triton.Config]) -> list[triton.Config]:
     return configs if AUTOTUNE and not INTERPRET else configs[:1]
 
 
+# v7: configs are timed on cold data (see autotune_bench); SHADOWBENCH_AUTOTUNE_COLD=0 or
+# set_autotune_cold(False) times them as v6 did, on data that stays in L2 when it fits.
+_COLD = {"on": os.environ.get("SHADOWBENCH_AUTOTUNE_COLD", "1") != "0"}
+SCRUB_BYTES = 128 << 20  # read between timed calls: over twice the H100's 50 MB L2
+_SCRUB: dict = {}
+
+
+def set_autotune_cold(on: bool) -> bool:
+    """Time autotuning configs with the L2 scrubbed before every call (default) or not; returns the
+    previous setting. Configs already chosen stay chosen."""
+    return set_switch(_COLD, on, "set_autotune_cold")
+
+
 def autotune_bench(kernel_call, quantiles):
-    """How the autotuner times a config. v6 (notes/kernels.md): back to back in one CUDA graph, as the
-    kernels run in a decode step. v2-v5 timed eager calls after an L2 flush (``do_bench``, 10/50 ms),
-    where the launch behind the timing event and the write-back of the flushed lines added ~8 us of
-    noise to every call, and the autotuner picked different configs from run to run."""
+    """How the autotuner times a config. v7 (notes/kernels.md): back to back in one CUDA graph, each
+    call after a clean read of 128 MB that leaves none of its data in L2, minus the same graph
+    without the calls; a decode step reads every weight from DRAM. v6 timed the calls back to back
+    without the read: a case smaller than the L2 (OPT-13B out_proj at s=0.5 moves 26 MB) was then
+    tuned on L2 hits. v2-v5 timed eager calls after an L2 flush (``do_bench``, 10/50 ms), where the
+    launch behind the timing event and the write-back of the flushed lines added ~8 us of noise to
+    every call, and the autotuner picked different configs from run to run."""
     if torch.cuda.is_available() and not INTERPRET:
+        if _COLD["on"]:
+            return _bench_in_graph(kernel_call, quantiles, rep_ms=10.0, cold=True)
         return _bench_in_graph(kernel_call, quantiles)
     return triton.testing.do_bench(kernel_call, warmup=10, rep=50, quantiles=quantiles)
 
 
-def _bench_in_graph(kernel_call, quantiles, rep_ms: float = 20.0):
-    """Like ``triton.testing.do_bench_cudagraph``, but the device is synchronised first: that function
-    starts on a fresh stream without waiting for the work already queued, so the first kernel of a
-    new shape (autotuned mid-step) ran concurrently with the step's earlier kernels (session 4: wrong
-    results and an illegal address with the single-launch reduction's shared counters)."""
-    torch.cuda.synchronize()
-    kernel_call()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        kernel_call()
-    end.record()
-    torch.cuda.synchronize()
-    n = max(1, min(1000, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+def _scrubber():
+    """A call that reads SCRUB_BYTES (a sum: clean lines, so evicting them later costs no write-back)."""
+    dev = torch.cuda.current_device()
+    buf = _SCRUB.get(dev)
+    if buf is None:
+        buf = _SCRUB[dev] = torch.zeros(SCRUB_BYTES // 4, dtype=torch.float32, device=dev)
+    return lambda: buf.sum()
+
+
+def _graph_of(calls, n):
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.graph(graph, stream=side):
         for _ in range(n):
-            kernel_call()
+            for call in calls:
+                call()
     torch.cuda.synchronize()
+    return graph
+
+
+def _replay_ms(graph, reps: int = 10) -> list[float]:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(10):
+    for _ in range(reps):
         start.record()
         graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / n)
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def _bench_in_graph(kernel_call, quantiles, rep_ms: float = 20.0, cold: bool = False):
+    """Like ``triton.testing.do_bench_cudagraph``, but the device is synchronised first: that function
+    starts on a fresh stream without waiting for the work already queued, so the first kernel of a
+    new shape (autotuned mid-step) ran concurrently with the step's earlier kernels (session 4: wrong
+    results and an illegal address with the single-launch reduction's shared counters). ``cold``: a
+    128 MB read before every call, its time (a graph of the reads alone) subtracted."""
+    torch.cuda.synchronize()
+    scrub = _scrubber() if cold else None
+    kernel_call()
+    torch.cuda.synchronize()
+    calls = [scrub, kernel_call] if cold else [kernel_call]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        for call in calls:
+            call()
+    end.record()
+    torch.cuda.synchronize()
+    n = max(1, min(1000, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+    graph = _graph_of(calls, n)
+    times = _replay_ms(graph)
     del graph
-    times.sort()
+    if cold:
+        base = _graph_of([scrub], n)
+        floor = sorted(_replay_ms(base))[len(times) // 2]
+        del base
+        times = [max(t - floor, 1e-6) for t in times]
+    times = sorted(t / n for t in times)
     if quantiles is None:
         return sum(times) / len(times)
     return [times[min(len(times) - 1, round(q * (len(times) - 1)))] for q in quantiles]

@@ -41,7 +41,7 @@ def _cols_partial_kernel(
     SEL_BUCKET, SPLIT_KEY,  # only autotune keys
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, PREFETCH: tl.constexpr = 0,
 ):
     # A program owns BLOCK_M outputs for BLOCK_B batch rows and one chunk of the selected rows.
     # The chunk bounds are computed on the device from `count`, so the work of a padded index list
@@ -70,7 +70,32 @@ def _cols_partial_kernel(
     # The row numbers of the next block are loaded one iteration ahead, so the weight loads never
     # wait on an index load (two dependent memory latencies per iteration halved the bandwidth).
     src = tl.load(idx_ptr + j_start + offs_j, mask=j_start + offs_j < j_end, other=0).to(tl.int64)
-    if BLOCK_B == 1:
+    if BLOCK_B == 1 and PREFETCH:
+        # v7: the weight tile of the next iteration is loaded before this one's products are summed, so
+        # two tiles are in flight while the program waits (Triton pipelines only loads that feed tl.dot;
+        # here a loop iteration otherwise waits for all its loads with nothing else outstanding).
+        acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
+        h_row = h_ptr + pid_b * stride_hb
+        jj = j_start + offs_j
+        j_ok = jj < j_end
+        w = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
+                    other=0.0)
+        hv = tl.load(h_row + jj, mask=j_ok, other=0.0)
+        nxt = jj + BLOCK_J
+        src = tl.load(idx_ptr + nxt, mask=nxt < j_end, other=0).to(tl.int64)
+        for j0 in range(j_start, j_end, BLOCK_J):
+            jn = j0 + BLOCK_J + offs_j
+            jn_ok = jn < j_end
+            w_next = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :],
+                             mask=jn_ok[:, None] & m_ok[None, :], other=0.0)
+            hv_next = tl.load(h_row + jn, mask=jn_ok, other=0.0)
+            nn = jn + BLOCK_J
+            src = tl.load(idx_ptr + nn, mask=nn < j_end, other=0).to(tl.int64)
+            acc += w.to(tl.float32) * hv.to(tl.float32)[:, None]
+            w = w_next
+            hv = hv_next
+        out = tl.sum(acc, axis=0)[None, :]
+    elif BLOCK_B == 1:
         acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
         h_row = h_ptr + pid_b * stride_hb
         for j0 in range(j_start, j_end, BLOCK_J):
@@ -162,7 +187,7 @@ def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl
 # v2 swept BLOCK_J and warps at BLOCK_M = 128; v3 added wider BLOCK_M only (longer pieces of each
 # row) and lost 5-10% on fc2 (notes/kernels.md), so v4 keeps v2's set plus the two wide configs
 # that won some out_proj shapes.
-_SINGLE_CONFIGS = configs_for_platform([
+_SINGLE_V6 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 16}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
@@ -170,7 +195,18 @@ _SINGLE_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 256, "BLOCK_J": 32}, num_warps=8, num_stages=3),
-])
+]
+# v7: the next tile's weights loaded before this tile's products (PREFETCH, see the kernel)
+_SINGLE_V7 = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 16, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 1}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 64, "PREFETCH": 1}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_J": 32, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 256, "BLOCK_J": 16, "PREFETCH": 1}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 256, "BLOCK_J": 32, "PREFETCH": 1}, num_warps=8, num_stages=1),
+]
+_SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),

@@ -39,7 +39,7 @@ def _rows_gemv_kernel(
     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = 0,
 ):
     # A program owns BLOCK_N output rows (gathered weight rows) for BLOCK_B batch rows and walks
     # the whole reduction dimension K; no split-K, so every weight byte is read exactly once.
@@ -67,7 +67,26 @@ def _rows_gemv_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
 
-    if BLOCK_B == 1:
+    if BLOCK_B == 1 and PREFETCH and not GATED:
+        # v7: the next piece of the rows is loaded before this piece's products are summed, so two
+        # pieces are in flight while the program waits (Triton pipelines only loads that feed tl.dot).
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        x_row = x_ptr + pid_b * stride_xb
+        k_ok = offs_k < k_end
+        w = tl.load(w_rows + offs_k[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+        for k0 in range(0, k_end, BLOCK_K):
+            kn = k0 + BLOCK_K + offs_k
+            kn_ok = kn < k_end
+            w_next = tl.load(w_rows + kn[None, :], mask=live[:, None] & kn_ok[None, :], other=0.0)
+            x_next = tl.load(x_row + kn, mask=kn_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w = w_next
+            x = x_next
+        out = tl.sum(acc, axis=1)[None, :]
+        out_u = tl.sum(acc_u, axis=1)[None, :]
+    elif BLOCK_B == 1:
         # One token: elementwise products accumulated in fp32, one reduction at the end. The
         # upcast right after each load is also what the interpreter needs for bf16.
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -140,7 +159,7 @@ def _even_k(args):
     return args["K"] % args["BLOCK_K"] == 0
 
 
-_SINGLE_CONFIGS = configs_for_platform([
+_SINGLE_V6 = [
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 512}, num_warps=4, num_stages=2),
@@ -154,7 +173,19 @@ _SINGLE_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024}, num_warps=8, num_stages=2),
-])
+]
+# v7: the next piece of the rows loaded before this piece's products (PREFETCH, see the kernel)
+_SINGLE_V7 = [
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 512, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 8, "BLOCK_K": 256, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024, "PREFETCH": 1}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 8, "BLOCK_K": 512, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 512, "PREFETCH": 1}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024, "PREFETCH": 1}, num_warps=8, num_stages=1),
+]
+_SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),

@@ -10,9 +10,19 @@ L*n scores, so a layer may get anything from 0 to n units: k_max = min(n, k), an
 ``count[l]`` on the device to know how many slots are live. Every shape depends only on (L, n, k),
 never on the scores, so selection and the sparse layers can be captured in one CUDA graph.
 
-Selection itself uses ``torch.topk`` (a radix select on the GPU); the Triton kernel here turns a
-selection mask into the sorted, padded lists in one launch (a prefix sum per layer), where plain
-PyTorch needs a sort or a nonzero (which has a data-dependent shape and cannot be captured).
+``topk_indices`` selects with a radix select of its own (v7): four passes build 256-bin histograms of
+one byte of each score's order-preserving 32-bit key, from the top byte down, each pass counting only
+scores whose higher bytes match the threshold found so far; a last kernel, one program per layer,
+recomputes the threshold key T from the histograms and writes the sorted, padded lists (a prefix sum
+per layer) of the scores above T plus the first of those equal to T needed to reach exactly k. Ties
+at T go to the lowest indices (layer-major with the global policy); the reference does the same with
+a stable descending sort. No pass needs the host, so the selection is captured with the decode step.
+It replaced ``torch.topk`` + a mask (OPT-13B global top-k over 39 x 20480 neurons: 140 us with
+``torch.topk``, notes/kernels.md).
+
+``topk_mask`` keeps ``torch.topk`` (ties broken as it breaks them); :func:`mask_to_indices` turns any
+selection mask into the padded lists in one launch, where plain PyTorch needs a sort or a nonzero
+(which has a data-dependent shape and cannot be captured).
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, is_capturing
+from ._common import check_device, is_capturing, next_pow2
+from .pdl import pdl_kwargs
 
 POLICIES = ("local", "global")
 
@@ -134,7 +145,136 @@ def mask_to_indices_ref(mask, k_max, *, validate=True) -> LayerIndices:
     return LayerIndices(torch.where(live, ordered, 0).to(torch.int32), count)
 
 
-def _selection(scores, k, policy, validate):
+_INT_MIN = -2147483648
+
+
+@triton.jit
+def _ukey(x):
+    # fp32 -> int32 bits whose *unsigned* order is the order of the floats (-0.0 counts as +0.0)
+    b = (x + 0.0).to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) | -2147483648)
+
+
+@triton.jit
+def _descend(hist_ptr, k_rem):
+    # One byte of the threshold from a 256-bin histogram: the largest digit d with at least k_rem
+    # counted scores at digit >= d; returns d and how many of those at digit d are still to take.
+    offs = tl.arange(0, 256)
+    h = tl.load(hist_ptr + offs)
+    at_least = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
+    d = tl.max(tl.where(at_least >= k_rem, offs, -1), axis=0)
+    above = tl.sum(tl.where(offs == d, at_least - h, 0), axis=0)
+    return d, k_rem - above
+
+
+@triton.jit
+def _radix_pass_kernel(s_ptr, hist_ptr, k, n, L, stride_s, PASS: tl.constexpr, GLOBAL: tl.constexpr,
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    # Program (layer, c) counts the digits of byte PASS (from the top) of chunk c of a layer's scores
+    # into the layer's histogram hist[PASS, layer] and, with the global policy, into hist[PASS, L].
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    layer = tl.program_id(0)
+    c = tl.program_id(1)
+    g = L if GLOBAL else layer
+    k_rem = k
+    prefix = layer * 0
+    for p in tl.static_range(PASS):
+        d, k_rem = _descend(hist_ptr + (p * (L + 1) + g) * 256, k_rem)
+        prefix = prefix | (d << (24 - 8 * p))
+    shift: tl.constexpr = 24 - 8 * PASS
+    offs = tl.arange(0, BLOCK)
+    h = tl.zeros([512], dtype=tl.int32)
+    row = s_ptr + layer.to(tl.int64) * stride_s
+    for start in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, n), BLOCK):
+        cols = start + offs
+        ok = cols < n
+        u = _ukey(tl.load(row + cols, mask=ok, other=0.0))
+        if PASS > 0:
+            ok = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+        # scores outside the prefix go to bin 256 (counted, never added)
+        h += tl.histogram(tl.where(ok, (u >> shift) & 255, 256), 512)
+    bins = tl.arange(0, 512)
+    tl.atomic_add(hist_ptr + (PASS * (L + 1) + layer) * 256 + bins, h, mask=bins < 256)
+    if GLOBAL:
+        tl.atomic_add(hist_ptr + (PASS * (L + 1) + L) * 256 + bins, h, mask=bins < 256)
+
+
+@triton.jit
+def _radix_select_kernel(s_ptr, hist_ptr, idx_ptr, count_ptr, k, n, L, k_max, stride_s, stride_idx,
+                         GLOBAL: tl.constexpr, BLOCK: tl.constexpr, L_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    # One program per layer: the threshold key T from the four histograms, then the layer's scores
+    # above T and the first `take_eq` equal to T, compacted in index order into the padded list.
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    layer = tl.program_id(0)
+    g = L if GLOBAL else layer
+    k_rem = k
+    prefix = layer * 0
+    d = layer * 0
+    for p in tl.static_range(4):
+        d, k_rem = _descend(hist_ptr + (p * (L + 1) + g) * 256, k_rem)
+        prefix = prefix | (d << (24 - 8 * p))
+    take_eq = k_rem  # scores equal to T that the selection takes (over all layers when global)
+    if GLOBAL:  # those of earlier layers come first
+        ls = tl.arange(0, L_BLOCK)
+        eq_before = tl.load(hist_ptr + (3 * (L + 1) + ls) * 256 + d, mask=ls < layer, other=0)
+        take_eq = take_eq - tl.sum(eq_before, axis=0)
+    t_signed = prefix ^ -2147483648  # compare in signed order: key ^ INT_MIN
+    offs = tl.arange(0, BLOCK)
+    row = s_ptr + layer.to(tl.int64) * stride_s
+    out = idx_ptr + layer.to(tl.int64) * stride_idx
+    total = layer * 0
+    eq_seen = layer * 0
+    for start in range(0, n, BLOCK):
+        cols = start + offs
+        ok = cols < n
+        key = _ukey(tl.load(row + cols, mask=ok, other=0.0)) ^ -2147483648
+        gt = ok & (key > t_signed)
+        eq = (ok & (key == t_signed)).to(tl.int32)
+        sel = gt | ((eq != 0) & (eq_seen + tl.cumsum(eq, axis=0) - 1 < take_eq))
+        m = sel.to(tl.int32)
+        slot = total + tl.cumsum(m, axis=0) - 1
+        tl.store(out + slot, cols.to(tl.int32), mask=sel & (slot < k_max))
+        total += tl.sum(m, axis=0)
+        eq_seen += tl.sum(eq, axis=0)
+    for start in range(0, k_max, BLOCK):
+        slots = start + offs
+        tl.store(out + slots, tl.zeros([BLOCK], dtype=tl.int32), mask=(slots >= total) & (slots < k_max))
+    tl.store(count_ptr + layer, tl.minimum(total, k_max))
+
+
+_RADIX_CHUNK = 4096
+
+
+def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerIndices:
+    """Padded index lists of the top-k of [L, n] scores by radix select (see the module docstring)."""
+    L, n = scores.shape
+    dev = scores.device
+    idx = torch.empty((L, k_max), dtype=torch.int32, device=dev)
+    count = torch.empty((L,), dtype=torch.int32, device=dev)
+    if L == 0:
+        return LayerIndices(idx, count)
+    if k == 0 or n == 0:
+        return LayerIndices(idx.zero_(), count.zero_())
+    s = scores.float().contiguous()
+    hist = torch.zeros((4, L + 1, 256), dtype=torch.int32, device=dev)
+    glob = policy == "global"
+    block = min(1024, next_pow2(n))
+    chunk = max(block, min(_RADIX_CHUNK, next_pow2(n)))
+    pdl = pdl_kwargs(dev)
+    for p in range(4):
+        _radix_pass_kernel[(L, triton.cdiv(n, chunk))](s, hist, k, n, L, s.stride(0), PASS=p, GLOBAL=glob,
+                                                       CHUNK=chunk, BLOCK=block, **pdl)
+    _radix_select_kernel[(L,)](s, hist, idx, count, k, n, L, k_max, s.stride(0), idx.stride(0) if k_max else 1,
+                               GLOBAL=glob, BLOCK=block, L_BLOCK=next_pow2(L), **pdl)
+    return LayerIndices(idx, count)
+
+
+def _check_select(scores, k, policy, validate) -> int:
+    """Checks of topk_indices; returns k_max, the slots per layer."""
     _check_scores(scores, validate)
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -142,21 +282,30 @@ def _selection(scores, k, policy, validate):
         raise ValueError(f"scores must be 2-D [layers, units], got shape {tuple(scores.shape)}")
     L, n = scores.shape
     if policy == "local":
-        return topk_mask(scores, k, dim=-1, validate=False), k
-    return topk_mask(scores, k, dim=None, validate=False), min(n, k)
+        _check_k(k, n, "the size of dim -1")
+        return k
+    _check_k(k, L * n, f"the number of scores, {L * n}")
+    return min(n, k)
 
 
 def topk_indices(scores, k, policy="local", *, validate=True) -> LayerIndices:
-    """Select units from [L, n] scores and return the padded index lists.
+    """Select units from [L, n] scores and return the padded index lists (radix select, Triton).
 
     policy "local": exactly k units in every layer. policy "global": exactly k units over all
-    layers together, distributed by score (k_max = min(n, k) slots per layer).
+    layers together, distributed by score (k_max = min(n, k) slots per layer). Among scores equal to
+    the k-th largest, the lowest indices are taken (layer-major when global).
     """
-    mask, k_max = _selection(scores, k, policy, validate)
-    return mask_to_indices(mask, k_max, validate=False)
+    k_max = _check_select(scores, k, policy, validate)
+    check_device("scores", scores)
+    return _radix_topk(scores, k, policy, k_max)
 
 
 def topk_indices_ref(scores, k, policy="local", *, validate=True) -> LayerIndices:
-    """Plain-PyTorch reference of :func:`topk_indices`."""
-    mask, k_max = _selection(scores, k, policy, validate)
-    return mask_to_indices_ref(mask, k_max)
+    """Plain-PyTorch reference of :func:`topk_indices` (a stable descending sort: equal scores in index
+    order, as the kernel takes them)."""
+    k_max = _check_select(scores, k, policy, validate)
+    L, n = scores.shape
+    flat = scores.reshape(-1) if policy == "global" else scores
+    order = torch.sort(flat.float() + 0.0, dim=-1, descending=True, stable=True).indices[..., :k]
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True)
+    return mask_to_indices_ref(mask.view(L, n), k_max)

@@ -117,3 +117,28 @@ class TestBadInput:
     def test_count_negative(self):
         with pytest.raises(ValueError, match="count is -1"):
             gather_cols_gemv(self.wt, self.h, self.idx, count=torch.tensor([-1], dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("generation", ["v6", "v7"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_single_token_loops(generation, dtype):
+    """The batch-1 loop of v6 and the prefetching one of v7 (the interpreter runs one config of the
+    autotuned list; here each generation's first config), with a ragged tail and a device-side count."""
+    from shadow_kernels import gather_cols
+
+    tuner = gather_cols._cols_single
+    saved = list(tuner.configs)
+    tuner.configs = [(gather_cols._SINGLE_V6 if generation == "v6" else gather_cols._SINGLE_V7)[0]]
+    tuner.cache.clear()
+    try:
+        gen = torch.Generator().manual_seed(3)
+        wt = randn(300, 150, dtype=dtype, gen=gen)
+        idx = torch.randperm(300, generator=gen)[:101].to(DEVICE, torch.int32)
+        h = randn(101, dtype=dtype, gen=gen)
+        b = randn(150, dtype=dtype, gen=gen)
+        count = torch.tensor([90], dtype=torch.int32, device=DEVICE)
+        for kw in ({}, {"count": count}, {"split": 3}):
+            assert_close_rel(gather_cols_gemv(wt, h, idx, b, **kw), gather_cols_gemv_ref(wt, h, idx, b, **kw), dtype)
+    finally:
+        tuner.configs = saved
+        tuner.cache.clear()

@@ -169,3 +169,29 @@ def test_swiglu_bad_inputs():
         gather_swiglu_gemv(gate, randn(8, 16), randn(8), idx)
     with pytest.raises(ValueError, match="idx holds values"):
         gather_swiglu_gemv(gate, randn(8, 16), randn(16), torch.tensor([0, 9], device=DEVICE))
+
+
+@pytest.mark.parametrize("generation", ["v6", "v7"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_single_token_loops(generation, dtype):
+    """The batch-1 loop of v6 and the prefetching one of v7 (the interpreter runs one config of the
+    autotuned list; here each generation's first config), K not a multiple of the piece, with a count."""
+    from shadow_kernels import gather_rows
+
+    tuner = gather_rows._rows_gemv_single
+    saved = list(tuner.configs)
+    tuner.configs = [(gather_rows._SINGLE_V6 if generation == "v6" else gather_rows._SINGLE_V7)[0]]
+    tuner.cache.clear()
+    try:
+        gen = torch.Generator().manual_seed(4)
+        w = randn(200, 700, dtype=dtype, gen=gen)
+        idx = torch.randperm(200, generator=gen)[:61].to(DEVICE, torch.int32)
+        x = randn(700, dtype=dtype, gen=gen)
+        b = randn(200, dtype=dtype, gen=gen)
+        count = torch.tensor([50], dtype=torch.int32, device=DEVICE)
+        for kw in ({}, {"count": count}):
+            assert_close_rel(gather_rows_gemv(w, x, idx, b, "relu", **kw),
+                             gather_rows_gemv_ref(w, x, idx, b, "relu", **kw), dtype)
+    finally:
+        tuner.configs = saved
+        tuner.cache.clear()

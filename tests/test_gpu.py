@@ -195,3 +195,57 @@ def test_fp8_predictor_kernel_matches_its_reference(batch):
     top = lambda s: torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(keep).indices, True)
     agree = (top(got) & top(full)).sum() / (batch * keep)
     assert float(agree) > 0.9
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols"])
+def test_every_single_token_config_matches_the_reference(kind):
+    """Each batch-1 config alone (v6 and the prefetching v7 ones), on a shape with a ragged tail and a
+    device-side count: the autotuner may pick any of them."""
+    from shadow_kernels import gather_cols, gather_cols_gemv_ref, gather_rows, gather_rows_gemv_ref
+
+    tuner = gather_rows._rows_gemv_single if kind == "rows" else gather_cols._cols_single
+    saved = list(tuner.configs)
+    gen = torch.Generator().manual_seed(5)
+    N, K, keep = 3000, 2000 + 24, 1100
+    w = randn(N, K, dtype=torch.float16, gen=gen, scale=K**-0.5)
+    idx = torch.randperm(N, generator=gen)[:keep].to(DEVICE, torch.int32)
+    count = torch.tensor([keep - 77], dtype=torch.int32, device=DEVICE)
+    x = randn(K if kind == "rows" else keep, dtype=torch.float16, gen=gen)
+    bias = randn(N if kind == "rows" else K, dtype=torch.float16, gen=gen)
+    try:
+        for cfg in saved:
+            tuner.configs = [cfg]
+            tuner.cache.clear()
+            if kind == "rows":
+                got = gather_rows_gemv(w, x, idx, bias, "relu", count=count)
+                ref = gather_rows_gemv_ref(w, x, idx, bias, "relu", count=count)
+            else:
+                got = gather_cols_gemv(w, x, idx, bias, count=count)
+                ref = gather_cols_gemv_ref(w, x, idx, bias, count=count)
+            assert_close_rel(got, ref, torch.float16)
+    finally:
+        tuner.configs = saved
+        tuner.cache.clear()
+
+
+@pytest.mark.parametrize("policy", ["global", "local"])
+def test_radix_topk_in_a_cuda_graph(policy):
+    """The radix select on OPT-13B's neuron scores equals the stable-sort reference, also replayed in a
+    CUDA graph on new scores (its histograms are zeroed inside the graph)."""
+    from shadow_kernels import topk_indices_ref
+
+    L, n = 39, 20480
+    k = n // 2 if policy == "local" else n // 2 * L
+    scores = torch.randn(L, n, device=DEVICE)
+    for _ in range(2):
+        sel = topk_indices(scores, k, policy, validate=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sel = topk_indices(scores, k, policy, validate=False)
+    for seed in range(3):
+        scores.copy_(torch.randn(L, n, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(seed)))
+        if seed == 2:
+            scores.copy_((scores * 3).round())  # many ties at the threshold
+        graph.replay()
+        ref = topk_indices_ref(scores, k, policy)
+        assert torch.equal(sel.idx, ref.idx) and torch.equal(sel.count, ref.count)

@@ -65,6 +65,64 @@ def test_global_budget_follows_the_scores():
     assert sel.layer(1)[0].tolist() == list(range(10))
 
 
+def _is_top_k(scores, sel, k, policy):
+    """The selection holds exactly k units and no unselected score beats a selected one."""
+    L, n = scores.shape
+    mask = torch.zeros((L, n), dtype=torch.bool)
+    for layer in range(L):
+        mask[layer, sel.idx[layer, : int(sel.count[layer])].long().cpu()] = True
+    s = scores.float().cpu()
+    if policy == "local":
+        assert (mask.sum(1) == k).all()
+        if 0 < k < n:
+            assert (s.masked_fill(~mask, float("inf")).min(1).values
+                    >= s.masked_fill(mask, -float("inf")).max(1).values).all()
+    else:
+        assert int(mask.sum()) == k
+        if 0 < k < L * n:
+            assert s[mask].min() >= s[~mask].max()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(L=st.integers(1, 4), n=st.integers(1, 5000), k_frac=st.floats(0, 1), levels=st.sampled_from([0, 3, 50]),
+       policy=st.sampled_from(["local", "global"]), seed=st.integers(0, 2**16))
+def test_property_radix_select_matches_stable_sort(L, n, k_frac, levels, policy, seed):
+    # levels > 0 quantises the scores to that many values: many ties at the threshold, which the
+    # kernel must break by index (layer-major when global) exactly as the stable-sort reference does
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn((L, n), generator=gen) * 100
+    if levels:
+        scores = torch.randint(-levels, levels + 1, (L, n), generator=gen).float() / 7
+    scores = scores.to(DEVICE)
+    k = round(k_frac * (n if policy == "local" else L * n))
+    sel = topk_indices(scores, k, policy)
+    ref = topk_indices_ref(scores, k, policy)
+    assert torch.equal(sel.idx, ref.idx) and torch.equal(sel.count, ref.count)
+    _is_top_k(scores, sel, k, policy)
+
+
+@pytest.mark.parametrize("policy", ["local", "global"])
+def test_radix_select_special_values(policy):
+    # infinities, signed zeros (equal, so ties by index), subnormals, huge negatives, repeats
+    row = [-0.0, 0.0, float("inf"), -float("inf"), -1e30, 1e-38, -1e-38, 3.0, 3.0, -0.0, 2.5, -7.0, 1e-45, -1e-45]
+    scores = torch.tensor([row, row[::-1]], device=DEVICE)
+    for k in range(0, len(row) + 1):
+        sel = topk_indices(scores, k, policy)
+        ref = topk_indices_ref(scores, k, policy)
+        assert torch.equal(sel.idx, ref.idx) and torch.equal(sel.count, ref.count), k
+        _is_top_k(scores, sel, k, policy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_radix_select_half_scores(dtype):
+    scores = randn(3, 700).to(dtype)  # few distinct values: ties at the threshold
+    for policy, k in (("local", 350), ("global", 1000)):
+        sel = topk_indices(scores, k, policy)
+        ref = topk_indices_ref(scores, k, policy)
+        assert torch.equal(sel.idx, ref.idx) and torch.equal(sel.count, ref.count)
+        _is_top_k(scores, sel, k, policy)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(L=st.integers(1, 5), n=st.integers(1, 2100), k_max_frac=st.floats(0, 1), density=st.floats(0, 1),
        seed=st.integers(0, 2**16))
