@@ -117,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/v7-probe.jsonl")
     ap.add_argument("--quick", action="store_true", help="the first four GEMV cases only")
+    ap.add_argument("--no-gemv", action="store_true", help="top-k cases only")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)["copy_gbps"]
@@ -132,7 +133,7 @@ def main() -> None:
         for model in ("opt-1.3b", "opt-13b", "opt-30b"):
             for policy in ("global", "local"):
                 topk_case(model, policy, 0.5, dev, emit)
-        for model, op, s, alone in GEMV_CASES[: 4 if args.quick else None]:
+        for model, op, s, alone in GEMV_CASES[: 0 if args.no_gemv else 4 if args.quick else None]:
             try:
                 gemv_case(model, op, s, alone, dev, bw, emit)
             except Exception as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -37,7 +38,13 @@ class Ops:
     swiglu: Callable
 
 
-TRITON = Ops("triton", sk.gather_rows_gemv, sk.gather_cols_gemv, decode_attention, sk.fused_predictor,
+# The decoder's GEMVs preload (v7, shadow_kernels.gather_rows_gemv): with programmatic dependent launch
+# they read their index list, count and first weights before the kernel just before them finishes. That
+# kernel is a norm, an attention or the GEMV before (fc1 before fc2), which writes none of those: plan
+# buffers are filled by the predictor modes' top-k and index arithmetic, several launches earlier, and the
+# last of those launches is a PyTorch kernel that starts only when the launches before it have finished.
+TRITON = Ops("triton", partial(sk.gather_rows_gemv, preload=True), partial(sk.gather_cols_gemv, preload=True),
+             decode_attention, sk.fused_predictor,
              sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor,
              add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv)
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,

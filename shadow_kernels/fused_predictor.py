@@ -84,7 +84,8 @@ def fused_predictor(x, w1, b1, w2, b2, w2_scale=None):
     _check_predictor(x, w1, b1, w2, b2)
     x2d = x if x.dim() == 2 else x[None]
     hidden = launch_rows_gemv(w1, x2d, None, b1, None, True, torch.float32)
-    scores = launch_rows_gemv(w2, hidden, None, b2, None, False, torch.float32, scale=w2_scale)
+    # preload: the kernel before this one wrote only `hidden`, so w2 streams in before it finishes
+    scores = launch_rows_gemv(w2, hidden, None, b2, None, False, torch.float32, scale=w2_scale, preload=True)
     return scores.reshape(w2.shape[0]) if x.dim() == 1 else scores
 
 

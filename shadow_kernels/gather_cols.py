@@ -42,6 +42,7 @@ def _cols_partial_kernel(
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    PRELOAD: tl.constexpr = False, OCC: tl.constexpr = 4,
 ):
     # A program owns BLOCK_M outputs for BLOCK_B batch rows and one chunk of the selected rows.
     # The chunk bounds are computed on the device from `count`, so the work of a padded index list
@@ -49,7 +50,8 @@ def _cols_partial_kernel(
     # MODE: 0 = write the final output (one chunk), 1 = write fp32 partials, 2 = fp32 atomic add,
     # 3 = write fp32 partials and the last chunk of each output block to finish adds them (one launch).
     # The number of chunks is the grid's second dimension, chosen per config by the launcher.
-    if USE_PDL:  # see shadow_kernels.pdl
+    # OCC (programs per SM the split aims at) is read by the launcher only.
+    if USE_PDL and not PRELOAD:  # see shadow_kernels.pdl
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
@@ -80,6 +82,9 @@ def _cols_partial_kernel(
         j_ok = jj < j_end
         w = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
                     other=0.0)
+        if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         hv = tl.load(h_row + jj, mask=j_ok, other=0.0)
         nxt = jj + BLOCK_J
         src = tl.load(idx_ptr + nxt, mask=nxt < j_end, other=0).to(tl.int64)
@@ -96,6 +101,9 @@ def _cols_partial_kernel(
             hv = hv_next
         out = tl.sum(acc, axis=0)[None, :]
     elif BLOCK_B == 1:
+        if USE_PDL and PRELOAD:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
         h_row = h_ptr + pid_b * stride_hb
         for j0 in range(j_start, j_end, BLOCK_J):
@@ -110,6 +118,9 @@ def _cols_partial_kernel(
             src = src_next
         out = tl.sum(acc, axis=0)[None, :]
     else:
+        if USE_PDL and PRELOAD:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
         for j0 in range(j_start, j_end, BLOCK_J):
             jj = j0 + offs_j
@@ -205,6 +216,11 @@ _SINGLE_V7 = [
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 32, "PREFETCH": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 256, "BLOCK_J": 16, "PREFETCH": 1}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 256, "BLOCK_J": 32, "PREFETCH": 1}, num_warps=8, num_stages=1),
+    # more programs per SM: more bytes in flight where few output blocks split few rows (out_proj)
+    triton.Config({"BLOCK_M": 64, "BLOCK_J": 32, "PREFETCH": 1, "OCC": 8}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 8}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 1, "OCC": 8}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 16}, num_warps=2, num_stages=1),
 ]
 _SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
 _BATCHED_CONFIGS = configs_for_platform([
@@ -252,15 +268,16 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
 _MIN_ROWS_PER_SPLIT = 64
 
 
-def choose_split(n_sel: int, M: int, block_m: int, device: torch.device) -> int:
-    """Split the reduction so that about four programs per SM are in flight."""
+def choose_split(n_sel: int, M: int, block_m: int, device: torch.device, per_sm: int = 4) -> int:
+    """Split the reduction so that about ``per_sm`` programs per SM are in flight (a config's OCC)."""
     m_blocks = triton.cdiv(M, block_m)
-    want = triton.cdiv(4 * sm_count(device), m_blocks)
+    want = triton.cdiv(per_sm * sm_count(device), m_blocks)
     return max(1, min(want, triton.cdiv(n_sel, _MIN_ROWS_PER_SPLIT)))
 
 
 def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: int | None,
-                 out_dtype: torch.dtype | None = None, onepass: bool | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, onepass: bool | None = None,
+                 preload: bool = False) -> torch.Tensor:
     # The split depends on the config's BLOCK_M, which the autotuner picks, so the grid is a function
     # of the config, the workspace is sized for the largest split any config can use, and the
     # reduction reads the split of the config that ran.
@@ -278,8 +295,10 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         kernel, block_b = _cols_single, 1
     else:
         kernel, block_b = _cols_batched, min(64, max(16, next_pow2(B)))
-    split_of = (lambda block_m: split) if split else (lambda block_m: choose_split(n_sel, M, block_m, dev))
-    max_split = max(split_of(c.kwargs["BLOCK_M"]) for c in kernel.configs)
+    def split_of(kw) -> int:  # a config's kwargs (or a launch's meta)
+        return split or choose_split(n_sel, M, kw["BLOCK_M"], dev, kw.get("OCC", 4))
+
+    max_split = max(split_of(c.kwargs) for c in kernel.configs)
     onepass = (_ONEPASS["on"] if onepass is None else onepass) and dev.type == "cuda" and not INTERPRET
     tickets = None
     if max_split > 1 and deterministic and onepass:
@@ -291,7 +310,7 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         mode, out = (3 if tickets is not None else 1), torch.empty((max_split, B, M), device=dev, dtype=torch.float32)
     else:
         mode, out = 2, torch.zeros((B, M), device=dev, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split_of(meta["BLOCK_M"]), triton.cdiv(B, block_b))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split_of(meta), triton.cdiv(B, block_b))
     kernel[grid](
         weight_t, h2d, idx, count if count is not None else idx, bias if bias is not None else weight_t, out,
         y, tickets if tickets is not None else y,
@@ -301,11 +320,11 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         HAS_COUNT=count is not None, HAS_BIAS=bias is not None, MODE=mode,
         # fp32 activations with 16-bit weights (the sparse-hidden predictor) keep fp32 in the dot
         UPCAST_DOT=INTERPRET or h2d.dtype != weight_t.dtype,
-        DOT_IEEE=torch.float32 in (weight_t.dtype, h2d.dtype), BLOCK_B=block_b,
+        DOT_IEEE=torch.float32 in (weight_t.dtype, h2d.dtype), BLOCK_B=block_b, PRELOAD=preload,
         **pdl_kwargs(dev),
     )
     if mode in (1, 2):
-        n_parts = split_of(kernel.best_config.kwargs["BLOCK_M"]) if mode == 1 else 1
+        n_parts = split_of(kernel.best_config.kwargs) if mode == 1 else 1
         block = 1024
         _cols_reduce_kernel[(triton.cdiv(B * M, block),)](
             out, bias if bias is not None else out, y, B * M, M, n_parts,
@@ -315,7 +334,7 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
 
 
 def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True,
-                     onepass=None):
+                     onepass=None, preload=False):
     """``h @ weight_t[idx] + bias`` with Triton kernels.
 
     weight_t: [N, M] (W transposed, contiguous rows) fp16/bf16/fp32. h: [k] or [B, k], same dtype;
@@ -327,6 +346,9 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
     onepass: on CUDA, finish the deterministic reduction inside the one launch (the last chunk of each
     output block adds the partials; same sum, same bits) instead of a second kernel; default
     :func:`set_onepass` (on).
+    preload: with programmatic dependent launch, read idx, count and the first weights before waiting
+    for the kernel launched just before this one; only h waits. Correct only when that kernel writes
+    none of them (see :func:`shadow_kernels.gather_rows_gemv`).
     Returns [M] or [B, M] in the weight dtype; accumulation is fp32.
     """
     check_float("weight_t", weight_t, ndims=(2,), last_contiguous=True)
@@ -345,12 +367,12 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
     if split is not None and (not isinstance(split, int) or split < 1):
         raise ValueError(f"split must be a positive int or None, got {split!r}")
     y = _launch_cols(weight_t, h if h.dim() == 2 else h[None], idx, bias, count, deterministic, split,
-                     onepass=onepass)
+                     onepass=onepass, preload=preload)
     return y.reshape(M) if h.dim() == 1 else y
 
 
 def gather_cols_gemv_ref(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True,
-                         onepass=None):
+                         onepass=None, preload=False):
     """Plain-PyTorch reference of :func:`gather_cols_gemv` (same signature, fp32 accumulate)."""
     idx = idx.long()
     hf = h.float()

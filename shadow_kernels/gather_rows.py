@@ -40,10 +40,11 @@ def _rows_gemv_kernel(
     HAS_SCALE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    PRELOAD: tl.constexpr = False,
 ):
     # A program owns BLOCK_N output rows (gathered weight rows) for BLOCK_B batch rows and walks
     # the whole reduction dimension K; no split-K, so every weight byte is read exactly once.
-    if USE_PDL:
+    if USE_PDL and not PRELOAD:
         # Programmatic dependent launch (see shadow_kernels.pdl): wait for the previous kernel's writes,
         # then let the next kernel's programs be scheduled while this one streams its weights.
         tl.extra.cuda.gdc_wait()
@@ -75,6 +76,9 @@ def _rows_gemv_kernel(
         x_row = x_ptr + pid_b * stride_xb
         k_ok = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
+        if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
         for k0 in range(0, k_end, BLOCK_K):
             kn = k0 + BLOCK_K + offs_k
@@ -89,6 +93,9 @@ def _rows_gemv_kernel(
     elif BLOCK_B == 1:
         # One token: elementwise products accumulated in fp32, one reduction at the end. The
         # upcast right after each load is also what the interpreter needs for bf16.
+        if USE_PDL and PRELOAD:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         x_row = x_ptr + pid_b * stride_xb
@@ -110,6 +117,9 @@ def _rows_gemv_kernel(
         out_u = tl.sum(acc_u, axis=1)[None, :]
     else:
         # A small batch: tensor-core dot of [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_N], fp32 accumulate.
+        if USE_PDL and PRELOAD:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
@@ -204,12 +214,13 @@ _rows_gemv_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotu
 
 
 def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch.dtype, up=None,
-                     pdl: bool | None = None, scale=None) -> torch.Tensor:
+                     pdl: bool | None = None, scale=None, preload: bool = False) -> torch.Tensor:
     """Launcher shared by gather_rows_gemv, gather_swiglu_gemv and fused_predictor; inputs are checked.
 
     ``idx=None`` means every row of ``weight`` in order (a plain GEMV). ``up``: SwiGLU's up weight,
     same shape as ``weight`` (the gate); the output is then ``silu(x @ gate.T) * (x @ up.T)``.
     ``scale``: fp32 [N], one factor per weight row applied to its sum before the bias (fp8 weights).
+    ``preload``: see :func:`gather_rows_gemv`.
     """
     B, K = x2d.shape
     n_rows = weight.shape[0] if idx is None else idx.shape[0]
@@ -231,7 +242,7 @@ def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch
         next_pow2(n_rows),
         HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_COUNT=count is not None, RELU=relu,
         GATED=up is not None, HAS_SCALE=scale is not None,
-        UPCAST_DOT=INTERPRET, DOT_IEEE=weight.dtype == torch.float32, BLOCK_B=block_b,
+        UPCAST_DOT=INTERPRET, DOT_IEEE=weight.dtype == torch.float32, BLOCK_B=block_b, PRELOAD=preload,
         **pdl_kwargs(x2d.device, pdl),
     )
     return y
@@ -242,7 +253,7 @@ def _check_activation(activation):
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
 
 
-def gather_rows_gemv(weight, x, idx, bias=None, activation=None, count=None, *, validate=True):
+def gather_rows_gemv(weight, x, idx, bias=None, activation=None, count=None, *, validate=True, preload=False):
     """``act(x @ weight[idx].T + bias[idx])`` with a Triton kernel.
 
     weight: [N, K] fp16/bf16/fp32, contiguous rows. x: [K] or [B, K], same dtype.
@@ -251,6 +262,9 @@ def gather_rows_gemv(weight, x, idx, bias=None, activation=None, count=None, *, 
     count: optional one-element int32 device tensor; only ``idx[:count]`` is used and the output
     slots from ``count`` on are 0 (padded index lists of global top-k).
     validate: check index values (reads them back to the host; skipped during CUDA graph capture).
+    preload: with programmatic dependent launch, read idx, count and the first weights before waiting
+    for the kernel launched just before this one; only x waits. Correct only when that kernel writes
+    none of them (the decoder: plan buffers are filled several launches before a layer's GEMVs).
     Returns [k] or [B, k] in the weight dtype; accumulation is fp32.
     """
     check_float("weight", weight, ndims=(2,), last_contiguous=True)
@@ -266,11 +280,12 @@ def gather_rows_gemv(weight, x, idx, bias=None, activation=None, count=None, *, 
             raise ValueError(f"bias has {bias.shape[0]} entries; expected {N} (one per weight row)")
     _check_activation(activation)
     check_count("count", count, device=dev, upper=idx.shape[0], validate=validate)
-    y = launch_rows_gemv(weight, x if x.dim() == 2 else x[None], idx, bias, count, activation == "relu", weight.dtype)
+    y = launch_rows_gemv(weight, x if x.dim() == 2 else x[None], idx, bias, count, activation == "relu", weight.dtype,
+                         preload=preload)
     return y.reshape(idx.shape[0]) if x.dim() == 1 else y
 
 
-def gather_rows_gemv_ref(weight, x, idx, bias=None, activation=None, count=None, *, validate=True):
+def gather_rows_gemv_ref(weight, x, idx, bias=None, activation=None, count=None, *, validate=True, preload=False):
     """Plain-PyTorch reference of :func:`gather_rows_gemv` (same signature, fp32 accumulate)."""
     _check_activation(activation)
     idx = idx.long()

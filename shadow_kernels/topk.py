@@ -168,30 +168,44 @@ def _descend(hist_ptr, k_rem):
 
 
 @triton.jit
-def _radix_pass_kernel(s_ptr, hist_ptr, k, n, L, stride_s, PASS: tl.constexpr, GLOBAL: tl.constexpr,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    # Program (layer, c) counts the digits of byte PASS (from the top) of chunk c of a layer's scores
-    # into the layer's histogram hist[PASS, layer] and, with the global policy, into hist[PASS, L].
+def _chain(hist_ptr, g, k, L, LEVELS: tl.constexpr):
+    # The threshold's top LEVELS bytes from the histograms of group g (a layer, or L: all layers);
+    # returns the key prefix, the last digit and how many scores at that prefix are still to take.
+    k_rem = k
+    prefix = g * 0
+    d = g * 0
+    for p in tl.static_range(LEVELS):
+        d, k_rem = _descend(hist_ptr + (p * (L + 1) + g) * 256, k_rem)
+        prefix = prefix | (d << (24 - 8 * p))
+    return prefix, d, k_rem
+
+
+@triton.jit
+def _radix_pass_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, k, n, L, C, stride_s, PASS: tl.constexpr,
+                       GLOBAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    # Program (layer, c) counts the digits of byte PASS (from the top) of chunk c of a layer's scores,
+    # among those whose higher bytes match the threshold so far, into the layer's histogram
+    # hist[PASS, layer] and, with the global policy, into hist[PASS, L]. The last pass also keeps its
+    # chunk's histogram and how many of its scores lie above the 24-bit prefix (for the write kernel).
     if USE_PDL:  # see shadow_kernels.pdl
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     layer = tl.program_id(0)
     c = tl.program_id(1)
-    g = L if GLOBAL else layer
-    k_rem = k
-    prefix = layer * 0
-    for p in tl.static_range(PASS):
-        d, k_rem = _descend(hist_ptr + (p * (L + 1) + g) * 256, k_rem)
-        prefix = prefix | (d << (24 - 8 * p))
+    prefix, d, k_rem = _chain(hist_ptr, L if GLOBAL else layer, k, L, PASS)
     shift: tl.constexpr = 24 - 8 * PASS
     offs = tl.arange(0, BLOCK)
     h = tl.zeros([512], dtype=tl.int32)
+    above = layer * 0
     row = s_ptr + layer.to(tl.int64) * stride_s
     for start in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, n), BLOCK):
         cols = start + offs
         ok = cols < n
         u = _ukey(tl.load(row + cols, mask=ok, other=0.0))
         if PASS > 0:
+            if PASS == 3:  # signed order of (key ^ INT_MIN) is the unsigned order of the key
+                above += tl.sum((ok & (((u ^ -2147483648) >> 8) > ((prefix ^ -2147483648) >> 8))).to(tl.int32),
+                                axis=0)
             ok = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
         # scores outside the prefix go to bin 256 (counted, never added)
         h += tl.histogram(tl.where(ok, (u >> shift) & 255, 256), 512)
@@ -199,54 +213,70 @@ def _radix_pass_kernel(s_ptr, hist_ptr, k, n, L, stride_s, PASS: tl.constexpr, G
     tl.atomic_add(hist_ptr + (PASS * (L + 1) + layer) * 256 + bins, h, mask=bins < 256)
     if GLOBAL:
         tl.atomic_add(hist_ptr + (PASS * (L + 1) + L) * 256 + bins, h, mask=bins < 256)
+    if PASS == 3:
+        tl.store(chunk_hist_ptr + (layer * C + c) * 256 + bins, h, mask=bins < 256)
+        tl.store(gt_ptr + layer * C + c, above)
 
 
 @triton.jit
-def _radix_select_kernel(s_ptr, hist_ptr, idx_ptr, count_ptr, k, n, L, k_max, stride_s, stride_idx,
-                         GLOBAL: tl.constexpr, BLOCK: tl.constexpr, L_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    # One program per layer: the threshold key T from the four histograms, then the layer's scores
-    # above T and the first `take_eq` equal to T, compacted in index order into the padded list.
+def _radix_write_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, idx_ptr, count_ptr, k, n, L, C, k_max, pad_chunk,
+                        stride_s, stride_idx, GLOBAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                        C_BLOCK: tl.constexpr, LC_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    # Program (layer, c): the threshold key T from the four histograms; from the chunks' counts, how
+    # many scores equal to T this chunk takes (those of earlier chunks, and of earlier layers when
+    # global, come first) and where its slots start; then its scores above T and its first `take`
+    # equal to T, in index order, into the layer's padded list.
     if USE_PDL:  # see shadow_kernels.pdl
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     layer = tl.program_id(0)
-    g = L if GLOBAL else layer
-    k_rem = k
-    prefix = layer * 0
-    d = layer * 0
-    for p in tl.static_range(4):
-        d, k_rem = _descend(hist_ptr + (p * (L + 1) + g) * 256, k_rem)
-        prefix = prefix | (d << (24 - 8 * p))
-    take_eq = k_rem  # scores equal to T that the selection takes (over all layers when global)
-    if GLOBAL:  # those of earlier layers come first
-        ls = tl.arange(0, L_BLOCK)
-        eq_before = tl.load(hist_ptr + (3 * (L + 1) + ls) * 256 + d, mask=ls < layer, other=0)
-        take_eq = take_eq - tl.sum(eq_before, axis=0)
+    c = tl.program_id(1)
+    prefix, d, take_eq = _chain(hist_ptr, L if GLOBAL else layer, k, L, 4)
+    cs = tl.arange(0, C_BLOCK)
+    c_ok = cs < C
+    bins = tl.arange(0, 256)
+    ch = chunk_hist_ptr + (layer * C + cs)[:, None] * 256 + bins[None, :]
+    ch = tl.load(ch, mask=c_ok[:, None], other=0)
+    eq_c = tl.sum(tl.where(bins[None, :] == d, ch, 0), axis=1)
+    gt_c = tl.load(gt_ptr + layer * C + cs, mask=c_ok, other=0) + tl.sum(tl.where(bins[None, :] > d, ch, 0), axis=1)
+    eq_before = layer * 0
+    if GLOBAL:  # equal scores in the chunks of earlier layers
+        flat = tl.arange(0, LC_BLOCK)
+        eq_before = tl.sum(tl.load(chunk_hist_ptr + flat * 256 + d, mask=flat < layer * C, other=0), axis=0)
+    eq_excl = eq_before + tl.cumsum(eq_c, axis=0) - eq_c
+    take_c = tl.minimum(tl.maximum(take_eq - eq_excl, 0), eq_c)
+    sel_c = gt_c + take_c
+    base = tl.sum(tl.where(cs < c, sel_c, 0), axis=0)
+    total = tl.sum(sel_c, axis=0)
+    take = tl.sum(tl.where(cs == c, take_c, 0), axis=0)
     t_signed = prefix ^ -2147483648  # compare in signed order: key ^ INT_MIN
     offs = tl.arange(0, BLOCK)
     row = s_ptr + layer.to(tl.int64) * stride_s
     out = idx_ptr + layer.to(tl.int64) * stride_idx
-    total = layer * 0
+    written = layer * 0
     eq_seen = layer * 0
-    for start in range(0, n, BLOCK):
+    for start in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, n), BLOCK):
         cols = start + offs
         ok = cols < n
         key = _ukey(tl.load(row + cols, mask=ok, other=0.0)) ^ -2147483648
-        gt = ok & (key > t_signed)
         eq = (ok & (key == t_signed)).to(tl.int32)
-        sel = gt | ((eq != 0) & (eq_seen + tl.cumsum(eq, axis=0) - 1 < take_eq))
+        sel = (ok & (key > t_signed)) | ((eq != 0) & (eq_seen + tl.cumsum(eq, axis=0) - 1 < take))
         m = sel.to(tl.int32)
-        slot = total + tl.cumsum(m, axis=0) - 1
+        slot = base + written + tl.cumsum(m, axis=0) - 1
         tl.store(out + slot, cols.to(tl.int32), mask=sel & (slot < k_max))
-        total += tl.sum(m, axis=0)
+        written += tl.sum(m, axis=0)
         eq_seen += tl.sum(eq, axis=0)
-    for start in range(0, k_max, BLOCK):
+    # the padding after the live slots, split over the layer's programs
+    for start in range(c * pad_chunk, tl.minimum(c * pad_chunk + pad_chunk, k_max), BLOCK):
         slots = start + offs
         tl.store(out + slots, tl.zeros([BLOCK], dtype=tl.int32), mask=(slots >= total) & (slots < k_max))
-    tl.store(count_ptr + layer, tl.minimum(total, k_max))
+    if c == 0:
+        tl.store(count_ptr + layer, tl.minimum(total, k_max))
 
 
-_RADIX_CHUNK = 4096
+# Scores per program: OPT-13B's 39 x 20480 neuron scores are 390 programs a pass (v7a gave each layer
+# one program for the write and took 105 us on the H100, serial prefix sums; notes/kernels.md).
+_RADIX_CHUNK = 2048
 
 
 def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerIndices:
@@ -260,16 +290,20 @@ def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerI
     if k == 0 or n == 0:
         return LayerIndices(idx.zero_(), count.zero_())
     s = scores.float().contiguous()
-    hist = torch.zeros((4, L + 1, 256), dtype=torch.int32, device=dev)
     glob = policy == "global"
     block = min(1024, next_pow2(n))
     chunk = max(block, min(_RADIX_CHUNK, next_pow2(n)))
+    C = triton.cdiv(n, chunk)
+    hist = torch.zeros((4, L + 1, 256), dtype=torch.int32, device=dev)
+    chunk_hist = torch.empty((L, C, 256), dtype=torch.int32, device=dev)
+    above = torch.empty((L, C), dtype=torch.int32, device=dev)
     pdl = pdl_kwargs(dev)
     for p in range(4):
-        _radix_pass_kernel[(L, triton.cdiv(n, chunk))](s, hist, k, n, L, s.stride(0), PASS=p, GLOBAL=glob,
-                                                       CHUNK=chunk, BLOCK=block, **pdl)
-    _radix_select_kernel[(L,)](s, hist, idx, count, k, n, L, k_max, s.stride(0), idx.stride(0) if k_max else 1,
-                               GLOBAL=glob, BLOCK=block, L_BLOCK=next_pow2(L), **pdl)
+        _radix_pass_kernel[(L, C)](s, hist, chunk_hist, above, k, n, L, C, s.stride(0), PASS=p, GLOBAL=glob,
+                                   CHUNK=chunk, BLOCK=block, **pdl)
+    _radix_write_kernel[(L, C)](s, hist, chunk_hist, above, idx, count, k, n, L, C, k_max, triton.cdiv(k_max, C),
+                                s.stride(0), idx.stride(0) if k_max else 1, GLOBAL=glob, CHUNK=chunk, BLOCK=block,
+                                C_BLOCK=next_pow2(C), LC_BLOCK=next_pow2(L * C), **pdl)
     return LayerIndices(idx, count)
 
 

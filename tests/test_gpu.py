@@ -117,9 +117,11 @@ def test_onepass_reduction_equals_twopass_bit_for_bit(batch, n_in, M, keep):
         assert torch.equal(out, ref)
 
 
-def test_pdl_launches_give_the_same_bits_in_a_graph():
+@pytest.mark.parametrize("preload", [False, True])
+def test_pdl_launches_give_the_same_bits_in_a_graph(preload):
     """A chain of gather GEMVs launched with programmatic dependent launch, eagerly and in a CUDA graph,
-    equals the same chain without it: every kernel waits for its producer before reading."""
+    equals the same chain without it: every kernel waits for its producer before reading (with preload,
+    before reading its input; the index lists and weights are never written in the chain)."""
     from shadow_kernels.pdl import set_pdl
 
     if torch.cuda.get_device_capability()[0] < 9:
@@ -134,10 +136,13 @@ def test_pdl_launches_give_the_same_bits_in_a_graph():
     def chain():
         x = x0
         for a, b, i in zip(w1, w2t, idx, strict=True):
-            x = gather_cols_gemv(b, gather_rows_gemv(a, x, i, None, "relu", validate=False), i, validate=False) + x
+            h = gather_rows_gemv(a, x, i, None, "relu", validate=False, preload=preload and x is not x0)
+            x = gather_cols_gemv(b, h, i, validate=False, preload=preload) + x
         return x
 
+    prev = set_pdl(False)
     ref = chain()
+    set_pdl(prev)
     prev = set_pdl(True)
     try:
         assert torch.equal(chain(), ref)
