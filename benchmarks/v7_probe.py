@@ -113,13 +113,33 @@ def topk_case(model, policy, sparsity, dev, emit) -> None:
               "variant": label, "us": t["median_us"], "radix_equals_reference": same})
 
 
+def profile_topk(dev) -> None:
+    """Per-kernel device time of one radix select (OPT-13B global neuron scores), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    scores = torch.randn((39, 20480), device=dev)
+    k = 10240 * 39
+    for _ in range(3):
+        sk.topk_indices(scores, k, "global", validate=False)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            sk.topk_indices(scores, k, "global", validate=False)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/v7-probe.jsonl")
     ap.add_argument("--quick", action="store_true", help="the first four GEMV cases only")
     ap.add_argument("--no-gemv", action="store_true", help="top-k cases only")
+    ap.add_argument("--profile-topk", action="store_true", help="only the per-kernel times of one radix select")
     args = ap.parse_args()
     dev = torch.device("cuda")
+    if args.profile_topk:
+        profile_topk(dev)
+        return
     bw = copy_bandwidth(dev)["copy_gbps"]
     head = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "copy_gbps": bw}
