@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/v7-probe.jsonl")
     ap.add_argument("--quick", action="store_true", help="the first four GEMV cases only")
     ap.add_argument("--no-gemv", action="store_true", help="top-k cases only")
+    ap.add_argument("--no-alone", action="store_true", help="skip timing every config alone")
     ap.add_argument("--profile-topk", action="store_true", help="only the per-kernel times of one radix select")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -155,7 +156,7 @@ def main() -> None:
                 topk_case(model, policy, 0.5, dev, emit)
         for model, op, s, alone in GEMV_CASES[: 0 if args.no_gemv else 4 if args.quick else None]:
             try:
-                gemv_case(model, op, s, alone, dev, bw, emit)
+                gemv_case(model, op, s, alone and not args.no_alone, dev, bw, emit)
             except Exception as exc:
                 emit({"model": model, "op": op, "sparsity": s, "error": repr(exc)[:500]})
             torch.cuda.empty_cache()
