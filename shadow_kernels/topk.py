@@ -27,6 +27,7 @@ selection mask into the padded lists in one launch, where plain PyTorch needs a 
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -182,7 +183,8 @@ def _chain(hist_ptr, g, k, L, LEVELS: tl.constexpr):
 
 @triton.jit
 def _radix_pass_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, k, n, L, C, stride_s, PASS: tl.constexpr,
-                       GLOBAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                       GLOBAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     # Program (layer, c) counts the digits of byte PASS (from the top) of chunk c of a layer's scores,
     # among those whose higher bytes match the threshold so far, into the layer's histogram
     # hist[PASS, layer] and, with the global policy, into hist[PASS, L]. The last pass also keeps its
@@ -195,7 +197,7 @@ def _radix_pass_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, k, n, L, C, stri
     prefix, d, k_rem = _chain(hist_ptr, L if GLOBAL else layer, k, L, PASS)
     shift: tl.constexpr = 24 - 8 * PASS
     offs = tl.arange(0, BLOCK)
-    h = tl.zeros([512], dtype=tl.int32)
+    h = tl.zeros([NBINS], dtype=tl.int32)
     above = layer * 0
     row = s_ptr + layer.to(tl.int64) * stride_s
     for start in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, n), BLOCK):
@@ -207,12 +209,17 @@ def _radix_pass_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, k, n, L, C, stri
                 above += tl.sum((ok & (((u ^ -2147483648) >> 8) > ((prefix ^ -2147483648) >> 8))).to(tl.int32),
                                 axis=0)
             ok = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
-        # scores outside the prefix go to bin 256 (counted, never added)
-        h += tl.histogram(tl.where(ok, (u >> shift) & 255, 256), 512)
-    bins = tl.arange(0, 512)
-    tl.atomic_add(hist_ptr + (PASS * (L + 1) + layer) * 256 + bins, h, mask=bins < 256)
+        # (tl.histogram adds into shared memory element by element: scores outside the prefix, most of
+        # them after the first pass, must not all land in one bin, or those adds serialise)
+        if NBINS == 256:  # tl.histogram takes a mask
+            h += tl.histogram((u >> shift) & 255, 256, mask=ok)
+        else:  # scores outside the prefix go to the spare bins 256..511 (counted, never added)
+            h += tl.histogram(tl.where(ok, (u >> shift) & 255, 256 + (cols & 255)), 512)
+    bins = tl.arange(0, NBINS)
+    # relaxed: the histograms are read only by later launches
+    tl.atomic_add(hist_ptr + (PASS * (L + 1) + layer) * 256 + bins, h, mask=bins < 256, sem="relaxed")
     if GLOBAL:
-        tl.atomic_add(hist_ptr + (PASS * (L + 1) + L) * 256 + bins, h, mask=bins < 256)
+        tl.atomic_add(hist_ptr + (PASS * (L + 1) + L) * 256 + bins, h, mask=bins < 256, sem="relaxed")
     if PASS == 3:
         tl.store(chunk_hist_ptr + (layer * C + c) * 256 + bins, h, mask=bins < 256)
         tl.store(gt_ptr + layer * C + c, above)
@@ -277,6 +284,9 @@ def _radix_write_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, idx_ptr, count_
 # Scores per program: OPT-13B's 39 x 20480 neuron scores are 390 programs a pass (v7a gave each layer
 # one program for the write and took 105 us on the H100, serial prefix sums; notes/kernels.md).
 _RADIX_CHUNK = 2048
+# v7b: 20 us a pass on OPT-13B when every score outside the prefix was counted in one spare bin (its
+# shared-memory adds serialise); where tl.histogram takes a mask they are masked, else spread out.
+_HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 
 
 def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerIndices:
@@ -300,7 +310,7 @@ def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerI
     pdl = pdl_kwargs(dev)
     for p in range(4):
         _radix_pass_kernel[(L, C)](s, hist, chunk_hist, above, k, n, L, C, s.stride(0), PASS=p, GLOBAL=glob,
-                                   CHUNK=chunk, BLOCK=block, **pdl)
+                                   CHUNK=chunk, BLOCK=block, NBINS=256 if _HIST_MASK else 512, **pdl)
     _radix_write_kernel[(L, C)](s, hist, chunk_hist, above, idx, count, k, n, L, C, k_max, triton.cdiv(k_max, C),
                                 s.stride(0), idx.stride(0) if k_max else 1, GLOBAL=glob, CHUNK=chunk, BLOCK=block,
                                 C_BLOCK=next_pow2(C), LC_BLOCK=next_pow2(L * C), **pdl)

@@ -180,3 +180,18 @@ class TestBadInput:
     def test_mask_dtype(self):
         with pytest.raises(TypeError, match="mask must be a bool tensor"):
             mask_to_indices(torch.ones(2, 3, device=DEVICE), 3)
+
+
+@pytest.mark.parametrize("masked_histogram", [True, False])
+def test_radix_select_both_histogram_forms(monkeypatch, masked_histogram):
+    """The passes count a byte with a masked 256-bin tl.histogram where Triton has the mask, else with
+    512 bins whose upper half absorbs the scores outside the prefix; both select the same."""
+    from shadow_kernels import topk
+
+    monkeypatch.setattr(topk, "_HIST_MASK", masked_histogram and topk._HIST_MASK)
+    gen = torch.Generator().manual_seed(9)
+    scores = (torch.randn((3, 4500), generator=gen) * 3).round().to(DEVICE)  # ties, several chunks
+    for policy, k in (("local", 1700), ("global", 6000)):
+        sel = topk_indices(scores, k, policy)
+        ref = topk_indices_ref(scores, k, policy)
+        assert torch.equal(sel.idx, ref.idx) and torch.equal(sel.count, ref.count)
