@@ -1,9 +1,10 @@
 """v7 probe: the GEMV config sets (v6 against the prefetching v7 configs), autotuning on cold or L2-hot
 data, every config of a few cases timed alone, and the radix-select top-k against torch.topk, in one run.
 
-Each GEMV case is a case of the kernel sweep (bench.kernels.build_case, batch 1, fp16), timed with the
-sweep's stream timer (bench.timing.time_stream over copies of the data); the first copy is checked
-against the reference. Prints and writes one JSON line per measurement.
+Rows committed in results/kernels/h100-v7-probe.jsonl (notes/kernels.md, v7). Each GEMV case is a case
+of the kernel sweep (bench.kernels.build_case, batch 1, fp16), timed with the sweep's stream timer
+(bench.timing.time_stream over copies of the data); the first copy is checked against the reference.
+Prints and writes one JSON line per measurement.
 
     PYTHONPATH=. python benchmarks/v7_probe.py --out runs/v7-probe.jsonl [--quick]
 """
@@ -19,6 +20,7 @@ import torch
 
 import shadow_kernels as sk
 from bench.kernels import Case, _spec, build_case, n_copies, rel_err
+from bench.results import git_commit
 from bench.timing import copy_bandwidth, time_stream
 from shadow_kernels import _common, gather_cols, gather_rows
 from shadow_kernels.topk import mask_to_indices, topk_mask
@@ -142,7 +144,7 @@ def main() -> None:
         profile_topk(dev)
         return
     bw = copy_bandwidth(dev)["copy_gbps"]
-    head = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+    head = {"kind": "probe", "git_commit": git_commit(), "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "copy_gbps": bw}
     with open(args.out, "a") as f:
         def emit(row):

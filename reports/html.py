@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,6 +29,9 @@ MODE_ORDER = {"dense": 0, "static": 1, "dejavu": 2, "shadowllm": 3, "hf": 4}
 
 
 def read_rows(paths) -> list[dict]:
+    """Result rows (status ok) of the given files or folders (every .jsonl below). Lines without a
+    ``kind`` are not rows of the bench schema (the v7 probe's records, say): they are left out, with a
+    warning naming the file."""
     rows = []
     for p in paths:
         p = Path(p)
@@ -37,13 +41,20 @@ def read_rows(paths) -> list[dict]:
         for f in files:
             if not f.is_file():
                 raise ValueError(f"results file {str(f)!r} does not exist")
+            foreign = 0
             for n, line in enumerate(f.read_text().splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{f}:{n}: not valid JSON ({e.msg})") from None
+                if isinstance(row, dict) and "kind" in row:
+                    rows.append(row)
+                else:
+                    foreign += 1
+            if foreign:
+                warnings.warn(f"{f}: {foreign} line(s) without a 'kind' are not result rows; left out", stacklevel=2)
     return [r for r in rows if r.get("status", "ok") == "ok"]
 
 
@@ -70,7 +81,7 @@ def _caption(rows) -> str:
 
 
 def _base_label(r) -> str:
-    parts = [r["mode"]]
+    parts = [r.get("mode") or r.get("kind") or "row"]  # kernel rows have no mode
     if r.get("criterion"):
         parts.append(r["criterion"])
     if r.get("policy"):

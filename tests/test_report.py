@@ -118,3 +118,16 @@ def test_rows_of_variants_stay_apart_and_the_newest_measurement_wins():
     got = {_label(r): r["value"] for r in prepare_rows([old, new, layer, fp8])}
     assert got == {"shadowllm plainact global [smollm2]": 8.0, "shadowllm plainact global [smollm2-layer]": 7.0,
                    "shadowllm plainact global fp8-predictor": 8.5}
+
+
+def test_report_from_the_committed_results(tmp_path):
+    """`shadowbench report results/` (the README's command) on every committed results file: each figure
+    has rows, and records of other kinds (the kernel probes) are left out without breaking it."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parent.parent / "results"
+    if not results.is_dir():
+        pytest.skip("no results folder beside the tests")
+    path, drawn = build_report([results], tmp_path / "r.html")
+    assert path.stat().st_size > 100_000
+    assert all(n > 0 for n in drawn.values()), drawn
