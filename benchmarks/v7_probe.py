@@ -144,8 +144,8 @@ def main() -> None:
         profile_topk(dev)
         return
     bw = copy_bandwidth(dev)["copy_gbps"]
-    head = {"kind": "probe", "git_commit": git_commit(), "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "copy_gbps": bw}
+    head = {"kind": "probe", "git_commit": git_commit(), "device": torch.cuda.get_device_name(dev),
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "copy_gbps": bw}
     with open(args.out, "a") as f:
         def emit(row):
             row = {**head, **row, "time": time.strftime("%H:%M:%S")}

@@ -169,6 +169,59 @@ def _descend(hist_ptr, k_rem):
 
 
 @triton.jit
+def _descend_bins(h, k_rem):
+    # _descend on a histogram held in registers (bins past the counted ones must be zero)
+    offs = tl.arange(0, h.shape[0])
+    at_least = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
+    d = tl.max(tl.where(at_least >= k_rem, offs, -1), axis=0)
+    above = tl.sum(tl.where(offs == d, at_least - h, 0), axis=0)
+    return d, k_rem - above
+
+
+@triton.jit
+def _radix_small_kernel(s_ptr, idx_ptr, count_ptr, k, n, L, k_max, stride_s, stride_idx, ROWS: tl.constexpr,
+                        NP: tl.constexpr, NBINS: tl.constexpr, USE_PDL: tl.constexpr):
+    # The whole selection in one program for a tile of ROWS x NP scores held in registers: one row (local,
+    # a program per layer) or every layer (global, one program). Same threshold, ties and layout as the
+    # multi-launch path; one launch instead of six for the head scores and DejaVu's per-layer scores.
+    if USE_PDL:  # see shadow_kernels.pdl
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, NP)
+    ok = (rows[:, None] < L) & (cols[None, :] < n)
+    u = _ukey(tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :], mask=ok, other=0.0))
+    uf = tl.reshape(u, [ROWS * NP])
+    okf = tl.reshape(ok, [ROWS * NP])
+    bins = tl.arange(0, NBINS)
+    k_rem = k
+    prefix = k * 0
+    for p in tl.static_range(4):
+        shift = 24 - 8 * p
+        m = okf
+        if p > 0:
+            m = m & ((uf >> (shift + 8)) == (prefix >> (shift + 8)))
+        if NBINS == 256:
+            h = tl.histogram((uf >> shift) & 255, 256, mask=m)
+        else:  # spare bins 256..511 take the scores outside the prefix (see _radix_pass_kernel)
+            h = tl.where(bins < 256, tl.histogram(tl.where(m, (uf >> shift) & 255, 256 + (uf & 255)), 512), 0)
+        d, k_rem = _descend_bins(h, k_rem)
+        prefix = prefix | (d << shift)
+    key = u ^ -2147483648  # signed order
+    t_signed = prefix ^ -2147483648
+    eq = (ok & (key == t_signed)).to(tl.int32)
+    eq_rank = tl.reshape(tl.cumsum(tl.reshape(eq, [ROWS * NP]), axis=0), [ROWS, NP]) - 1  # layer-major
+    sel = (ok & (key > t_signed)) | ((eq != 0) & (eq_rank < k_rem))
+    slot = tl.cumsum(sel.to(tl.int32), axis=1) - 1
+    out = idx_ptr + rows[:, None].to(tl.int64) * stride_idx
+    tl.store(out + slot, cols[None, :] + 0 * slot, mask=sel & (slot < k_max))
+    total = tl.sum(sel.to(tl.int32), axis=1)
+    pad = (rows[:, None] < L) & (cols[None, :] >= total[:, None]) & (cols[None, :] < k_max)
+    tl.store(out + cols[None, :], tl.zeros([ROWS, NP], dtype=tl.int32), mask=pad)
+    tl.store(count_ptr + rows, tl.minimum(total, k_max), mask=rows < L)
+
+
+@triton.jit
 def _chain(hist_ptr, g, k, L, LEVELS: tl.constexpr):
     # The threshold's top LEVELS bytes from the histograms of group g (a layer, or L: all layers);
     # returns the key prefix, the last digit and how many scores at that prefix are still to take.
@@ -287,6 +340,9 @@ _RADIX_CHUNK = 2048
 # v7b: 20 us a pass on OPT-13B when every score outside the prefix was counted in one spare bin (its
 # shared-memory adds serialise); where tl.histogram takes a mask they are masked, else spread out.
 _HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
+# Scores a tile of the one-launch path may hold (the layers of a global selection padded to powers of two):
+# OPT's head scores and DejaVu's per-layer scores up to 16k units.
+_SMALL = 1 << 14
 
 
 def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerIndices:
@@ -301,16 +357,24 @@ def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerI
         return LayerIndices(idx.zero_(), count.zero_())
     s = scores.float().contiguous()
     glob = policy == "global"
+    pdl = pdl_kwargs(dev)
+    nbins = 256 if _HIST_MASK else 512
+    rows = next_pow2(L) if glob else 1
+    if rows * next_pow2(n) <= _SMALL:  # one launch: the tile fits in one program's registers
+        np2 = next_pow2(n)
+        _radix_small_kernel[(1 if glob else L,)](s, idx, count, k, n, L, k_max, s.stride(0),
+                                                 idx.stride(0) if k_max else 1, ROWS=rows, NP=np2, NBINS=nbins,
+                                                 num_warps=8 if rows * np2 >= 4096 else 4, **pdl)
+        return LayerIndices(idx, count)
     block = min(1024, next_pow2(n))
     chunk = max(block, min(_RADIX_CHUNK, next_pow2(n)))
     C = triton.cdiv(n, chunk)
     hist = torch.zeros((4, L + 1, 256), dtype=torch.int32, device=dev)
     chunk_hist = torch.empty((L, C, 256), dtype=torch.int32, device=dev)
     above = torch.empty((L, C), dtype=torch.int32, device=dev)
-    pdl = pdl_kwargs(dev)
     for p in range(4):
         _radix_pass_kernel[(L, C)](s, hist, chunk_hist, above, k, n, L, C, s.stride(0), PASS=p, GLOBAL=glob,
-                                   CHUNK=chunk, BLOCK=block, NBINS=256 if _HIST_MASK else 512, **pdl)
+                                   CHUNK=chunk, BLOCK=block, NBINS=nbins, **pdl)
     _radix_write_kernel[(L, C)](s, hist, chunk_hist, above, idx, count, k, n, L, C, k_max, triton.cdiv(k_max, C),
                                 s.stride(0), idx.stride(0) if k_max else 1, GLOBAL=glob, CHUNK=chunk, BLOCK=block,
                                 C_BLOCK=next_pow2(C), LC_BLOCK=next_pow2(L * C), **pdl)

@@ -233,13 +233,14 @@ def test_every_single_token_config_matches_the_reference(kind):
         tuner.cache.clear()
 
 
+@pytest.mark.parametrize("L,n", [(39, 20480), (39, 40), (1, 8192)])
 @pytest.mark.parametrize("policy", ["global", "local"])
-def test_radix_topk_in_a_cuda_graph(policy):
-    """The radix select on OPT-13B's neuron scores equals the stable-sort reference, also replayed in a
-    CUDA graph on new scores (its histograms are zeroed inside the graph)."""
+def test_radix_topk_in_a_cuda_graph(policy, L, n):
+    """The radix select on OPT-13B's neuron and head scores and one 1.3B layer's neurons (multi-launch
+    and one-launch paths) equals the stable-sort reference, also replayed in a CUDA graph on new scores
+    (the histograms of the multi-launch path are zeroed inside the graph)."""
     from shadow_kernels import topk_indices_ref
 
-    L, n = 39, 20480
     k = n // 2 if policy == "local" else n // 2 * L
     scores = torch.randn(L, n, device=DEVICE)
     for _ in range(2):

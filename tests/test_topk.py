@@ -87,6 +87,7 @@ def _is_top_k(scores, sel, k, policy):
 @given(L=st.integers(1, 4), n=st.integers(1, 5000), k_frac=st.floats(0, 1), levels=st.sampled_from([0, 3, 50]),
        policy=st.sampled_from(["local", "global"]), seed=st.integers(0, 2**16))
 def test_property_radix_select_matches_stable_sort(L, n, k_frac, levels, policy, seed):
+    # (tiles up to 16k scores take the one-launch path, larger ones the multi-launch path)
     # levels > 0 quantises the scores to that many values: many ties at the threshold, which the
     # kernel must break by index (layer-major when global) exactly as the stable-sort reference does
     gen = torch.Generator().manual_seed(seed)
@@ -182,13 +183,16 @@ class TestBadInput:
             mask_to_indices(torch.ones(2, 3, device=DEVICE), 3)
 
 
+@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("masked_histogram", [True, False])
-def test_radix_select_both_histogram_forms(monkeypatch, masked_histogram):
+def test_radix_select_both_histogram_forms(monkeypatch, masked_histogram, one_launch):
     """The passes count a byte with a masked 256-bin tl.histogram where Triton has the mask, else with
-    512 bins whose upper half absorbs the scores outside the prefix; both select the same."""
+    512 bins whose upper half absorbs the scores outside the prefix; both select the same, in the
+    one-launch path (a tile in one program's registers) and in the multi-launch one."""
     from shadow_kernels import topk
 
     monkeypatch.setattr(topk, "_HIST_MASK", masked_histogram and topk._HIST_MASK)
+    monkeypatch.setattr(topk, "_SMALL", 1 << 16 if one_launch else 0)
     gen = torch.Generator().manual_seed(9)
     scores = (torch.randn((3, 4500), generator=gen) * 3).round().to(DEVICE)  # ties, several chunks
     for policy, k in (("local", 1700), ("global", 6000)):
