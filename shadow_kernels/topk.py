@@ -341,8 +341,9 @@ _RADIX_CHUNK = 2048
 # shared-memory adds serialise); where tl.histogram takes a mask they are masked, else spread out.
 _HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 # Scores a tile of the one-launch path may hold (the layers of a global selection padded to powers of two):
-# OPT's head scores and DejaVu's per-layer scores up to 16k units.
-_SMALL = 1 << 14
+# the head scores of OPT up to 66B (64 x 64 padded). v7e tried 16k: a program per layer over 8192 neuron
+# scores (OPT-1.3B local) took 38.5 us against 24.7 us for the multi-launch path (notes/kernels.md).
+_SMALL = 1 << 12
 
 
 def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerIndices:
