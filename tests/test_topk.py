@@ -87,7 +87,7 @@ def _is_top_k(scores, sel, k, policy):
 @given(L=st.integers(1, 4), n=st.integers(1, 5000), k_frac=st.floats(0, 1), levels=st.sampled_from([0, 3, 50]),
        policy=st.sampled_from(["local", "global"]), seed=st.integers(0, 2**16))
 def test_property_radix_select_matches_stable_sort(L, n, k_frac, levels, policy, seed):
-    # (tiles up to 16k scores take the one-launch path, larger ones the multi-launch path)
+    # (tiles up to 4096 scores take the one-launch path, larger ones the multi-launch path)
     # levels > 0 quantises the scores to that many values: many ties at the threshold, which the
     # kernel must break by index (layer-major when global) exactly as the stable-sort reference does
     gen = torch.Generator().manual_seed(seed)
