@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import torch
 
 from conftest import DEVICE, REL_TOL
@@ -126,3 +128,16 @@ def plan_masks_checked(mode, model, check_layer):
         nm[i, plan.neurons[: int(plan.neuron_count)].long().cpu()] = True
         check_layer(i, plan, hm[i])
     return hm, nm
+
+
+@contextmanager
+def only_configs(tuner, configs):
+    """Run a Triton autotuner with these configs only (its cached choices dropped before and after)."""
+    saved = list(tuner.configs)
+    tuner.configs = list(configs)
+    tuner.cache.clear()
+    try:
+        yield
+    finally:
+        tuner.configs = saved
+        tuner.cache.clear()

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from shadow_kernels import gather_cols_gemv, gather_cols_gemv_ref
 
 from conftest import DEVICE, DTYPES
-from helpers import assert_close_rel, assert_within_dot_bound, randn
+from helpers import assert_close_rel, assert_within_dot_bound, only_configs, randn
 
 
 def ref32(wt, h, idx, b=None, count=None):
@@ -126,11 +126,8 @@ def test_both_single_token_loops(generation, dtype):
     autotuned list; here each generation's first config), with a ragged tail and a device-side count."""
     from shadow_kernels import gather_cols
 
-    tuner = gather_cols._cols_single
-    saved = list(tuner.configs)
-    tuner.configs = [(gather_cols._SINGLE_V6 if generation == "v6" else gather_cols._SINGLE_V7)[0]]
-    tuner.cache.clear()
-    try:
+    first = (gather_cols._SINGLE_V6 if generation == "v6" else gather_cols._SINGLE_V7)[0]
+    with only_configs(gather_cols._cols_single, [first]):
         gen = torch.Generator().manual_seed(3)
         wt = randn(300, 150, dtype=dtype, gen=gen)
         idx = torch.randperm(300, generator=gen)[:101].to(DEVICE, torch.int32)
@@ -139,6 +136,3 @@ def test_both_single_token_loops(generation, dtype):
         count = torch.tensor([90], dtype=torch.int32, device=DEVICE)
         for kw in ({}, {"count": count}, {"split": 3}):
             assert_close_rel(gather_cols_gemv(wt, h, idx, b, **kw), gather_cols_gemv_ref(wt, h, idx, b, **kw), dtype)
-    finally:
-        tuner.configs = saved
-        tuner.cache.clear()

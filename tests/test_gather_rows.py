@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from shadow_kernels import gather_rows_gemv, gather_rows_gemv_ref
 
 from conftest import DEVICE, DTYPES
-from helpers import assert_close_rel, assert_within_dot_bound, randn
+from helpers import assert_close_rel, assert_within_dot_bound, only_configs, randn
 
 
 def ref32(w, x, idx, b=None, activation=None, count=None):
@@ -178,11 +178,8 @@ def test_both_single_token_loops(generation, dtype):
     autotuned list; here each generation's first config), K not a multiple of the piece, with a count."""
     from shadow_kernels import gather_rows
 
-    tuner = gather_rows._rows_gemv_single
-    saved = list(tuner.configs)
-    tuner.configs = [(gather_rows._SINGLE_V6 if generation == "v6" else gather_rows._SINGLE_V7)[0]]
-    tuner.cache.clear()
-    try:
+    first = (gather_rows._SINGLE_V6 if generation == "v6" else gather_rows._SINGLE_V7)[0]
+    with only_configs(gather_rows._rows_gemv_single, [first]):
         gen = torch.Generator().manual_seed(4)
         w = randn(200, 700, dtype=dtype, gen=gen)
         idx = torch.randperm(200, generator=gen)[:61].to(DEVICE, torch.int32)
@@ -192,6 +189,3 @@ def test_both_single_token_loops(generation, dtype):
         for kw in ({}, {"count": count}):
             assert_close_rel(gather_rows_gemv(w, x, idx, b, "relu", **kw),
                              gather_rows_gemv_ref(w, x, idx, b, "relu", **kw), dtype)
-    finally:
-        tuner.configs = saved
-        tuner.cache.clear()

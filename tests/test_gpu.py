@@ -12,7 +12,7 @@ from shadow_kernels import (
 )
 
 from conftest import DEVICE
-from helpers import assert_close_rel, randn
+from helpers import assert_close_rel, only_configs, randn
 
 pytestmark = pytest.mark.gpu
 
@@ -209,7 +209,6 @@ def test_every_single_token_config_matches_the_reference(kind):
     from shadow_kernels import gather_cols, gather_cols_gemv_ref, gather_rows, gather_rows_gemv_ref
 
     tuner = gather_rows._rows_gemv_single if kind == "rows" else gather_cols._cols_single
-    saved = list(tuner.configs)
     gen = torch.Generator().manual_seed(5)
     N, K, keep = 3000, 2000 + 24, 1100
     w = randn(N, K, dtype=torch.float16, gen=gen, scale=K**-0.5)
@@ -217,10 +216,8 @@ def test_every_single_token_config_matches_the_reference(kind):
     count = torch.tensor([keep - 77], dtype=torch.int32, device=DEVICE)
     x = randn(K if kind == "rows" else keep, dtype=torch.float16, gen=gen)
     bias = randn(N if kind == "rows" else K, dtype=torch.float16, gen=gen)
-    try:
-        for cfg in saved:
-            tuner.configs = [cfg]
-            tuner.cache.clear()
+    for cfg in list(tuner.configs):
+        with only_configs(tuner, [cfg]):
             if kind == "rows":
                 got = gather_rows_gemv(w, x, idx, bias, "relu", count=count)
                 ref = gather_rows_gemv_ref(w, x, idx, bias, "relu", count=count)
@@ -228,9 +225,6 @@ def test_every_single_token_config_matches_the_reference(kind):
                 got = gather_cols_gemv(w, x, idx, bias, count=count)
                 ref = gather_cols_gemv_ref(w, x, idx, bias, count=count)
             assert_close_rel(got, ref, torch.float16)
-    finally:
-        tuner.configs = saved
-        tuner.cache.clear()
 
 
 @pytest.mark.parametrize("L,n", [(39, 20480), (39, 40), (1, 8192)])
