@@ -88,7 +88,8 @@ def _latency(args) -> int:
     rows = latency.run_latency(models, modes, args.sparsity, args.gen, granularities, prompt_len=args.prompt,
                                batch=args.batch, dtype_name=args.dtype, out_path=args.out,
                                shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress,
-                               batch_rule=args.batch_rule, predictor_dtype=args.predictor_dtype)
+                               batch_rule=args.batch_rule, predictor_dtype=args.predictor_dtype,
+                               dense_gemv=args.dense_gemv)
     print(latency.summary_table(rows))
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     for r in bad[:5]:
@@ -276,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
                      help="the predictors' second layer in the model's dtype (default) or float8 e4m3 with a scale "
                           "per output (half the bytes per prediction)")
+    lat.add_argument("--dense-gemv", choices=["cublas", "triton"], default="cublas",
+                     help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS (default) or our "
+                          "gather-rows kernel over natural-layout copies of out_proj and fc2 (OPT only; more "
+                          "memory, see OPTDecoder.set_dense_gemv)")
     lat.add_argument("--granularity", default="token,prompt",
                      help="when predictors run: token (every decoded token), prompt (once, after prefill)")
     lat.add_argument("--policy", default="global,local", help="top-k policies for shadowllm (static: global, "

@@ -29,6 +29,7 @@ from .results import RowWriter, environment, git_commit, make_row
 from .timing import copy_bandwidth, percentile, time_op
 
 LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "hf")
+DENSE_GEMVS = ("cublas", "triton")
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
 def _done_keys(rows) -> set:
     return {(r["model"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"), r["gen_len"],
              r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False),
-             r["extra"].get("batch_rule", "mean"), r["extra"].get("predictor_dtype", "model"))
+             r["extra"].get("batch_rule", "mean"), r["extra"].get("predictor_dtype", "model"),
+             r["extra"].get("dense_gemv", "cublas"))
             for r in rows if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
 
 
@@ -213,15 +215,19 @@ def build_model(name: str, dtype, device, seed=0):
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
-                batch_rule="mean", predictor_dtype="model") -> list[dict]:
+                batch_rule="mean", predictor_dtype="model", dense_gemv="cublas") -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
-    ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes)."""
+    ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
+    ``dense_gemv``: ``cublas`` or ``triton``, what dense layers run their projections with
+    (``OPTDecoder.set_dense_gemv``; OPT models only)."""
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
 
     check_batch_rule(batch_rule)
+    if dense_gemv not in DENSE_GEMVS:
+        raise ValueError(f"dense_gemv must be one of {DENSE_GEMVS}, got {dense_gemv!r}")
     bad = [m for m in modes if m not in LATENCY_MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(LATENCY_MODES)}")
@@ -236,10 +242,11 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     base = dict(kind="latency", device=env["device"], dtype=dtype_name, batch=batch, prompt_len=prompt_len,
                 git_commit=git_commit(), weights="random",
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl,
-                       "batch_rule": batch_rule, "predictor_dtype": predictor_dtype})
+                       "batch_rule": batch_rule, "predictor_dtype": predictor_dtype, "dense_gemv": dense_gemv})
     done = _done_keys(writer.existing())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
-            if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype) not in done]
+            if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,
+                dense_gemv) not in done]
     new_rows: list[dict] = []
     by_model: dict[str, list[LatencyCase]] = {}
     for c in todo:
@@ -248,6 +255,11 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     for name, cases in by_model.items():
         try:
             model = build_model(name, dtype, device)
+            if dense_gemv != "cublas":
+                if not hasattr(model, "set_dense_gemv"):
+                    raise ValueError(f"dense_gemv {dense_gemv!r} is built for OPT models; {name} is "
+                                     f"{model.cfg.family}")
+                model.set_dense_gemv(dense_gemv)
         except Exception as err:  # e.g. out of memory: record every case of this model as failed
             rows = [_error_row(base, c, f"building the model: {type(err).__name__}: {err}") for c in cases]
             writer.write(rows)
@@ -282,7 +294,8 @@ def summary_table(rows: list[dict]) -> str:
         if r.get("kind") != "latency" or r.get("status") != "ok":
             continue
         model = (r["model"] + ("+pdl" if r["extra"].get("pdl") else "")
-                 + ("+fp8pred" if r["extra"].get("predictor_dtype") == "fp8" else ""))
+                 + ("+fp8pred" if r["extra"].get("predictor_dtype") == "fp8" else "")
+                 + ("+owngemv" if r["extra"].get("dense_gemv") == "triton" else ""))
         key = (model, r["gen_len"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"))
         cases.setdefault(key, {})[r["metric"]] = r["value"]
     dense = {(k[0], k[1]): v["token_ms"] for k, v in cases.items() if k[2] == "dense" and "token_ms" in v}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 import shadow_kernels as sk
 from shadow_kernels.add_norm import add_layernorm, add_layernorm_ref, add_rmsnorm, add_rmsnorm_ref
@@ -36,6 +37,20 @@ class Ops:
     add_rms: Callable
     gqa_attention: Callable
     swiglu: Callable
+    gemv: Callable | None = None  # dense ``act(x @ w.T + b)``: the decoders' dense path with dense_gemv="triton"
+
+
+def _gemv_triton(weight, x, bias=None, relu=False):
+    """Every row of ``weight``: the gather-rows kernel without an index list (preload: weights only)."""
+    from shadow_kernels.gather_rows import launch_rows_gemv
+
+    y = launch_rows_gemv(weight, x if x.dim() == 2 else x[None], None, bias, None, relu, weight.dtype, preload=True)
+    return y if x.dim() == 2 else y[0]
+
+
+def _gemv_torch(weight, x, bias=None, relu=False):
+    y = F.linear(x, weight, bias)
+    return torch.relu(y) if relu else y
 
 
 # The decoder's GEMVs preload (v7, shadow_kernels.gather_rows_gemv): with programmatic dependent launch
@@ -46,10 +61,11 @@ class Ops:
 TRITON = Ops("triton", partial(sk.gather_rows_gemv, preload=True), partial(sk.gather_cols_gemv, preload=True),
              decode_attention, sk.fused_predictor,
              sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor,
-             add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv)
+             add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv, _gemv_triton)
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
             sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref,
-            sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref, sk.gather_swiglu_gemv_ref)
+            sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref, sk.gather_swiglu_gemv_ref,
+            _gemv_torch)
 
 
 def get_ops(backend: str | Ops | None, device: torch.device) -> Ops:

@@ -42,6 +42,7 @@ class OPTLayer(nn.Module):
         self.ln2_w, self.ln2_b = p(E), p(E)
         self.fc1_w, self.fc1_b = p(Fd, E), p(Fd)
         self.fc2_wt, self.fc2_b = p(Fd, E), p(E)
+        self.out_w = self.fc2_w = None  # natural-layout copies for OPTDecoder.set_dense_gemv("triton")
 
 
 class OPTDecoder(DecoderBase):
@@ -161,6 +162,27 @@ class OPTDecoder(DecoderBase):
             total += f * (E + 1) + f * E + E  # fc1 rows + bias, fc2 rows + bias
         return total * el
 
+    # ---------------------------------------------------------------- dense GEMVs
+    DENSE_GEMVS = ("cublas", "triton")
+    dense_gemv = "cublas"
+
+    def set_dense_gemv(self, engine: str) -> None:
+        """What a decode step runs a dense layer's four projections with: ``cublas`` (default; out_proj and
+        fc2 as ``h @ W.T`` on the transposed weights) or ``triton`` (the gather-rows kernel over every row,
+        launched with programmatic dependent launch like the rest of the step). ``triton`` keeps copies of
+        out_proj and fc2 in their natural layout, so each is read as whole rows: E * E + E * F more weights
+        per layer in memory (a dense step reads either layout, never both). The copies are taken when this is
+        called: call it after loading weights."""
+        if engine not in self.DENSE_GEMVS:
+            raise ValueError(f"dense_gemv must be one of {self.DENSE_GEMVS}, got {engine!r}")
+        for layer in self.layers:
+            if engine == "triton":
+                layer.out_w = layer.out_wt.detach().T.contiguous()
+                layer.fc2_w = layer.fc2_wt.detach().T.contiguous()
+            else:
+                layer.out_w = layer.fc2_w = None
+        self.dense_gemv = engine
+
     # ---------------------------------------------------------------- running
     def _ln(self, x, w, b):
         return F.layer_norm(x, (x.shape[-1],), w, b, self.cfg.norm_eps)
@@ -237,6 +259,7 @@ class OPTDecoder(DecoderBase):
         ops = ops or get_ops(None, self.device)
         eps = cfg.norm_eps
         layers = self.layers
+        own = self.dense_gemv == "triton"
         x = self._embed(tokens, pos.reshape(1).expand(tokens.shape[0]))
         if cfg.pre_norm:
             _, a = ops.add_norm(x, None, layers[0].ln1_w, layers[0].ln1_b, eps)
@@ -248,13 +271,14 @@ class OPTDecoder(DecoderBase):
             plan: LayerPlan = mode.plan(i)
             with nvtx_range(f"layer{i}.attn"):
                 if plan.qkv_rows is None:
-                    qkv = F.linear(a, layer.qkv_w, layer.qkv_b)
+                    qkv = ops.gemv(layer.qkv_w, a, layer.qkv_b) if own else F.linear(a, layer.qkv_w, layer.qkv_b)
                 else:
                     qkv = ops.gather_rows(layer.qkv_w, a, plan.qkv_rows, layer.qkv_b, count=plan.qkv_count,
                                           validate=False)
                 heads = ops.attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, plan.head_slot, self.scale)
                 if plan.out_rows is None:
-                    o = torch.addmm(layer.out_b, heads, layer.out_wt)
+                    o = (ops.gemv(layer.out_w, heads, layer.out_b) if own
+                         else torch.addmm(layer.out_b, heads, layer.out_wt))
                 else:
                     o = ops.gather_cols(layer.out_wt, heads, plan.out_rows, layer.out_b, count=plan.out_count,
                                         validate=False)
@@ -266,7 +290,9 @@ class OPTDecoder(DecoderBase):
                 _, x = ops.add_norm(x, o, layer.ln1_w, layer.ln1_b, eps)
                 a = x
             with nvtx_range(f"layer{i}.mlp"):
-                if plan.neurons is None:
+                if plan.neurons is None and own:
+                    o = ops.gemv(layer.fc2_w, ops.gemv(layer.fc1_w, a, layer.fc1_b, relu=True), layer.fc2_b)
+                elif plan.neurons is None:
                     f = torch.relu_(F.linear(a, layer.fc1_w, layer.fc1_b))
                     o = torch.addmm(layer.fc2_b, f, layer.fc2_wt)
                 else:

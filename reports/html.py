@@ -97,6 +97,8 @@ def _base_label(r) -> str:
         parts.append("batch-union")
     if ex.get("pdl") is False:
         parts.append("no-PDL")
+    if ex.get("dense_gemv") == "triton":
+        parts.append("own-GEMV")
     if ex.get("shots"):
         parts.append(f"{ex['shots']}-shot")
     return " ".join(parts)

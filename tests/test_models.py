@@ -52,6 +52,37 @@ def test_dense_matches_transformers(pre_norm):
         assert rel(gen.step(), ref[:, t]) <= 1e-4
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=ON_CPU_ONLY)])
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-ln", "post-ln+proj"])
+def test_dense_gemv_triton_decodes_like_transformers(pre_norm, backend):
+    """set_dense_gemv("triton"): dense layers (every layer of dense mode, layer 0 of ShadowLLM) run the
+    gather-rows GEMV over natural-layout copies of out_proj and fc2; decode steps equal transformers'."""
+    model = tiny_model(pre_norm)
+    hf = model.to_hf()
+    model.set_dense_gemv("triton")
+    assert model.layers[0].fc2_w.shape == (model.cfg.hidden, model.cfg.ffn)
+    tokens = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    import dataclasses
+
+    from models.ops import get_ops
+
+    ops = get_ops(backend, torch.device("cpu"))
+    calls = []
+    counted = dataclasses.replace(ops, gemv=lambda *a, **k: calls.append(1) or ops.gemv(*a, **k))
+    gen = Generator(model, Dense(), batch=2, max_len=16, backend=counted)
+    gen.prefill(tokens[:, :6])
+    for t in range(6, 11):
+        gen.tok.copy_(tokens[:, t])
+        assert rel(gen.step(), ref[:, t]) <= 1e-4
+    assert len(calls) == 5 * 4 * model.cfg.n_layers  # qkv, out_proj, fc1, fc2 of every layer, every step
+    model.set_dense_gemv("cublas")
+    assert model.layers[0].fc2_w is None
+    with pytest.raises(ValueError, match="dense_gemv must be one of"):
+        model.set_dense_gemv("cutlass")
+
+
 def test_loads_hf_checkpoint_folder(tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
 
