@@ -12,13 +12,15 @@ never on the scores, so selection and the sparse layers can be captured in one C
 
 ``topk_indices`` selects with a radix select of its own (v7): four passes build 256-bin histograms of
 one byte of each score's order-preserving 32-bit key, from the top byte down, each pass counting only
-scores whose higher bytes match the threshold found so far; a last kernel, one program per layer,
-recomputes the threshold key T from the histograms and writes the sorted, padded lists (a prefix sum
-per layer) of the scores above T plus the first of those equal to T needed to reach exactly k. Ties
-at T go to the lowest indices (layer-major with the global policy); the reference does the same with
-a stable descending sort. No pass needs the host, so the selection is captured with the decode step.
-It replaced ``torch.topk`` + a mask (OPT-13B global top-k over 39 x 20480 neurons: 140 us with
-``torch.topk``, notes/kernels.md).
+scores whose higher bytes match the threshold found so far (a program per chunk of 2048 scores; the last
+pass also keeps each chunk's counts); a write kernel, a program per chunk again, recomputes the
+threshold key T from the histograms and writes the sorted, padded lists of the scores above T plus the
+first of those equal to T needed to reach exactly k, each chunk at the slot its earlier chunks leave it.
+Ties at T go to the lowest indices (layer-major with the global policy); the reference does the same with
+a stable descending sort. A tile of at most 4096 scores (the head scores) takes one launch instead: one
+program holds it in registers and does the same steps. No step needs the host, so the selection is
+captured with the decode step. OPT-13B global top-k over 39 x 20480 neuron scores: 45.5 us against
+138.8 us for ``torch.topk`` + compaction (H100, notes/kernels.md).
 
 ``topk_mask`` keeps ``torch.topk`` (ties broken as it breaks them); :func:`mask_to_indices` turns any
 selection mask into the padded lists in one launch, where plain PyTorch needs a sort or a nonzero
