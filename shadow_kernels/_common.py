@@ -89,6 +89,12 @@ def check_indices(name: str, idx, *, n: int, device: torch.device, validate: boo
             raise ValueError(f"{name} holds values in [{lo}, {hi}]; expected indices in [0, {n - 1}]")
 
 
+def check_flag(name: str, value) -> None:
+    """A keyword that must be True or False (a constexpr of a kernel: anything else would compile a variant)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_count(name: str, count, *, device: torch.device, upper: int, validate: bool) -> None:
     """`count` is the device-side number of valid entries of a padded index list."""
     if count is None:

@@ -23,6 +23,7 @@ from ._common import (
     INTERPRET,
     autotune_bench,
     check_count,
+    check_flag,
     check_float,
     check_indices,
     configs_for_platform,
@@ -364,6 +365,7 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
         if bias.shape[0] != M:
             raise ValueError(f"bias has {bias.shape[0]} entries; expected {M} (one per output)")
     check_count("count", count, device=dev, upper=k, validate=validate)
+    check_flag("preload", preload)
     if split is not None and (not isinstance(split, int) or split < 1):
         raise ValueError(f"split must be a positive int or None, got {split!r}")
     y = _launch_cols(weight_t, h if h.dim() == 2 else h[None], idx, bias, count, deterministic, split,

@@ -20,6 +20,7 @@ from ._common import (
     INTERPRET,
     autotune_bench,
     check_count,
+    check_flag,
     check_float,
     check_indices,
     configs_for_platform,
@@ -280,6 +281,7 @@ def gather_rows_gemv(weight, x, idx, bias=None, activation=None, count=None, *, 
             raise ValueError(f"bias has {bias.shape[0]} entries; expected {N} (one per weight row)")
     _check_activation(activation)
     check_count("count", count, device=dev, upper=idx.shape[0], validate=validate)
+    check_flag("preload", preload)
     y = launch_rows_gemv(weight, x if x.dim() == 2 else x[None], idx, bias, count, activation == "relu", weight.dtype,
                          preload=preload)
     return y.reshape(idx.shape[0]) if x.dim() == 1 else y

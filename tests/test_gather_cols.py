@@ -109,6 +109,10 @@ class TestBadInput:
         with pytest.raises(ValueError, match="bias has 8 entries; expected 16"):
             gather_cols_gemv(self.wt, self.h, self.idx, randn(8, dtype=torch.bfloat16))
 
+    def test_preload_flag(self):
+        with pytest.raises(TypeError, match="preload must be True or False, got 'yes'"):
+            gather_cols_gemv(self.wt, self.h, self.idx, preload="yes")
+
     @pytest.mark.parametrize("split", [0, -2, 1.5])
     def test_split(self, split):
         with pytest.raises(ValueError, match="split must be a positive int"):

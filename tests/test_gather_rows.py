@@ -140,6 +140,10 @@ class TestBadInput:
         with pytest.raises(TypeError, match="x must be a torch.Tensor"):
             gather_rows_gemv(self.w, [1.0] * 16, self.idx)
 
+    def test_preload_flag(self):
+        with pytest.raises(TypeError, match="preload must be True or False, got 1"):
+            gather_rows_gemv(self.w, self.x, self.idx, preload=1)
+
 
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 70), K=st.integers(1, 300), batch=st.sampled_from([None, 1, 3, 17]),
