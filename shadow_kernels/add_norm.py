@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_float, next_pow2
-from .pdl import pdl_kwargs
+from .pdl import pdl_kwargs, pdl_sync
 
 
 @triton.jit
@@ -21,8 +21,7 @@ def _add_layernorm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, eps,
                           stride_x, stride_r, stride_s, stride_y,
                           HAS_RES: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < N

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_float, next_pow2
-from .pdl import pdl_kwargs
+from .pdl import pdl_kwargs, pdl_sync
 
 
 @triton.jit
@@ -42,8 +42,7 @@ def _decode_attention_kernel(
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     b = tl.program_id(0)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr).to(tl.int32)
@@ -97,8 +96,7 @@ def _decode_attention_split_kernel(
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     # Flash-decoding: program (b, h, s) covers cached positions [s * CHUNK, (s + 1) * CHUNK) below pos;
     # split 0 also writes the new key/value and takes the current token. Partials (m, l, acc[D])
     # go to part [B, H, NSPLIT, BLOCK_D + 2] and _decode_attention_combine_kernel merges them.
@@ -169,8 +167,7 @@ def _decode_attention_combine_kernel(
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     b = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + h)

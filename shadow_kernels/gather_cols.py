@@ -31,7 +31,7 @@ from ._common import (
     set_switch,
     sm_count,
 )
-from .pdl import pdl_kwargs
+from .pdl import pdl_kwargs, pdl_sync
 
 
 @triton.jit
@@ -53,8 +53,7 @@ def _cols_partial_kernel(
     # The number of chunks is the grid's second dimension, chosen per config by the launcher.
     # OCC (programs per SM the split aims at) is read by the launcher only.
     if USE_PDL and not PRELOAD:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -84,8 +83,7 @@ def _cols_partial_kernel(
         w = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
                     other=0.0)
         if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl_sync()
         hv = tl.load(h_row + jj, mask=j_ok, other=0.0)
         nxt = jj + BLOCK_J
         src = tl.load(idx_ptr + nxt, mask=nxt < j_end, other=0).to(tl.int64)
@@ -103,8 +101,7 @@ def _cols_partial_kernel(
         out = tl.sum(acc, axis=0)[None, :]
     elif BLOCK_B == 1:
         if USE_PDL and PRELOAD:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl_sync()
         acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
         h_row = h_ptr + pid_b * stride_hb
         for j0 in range(j_start, j_end, BLOCK_J):
@@ -120,8 +117,7 @@ def _cols_partial_kernel(
         out = tl.sum(acc, axis=0)[None, :]
     else:
         if USE_PDL and PRELOAD:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl_sync()
         acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
         for j0 in range(j_start, j_end, BLOCK_J):
             jj = j0 + offs_j
@@ -183,8 +179,7 @@ def _cols_partial_kernel(
 def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                        USE_PDL: tl.constexpr):
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     # Sums the SPLIT partials of every output in a fixed order (deterministic), adds the bias.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total

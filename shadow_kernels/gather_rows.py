@@ -26,7 +26,7 @@ from ._common import (
     configs_for_platform,
     next_pow2,
 )
-from .pdl import pdl_kwargs
+from .pdl import pdl_kwargs, pdl_sync
 
 _ACTIVATIONS = (None, "relu")
 
@@ -48,8 +48,7 @@ def _rows_gemv_kernel(
     if USE_PDL and not PRELOAD:
         # Programmatic dependent launch (see shadow_kernels.pdl): wait for the previous kernel's writes,
         # then let the next kernel's programs be scheduled while this one streams its weights.
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,8 +77,7 @@ def _rows_gemv_kernel(
         k_ok = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
         if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl_sync()
         x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
         for k0 in range(0, k_end, BLOCK_K):
             kn = k0 + BLOCK_K + offs_k
@@ -95,8 +93,7 @@ def _rows_gemv_kernel(
         # One token: elementwise products accumulated in fp32, one reduction at the end. The
         # upcast right after each load is also what the interpreter needs for bf16.
         if USE_PDL and PRELOAD:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl_sync()
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         x_row = x_ptr + pid_b * stride_xb
@@ -119,8 +116,7 @@ def _rows_gemv_kernel(
     else:
         # A small batch: tensor-core dot of [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_N], fp32 accumulate.
         if USE_PDL and PRELOAD:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl_sync()
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):

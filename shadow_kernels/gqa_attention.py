@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._common import check_device, check_float, next_pow2
 from .decode_attention import merge_splits
-from .pdl import pdl_kwargs
+from .pdl import pdl_kwargs, pdl_sync
 
 
 @triton.jit
@@ -57,8 +57,7 @@ def _gqa_split_kernel(
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -117,8 +116,7 @@ def _gqa_combine_kernel(part_ptr, pos_ptr, outslot_ptr, out_ptr, KVH, stride_out
                         G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
                         SPLIT_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     b = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(outslot_ptr + h)

@@ -19,10 +19,20 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 from ._common import INTERPRET, set_switch
 
 _STATE = {"on": os.environ.get("SHADOWBENCH_PDL", "1") != "0"}
+
+
+@triton.jit
+def pdl_sync():
+    """The contract above, in the one order that keeps it: wait for the previous grid and its writes, then
+    let the next kernel be scheduled (a kernel that calls this under ``USE_PDL``)."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
 
 
 def set_pdl(on: bool) -> bool:

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, is_capturing, next_pow2
-from .pdl import pdl_kwargs
+from .pdl import pdl_kwargs, pdl_sync
 
 POLICIES = ("local", "global")
 
@@ -187,8 +187,7 @@ def _radix_small_kernel(s_ptr, idx_ptr, count_ptr, k, n, L, k_max, stride_s, str
     # a program per layer) or every layer (global, one program). Same threshold, ties and layout as the
     # multi-launch path; one launch instead of six for the head scores and DejaVu's per-layer scores.
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, NP)
     ok = (rows[:, None] < L) & (cols[None, :] < n)
@@ -245,8 +244,7 @@ def _radix_pass_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, k, n, L, C, stri
     # hist[PASS, layer] and, with the global policy, into hist[PASS, L]. The last pass also keeps its
     # chunk's histogram and how many of its scores lie above the 24-bit prefix (for the write kernel).
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     layer = tl.program_id(0)
     c = tl.program_id(1)
     prefix, d, k_rem = _chain(hist_ptr, L if GLOBAL else layer, k, L, PASS)
@@ -289,8 +287,7 @@ def _radix_write_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, idx_ptr, count_
     # global, come first) and where its slots start; then its scores above T and its first `take`
     # equal to T, in index order, into the layer's padded list.
     if USE_PDL:  # see shadow_kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_sync()
     layer = tl.program_id(0)
     c = tl.program_id(1)
     prefix, d, take_eq = _chain(hist_ptr, L if GLOBAL else layer, k, L, 4)
