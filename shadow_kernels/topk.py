@@ -148,9 +148,6 @@ def mask_to_indices_ref(mask, k_max, *, validate=True) -> LayerIndices:
     return LayerIndices(torch.where(live, ordered, 0).to(torch.int32), count)
 
 
-_INT_MIN = -2147483648
-
-
 @triton.jit
 def _ukey(x):
     # fp32 -> int32 bits whose *unsigned* order is the order of the floats (-0.0 counts as +0.0)
@@ -159,20 +156,10 @@ def _ukey(x):
 
 
 @triton.jit
-def _descend(hist_ptr, k_rem):
-    # One byte of the threshold from a 256-bin histogram: the largest digit d with at least k_rem
-    # counted scores at digit >= d; returns d and how many of those at digit d are still to take.
-    offs = tl.arange(0, 256)
-    h = tl.load(hist_ptr + offs)
-    at_least = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
-    d = tl.max(tl.where(at_least >= k_rem, offs, -1), axis=0)
-    above = tl.sum(tl.where(offs == d, at_least - h, 0), axis=0)
-    return d, k_rem - above
-
-
-@triton.jit
 def _descend_bins(h, k_rem):
-    # _descend on a histogram held in registers (bins past the counted ones must be zero)
+    # One byte of the threshold from a histogram h (bins past the 256 counted ones must be zero): the
+    # largest digit d with at least k_rem counted scores at digit >= d; returns d and how many of those
+    # at digit d are still to take.
     offs = tl.arange(0, h.shape[0])
     at_least = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
     d = tl.max(tl.where(at_least >= k_rem, offs, -1), axis=0)
@@ -230,7 +217,7 @@ def _chain(hist_ptr, g, k, L, LEVELS: tl.constexpr):
     prefix = g * 0
     d = g * 0
     for p in tl.static_range(LEVELS):
-        d, k_rem = _descend(hist_ptr + (p * (L + 1) + g) * 256, k_rem)
+        d, k_rem = _descend_bins(tl.load(hist_ptr + (p * (L + 1) + g) * 256 + tl.arange(0, 256)), k_rem)
         prefix = prefix | (d << (24 - 8 * p))
     return prefix, d, k_rem
 
