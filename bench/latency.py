@@ -22,6 +22,7 @@ from models.config import DecoderConfig
 from models.generate import Generator
 from models.loading import random_model
 from models.modes import DejaVu, Dense, ShadowLLM, Static
+from models.opt import OPTDecoder
 from models.registry import MODELS
 
 from .kernels import DTYPES
@@ -29,7 +30,7 @@ from .results import RowWriter, environment, git_commit, make_row
 from .timing import copy_bandwidth, percentile, time_op
 
 LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "hf")
-DENSE_GEMVS = ("cublas", "triton")
+DENSE_GEMVS = OPTDecoder.DENSE_GEMVS  # what --dense-gemv takes (OPT models only)
 
 
 @dataclass(frozen=True)
