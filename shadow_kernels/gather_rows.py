@@ -72,7 +72,6 @@ def _rows_gemv_kernel(
         # v7: the next piece of the rows is loaded before this piece's products are summed, so two
         # pieces are in flight while the program waits (Triton pipelines only loads that feed tl.dot).
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         x_row = x_ptr + pid_b * stride_xb
         k_ok = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
@@ -87,8 +86,7 @@ def _rows_gemv_kernel(
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w = w_next
             x = x_next
-        out = tl.sum(acc, axis=1)[None, :]
-        out_u = tl.sum(acc_u, axis=1)[None, :]
+        out = tl.sum(acc, axis=1)[None, :]  # (not GATED: no up projection)
     elif BLOCK_B == 1:
         # One token: elementwise products accumulated in fp32, one reduction at the end. The
         # upcast right after each load is also what the interpreter needs for bf16.
