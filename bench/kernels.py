@@ -73,6 +73,8 @@ class Built:
     # Variants with their own reference (other weights: fp8) and their own byte count.
     own_reference: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
     own_bytes: dict[str, int] = field(default_factory=dict)
+    # The case's tensors by name, for probes that time other ways of doing the same work (benchmarks/).
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def kept(n: int, sparsity: float) -> int:
@@ -107,7 +109,7 @@ def _rows_case(w, b, x, idx, relu, batch, dense_rows):
     moved = (k * K + batch * K + k + batch * k) * elt + 4 * k
     dense = (dense_rows * K + batch * K + dense_rows + batch * dense_rows) * elt
     return Built(variants, reference, ("triton", "torch_index_select"), moved, dense,
-                 {"weight": list(w.shape), "selected": k})
+                 {"weight": list(w.shape), "selected": k}, tensors={"weight": w, "bias": b, "x": x, "idx": idx})
 
 
 def _cols_case(wt, w_natural, b, h, h_dense, idx, batch):
@@ -127,7 +129,8 @@ def _cols_case(wt, w_natural, b, h, h_dense, idx, batch):
     moved = (k * M + batch * k + M + batch * M) * elt + 4 * k
     dense = (N * M + batch * N + M + batch * M) * elt
     checked = ("triton", "triton_atomic", "triton_twopass", "torch_index_select")
-    return Built(variants, reference, checked, moved, dense, {"weight_t": list(wt.shape), "selected": k})
+    return Built(variants, reference, checked, moved, dense, {"weight_t": list(wt.shape), "selected": k},
+                 tensors={"weight_t": wt, "bias": b, "h": h, "idx": idx})
 
 
 def _swiglu_case(spec, sparsity, batch, dtype, device, gen):

@@ -43,7 +43,7 @@ def _cols_partial_kernel(
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, PREFETCH: tl.constexpr = 0,
-    PRELOAD: tl.constexpr = False, OCC: tl.constexpr = 4,
+    PRELOAD: tl.constexpr = False, OCC: tl.constexpr = 4, SUM_GROUPED: tl.constexpr = True,
 ):
     # A program owns BLOCK_M outputs for BLOCK_B batch rows and one chunk of the selected rows.
     # The chunk bounds are computed on the device from `count`, so the work of a padded index list
@@ -72,7 +72,41 @@ def _cols_partial_kernel(
     # The row numbers of the next block are loaded one iteration ahead, so the weight loads never
     # wait on an index load (two dependent memory latencies per iteration halved the bandwidth).
     src = tl.load(idx_ptr + j_start + offs_j, mask=j_start + offs_j < j_end, other=0).to(tl.int64)
-    if BLOCK_B == 1 and PREFETCH:
+    if BLOCK_B == 1 and PREFETCH == 2:
+        # v8: two tiles ahead (three in flight): a program of a small case waits for a DRAM round trip per
+        # tile; with one tile ahead each wait still covered only two tiles' bytes.
+        acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
+        h_row = h_ptr + pid_b * stride_hb
+        j0v = j_start + offs_j
+        j0_ok = j0v < j_end
+        w0 = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j0_ok[:, None] & m_ok[None, :],
+                     other=0.0)
+        j1v = j0v + BLOCK_J
+        j1_ok = j1v < j_end
+        src = tl.load(idx_ptr + j1v, mask=j1_ok, other=0).to(tl.int64)
+        w1 = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j1_ok[:, None] & m_ok[None, :],
+                     other=0.0)
+        nxt = j1v + BLOCK_J
+        src = tl.load(idx_ptr + nxt, mask=nxt < j_end, other=0).to(tl.int64)
+        if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
+            pdl_sync()
+        hv0 = tl.load(h_row + j0v, mask=j0_ok, other=0.0)
+        hv1 = tl.load(h_row + j1v, mask=j1_ok, other=0.0)
+        for j0 in range(j_start, j_end, BLOCK_J):
+            jn = j0 + 2 * BLOCK_J + offs_j
+            jn_ok = jn < j_end
+            w2 = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :],
+                         mask=jn_ok[:, None] & m_ok[None, :], other=0.0)
+            hv2 = tl.load(h_row + jn, mask=jn_ok, other=0.0)
+            nn = jn + BLOCK_J
+            src = tl.load(idx_ptr + nn, mask=nn < j_end, other=0).to(tl.int64)
+            acc += w0.to(tl.float32) * hv0.to(tl.float32)[:, None]
+            w0 = w1
+            hv0 = hv1
+            w1 = w2
+            hv1 = hv2
+        out = tl.sum(acc, axis=0)[None, :]
+    elif BLOCK_B == 1 and PREFETCH:
         # v7: the weight tile of the next iteration is loaded before this one's products are summed, so
         # two tiles are in flight while the program waits (Triton pipelines only loads that feed tl.dot;
         # here a loop iteration otherwise waits for all its loads with nothing else outstanding).
@@ -164,10 +198,9 @@ def _cols_partial_kernel(
         ticket = ticket_ptr + pid_b * tl.num_programs(0) + pid_m
         n_chunks = tl.num_programs(1)
         if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == n_chunks - 1:
-            total = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
             part = out_ptr + offs_b[:, None] * stride_ob + offs_m[None, :]
-            for c in range(0, n_chunks):
-                total += tl.load(part + c * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
+            total = _sum_parts(part, stride_os, n_chunks, mask, tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32),
+                               SUM_GROUPED)
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + offs_b[:, None] * stride_ob + offs_m[None, :], total.to(y_ptr.dtype.element_ty),
@@ -176,16 +209,47 @@ def _cols_partial_kernel(
 
 
 @triton.jit
+def _sum_parts(part, stride, n, mask, total, GROUPED: tl.constexpr):
+    """``total + part[0] + part[stride] + ... + part[(n - 1) * stride]``, added in that order (the one-pass
+    finisher and the second kernel share it, so both give the same bits). v8: eight chunks are loaded
+    before any is added; a loop of one load and one add waited for each L2 round trip in turn, 14-33 of them
+    at the end of every split launch. A chunk past ``n`` loads +0.0, which leaves the sum unchanged (it starts
+    at +0.0 and a sum that starts there is never -0.0). ``GROUPED=False``: v7's loop (one load at a time), for
+    the probe that compares them."""
+    if not GROUPED:
+        for c in range(0, n):
+            total += tl.load(part + c * stride, mask=mask, other=0.0, cache_modifier=".cg")
+        return total
+    for c in range(0, n, 8):
+        cz = tl.zeros(mask.shape, dtype=tl.int32) + c  # a tensor: the interpreter takes no scalar in a mask
+        p0 = tl.load(part + c * stride, mask=mask, other=0.0, cache_modifier=".cg")
+        p1 = tl.load(part + (c + 1) * stride, mask=mask & (cz + 1 < n), other=0.0, cache_modifier=".cg")
+        p2 = tl.load(part + (c + 2) * stride, mask=mask & (cz + 2 < n), other=0.0, cache_modifier=".cg")
+        p3 = tl.load(part + (c + 3) * stride, mask=mask & (cz + 3 < n), other=0.0, cache_modifier=".cg")
+        p4 = tl.load(part + (c + 4) * stride, mask=mask & (cz + 4 < n), other=0.0, cache_modifier=".cg")
+        p5 = tl.load(part + (c + 5) * stride, mask=mask & (cz + 5 < n), other=0.0, cache_modifier=".cg")
+        p6 = tl.load(part + (c + 6) * stride, mask=mask & (cz + 6 < n), other=0.0, cache_modifier=".cg")
+        p7 = tl.load(part + (c + 7) * stride, mask=mask & (cz + 7 < n), other=0.0, cache_modifier=".cg")
+        total += p0
+        total += p1
+        total += p2
+        total += p3
+        total += p4
+        total += p5
+        total += p6
+        total += p7
+    return total
+
+
+@triton.jit
 def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       USE_PDL: tl.constexpr, SUM_GROUPED: tl.constexpr = True):
     if USE_PDL:  # see shadow_kernels.pdl
         pdl_sync()
     # Sums the SPLIT partials of every output in a fixed order (deterministic), adds the bias.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SPLIT):
-        acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0)
+    acc = _sum_parts(part_ptr + offs, total, SPLIT, ok, tl.zeros([BLOCK], dtype=tl.float32), SUM_GROUPED)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % M, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
@@ -218,6 +282,18 @@ _SINGLE_V7 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 1, "OCC": 8}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 16}, num_warps=2, num_stages=1),
 ]
+# v8: two tiles ahead (PREFETCH 2), and wide row pieces (512-1024 outputs: 1-2 KB of each selected row read
+# in one piece) with few rows a tile
+_SINGLE_V8 = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 16, "PREFETCH": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 256, "BLOCK_J": 16, "PREFETCH": 2}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 512, "BLOCK_J": 8, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 512, "BLOCK_J": 8, "PREFETCH": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 512, "BLOCK_J": 16, "PREFETCH": 1}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 1024, "BLOCK_J": 4, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 1024, "BLOCK_J": 8, "PREFETCH": 2}, num_warps=8, num_stages=1),
+]
 _SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 32}, num_warps=4, num_stages=3),
@@ -234,6 +310,7 @@ _cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_be
 
 _TICKETS: dict = {}
 _ONEPASS = {"on": True}
+_GROUPED_SUM = {"on": True}  # False: v7's one-load-at-a-time sum of the partials (benchmarks/v8_probe.py)
 
 
 def set_onepass(on: bool) -> bool:
@@ -317,14 +394,14 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         # fp32 activations with 16-bit weights (the sparse-hidden predictor) keep fp32 in the dot
         UPCAST_DOT=INTERPRET or h2d.dtype != weight_t.dtype,
         DOT_IEEE=torch.float32 in (weight_t.dtype, h2d.dtype), BLOCK_B=block_b, PRELOAD=preload,
-        **pdl_kwargs(dev),
+        SUM_GROUPED=_GROUPED_SUM["on"], **pdl_kwargs(dev),
     )
     if mode in (1, 2):
         n_parts = split_of(kernel.best_config.kwargs) if mode == 1 else 1
         block = 1024
         _cols_reduce_kernel[(triton.cdiv(B * M, block),)](
             out, bias if bias is not None else out, y, B * M, M, n_parts,
-            HAS_BIAS=bias is not None, BLOCK=block, **pdl_kwargs(dev),
+            HAS_BIAS=bias is not None, BLOCK=block, SUM_GROUPED=_GROUPED_SUM["on"], **pdl_kwargs(dev),
         )
     return y
 

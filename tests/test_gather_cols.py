@@ -3,7 +3,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shadow_kernels import gather_cols_gemv, gather_cols_gemv_ref
+from shadow_kernels import gather_cols, gather_cols_gemv, gather_cols_gemv_ref
 
 from conftest import DEVICE, DTYPES
 from helpers import assert_close_rel, assert_within_dot_bound, only_configs, randn
@@ -31,6 +31,21 @@ def test_matches_reference(dtype, batch, deterministic, split):
     out = gather_cols_gemv(wt, h, idx, b, deterministic=deterministic, split=split)
     assert out.dtype == dtype
     assert_close_rel(out, ref32(wt, h, idx, b), dtype)
+
+
+@pytest.mark.parametrize("split", [7, 8, 9, 17])
+@pytest.mark.parametrize("count", [None, 13])
+def test_partials_summed_in_groups_of_eight(split, count):
+    # The reduction loads eight chunks' partials at a time; splits around a multiple of eight, and a count
+    # that leaves some chunks empty, must still add every chunk once.
+    gen = torch.Generator().manual_seed(3)
+    wt = randn(70, 40, dtype=torch.float32, gen=gen)
+    idx = torch.randperm(70, generator=gen)[:30].to(device=DEVICE, dtype=torch.int32)
+    h = randn(30, dtype=torch.float32, gen=gen)
+    cnt = None if count is None else torch.tensor([count], dtype=torch.int32, device=DEVICE)
+    out = gather_cols_gemv(wt, h, idx, count=cnt, split=split)
+    hh = h if count is None else torch.where(torch.arange(30, device=DEVICE) < count, h, 0.0)
+    assert_close_rel(out, ref32(wt, hh, idx, None), torch.float32)
 
 
 @pytest.mark.parametrize("batch", [None, 4])
@@ -123,14 +138,16 @@ class TestBadInput:
             gather_cols_gemv(self.wt, self.h, self.idx, count=torch.tensor([-1], dtype=torch.int32, device=DEVICE))
 
 
-@pytest.mark.parametrize("generation", ["v6", "v7"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_both_single_token_loops(generation, dtype):
-    """The batch-1 loop of v6 and the prefetching one of v7 (the interpreter runs one config of the
-    autotuned list; here each generation's first config), with a ragged tail and a device-side count."""
-    from shadow_kernels import gather_cols
+GENERATIONS = [("v6", 0), ("v7", 0)] + [("v8", i) for i in range(len(gather_cols._SINGLE_V8))]
 
-    first = (gather_cols._SINGLE_V6 if generation == "v6" else gather_cols._SINGLE_V7)[0]
+
+@pytest.mark.parametrize("generation,which", GENERATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_single_token_loops(generation, which, dtype):
+    """The batch-1 loop of v6, the prefetching one of v7 and v8's (two tiles ahead, wide pieces; the
+    interpreter runs one config of the autotuned list: v6's and v7's first and every v8 config), with a ragged
+    tail and a device-side count."""
+    first = getattr(gather_cols, f"_SINGLE_{generation.upper()}")[which]
     with only_configs(gather_cols._cols_single, [first]):
         gen = torch.Generator().manual_seed(3)
         wt = randn(300, 150, dtype=dtype, gen=gen)

@@ -204,7 +204,7 @@ def test_fp8_predictor_kernel_matches_its_reference(batch):
 
 @pytest.mark.parametrize("kind", ["rows", "cols"])
 def test_every_single_token_config_matches_the_reference(kind):
-    """Each batch-1 config alone (v6 and the prefetching v7 ones), on a shape with a ragged tail and a
+    """Each batch-1 config alone (v6, the prefetching v7 and v8 ones), on a shape with a ragged tail and a
     device-side count: the autotuner may pick any of them."""
     from shadow_kernels import gather_cols, gather_cols_gemv_ref, gather_rows, gather_rows_gemv_ref
 
@@ -216,7 +216,10 @@ def test_every_single_token_config_matches_the_reference(kind):
     count = torch.tensor([keep - 77], dtype=torch.int32, device=DEVICE)
     x = randn(K if kind == "rows" else keep, dtype=torch.float16, gen=gen)
     bias = randn(N if kind == "rows" else K, dtype=torch.float16, gen=gen)
-    for cfg in list(tuner.configs):
+    mod = gather_rows if kind == "rows" else gather_cols
+    every = mod._SINGLE_V6 + mod._SINGLE_V7 + mod._SINGLE_V8  # the live set and configs kept out of it
+    assert all(c in every for c in tuner.configs)
+    for cfg in every:
         with only_configs(tuner, [cfg]):
             if kind == "rows":
                 got = gather_rows_gemv(w, x, idx, bias, "relu", count=count)

@@ -1,0 +1,143 @@
+"""v8 probe: the GEMV changes of v8 against v7 in one run, and what a vendor GEMV reaches on the same bytes.
+
+For each case of the kernel sweep (bench.kernels.build_case, batch 1, fp16, the sweep's stream timer):
+- ``v7``: v7's config sets, and for gather-cols v7's sum of the split partials (one load at a time);
+- ``v7_grouped``: the same configs with v8's sum (eight partials loaded at once);
+- ``v8``: v8's configs added (two tiles ahead; wide row pieces for gather-cols), v8's sum;
+- ``cublas_dense``: torch on the whole weight;
+- ``cublas_gathered`` / ``own_gathered``: cuBLAS and our dense GEMV on the selected weights copied to one
+  contiguous matrix in the layout a GEMV reads best (rows = outputs): what a GEMV reaches on exactly the
+  bytes the gather must read, without any gather (a bound for the gather at that size, not a variant of it);
+- with ``alone``, every v8 config alone.
+Every variant's first copy is checked against the fp32 reference (``rel_err``). All autotuning is on cold
+data (v7's default). Rows committed in results/kernels/h100-v8-probe.jsonl (notes/kernels.md, v8).
+
+    PYTHONPATH=. python benchmarks/v8_probe.py --out runs/v8-probe.jsonl [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from bench.kernels import Case, _spec, build_case, n_copies, rel_err
+from bench.results import git_commit
+from bench.timing import copy_bandwidth, time_stream
+from models.ops import _gemv_triton
+from shadow_kernels import _common, gather_cols, gather_rows
+
+TUNERS = {"rows": gather_rows._rows_gemv_single, "cols": gather_cols._cols_single}
+MODS = {"rows": gather_rows, "cols": gather_cols}
+
+CASES = [  # (model, op, sparsity, every v8 config alone)
+    ("opt-13b", "out_proj", 0.5, True), ("opt-13b", "fc2", 0.5, True), ("opt-13b", "fc2", 0.7, True),
+    ("opt-13b", "qkv", 0.7, True), ("opt-1.3b", "fc2", 0.0, True),
+    ("opt-13b", "out_proj", 0.7, False), ("opt-13b", "fc1", 0.5, False), ("opt-13b", "fc1", 0.7, False),
+    ("opt-13b", "qkv", 0.5, False), ("opt-30b", "out_proj", 0.5, False), ("opt-30b", "out_proj", 0.7, False),
+    ("opt-30b", "fc2", 0.5, False), ("opt-30b", "fc2", 0.7, False), ("opt-30b", "fc1", 0.5, False),
+    ("opt-30b", "fc1", 0.7, False), ("opt-30b", "qkv", 0.5, False), ("opt-30b", "qkv", 0.7, False),
+    ("opt-1.3b", "out_proj", 0.0, False), ("opt-6.7b", "fc2", 0.0, False), ("opt-6.7b", "out_proj", 0.0, False),
+    ("opt-13b", "fc2", 0.0, False), ("opt-13b", "out_proj", 0.0, False), ("opt-1.3b", "fc1", 0.0, False),
+    ("opt-1.3b", "qkv", 0.0, False),
+]
+
+
+def use(tuner, configs) -> None:
+    tuner.configs = list(configs)
+    tuner.cache.clear()
+
+
+def gathered(built, op):
+    """The selected weights as one contiguous [outputs, inputs] matrix, and the input vector."""
+    a = built.tensors
+    if op in ("fc2", "out_proj"):  # y = h @ wt[idx]: rows of W = columns of wt[idx]
+        return a["weight_t"].index_select(0, a["idx"].long()).T.contiguous(), a["h"]
+    return a["weight"].index_select(0, a["idx"].long()).contiguous(), a["x"]
+
+
+def gemv_case(model, op, sparsity, alone, dev, bw, emit) -> None:
+    spec = _spec(model)
+    case = Case(model, op, sparsity, 1)
+    gen = torch.Generator(device=dev).manual_seed(zlib.crc32(f"{model}/{op}/{sparsity}".encode()))
+    built = build_case(spec, case, torch.float16, dev, gen)
+    copies = [built] + [build_case(spec, case, torch.float16, dev, gen)
+                        for _ in range(n_copies(built.bytes_moved, "stream") - 1)]
+    kind = "cols" if op in ("fc2", "out_proj") else "rows"
+    tuner, mod = TUNERS[kind], MODS[kind]
+    base = {"model": model, "op": op, "sparsity": sparsity, "bytes": built.bytes_moved,
+            "floor_us": built.bytes_moved / (bw * 1e9) * 1e6}
+    ref = built.reference()
+
+    def timed(label, configs, grouped=True):
+        use(tuner, configs)
+        gather_cols._GROUPED_SUM["on"] = grouped
+        try:
+            err = rel_err(built.variants["triton"](), ref)
+            t = time_stream([c.variants["triton"] for c in copies], dev)
+        finally:
+            gather_cols._GROUPED_SUM["on"] = True
+        us = t["median_us"]
+        emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * base["floor_us"] / us, "rel_err": err,
+              "config": str(tuner.best_config)})
+
+    v7 = mod._SINGLE_V7 + mod._SINGLE_V6
+    timed("v7", v7, grouped=False)
+    if kind == "cols":
+        timed("v7_grouped", v7)
+    timed("v8", mod._SINGLE_V8 + v7)
+    if alone:
+        for i, cfg in enumerate(mod._SINGLE_V8):
+            try:
+                timed(f"alone_v8_{i}", [cfg])
+            except Exception as exc:  # a config that does not compile for this shape
+                emit({**base, "variant": f"alone_v8_{i}", "error": repr(exc)[:300]})
+    use(tuner, v7)
+    t = time_stream([c.variants["torch_dense"] for c in copies], dev)
+    emit({**base, "variant": "cublas_dense", "us": t["median_us"]})
+    mats = [gathered(c, op) for c in copies]
+    # the gathered matrix is the same work: with the case's bias (and fc1's ReLU) it gives the reference
+    w0, x0 = mats[0]
+    b = built.tensors["bias"].float()
+    y0 = F.linear(x0.float(), w0.float()) + (b.index_select(0, built.tensors["idx"].long()) if kind == "rows" else b)
+    err = rel_err(y0.relu() if op == "fc1" else y0, ref)
+    for label, fn in (("cublas_gathered", lambda w, x: (lambda: F.linear(x, w))),
+                      ("own_gathered", lambda w, x: (lambda: _gemv_triton(w, x)))):
+        t = time_stream([fn(w, x) for w, x in mats], dev)
+        emit({**base, "variant": label, "us": t["median_us"], "pct_copy_bw": 100 * base["floor_us"] / t["median_us"],
+              "gathered_rel_err": err})
+    del mats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/v8-probe.jsonl")
+    ap.add_argument("--quick", action="store_true", help="the first five cases only")
+    ap.add_argument("--no-alone", action="store_true", help="skip timing every v8 config alone")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    _common.set_autotune_cold(True)
+    bw = copy_bandwidth(dev)["copy_gbps"]
+    head = {"kind": "probe", "probe": "v8", "git_commit": git_commit(), "device": torch.cuda.get_device_name(dev),
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "copy_gbps": bw}
+    with open(args.out, "a") as f:
+        def emit(row):
+            row = {**head, **row, "time": time.strftime("%H:%M:%S")}
+            print(json.dumps(row), flush=True)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+        for model, op, s, alone in CASES[: 5 if args.quick else None]:
+            try:
+                gemv_case(model, op, s, alone and not args.no_alone, dev, bw, emit)
+            except Exception as exc:
+                emit({"model": model, "op": op, "sparsity": s, "error": repr(exc)[:500]})
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
