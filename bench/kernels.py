@@ -238,7 +238,14 @@ def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
             idx = (heads[:, None] * d + torch.arange(d, device=device)[None, :]).reshape(-1)
         h = _vec(_rand((B, idx.numel()), dtype, device, gen).relu(), B)
         h_dense = _vec(_rand((B, n_in), dtype, device, gen).relu(), B)
-        return _cols_case(wt, w_natural, b, h, h_dense, idx, B)
+        built = _cols_case(wt, w_natural, b, h, h_dense, idx, B)
+        if case.op == "out_proj":  # v8: the decoder's out_proj reads whole heads of the natural layout
+            idx32 = idx.to(torch.int32)
+            built.variants["triton_cols"] = built.variants["triton"]
+            built.variants["triton"] = lambda: sk.gather_segments_gemv(w_natural, h, idx32, b, segment=d,
+                                                                       validate=False)
+            built.checked = built.checked + ("triton_cols",)
+        return built
     if case.op == "swiglu":
         return _swiglu_case(spec, case.sparsity, B, dtype, device, gen)
     if case.op in PREDICTOR_OPS:
@@ -249,10 +256,12 @@ def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
 
 
 def _autotuners() -> dict:
-    from shadow_kernels import gather_cols, gather_rows
+    from shadow_kernels import gather_cols, gather_rows, gather_segments
 
     return {"rows_single": gather_rows._rows_gemv_single, "rows_batched": gather_rows._rows_gemv_batched,
-            "cols_single": gather_cols._cols_single, "cols_batched": gather_cols._cols_batched}
+            "cols_single": gather_cols._cols_single, "cols_batched": gather_cols._cols_batched,
+            "segments_single": gather_segments._segments_single,
+            "segments_batched": gather_segments._segments_batched}
 
 
 # The stream timer (bench.timing.time_stream) runs each variant on enough copies of a case's data that
@@ -418,7 +427,7 @@ def summary_table(rows: list[dict]) -> str:
         if r["status"] == "wrong":
             entry.setdefault("wrong", set()).add(var)
     lines = [f"{'model':<10} {'op':<19} {'s':>4} {'B':>2} {'ours us':>9} {'dense us':>9} {'idxsel us':>9} "
-             f"{'atomic us':>9} {'2pass us':>9} {'%copyBW':>8} {'vs dense':>8} {'fp8 us':>8}"]
+             f"{'atomic us':>9} {'2pass us':>9} {'cols us':>8} {'%copyBW':>8} {'vs dense':>8} {'fp8 us':>8}"]
     fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
     for (model, op, s, b), e in by_case.items():
         if "error" in e:
@@ -430,6 +439,7 @@ def summary_table(rows: list[dict]) -> str:
             f"{model:<10} {op:<19} {s:>4} {b:>2} {fmt(e.get(('triton', 'time_us')), '9.1f')} {fmt(dense, '9.1f')} "
             f"{fmt(e.get(('torch_index_select', 'time_us')), '9.1f')} "
             f"{fmt(e.get(('triton_atomic', 'time_us')), '9.1f')} {fmt(e.get(('triton_twopass', 'time_us')), '9.1f')} "
+            f"{fmt(e.get(('triton_cols', 'time_us')), '8.1f')} "
             f"{fmt(e.get(('triton', 'pct_of_copy_bw')), '8.1f')} {fmt(e.get(('triton', 'speedup_vs_dense')), '8.2f')} "
             f"{fmt(e.get(('triton_fp8', 'time_us')), '8.1f')}"
             + (f"  WRONG: {', '.join(sorted(e['wrong']))}" if "wrong" in e else "")

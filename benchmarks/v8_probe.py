@@ -1,16 +1,18 @@
-"""v8 probe: the GEMV changes of v8 against v7 in one run, and what a vendor GEMV reaches on the same bytes.
+"""v8 probe: the GEMV changes of v8 against v7 in one run, and what a GEMV reaches on the same bytes.
 
 For each case of the kernel sweep (bench.kernels.build_case, batch 1, fp16, the sweep's stream timer):
-- ``v7``: v7's config sets, and for gather-cols v7's sum of the split partials (one load at a time);
-- ``v7_grouped``: the same configs with v8's sum (eight partials loaded at once);
-- ``v8``: v8's configs added (two tiles ahead; wide row pieces for gather-cols), v8's sum;
+- ``v7``: gather-cols / gather-rows with v7's configs and v7's sum of the split partials (one load at a time);
+- ``v8_cols``: gather-cols with v8's sum (eight partials loaded at once); the kernel of fc2;
+- ``v8_segments`` (out_proj): gather_segments_gemv over the natural out_proj weight, whole heads of each output
+  row (the decoder's out_proj from v8 on); with ``alone``, every config of it alone too;
 - ``cublas_dense``: torch on the whole weight;
 - ``cublas_gathered`` / ``own_gathered``: cuBLAS and our dense GEMV on the selected weights copied to one
   contiguous matrix in the layout a GEMV reads best (rows = outputs): what a GEMV reaches on exactly the
-  bytes the gather must read, without any gather (a bound for the gather at that size, not a variant of it);
-- with ``alone``, every v8 config alone.
+  bytes the gather must read, without any gather (a bound for the gather at that size, not a variant of it).
 Every variant's first copy is checked against the fp32 reference (``rel_err``). All autotuning is on cold
-data (v7's default). Rows committed in results/kernels/h100-v8-probe.jsonl (notes/kernels.md, v8).
+data (v7's default). Rows committed in results/kernels/h100-v8-probe.jsonl (notes/kernels.md, v8). The first
+run (commit ac69855) also timed configs that read two tiles ahead and gather-cols with 512-1024-wide row
+pieces, each alone: slower everywhere, removed after it.
 
     PYTHONPATH=. python benchmarks/v8_probe.py --out runs/v8-probe.jsonl [--quick]
 """
@@ -29,21 +31,21 @@ from bench.kernels import Case, _spec, build_case, n_copies, rel_err
 from bench.results import git_commit
 from bench.timing import copy_bandwidth, time_stream
 from models.ops import _gemv_triton
-from shadow_kernels import _common, gather_cols, gather_rows
+from shadow_kernels import _common, gather_cols, gather_rows, gather_segments
 
-TUNERS = {"rows": gather_rows._rows_gemv_single, "cols": gather_cols._cols_single}
-MODS = {"rows": gather_rows, "cols": gather_cols}
+TUNERS = {"rows": gather_rows._rows_gemv_single, "cols": gather_cols._cols_single,
+          "segments": gather_segments._segments_single}
+V7 = {"rows": gather_rows._SINGLE_V7 + gather_rows._SINGLE_V6, "cols": gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6}
 
-CASES = [  # (model, op, sparsity, every v8 config alone)
-    ("opt-13b", "out_proj", 0.5, True), ("opt-13b", "fc2", 0.5, True), ("opt-13b", "fc2", 0.7, True),
-    ("opt-13b", "qkv", 0.7, True), ("opt-1.3b", "fc2", 0.0, True),
-    ("opt-13b", "out_proj", 0.7, False), ("opt-13b", "fc1", 0.5, False), ("opt-13b", "fc1", 0.7, False),
-    ("opt-13b", "qkv", 0.5, False), ("opt-30b", "out_proj", 0.5, False), ("opt-30b", "out_proj", 0.7, False),
-    ("opt-30b", "fc2", 0.5, False), ("opt-30b", "fc2", 0.7, False), ("opt-30b", "fc1", 0.5, False),
+CASES = [  # (model, op, sparsity, every segments config alone)
+    ("opt-13b", "out_proj", 0.5, True), ("opt-30b", "out_proj", 0.5, True), ("opt-1.3b", "out_proj", 0.0, True),
+    ("opt-13b", "out_proj", 0.7, False), ("opt-30b", "out_proj", 0.7, False), ("opt-6.7b", "out_proj", 0.0, False),
+    ("opt-13b", "out_proj", 0.0, False), ("opt-6.7b", "out_proj", 0.5, False), ("opt-1.3b", "out_proj", 0.5, False),
+    ("opt-13b", "fc2", 0.5, False), ("opt-13b", "fc2", 0.7, False), ("opt-30b", "fc2", 0.5, False),
+    ("opt-30b", "fc2", 0.7, False), ("opt-1.3b", "fc2", 0.0, False), ("opt-6.7b", "fc2", 0.0, False),
+    ("opt-13b", "fc2", 0.0, False), ("opt-13b", "fc1", 0.5, False), ("opt-13b", "fc1", 0.7, False),
+    ("opt-13b", "qkv", 0.5, False), ("opt-13b", "qkv", 0.7, False), ("opt-30b", "fc1", 0.5, False),
     ("opt-30b", "fc1", 0.7, False), ("opt-30b", "qkv", 0.5, False), ("opt-30b", "qkv", 0.7, False),
-    ("opt-1.3b", "out_proj", 0.0, False), ("opt-6.7b", "fc2", 0.0, False), ("opt-6.7b", "out_proj", 0.0, False),
-    ("opt-13b", "fc2", 0.0, False), ("opt-13b", "out_proj", 0.0, False), ("opt-1.3b", "fc1", 0.0, False),
-    ("opt-1.3b", "qkv", 0.0, False),
 ]
 
 
@@ -68,35 +70,35 @@ def gemv_case(model, op, sparsity, alone, dev, bw, emit) -> None:
     copies = [built] + [build_case(spec, case, torch.float16, dev, gen)
                         for _ in range(n_copies(built.bytes_moved, "stream") - 1)]
     kind = "cols" if op in ("fc2", "out_proj") else "rows"
-    tuner, mod = TUNERS[kind], MODS[kind]
     base = {"model": model, "op": op, "sparsity": sparsity, "bytes": built.bytes_moved,
             "floor_us": built.bytes_moved / (bw * 1e9) * 1e6}
     ref = built.reference()
 
-    def timed(label, configs, grouped=True):
+    def timed(label, variant, tuner, configs, grouped=True):
         use(tuner, configs)
         gather_cols._GROUPED_SUM["on"] = grouped
         try:
-            err = rel_err(built.variants["triton"](), ref)
-            t = time_stream([c.variants["triton"] for c in copies], dev)
+            err = rel_err(built.variants[variant](), ref)
+            t = time_stream([c.variants[variant] for c in copies], dev)
         finally:
             gather_cols._GROUPED_SUM["on"] = True
         us = t["median_us"]
         emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * base["floor_us"] / us, "rel_err": err,
               "config": str(tuner.best_config)})
 
-    v7 = mod._SINGLE_V7 + mod._SINGLE_V6
-    timed("v7", v7, grouped=False)
+    own = "triton_cols" if op == "out_proj" else "triton"
+    timed("v7", own, TUNERS[kind], V7[kind], grouped=False)
     if kind == "cols":
-        timed("v7_grouped", v7)
-    timed("v8", mod._SINGLE_V8 + v7)
-    if alone:
-        for i, cfg in enumerate(mod._SINGLE_V8):
-            try:
-                timed(f"alone_v8_{i}", [cfg])
-            except Exception as exc:  # a config that does not compile for this shape
-                emit({**base, "variant": f"alone_v8_{i}", "error": repr(exc)[:300]})
-    use(tuner, v7)
+        timed("v8_cols", own, TUNERS[kind], V7[kind])
+    if op == "out_proj":
+        seg = TUNERS["segments"]
+        every = list(gather_segments._SINGLE_CONFIGS)
+        timed("v8_segments", "triton", seg, every)
+        if alone:
+            for i, cfg in enumerate(every):
+                timed(f"alone_segments_{i}", "triton", seg, [cfg])
+        use(seg, every)
+    use(TUNERS[kind], V7[kind])
     t = time_stream([c.variants["torch_dense"] for c in copies], dev)
     emit({**base, "variant": "cublas_dense", "us": t["median_us"]})
     mats = [gathered(c, op) for c in copies]
@@ -116,8 +118,8 @@ def gemv_case(model, op, sparsity, alone, dev, bw, emit) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/v8-probe.jsonl")
-    ap.add_argument("--quick", action="store_true", help="the first five cases only")
-    ap.add_argument("--no-alone", action="store_true", help="skip timing every v8 config alone")
+    ap.add_argument("--quick", action="store_true", help="the out_proj cases only")
+    ap.add_argument("--no-alone", action="store_true", help="skip timing every segments config alone")
     args = ap.parse_args()
     dev = torch.device("cuda")
     _common.set_autotune_cold(True)
@@ -131,7 +133,7 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
-        for model, op, s, alone in CASES[: 5 if args.quick else None]:
+        for model, op, s, alone in CASES[: 9 if args.quick else None]:
             try:
                 gemv_case(model, op, s, alone and not args.no_alone, dev, bw, emit)
             except Exception as exc:

@@ -14,8 +14,9 @@ Weight layout, chosen for the sparse kernels to come:
 
 - ``qkv_w`` [KVH * (G + 2) * D, E], group-major: for key-value group g, the query rows of its G heads,
   then its key rows, then its value rows; a dense projection yields [B, KVH, G + 2, D].
-- ``o_wt`` = o_proj.weight transposed and ``down_wt`` = down_proj.weight transposed (rows = inputs);
-  ``gate_w`` and ``up_w`` [F, E] as in the checkpoint.
+- ``o_w`` = o_proj.weight as in the checkpoint [E, H * D] (a head's weights are one contiguous piece of each
+  row, read by :func:`shadow_kernels.gather_segments_gemv`), ``down_wt`` = down_proj.weight transposed (rows =
+  inputs); ``gate_w`` and ``up_w`` [F, E] as in the checkpoint.
 Keys are cached after the rotary embedding.
 """
 
@@ -45,7 +46,7 @@ class LlamaLayer(nn.Module):
         p = param_factory(dtype, device)
         self.ln1_w = p(E)
         self.qkv_w = p(cfg.n_kv_heads * (G + 2) * D, E)
-        self.o_wt = p(cfg.n_heads * D, E)
+        self.o_w = p(E, cfg.n_heads * D)
         self.ln2_w = p(E)
         self.gate_w, self.up_w = p(Fd, E), p(Fd, E)
         self.down_wt = p(Fd, E)
@@ -97,7 +98,7 @@ class LlamaDecoder(DecoderBase):
             k = take(f"{a}self_attn.k_proj.weight", (KVH * D, E)).reshape(KVH, D, E)
             v = take(f"{a}self_attn.v_proj.weight", (KVH * D, E)).reshape(KVH, D, E)
             put(layer.qkv_w, torch.cat([q, k, v], dim=1).reshape(-1, E))
-            put(layer.o_wt, take(f"{a}self_attn.o_proj.weight", (E, H * D)).T)
+            put(layer.o_w, take(f"{a}self_attn.o_proj.weight", (E, H * D)))
             put(layer.ln1_w, take(f"{a}input_layernorm.weight", (E,)))
             put(layer.ln2_w, take(f"{a}post_attention_layernorm.weight", (E,)))
             put(layer.gate_w, take(f"{a}mlp.gate_proj.weight", (cfg.ffn, E)))
@@ -115,7 +116,7 @@ class LlamaDecoder(DecoderBase):
             sd[f"{a}self_attn.q_proj.weight"] = w[:, :G].reshape(-1, E)
             sd[f"{a}self_attn.k_proj.weight"] = w[:, G].reshape(-1, E)
             sd[f"{a}self_attn.v_proj.weight"] = w[:, G + 1].reshape(-1, E)
-            sd[f"{a}self_attn.o_proj.weight"] = layer.o_wt.detach().T
+            sd[f"{a}self_attn.o_proj.weight"] = layer.o_w
             sd[f"{a}input_layernorm.weight"] = layer.ln1_w
             sd[f"{a}post_attention_layernorm.weight"] = layer.ln2_w
             sd[f"{a}mlp.gate_proj.weight"] = layer.gate_w
@@ -190,7 +191,7 @@ class LlamaDecoder(DecoderBase):
                     cache.valid[i, :, :, :P] = 1
                 kv_live = hooks["kv_live"](i) if "kv_live" in hooks else None
                 heads = hook("heads", i, attend(q, k, v, kv_live, self.scale))
-                o = torch.matmul(heads.transpose(1, 2).reshape(B, P, -1), layer.o_wt)
+                o = F.linear(heads.transpose(1, 2).reshape(B, P, -1), layer.o_w)
                 if mode is not None:
                     mode.observe(i, "attn_out", o[:, -1])
                 hook("attn_out", i, o)
@@ -224,13 +225,13 @@ class LlamaDecoder(DecoderBase):
                     heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
                                               self.rope_sin, self.scale, self._dense_q_unit, self._dense_kv_unit,
                                               plan.head_slot)
-                    o = torch.matmul(heads, layer.o_wt)
+                    o = F.linear(heads, layer.o_w)
                 else:
                     qkv = ops.gather_rows(layer.qkv_w, a, plan.qkv_rows, count=plan.qkv_count, validate=False)
                     heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
                                               self.rope_sin, self.scale, plan.q_unit, plan.kv_unit, plan.head_slot)
-                    o = ops.gather_cols(layer.o_wt, heads[:, : plan.out_rows.shape[0]], plan.out_rows,
-                                        count=plan.out_count, validate=False)
+                    o = ops.gather_segments(layer.o_w, heads[:, : plan.out_rows.shape[0]], plan.out_rows,
+                                            count=plan.out_count, segment=self.cfg.head_dim, validate=False)
             if predict:
                 mode.observe(i, "attn_out", o)
             x, a = ops.add_rms(x, o, layer.ln2_w, eps)

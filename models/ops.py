@@ -38,6 +38,7 @@ class Ops:
     gqa_attention: Callable
     swiglu: Callable
     gemv: Callable | None = None  # dense ``act(x @ w.T + b)``: the decoders' dense path with dense_gemv="triton"
+    gather_segments: Callable | None = None  # out_proj over the selected heads (v8)
 
 
 def _gemv_triton(weight, x, bias=None, relu=False):
@@ -61,11 +62,12 @@ def _gemv_torch(weight, x, bias=None, relu=False):
 TRITON = Ops("triton", partial(sk.gather_rows_gemv, preload=True), partial(sk.gather_cols_gemv, preload=True),
              decode_attention, sk.fused_predictor,
              sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor,
-             add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv, _gemv_triton)
+             add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv, _gemv_triton,
+             partial(sk.gather_segments_gemv, preload=True))
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
             sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref,
             sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref, sk.gather_swiglu_gemv_ref,
-            _gemv_torch)
+            _gemv_torch, sk.gather_segments_gemv_ref)
 
 
 def get_ops(backend: str | Ops | None, device: torch.device) -> Ops:

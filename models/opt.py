@@ -4,8 +4,10 @@ Weights are stored the way the sparse kernels read them:
 
 - ``qkv_w`` [3E, E] head-major: the rows of head h are ``q_h | k_h | v_h`` (3 * head_dim rows), so the
   Q/K/V rows of a set of heads are one gather and a dense projection yields the same slot layout;
-- ``out_wt`` = out_proj.weight transposed [E_in, E_out] and ``fc2_wt`` = fc2.weight transposed
-  [F, E], so a selected input feature or neuron is one contiguous row;
+- ``out_w`` = out_proj.weight as in the checkpoint [E_out, E_in]: a head's inputs are head_dim
+  consecutive columns, so each output row holds a selected head's weights as one contiguous piece
+  (:func:`shadow_kernels.gather_segments_gemv`; v8, until then out_proj was stored transposed);
+- ``fc2_wt`` = fc2.weight transposed [F, E], so a selected neuron is one contiguous row;
 - ``fc1_w`` [F, E] as in the checkpoint.
 
 Prefill is dense (it is compute-bound; every head's keys and values enter the cache). The decode
@@ -38,11 +40,11 @@ class OPTLayer(nn.Module):
         p = param_factory(dtype, device)
         self.ln1_w, self.ln1_b = p(E), p(E)
         self.qkv_w, self.qkv_b = p(3 * E, E), p(3 * E)
-        self.out_wt, self.out_b = p(E, E), p(E)
+        self.out_w, self.out_b = p(E, E), p(E)
         self.ln2_w, self.ln2_b = p(E), p(E)
         self.fc1_w, self.fc1_b = p(Fd, E), p(Fd)
         self.fc2_wt, self.fc2_b = p(Fd, E), p(E)
-        self.out_w = self.fc2_w = None  # natural-layout copies for OPTDecoder.set_dense_gemv("triton")
+        self.fc2_w = None  # a natural-layout copy for OPTDecoder.set_dense_gemv("triton")
 
 
 class OPTDecoder(DecoderBase):
@@ -92,7 +94,7 @@ class OPTDecoder(DecoderBase):
             b = [take(f"{a}self_attn.{n}_proj.bias", (E,)) for n in "qkv"]
             put(layer.qkv_w, torch.stack([t.reshape(H, D, E) for t in w], dim=1).reshape(3 * E, E))
             put(layer.qkv_b, torch.stack([t.reshape(H, D) for t in b], dim=1).reshape(3 * E))
-            put(layer.out_wt, take(f"{a}self_attn.out_proj.weight", (E, E)).T)
+            put(layer.out_w, take(f"{a}self_attn.out_proj.weight", (E, E)))
             put(layer.out_b, take(f"{a}self_attn.out_proj.bias", (E,)))
             put(layer.ln1_w, take(f"{a}self_attn_layer_norm.weight", (E,)))
             put(layer.ln1_b, take(f"{a}self_attn_layer_norm.bias", (E,)))
@@ -123,7 +125,7 @@ class OPTDecoder(DecoderBase):
             for j, n in enumerate("qkv"):
                 sd[f"{a}self_attn.{n}_proj.weight"] = w[:, j].reshape(E, E)
                 sd[f"{a}self_attn.{n}_proj.bias"] = b[:, j].reshape(E)
-            sd[f"{a}self_attn.out_proj.weight"] = layer.out_wt.detach().T
+            sd[f"{a}self_attn.out_proj.weight"] = layer.out_w
             sd[f"{a}self_attn.out_proj.bias"] = layer.out_b
             sd[f"{a}self_attn_layer_norm.weight"] = layer.ln1_w
             sd[f"{a}self_attn_layer_norm.bias"] = layer.ln1_b
@@ -167,20 +169,16 @@ class OPTDecoder(DecoderBase):
     dense_gemv = "cublas"
 
     def set_dense_gemv(self, engine: str) -> None:
-        """What a decode step runs a dense layer's four projections with: ``cublas`` (default; out_proj and
-        fc2 as ``h @ W.T`` on the transposed weights) or ``triton`` (the gather-rows kernel over every row,
-        launched with programmatic dependent launch like the rest of the step). ``triton`` keeps copies of
-        out_proj and fc2 in their natural layout, so each is read as whole rows: E * E + E * F more weights
-        per layer in memory (a dense step reads either layout, never both). The copies are taken when this is
-        called: call it after loading weights."""
+        """What a decode step runs a dense layer's four projections with: ``cublas`` (default; fc2 as
+        ``h @ W.T`` on the transposed weight) or ``triton`` (the gather-rows kernel over every row, launched
+        with programmatic dependent launch like the rest of the step). ``triton`` keeps a copy of fc2 in its
+        natural layout, so it is read as whole rows: E * F more weights per layer in memory (a dense step
+        reads either layout, never both). The copy is taken when this is called: call it after loading
+        weights."""
         if engine not in self.DENSE_GEMVS:
             raise ValueError(f"dense_gemv must be one of {self.DENSE_GEMVS}, got {engine!r}")
         for layer in self.layers:
-            if engine == "triton":
-                layer.out_w = layer.out_wt.detach().T.contiguous()
-                layer.fc2_w = layer.fc2_wt.detach().T.contiguous()
-            else:
-                layer.out_w = layer.fc2_w = None
+            layer.fc2_w = layer.fc2_wt.detach().T.contiguous() if engine == "triton" else None
         self.dense_gemv = engine
 
     # ---------------------------------------------------------------- running
@@ -229,7 +227,7 @@ class OPTDecoder(DecoderBase):
                     cache.valid[i, :, :, :P] = 1
                 kv_live = hooks["kv_live"](i) if "kv_live" in hooks else None
                 heads = hook("heads", i, attend(q, k, v, kv_live, 1.0))  # [B, H, P, D]
-                o = torch.matmul(heads.transpose(1, 2).reshape(B, P, H * D), layer.out_wt) + layer.out_b
+                o = F.linear(heads.transpose(1, 2).reshape(B, P, H * D), layer.out_w, layer.out_b)
                 if mode is not None:
                     mode.observe(i, "attn_out", o[:, -1])
                 hook("attn_out", i, o)
@@ -277,11 +275,10 @@ class OPTDecoder(DecoderBase):
                                           validate=False)
                 heads = ops.attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, plan.head_slot, self.scale)
                 if plan.out_rows is None:
-                    o = (ops.gemv(layer.out_w, heads, layer.out_b) if own
-                         else torch.addmm(layer.out_b, heads, layer.out_wt))
+                    o = ops.gemv(layer.out_w, heads, layer.out_b) if own else F.linear(heads, layer.out_w, layer.out_b)
                 else:
-                    o = ops.gather_cols(layer.out_wt, heads, plan.out_rows, layer.out_b, count=plan.out_count,
-                                        validate=False)
+                    o = ops.gather_segments(layer.out_w, heads, plan.out_rows, layer.out_b, count=plan.out_count,
+                                            segment=cfg.head_dim, validate=False)
             if predict:
                 mode.observe(i, "attn_out", o)
             if cfg.pre_norm:

@@ -26,6 +26,7 @@ from .gather_rows import (  # noqa: E402
     gather_swiglu_gemv,
     gather_swiglu_gemv_ref,
 )
+from .gather_segments import gather_segments_gemv, gather_segments_gemv_ref  # noqa: E402
 from .pdl import pdl_enabled, set_pdl  # noqa: E402
 from .topk import (  # noqa: E402
     POLICIES,
@@ -46,6 +47,8 @@ __all__ = [
     "gather_cols_gemv_ref",
     "gather_rows_gemv",
     "gather_rows_gemv_ref",
+    "gather_segments_gemv",
+    "gather_segments_gemv_ref",
     "gather_swiglu_gemv",
     "gather_swiglu_gemv_ref",
     "mask_to_indices",

@@ -72,41 +72,7 @@ def _cols_partial_kernel(
     # The row numbers of the next block are loaded one iteration ahead, so the weight loads never
     # wait on an index load (two dependent memory latencies per iteration halved the bandwidth).
     src = tl.load(idx_ptr + j_start + offs_j, mask=j_start + offs_j < j_end, other=0).to(tl.int64)
-    if BLOCK_B == 1 and PREFETCH == 2:
-        # v8: two tiles ahead (three in flight): a program of a small case waits for a DRAM round trip per
-        # tile; with one tile ahead each wait still covered only two tiles' bytes.
-        acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
-        h_row = h_ptr + pid_b * stride_hb
-        j0v = j_start + offs_j
-        j0_ok = j0v < j_end
-        w0 = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j0_ok[:, None] & m_ok[None, :],
-                     other=0.0)
-        j1v = j0v + BLOCK_J
-        j1_ok = j1v < j_end
-        src = tl.load(idx_ptr + j1v, mask=j1_ok, other=0).to(tl.int64)
-        w1 = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j1_ok[:, None] & m_ok[None, :],
-                     other=0.0)
-        nxt = j1v + BLOCK_J
-        src = tl.load(idx_ptr + nxt, mask=nxt < j_end, other=0).to(tl.int64)
-        if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
-            pdl_sync()
-        hv0 = tl.load(h_row + j0v, mask=j0_ok, other=0.0)
-        hv1 = tl.load(h_row + j1v, mask=j1_ok, other=0.0)
-        for j0 in range(j_start, j_end, BLOCK_J):
-            jn = j0 + 2 * BLOCK_J + offs_j
-            jn_ok = jn < j_end
-            w2 = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :],
-                         mask=jn_ok[:, None] & m_ok[None, :], other=0.0)
-            hv2 = tl.load(h_row + jn, mask=jn_ok, other=0.0)
-            nn = jn + BLOCK_J
-            src = tl.load(idx_ptr + nn, mask=nn < j_end, other=0).to(tl.int64)
-            acc += w0.to(tl.float32) * hv0.to(tl.float32)[:, None]
-            w0 = w1
-            hv0 = hv1
-            w1 = w2
-            hv1 = hv2
-        out = tl.sum(acc, axis=0)[None, :]
-    elif BLOCK_B == 1 and PREFETCH:
+    if BLOCK_B == 1 and PREFETCH:
         # v7: the weight tile of the next iteration is loaded before this one's products are summed, so
         # two tiles are in flight while the program waits (Triton pipelines only loads that feed tl.dot;
         # here a loop iteration otherwise waits for all its loads with nothing else outstanding).
@@ -281,18 +247,6 @@ _SINGLE_V7 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 8}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 1, "OCC": 8}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 16}, num_warps=2, num_stages=1),
-]
-# v8: two tiles ahead (PREFETCH 2), and wide row pieces (512-1024 outputs: 1-2 KB of each selected row read
-# in one piece) with few rows a tile
-_SINGLE_V8 = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_J": 16, "PREFETCH": 2}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 2}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 256, "BLOCK_J": 16, "PREFETCH": 2}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_M": 512, "BLOCK_J": 8, "PREFETCH": 1}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 512, "BLOCK_J": 8, "PREFETCH": 2}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 512, "BLOCK_J": 16, "PREFETCH": 1}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_M": 1024, "BLOCK_J": 4, "PREFETCH": 1}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 1024, "BLOCK_J": 8, "PREFETCH": 2}, num_warps=8, num_stages=1),
 ]
 _SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
 _BATCHED_CONFIGS = configs_for_platform([

@@ -68,31 +68,7 @@ def _rows_gemv_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
 
-    if BLOCK_B == 1 and PREFETCH == 2 and not GATED:
-        # v8: two pieces ahead (three in flight), for cases whose programs stream few pieces each.
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        x_row = x_ptr + pid_b * stride_xb
-        k0_ok = offs_k < k_end
-        k1 = offs_k + BLOCK_K
-        k1_ok = k1 < k_end
-        w0 = tl.load(w_rows + offs_k[None, :], mask=live[:, None] & k0_ok[None, :], other=0.0)
-        w1 = tl.load(w_rows + k1[None, :], mask=live[:, None] & k1_ok[None, :], other=0.0)
-        if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
-            pdl_sync()
-        x0 = tl.load(x_row + offs_k, mask=k0_ok, other=0.0)
-        x1 = tl.load(x_row + k1, mask=k1_ok, other=0.0)
-        for k0 in range(0, k_end, BLOCK_K):
-            kn = k0 + 2 * BLOCK_K + offs_k
-            kn_ok = kn < k_end
-            w2 = tl.load(w_rows + kn[None, :], mask=live[:, None] & kn_ok[None, :], other=0.0)
-            x2 = tl.load(x_row + kn, mask=kn_ok, other=0.0)
-            acc += w0.to(tl.float32) * x0.to(tl.float32)[None, :]
-            w0 = w1
-            x0 = x1
-            w1 = w2
-            x1 = x2
-        out = tl.sum(acc, axis=1)[None, :]
-    elif BLOCK_B == 1 and PREFETCH and not GATED:
+    if BLOCK_B == 1 and PREFETCH and not GATED:
         # v7: the next piece of the rows is loaded before this piece's products are summed, so two
         # pieces are in flight while the program waits (Triton pipelines only loads that feed tl.dot).
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -213,14 +189,6 @@ _SINGLE_V7 = [
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 256, "PREFETCH": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512, "PREFETCH": 1}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024, "PREFETCH": 1}, num_warps=8, num_stages=1),
-]
-# v8: two pieces ahead (PREFETCH 2)
-_SINGLE_V8 = [
-    triton.Config({"BLOCK_N": 4, "BLOCK_K": 512, "PREFETCH": 2}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 8, "BLOCK_K": 256, "PREFETCH": 2}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024, "PREFETCH": 2}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024, "PREFETCH": 2}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_N": 8, "BLOCK_K": 512, "PREFETCH": 2}, num_warps=8, num_stages=1),
 ]
 _SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
 _BATCHED_CONFIGS = configs_for_platform([

@@ -204,7 +204,7 @@ def test_fp8_predictor_kernel_matches_its_reference(batch):
 
 @pytest.mark.parametrize("kind", ["rows", "cols"])
 def test_every_single_token_config_matches_the_reference(kind):
-    """Each batch-1 config alone (v6, the prefetching v7 and v8 ones), on a shape with a ragged tail and a
+    """Each batch-1 config alone (v6 and the prefetching v7 ones), on a shape with a ragged tail and a
     device-side count: the autotuner may pick any of them."""
     from shadow_kernels import gather_cols, gather_cols_gemv_ref, gather_rows, gather_rows_gemv_ref
 
@@ -216,10 +216,7 @@ def test_every_single_token_config_matches_the_reference(kind):
     count = torch.tensor([keep - 77], dtype=torch.int32, device=DEVICE)
     x = randn(K if kind == "rows" else keep, dtype=torch.float16, gen=gen)
     bias = randn(N if kind == "rows" else K, dtype=torch.float16, gen=gen)
-    mod = gather_rows if kind == "rows" else gather_cols
-    every = mod._SINGLE_V6 + mod._SINGLE_V7 + mod._SINGLE_V8  # the live set and configs kept out of it
-    assert all(c in every for c in tuner.configs)
-    for cfg in every:
+    for cfg in list(tuner.configs):
         with only_configs(tuner, [cfg]):
             if kind == "rows":
                 got = gather_rows_gemv(w, x, idx, bias, "relu", count=count)
@@ -228,6 +225,28 @@ def test_every_single_token_config_matches_the_reference(kind):
                 got = gather_cols_gemv(w, x, idx, bias, count=count)
                 ref = gather_cols_gemv_ref(w, x, idx, bias, count=count)
             assert_close_rel(got, ref, torch.float16)
+
+
+@pytest.mark.parametrize("batch,D", [(1, 128), (1, 80), (8, 128)])
+def test_every_segments_config_matches_the_reference(batch, D):
+    """gather_segments_gemv (out_proj over the selected heads) with each config alone, on OPT-13B's head size
+    and OPT-2.7B's (80, not a power of two), with a device-side count."""
+    from shadow_kernels import gather_segments, gather_segments_gemv, gather_segments_gemv_ref
+
+    tuner = gather_segments._segments_single if batch == 1 else gather_segments._segments_batched
+    every = gather_segments._SINGLE_CONFIGS if batch == 1 else gather_segments._BATCHED_CONFIGS
+    gen = torch.Generator().manual_seed(6)
+    N, H = 3001, 40
+    w = randn(N, H * D, dtype=torch.float16, gen=gen, scale=(H * D) ** -0.5)
+    heads = torch.randperm(H, generator=gen)[:23]
+    idx = (heads[:, None] * D + torch.arange(D)).reshape(-1).to(DEVICE, torch.int32)
+    count = torch.tensor([20 * D], dtype=torch.int32, device=DEVICE)
+    x = randn(*(() if batch == 1 else (batch,)), idx.numel(), dtype=torch.float16, gen=gen)
+    b = randn(N, dtype=torch.float16, gen=gen)
+    for cfg in every:
+        with only_configs(tuner, [cfg]):
+            got = gather_segments_gemv(w, x, idx, b, count, segment=D)
+            assert_close_rel(got, gather_segments_gemv_ref(w, x, idx, b, count, segment=D), torch.float16)
 
 
 @pytest.mark.parametrize("L,n", [(39, 20480), (39, 40), (1, 8192)])

@@ -136,7 +136,7 @@ def masked_reference(model, tokens, P, head_masks, neuron_masks):
                     Vv = torch.stack([vals[i][g][s] for s in live], 1)
                     p = torch.softmax(torch.einsum("bd,bsd->bs", q[:, h] * model.scale, K), -1)
                     heads[:, h] = torch.einsum("bs,bsd->bd", p, Vv)
-            x = x + heads.reshape(B, H * D) @ layer.o_wt
+            x = x + heads.reshape(B, H * D) @ layer.o_w.T
             a = model._rms(x, layer.ln2_w)
             f = torch.nn.functional.silu(a @ layer.gate_w.T) * (a @ layer.up_w.T) * nm
             x = x + f @ layer.down_wt

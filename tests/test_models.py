@@ -172,7 +172,7 @@ def masked_reference(model, tokens, P, head_masks, neuron_masks):
                 Vv = torch.stack([vals[i][h][s] for s in live], 1)
                 p = torch.softmax(torch.einsum("bd,bsd->bs", qkv[:, h, 0] * model.scale, K), -1)
                 heads[:, h] = torch.einsum("bs,bsd->bd", p, Vv)
-            x = res + heads.reshape(B, H * D) @ layer.out_wt + layer.out_b
+            x = res + heads.reshape(B, H * D) @ layer.out_w.T + layer.out_b
             if not cfg.pre_norm:
                 x = model._ln(x, layer.ln1_w, layer.ln1_b)
             res = x

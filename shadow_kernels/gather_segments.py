@@ -1,0 +1,241 @@
+"""Gather-segments GEMV: ``y = x @ weight[:, idx].T + bias`` where ``idx`` is made of whole segments.
+
+The output projection of attention over the selected heads. ``weight`` stays in its natural layout
+([N outputs, K inputs], as in the checkpoint); the inputs of one head are ``segment`` (= head_dim)
+consecutive columns, so each output row holds a head's weights as one contiguous piece of
+``segment`` elements. A program owns whole output rows and walks the selected heads, reading every
+head's piece of each of its rows: complete dot products, no split of the reduction and nothing to add
+up afterwards.
+
+v8 (notes/kernels.md): the same op as :func:`shadow_kernels.gather_cols_gemv` on the transposed weight,
+which splits the selected inputs over programs (split-K) and then sums partials: at out_proj's sizes
+(13-26 MB on OPT-13B) that kernel spent half its time on the split's start and finish (47% of the copy
+bandwidth on OPT-13B at s=0.5), while a whole-row GEMV over the same bytes made contiguous reached 82%.
+
+Index format (the decoder's ``out_rows`` plans, see models.plan): ``idx`` holds the selected columns,
+head by head: ``idx[s * segment + d] = idx[s * segment] + d`` with ``idx[s * segment]`` a multiple of
+``segment``. The kernel reads only the first column of each segment. ``count`` (device-side, a multiple
+of ``segment``) says how many entries are live, as for the other GEMVs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRET,
+    autotune_bench,
+    check_count,
+    check_flag,
+    check_float,
+    check_indices,
+    configs_for_platform,
+    is_capturing,
+    next_pow2,
+)
+from .pdl import pdl_kwargs, pdl_sync
+
+
+@triton.jit
+def _segments_kernel(
+    w_ptr, x_ptr, idx_ptr, count_ptr, bias_ptr, y_ptr,
+    B, N, n_idx,
+    stride_wn, stride_xb, stride_yb,
+    SEGS_BUCKET,  # only an autotune key: the power of two above the number of segments
+    SEG: tl.constexpr, SEG_P2: tl.constexpr, SEG_ALIGN: tl.constexpr,
+    HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr, PRELOAD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr, PREFETCH: tl.constexpr = 1,
+):
+    # A program owns BLOCK_N output rows for BLOCK_B batch rows and walks the live segments, HB at a time
+    # (batch 1: a [BLOCK_N, HB, SEG] tile of weights; a batch: one segment a step, a tensor-core dot).
+    if USE_PDL and not PRELOAD:  # see shadow_kernels.pdl
+        pdl_sync()
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = rows < N
+    limit = n_idx
+    if HAS_COUNT:
+        limit = tl.minimum(tl.load(count_ptr), n_idx)
+    n_seg = limit // SEG
+    d = tl.arange(0, SEG_P2)
+    d_ok = d < SEG
+    w_rows = w_ptr + rows.to(tl.int64) * stride_wn
+
+    if BLOCK_B == 1:
+        x_row = x_ptr + pid_b * stride_xb
+        offs_s = tl.arange(0, HB)
+        s_ok = offs_s < n_seg
+        base = tl.multiple_of(tl.load(idx_ptr + offs_s * SEG, mask=s_ok, other=0), SEG_ALIGN)
+        ok3 = r_ok[:, None, None] & s_ok[None, :, None]
+        if SEG != SEG_P2:
+            ok3 = ok3 & d_ok[None, None, :]
+        w = tl.load(w_rows[:, None, None] + (base[:, None] + d[None, :])[None, :, :], mask=ok3, other=0.0)
+        nxt = offs_s + HB
+        base = tl.multiple_of(tl.load(idx_ptr + nxt * SEG, mask=nxt < n_seg, other=0), SEG_ALIGN)
+        if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait
+            pdl_sync()
+        x = tl.load(x_row + offs_s[:, None] * SEG + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_N, HB, SEG_P2], dtype=tl.float32)
+        for s0 in range(0, n_seg, HB):
+            # v7's prefetch: the next tile is loaded before this one's products are summed
+            sn = s0 + HB + offs_s
+            sn_ok = sn < n_seg
+            okn = r_ok[:, None, None] & sn_ok[None, :, None]
+            if SEG != SEG_P2:
+                okn = okn & d_ok[None, None, :]
+            w_next = tl.load(w_rows[:, None, None] + (base[:, None] + d[None, :])[None, :, :], mask=okn, other=0.0)
+            x_next = tl.load(x_row + sn[:, None] * SEG + d[None, :], mask=sn_ok[:, None] & d_ok[None, :], other=0.0)
+            nn = sn + HB
+            base = tl.multiple_of(tl.load(idx_ptr + nn * SEG, mask=nn < n_seg, other=0), SEG_ALIGN)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :, :]
+            w = w_next
+            x = x_next
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    else:
+        if USE_PDL and PRELOAD:
+            pdl_sync()
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_ok = offs_b < B
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        for s in range(0, n_seg):
+            start = tl.multiple_of(tl.load(idx_ptr + s * SEG), SEG_ALIGN)
+            w = tl.load(w_rows[:, None] + start + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_b[:, None] * stride_xb + s * SEG + d[None, :], mask=b_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
+                x = x.to(tl.float32)
+            else:
+                x = x.to(w.dtype)
+            if DOT_IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        out = acc
+
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_b[:, None] * stride_yb + rows[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=(offs_b < B)[:, None] & r_ok[None, :])
+
+
+_SINGLE_CONFIGS = configs_for_platform([
+    triton.Config({"BLOCK_N": 4, "HB": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 8, "HB": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 4, "HB": 4}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 2, "HB": 4}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 8, "HB": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 16, "HB": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 8, "HB": 4}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 16, "HB": 2}, num_warps=8, num_stages=1),
+])
+_BATCHED_CONFIGS = configs_for_platform([
+    triton.Config({"BLOCK_N": 32, "HB": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 64, "HB": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 16, "HB": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 128, "HB": 1}, num_warps=8, num_stages=1),
+])
+_KEY = ["N", "SEGS_BUCKET", "SEG", "BLOCK_B", "HAS_COUNT"]
+_segments_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench)(_segments_kernel)
+_segments_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench)(_segments_kernel)
+
+
+def _pow2_factor(n: int) -> int:
+    return n & -n
+
+
+def launch_segments_gemv(weight, x2d, idx, bias, count, segment: int, preload: bool = False) -> torch.Tensor:
+    B = x2d.shape[0]
+    N = weight.shape[0]
+    y = torch.empty((B, N), device=weight.device, dtype=weight.dtype)
+    if B == 0 or N == 0:
+        return y
+    n_idx = idx.shape[0]
+    if n_idx == 0:
+        return y.copy_(bias.expand(B, N)) if bias is not None else y.zero_()
+    x2d = x2d.contiguous()
+    if B == 1:
+        kernel, block_b = _segments_single, 1
+    else:
+        kernel, block_b = _segments_batched, min(64, max(16, next_pow2(B)))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(B, block_b))
+    kernel[grid](
+        weight, x2d, idx, count if count is not None else weight,
+        bias if bias is not None else weight, y,
+        B, N, n_idx,
+        weight.stride(0), x2d.stride(0), y.stride(0),
+        next_pow2(max(1, n_idx // segment)),
+        SEG=segment, SEG_P2=next_pow2(segment), SEG_ALIGN=min(_pow2_factor(segment), 16),
+        HAS_COUNT=count is not None, HAS_BIAS=bias is not None,
+        UPCAST_DOT=INTERPRET, DOT_IEEE=weight.dtype == torch.float32, PRELOAD=preload, BLOCK_B=block_b,
+        **pdl_kwargs(weight.device),
+    )
+    return y
+
+
+def _check_segments(idx, count, segment: int, validate: bool, device) -> None:
+    """``idx`` is whole aligned segments; values are checked (host read-back) only with ``validate``."""
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+        raise ValueError(f"segment must be a positive int, got {segment!r}")
+    k = idx.shape[0]
+    if k % segment:
+        raise ValueError(f"idx has {k} entries; expected a multiple of segment={segment} (whole segments)")
+    if not validate or k == 0 or is_capturing(device):
+        return
+    seg = idx.reshape(-1, segment).long()
+    first = seg[:, :1]
+    if bool((first % segment != 0).any()) or not torch.equal(seg - first, torch.arange(segment, device=idx.device)
+                                                             .expand_as(seg)):
+        raise ValueError(f"idx must hold whole segments: runs of {segment} consecutive columns, each starting at "
+                         f"a multiple of {segment}")
+    if count is not None and int(count.reshape(())) % segment:
+        raise ValueError(f"count is {int(count.reshape(()))}; expected a multiple of segment={segment}")
+
+
+def gather_segments_gemv(weight, x, idx, bias=None, count=None, *, segment, validate=True, preload=False):
+    """``x @ weight[:, idx].T + bias`` with a Triton kernel, for ``idx`` made of whole segments (heads).
+
+    weight: [N, K] fp16/bf16/fp32, contiguous rows (out_proj.weight as stored in a checkpoint).
+    x: [k] or [B, k], same dtype; x[..., j] multiplies column idx[j].
+    idx: int32/int64 [k], k a multiple of ``segment``: for each selected segment s (a head), the columns
+    ``s * segment .. s * segment + segment - 1`` in order. Segments may come in any order.
+    bias: [N] or None. count: optional one-element int32 device tensor, a multiple of ``segment``: only
+    ``idx[:count]`` (and x's first ``count`` entries) are used.
+    validate: check index values and the segment structure (reads them back to the host; skipped during
+    CUDA graph capture). preload: as in :func:`shadow_kernels.gather_rows_gemv`.
+    Returns [N] or [B, N] in the weight dtype; accumulation is fp32.
+    """
+    check_float("weight", weight, ndims=(2,), last_contiguous=True)
+    dev = weight.device
+    N, K = weight.shape
+    check_float("x", x, ndims=(1, 2), dtype=weight.dtype, device=dev)
+    check_indices("idx", idx, n=K, device=dev, validate=validate)
+    k = idx.shape[0]
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} entries per row but idx has {k}; expected x [..., {k}]")
+    if bias is not None:
+        check_float("bias", bias, ndims=(1,), dtype=weight.dtype, device=dev)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias has {bias.shape[0]} entries; expected {N} (one per weight row)")
+    check_count("count", count, device=dev, upper=k, validate=validate)
+    check_flag("preload", preload)
+    _check_segments(idx, count, segment, validate, dev)
+    y = launch_segments_gemv(weight, x if x.dim() == 2 else x[None], idx, bias, count, segment, preload=preload)
+    return y.reshape(N) if x.dim() == 1 else y
+
+
+def gather_segments_gemv_ref(weight, x, idx, bias=None, count=None, *, segment, validate=True, preload=False):
+    """Plain-PyTorch reference of :func:`gather_segments_gemv` (same signature, fp32 accumulate)."""
+    idx = idx.long()
+    xf = x.float()
+    if count is not None:
+        xf = torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), xf, 0.0)
+    y = xf @ weight.index_select(1, idx).float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(weight.dtype)
