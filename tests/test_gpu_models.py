@@ -8,8 +8,9 @@ from models.config import DecoderConfig
 from models.generate import Generator
 from models.modes import DejaVu, Dense, ShadowLLM, Static
 from models.opt import OPTDecoder
+from models.predictors import DejaVuPredictor, ShadowLLMPredictor
 
-from helpers import random_importance, teacher_forced
+from helpers import constant_predictor, plan_masks_checked, random_importance, teacher_forced
 
 pytestmark = pytest.mark.gpu
 
@@ -71,12 +72,41 @@ def test_cuda_graph_matches_eager(name):
     assert len(outs[0].token_ms) == 23 and all(t > 0 for t in outs[0].token_ms)
 
 
-@pytest.mark.parametrize("name", [n for n in MODES if n != "dense"])
+def fixed_score_modes(c, device="cuda", dtype=torch.float16):
+    """The predictor modes with predictors that output fixed scores (exactly, in both backends), so both backends
+    select the same units. With random predictors they need not: the two backends round differently, a layer's
+    input differs in the last bits, and a near-tie between two units' scores can go either way (v8: the DejaVu
+    cases failed in two runs of five, at 1.6% and 3.4%, while every kernel matched its reference)."""
+    gen = torch.Generator().manual_seed(7)
+    Ls = c.n_layers - 1
+    dejavu = lambda: constant_predictor(DejaVuPredictor(c, 128, dtype=dtype, device=device),
+                                        [torch.randn(c.n_heads + c.ffn, generator=gen) for _ in range(Ls)])
+    shadow = lambda: constant_predictor(ShadowLLMPredictor(c, 128, dtype=dtype, device=device),
+                                        [torch.randn(Ls * (c.n_heads + c.ffn), generator=gen)])
+    return {
+        "dejavu-token": DejaVu(0.5, dejavu(), "token"),
+        "dejavu-prompt": DejaVu(0.5, dejavu(), "prompt"),
+        "shadowllm-global": ShadowLLM(0.5, shadow(), "global", "token"),
+        "shadowllm-local": ShadowLLM(0.7, shadow(), "local", "token"),
+        "shadowllm-sparse-hidden": ShadowLLM(0.5, shadow(), "global", "token", sparse_hidden=True),
+    }
+
+
+@pytest.mark.parametrize("name", ["static", "dejavu-token", "dejavu-prompt", "shadowllm-global", "shadowllm-local",
+                                  "shadowllm-sparse-hidden"])
 def test_triton_matches_torch_backend(name):
+    """Every kernel of a sparse decode step (batch 3: the batched paths) against the PyTorch references, on the
+    same plans (fixed-score predictors, see fixed_score_modes)."""
     m = model()
     tokens = torch.randint(0, V, (3, 30), device="cuda")
-    logits = [teacher_forced(Generator(m, MODES[name](m.cfg), batch=3, max_len=30, backend=backend,
-                                       cuda_graph=False), tokens, 20) for backend in ("triton", "torch")]
+    logits, masks = [], []
+    for backend in ("triton", "torch"):
+        mode = MODES[name](m.cfg) if name == "static" else fixed_score_modes(m.cfg)[name]
+        logits.append(teacher_forced(Generator(m, mode, batch=3, max_len=30, backend=backend, cuda_graph=False),
+                                     tokens, 20))
+        masks.append(plan_masks_checked(mode, m, lambda *a: None))
+    assert all(torch.equal(a, b) for a, b in zip(*masks, strict=True))
+    assert not masks[0][1][1:].all()  # sparse
     assert rel(logits[0], logits[1]) <= 1e-2
 
 

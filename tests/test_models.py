@@ -14,7 +14,7 @@ from models.opt import OPTDecoder
 from models.plan import kept_units
 from models.predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
 
-from helpers import check_decode_against_masked_reference, plan_masks_checked, random_importance
+from helpers import check_decode_against_masked_reference, constant_predictor, plan_masks_checked, random_importance
 
 V = 97
 # The Triton backend on CPU tensors needs the interpreter; on a GPU machine test_gpu_models covers it.
@@ -238,18 +238,6 @@ def test_token_granularity_replans_and_prompt_granularity_does_not():
             gen.step()
             seen.add(tuple(plan_masks(mode, model)[1].flatten().tolist()))
         assert (len(seen) > 1) == changes, granularity
-
-
-def constant_predictor(pred, scores):
-    """Make a predictor output `scores` whatever its input: relu(0 x + 1) = 1, then w2 = 0, b2 = scores."""
-    nets = [pred.net] if isinstance(pred, ShadowLLMPredictor) else list(pred.nets)
-    with torch.no_grad():
-        for net, s in zip(nets, scores, strict=True):
-            net[0].weight.zero_()
-            net[0].bias.fill_(1.0)
-            net[2].weight.zero_()
-            net[2].bias.copy_(s)
-    return pred
 
 
 def test_shadowllm_output_layout_and_global_budget():
