@@ -12,15 +12,13 @@ Prints and writes one JSON line per measurement.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 import zlib
 
 import torch
 
 import shadow_kernels as sk
 from bench.kernels import Case, _spec, build_case, n_copies, rel_err
-from bench.results import git_commit
+from bench.results import probe_log
 from bench.timing import copy_bandwidth, time_stream
 from shadow_kernels import _common, gather_cols, gather_rows
 from shadow_kernels.topk import mask_to_indices, topk_mask
@@ -144,15 +142,7 @@ def main() -> None:
         profile_topk(dev)
         return
     bw = copy_bandwidth(dev)["copy_gbps"]
-    head = {"kind": "probe", "git_commit": git_commit(), "device": torch.cuda.get_device_name(dev),
-            "torch": torch.__version__, "triton": __import__("triton").__version__, "copy_gbps": bw}
-    with open(args.out, "a") as f:
-        def emit(row):
-            row = {**head, **row, "time": time.strftime("%H:%M:%S")}
-            print(json.dumps(row), flush=True)
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-
+    with probe_log(args.out, dev, bw) as emit:
         for model in ("opt-1.3b", "opt-13b", "opt-30b"):
             for policy in ("global", "local"):
                 topk_case(model, policy, 0.5, dev, emit)

@@ -20,15 +20,13 @@ pieces, each alone: slower everywhere, removed after it.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 import zlib
 
 import torch
 import torch.nn.functional as F
 
 from bench.kernels import Case, _spec, build_case, n_copies, rel_err
-from bench.results import git_commit
+from bench.results import probe_log
 from bench.timing import copy_bandwidth, time_stream
 from models.ops import _gemv_triton
 from shadow_kernels import _common, gather_cols, gather_rows, gather_segments
@@ -124,15 +122,7 @@ def main() -> None:
     dev = torch.device("cuda")
     _common.set_autotune_cold(True)
     bw = copy_bandwidth(dev)["copy_gbps"]
-    head = {"kind": "probe", "probe": "v8", "git_commit": git_commit(), "device": torch.cuda.get_device_name(dev),
-            "torch": torch.__version__, "triton": __import__("triton").__version__, "copy_gbps": bw}
-    with open(args.out, "a") as f:
-        def emit(row):
-            row = {**head, **row, "time": time.strftime("%H:%M:%S")}
-            print(json.dumps(row), flush=True)
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-
+    with probe_log(args.out, dev, bw, probe="v8") as emit:
         for model, op, s, alone in CASES[: 9 if args.quick else None]:
             try:
                 gemv_case(model, op, s, alone and not args.no_alone, dev, bw, emit)

@@ -111,6 +111,24 @@ def check_count(name: str, count, *, device: torch.device, upper: int, validate:
             raise ValueError(f"{name} is {c}; expected a value in [0, {upper}] (the length of the index list)")
 
 
+def check_indexed_input(x_name: str, x, weight, idx, bias, count, *, n_idx: int, n_out: int, validate: bool,
+                        preload) -> None:
+    """The checks shared by the GEMVs whose input has one entry per index (gather-cols, gather-segments): ``x``
+    [k] or [B, k] in the weight's dtype, ``idx`` [k] in [0, n_idx), ``bias`` [n_out], ``count``, ``preload``."""
+    dev = weight.device
+    check_float(x_name, x, ndims=(1, 2), dtype=weight.dtype, device=dev)
+    check_indices("idx", idx, n=n_idx, device=dev, validate=validate)
+    k = idx.shape[0]
+    if x.shape[-1] != k:
+        raise ValueError(f"{x_name} has {x.shape[-1]} entries per row but idx has {k}; expected {x_name} [..., {k}]")
+    if bias is not None:
+        check_float("bias", bias, ndims=(1,), dtype=weight.dtype, device=dev)
+        if bias.shape[0] != n_out:
+            raise ValueError(f"bias has {bias.shape[0]} entries; expected {n_out} (one per output)")
+    check_count("count", count, device=dev, upper=k, validate=validate)
+    check_flag("preload", preload)
+
+
 def set_switch(state: dict, on, name: str) -> bool:
     """Set a module's on/off ``state["on"]`` (``name`` is the setter, for the error); returns the old value."""
     if not isinstance(on, bool):

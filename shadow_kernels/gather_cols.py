@@ -22,10 +22,8 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     autotune_bench,
-    check_count,
-    check_flag,
     check_float,
-    check_indices,
+    check_indexed_input,
     configs_for_platform,
     next_pow2,
     set_switch,
@@ -379,19 +377,8 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
     Returns [M] or [B, M] in the weight dtype; accumulation is fp32.
     """
     check_float("weight_t", weight_t, ndims=(2,), last_contiguous=True)
-    dev = weight_t.device
     N, M = weight_t.shape
-    check_float("h", h, ndims=(1, 2), dtype=weight_t.dtype, device=dev)
-    check_indices("idx", idx, n=N, device=dev, validate=validate)
-    k = idx.shape[0]
-    if h.shape[-1] != k:
-        raise ValueError(f"h has {h.shape[-1]} entries per row but idx has {k}; expected h [..., {k}]")
-    if bias is not None:
-        check_float("bias", bias, ndims=(1,), dtype=weight_t.dtype, device=dev)
-        if bias.shape[0] != M:
-            raise ValueError(f"bias has {bias.shape[0]} entries; expected {M} (one per output)")
-    check_count("count", count, device=dev, upper=k, validate=validate)
-    check_flag("preload", preload)
+    check_indexed_input("h", h, weight_t, idx, bias, count, n_idx=N, n_out=M, validate=validate, preload=preload)
     if split is not None and (not isinstance(split, int) or split < 1):
         raise ValueError(f"split must be a positive int or None, got {split!r}")
     y = _launch_cols(weight_t, h if h.dim() == 2 else h[None], idx, bias, count, deterministic, split,

@@ -27,10 +27,8 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     autotune_bench,
-    check_count,
-    check_flag,
     check_float,
-    check_indices,
+    check_indexed_input,
     configs_for_platform,
     is_capturing,
     next_pow2,
@@ -213,17 +211,7 @@ def gather_segments_gemv(weight, x, idx, bias=None, count=None, *, segment, vali
     check_float("weight", weight, ndims=(2,), last_contiguous=True)
     dev = weight.device
     N, K = weight.shape
-    check_float("x", x, ndims=(1, 2), dtype=weight.dtype, device=dev)
-    check_indices("idx", idx, n=K, device=dev, validate=validate)
-    k = idx.shape[0]
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} entries per row but idx has {k}; expected x [..., {k}]")
-    if bias is not None:
-        check_float("bias", bias, ndims=(1,), dtype=weight.dtype, device=dev)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias has {bias.shape[0]} entries; expected {N} (one per weight row)")
-    check_count("count", count, device=dev, upper=k, validate=validate)
-    check_flag("preload", preload)
+    check_indexed_input("x", x, weight, idx, bias, count, n_idx=K, n_out=N, validate=validate, preload=preload)
     _check_segments(idx, count, segment, validate, dev)
     y = launch_segments_gemv(weight, x if x.dim() == 2 else x[None], idx, bias, count, segment, preload=preload)
     return y.reshape(N) if x.dim() == 1 else y
