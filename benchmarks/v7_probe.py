@@ -47,13 +47,29 @@ def use(tuner, configs) -> None:
     tuner.cache.clear()
 
 
-def gemv_case(model, op, sparsity, alone, dev, bw, emit) -> None:
+def build_copies(model, op, sparsity, dev) -> list:
+    """A sweep case (batch 1, fp16) and enough copies of its data for the stream timer; the first is checked."""
     spec = _spec(model)
     case = Case(model, op, sparsity, 1)
     gen = torch.Generator(device=dev).manual_seed(zlib.crc32(f"{model}/{op}/{sparsity}".encode()))
     built = build_case(spec, case, torch.float16, dev, gen)
-    copies = [built] + [build_case(spec, case, torch.float16, dev, gen)
-                        for _ in range(n_copies(built.bytes_moved, "stream") - 1)]
+    return [built] + [build_case(spec, case, torch.float16, dev, gen)
+                      for _ in range(n_copies(built.bytes_moved, "stream") - 1)]
+
+
+def run_gemv_cases(cases, run, emit) -> None:
+    """``run(model, op, sparsity, alone)`` for each case; a case that fails is logged and the probe goes on."""
+    for model, op, s, alone in cases:
+        try:
+            run(model, op, s, alone)
+        except Exception as exc:
+            emit({"model": model, "op": op, "sparsity": s, "error": repr(exc)[:500]})
+        torch.cuda.empty_cache()
+
+
+def gemv_case(model, op, sparsity, alone, dev, bw, emit) -> None:
+    copies = build_copies(model, op, sparsity, dev)
+    built = copies[0]
     kind = "cols" if op in ("fc2", "out_proj") else "rows"
     tuner = COLS if kind == "cols" else ROWS
     sets = SETS[kind]
@@ -146,12 +162,8 @@ def main() -> None:
         for model in ("opt-1.3b", "opt-13b", "opt-30b"):
             for policy in ("global", "local"):
                 topk_case(model, policy, 0.5, dev, emit)
-        for model, op, s, alone in GEMV_CASES[: 0 if args.no_gemv else 4 if args.quick else None]:
-            try:
-                gemv_case(model, op, s, alone and not args.no_alone, dev, bw, emit)
-            except Exception as exc:
-                emit({"model": model, "op": op, "sparsity": s, "error": repr(exc)[:500]})
-            torch.cuda.empty_cache()
+        run_gemv_cases(GEMV_CASES[: 0 if args.no_gemv else 4 if args.quick else None],
+                       lambda m, op, s, alone: gemv_case(m, op, s, alone and not args.no_alone, dev, bw, emit), emit)
 
 
 if __name__ == "__main__":

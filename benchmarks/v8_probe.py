@@ -20,14 +20,14 @@ pieces, each alone: slower everywhere, removed after it.
 from __future__ import annotations
 
 import argparse
-import zlib
 
 import torch
 import torch.nn.functional as F
 
-from bench.kernels import Case, _spec, build_case, n_copies, rel_err
+from bench.kernels import rel_err
 from bench.results import probe_log
 from bench.timing import copy_bandwidth, time_stream
+from benchmarks.v7_probe import build_copies, run_gemv_cases, use
 from models.ops import _gemv_triton
 from shadow_kernels import _common, gather_cols, gather_rows, gather_segments
 
@@ -47,11 +47,6 @@ CASES = [  # (model, op, sparsity, every segments config alone)
 ]
 
 
-def use(tuner, configs) -> None:
-    tuner.configs = list(configs)
-    tuner.cache.clear()
-
-
 def gathered(built, op):
     """The selected weights as one contiguous [outputs, inputs] matrix, and the input vector."""
     a = built.tensors
@@ -61,12 +56,8 @@ def gathered(built, op):
 
 
 def gemv_case(model, op, sparsity, alone, dev, bw, emit) -> None:
-    spec = _spec(model)
-    case = Case(model, op, sparsity, 1)
-    gen = torch.Generator(device=dev).manual_seed(zlib.crc32(f"{model}/{op}/{sparsity}".encode()))
-    built = build_case(spec, case, torch.float16, dev, gen)
-    copies = [built] + [build_case(spec, case, torch.float16, dev, gen)
-                        for _ in range(n_copies(built.bytes_moved, "stream") - 1)]
+    copies = build_copies(model, op, sparsity, dev)
+    built = copies[0]
     kind = "cols" if op in ("fc2", "out_proj") else "rows"
     base = {"model": model, "op": op, "sparsity": sparsity, "bytes": built.bytes_moved,
             "floor_us": built.bytes_moved / (bw * 1e9) * 1e6}
@@ -123,12 +114,8 @@ def main() -> None:
     _common.set_autotune_cold(True)
     bw = copy_bandwidth(dev)["copy_gbps"]
     with probe_log(args.out, dev, bw, probe="v8") as emit:
-        for model, op, s, alone in CASES[: 9 if args.quick else None]:
-            try:
-                gemv_case(model, op, s, alone and not args.no_alone, dev, bw, emit)
-            except Exception as exc:
-                emit({"model": model, "op": op, "sparsity": s, "error": repr(exc)[:500]})
-            torch.cuda.empty_cache()
+        run_gemv_cases(CASES[: 9 if args.quick else None],
+                       lambda m, op, s, alone: gemv_case(m, op, s, alone and not args.no_alone, dev, bw, emit), emit)
 
 
 if __name__ == "__main__":
