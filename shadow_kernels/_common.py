@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # SHADOW_KERNELS_AUTOTUNE=0 keeps the first config of every kernel: the tests check results over
@@ -245,3 +246,20 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+@triton.jit
+def dot_acc(acc, x, w, UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """``acc + x @ w`` for the batched GEMV paths: 16-bit operands on the tensor cores with fp32 accumulation
+    (x converted to w's dtype), both upcast to fp32 where ``UPCAST_DOT`` (the interpreter; fp32 activations with
+    16-bit weights), and IEEE fp32 products where ``DOT_IEEE`` (fp32 weights) instead of TF32."""
+    if UPCAST_DOT:
+        w = w.to(tl.float32)
+        x = x.to(tl.float32)
+    else:
+        x = x.to(w.dtype)
+    if DOT_IEEE:
+        acc += tl.dot(x, w, input_precision="ieee")
+    else:
+        acc += tl.dot(x, w)
+    return acc

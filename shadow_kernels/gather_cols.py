@@ -25,6 +25,7 @@ from ._common import (
     check_float,
     check_indexed_input,
     configs_for_platform,
+    dot_acc,
     next_pow2,
     set_switch,
     sm_count,
@@ -126,15 +127,7 @@ def _cols_partial_kernel(
                         other=0.0)
             hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + jj[None, :], mask=b_ok[:, None] & j_ok[None, :],
                          other=0.0)
-            if UPCAST_DOT:
-                w = w.to(tl.float32)
-                hv = hv.to(tl.float32)
-            else:
-                hv = hv.to(w.dtype)
-            if DOT_IEEE:
-                acc += tl.dot(hv, w, input_precision="ieee")
-            else:
-                acc += tl.dot(hv, w)
+            acc = dot_acc(acc, hv, w, UPCAST_DOT, DOT_IEEE)
             src = src_next
         out = acc
 

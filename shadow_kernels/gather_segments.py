@@ -30,6 +30,7 @@ from ._common import (
     check_float,
     check_indexed_input,
     configs_for_platform,
+    dot_acc,
     is_capturing,
     next_pow2,
 )
@@ -104,15 +105,7 @@ def _segments_kernel(
             w = tl.load(w_rows[:, None] + start + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             x = tl.load(x_ptr + offs_b[:, None] * stride_xb + s * SEG + d[None, :], mask=b_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            if UPCAST_DOT:
-                w = w.to(tl.float32)
-                x = x.to(tl.float32)
-            else:
-                x = x.to(w.dtype)
-            if DOT_IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
+            acc = dot_acc(acc, x, tl.trans(w), UPCAST_DOT, DOT_IEEE)
         out = acc
 
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
