@@ -24,6 +24,7 @@ from ._common import (
     check_float,
     check_indices,
     configs_for_platform,
+    dot_acc,
     next_pow2,
 )
 from .pdl import pdl_kwargs, pdl_sync
@@ -123,26 +124,12 @@ def _rows_gemv_kernel(
             w = tl.load(w_rows + kk[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=b_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if UPCAST_DOT:
-                w = w.to(tl.float32)
-                x = x.to(tl.float32)
-            elif HAS_SCALE:  # fp8 weights (exact in fp16), scaled per row after the sum
+            if HAS_SCALE and not UPCAST_DOT:  # fp8 weights (exact in fp16), scaled per row after the sum
                 w = w.to(tl.float16)
-                x = x.to(tl.float16)
-            else:
-                x = x.to(w.dtype)
-            if DOT_IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
+            acc = dot_acc(acc, x, tl.trans(w), UPCAST_DOT, DOT_IEEE)
             if GATED:
                 u = tl.load(u_rows + kk[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST_DOT:
-                    u = u.to(tl.float32)
-                if DOT_IEEE:
-                    acc_u += tl.dot(x, tl.trans(u), input_precision="ieee")
-                else:
-                    acc_u += tl.dot(x, tl.trans(u))
+                acc_u = dot_acc(acc_u, x, tl.trans(u), UPCAST_DOT, DOT_IEEE)
         out = acc
         out_u = acc_u
 
