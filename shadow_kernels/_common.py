@@ -138,6 +138,19 @@ def set_switch(state: dict, on, name: str) -> bool:
     return prev
 
 
+def gemv_kernel_for(batch: int, single, batched) -> tuple:
+    """The autotuned kernel of a GEMV for this batch and its BLOCK_B: the batch-1 loop, or the tensor-core path
+    over a block of 16-64 batch rows."""
+    if batch == 1:
+        return single, 1
+    return batched, min(64, max(16, next_pow2(batch)))
+
+
+def bias_only(y: torch.Tensor, bias) -> torch.Tensor:
+    """The output of a GEMV over no selected input: the bias in every batch row, or zeros."""
+    return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -22,10 +22,12 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     autotune_bench,
+    bias_only,
     check_float,
     check_indexed_input,
     configs_for_platform,
     dot_acc,
+    gemv_kernel_for,
     next_pow2,
     set_switch,
     sm_count,
@@ -307,12 +309,9 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
     if B == 0 or M == 0:
         return y
     if n_sel == 0:
-        return y.copy_(bias.expand(B, M)) if bias is not None else y.zero_()
+        return bias_only(y, bias)
     h2d = h2d.contiguous()
-    if B == 1:
-        kernel, block_b = _cols_single, 1
-    else:
-        kernel, block_b = _cols_batched, min(64, max(16, next_pow2(B)))
+    kernel, block_b = gemv_kernel_for(B, _cols_single, _cols_batched)
     def split_of(kw) -> int:  # a config's kwargs (or a launch's meta)
         return split or choose_split(n_sel, M, kw["BLOCK_M"], dev, kw.get("OCC", 4))
 

@@ -25,6 +25,7 @@ from ._common import (
     check_indices,
     configs_for_platform,
     dot_acc,
+    gemv_kernel_for,
     next_pow2,
 )
 from .pdl import pdl_kwargs, pdl_sync
@@ -210,10 +211,7 @@ def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch
     if n_rows == 0 or B == 0:
         return y
     x2d = x2d.contiguous()
-    if B == 1:
-        kernel, block_b = _rows_gemv_single, 1
-    else:
-        kernel, block_b = _rows_gemv_batched, min(64, max(16, next_pow2(B)))
+    kernel, block_b = gemv_kernel_for(B, _rows_gemv_single, _rows_gemv_batched)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(B, block_b))
     kernel[grid](
         weight, up if up is not None else weight, x2d, idx if idx is not None else weight,

@@ -27,10 +27,12 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     autotune_bench,
+    bias_only,
     check_float,
     check_indexed_input,
     configs_for_platform,
     dot_acc,
+    gemv_kernel_for,
     is_capturing,
     next_pow2,
 )
@@ -148,12 +150,9 @@ def launch_segments_gemv(weight, x2d, idx, bias, count, segment: int, preload: b
         return y
     n_idx = idx.shape[0]
     if n_idx == 0:
-        return y.copy_(bias.expand(B, N)) if bias is not None else y.zero_()
+        return bias_only(y, bias)
     x2d = x2d.contiguous()
-    if B == 1:
-        kernel, block_b = _segments_single, 1
-    else:
-        kernel, block_b = _segments_batched, min(64, max(16, next_pow2(B)))
+    kernel, block_b = gemv_kernel_for(B, _segments_single, _segments_batched)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(B, block_b))
     kernel[grid](
         weight, x2d, idx, count if count is not None else weight,
