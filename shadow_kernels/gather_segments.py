@@ -40,6 +40,22 @@ from .pdl import pdl_kwargs, pdl_sync
 
 
 @triton.jit
+def _head_starts(idx_ptr, offs_s, n_seg, SEG: tl.constexpr, SEG_ALIGN: tl.constexpr):
+    """The first column of the selected segments ``offs_s`` (0 past the live ones)."""
+    return tl.multiple_of(tl.load(idx_ptr + offs_s * SEG, mask=offs_s < n_seg, other=0), SEG_ALIGN)
+
+
+@triton.jit
+def _head_tile(w_rows, base, s_ok, r_ok, d, d_ok, PAD: tl.constexpr):
+    """The weights [BLOCK_N, HB, SEG_P2] of rows ``w_rows`` in the segments starting at columns ``base``; ``PAD``
+    when the segment is narrower than its power of two (masked along the contiguous dimension only then)."""
+    ok = r_ok[:, None, None] & s_ok[None, :, None]
+    if PAD:
+        ok = ok & d_ok[None, None, :]
+    return tl.load(w_rows[:, None, None] + (base[:, None] + d[None, :])[None, :, :], mask=ok, other=0.0)
+
+
+@triton.jit
 def _segments_kernel(
     w_ptr, x_ptr, idx_ptr, count_ptr, bias_ptr, y_ptr,
     B, N, n_idx,
@@ -48,7 +64,7 @@ def _segments_kernel(
     SEG: tl.constexpr, SEG_P2: tl.constexpr, SEG_ALIGN: tl.constexpr,
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr,
     USE_PDL: tl.constexpr, PRELOAD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr, PREFETCH: tl.constexpr = 1,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr,
 ):
     # A program owns BLOCK_N output rows for BLOCK_B batch rows and walks the live segments, HB at a time
     # (batch 1: a [BLOCK_N, HB, SEG] tile of weights; a batch: one segment a step, a tensor-core dot).
@@ -65,18 +81,16 @@ def _segments_kernel(
     d = tl.arange(0, SEG_P2)
     d_ok = d < SEG
     w_rows = w_ptr + rows.to(tl.int64) * stride_wn
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
 
     if BLOCK_B == 1:
         x_row = x_ptr + pid_b * stride_xb
         offs_s = tl.arange(0, HB)
         s_ok = offs_s < n_seg
-        base = tl.multiple_of(tl.load(idx_ptr + offs_s * SEG, mask=s_ok, other=0), SEG_ALIGN)
-        ok3 = r_ok[:, None, None] & s_ok[None, :, None]
-        if SEG != SEG_P2:
-            ok3 = ok3 & d_ok[None, None, :]
-        w = tl.load(w_rows[:, None, None] + (base[:, None] + d[None, :])[None, :, :], mask=ok3, other=0.0)
-        nxt = offs_s + HB
-        base = tl.multiple_of(tl.load(idx_ptr + nxt * SEG, mask=nxt < n_seg, other=0), SEG_ALIGN)
+        w = _head_tile(w_rows, _head_starts(idx_ptr, offs_s, n_seg, SEG, SEG_ALIGN), s_ok, r_ok, d, d_ok,
+                       SEG != SEG_P2)
+        base = _head_starts(idx_ptr, offs_s + HB, n_seg, SEG, SEG_ALIGN)
         if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait
             pdl_sync()
         x = tl.load(x_row + offs_s[:, None] * SEG + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
@@ -85,13 +99,9 @@ def _segments_kernel(
             # v7's prefetch: the next tile is loaded before this one's products are summed
             sn = s0 + HB + offs_s
             sn_ok = sn < n_seg
-            okn = r_ok[:, None, None] & sn_ok[None, :, None]
-            if SEG != SEG_P2:
-                okn = okn & d_ok[None, None, :]
-            w_next = tl.load(w_rows[:, None, None] + (base[:, None] + d[None, :])[None, :, :], mask=okn, other=0.0)
+            w_next = _head_tile(w_rows, base, sn_ok, r_ok, d, d_ok, SEG != SEG_P2)
             x_next = tl.load(x_row + sn[:, None] * SEG + d[None, :], mask=sn_ok[:, None] & d_ok[None, :], other=0.0)
-            nn = sn + HB
-            base = tl.multiple_of(tl.load(idx_ptr + nn * SEG, mask=nn < n_seg, other=0), SEG_ALIGN)
+            base = _head_starts(idx_ptr, sn + HB, n_seg, SEG, SEG_ALIGN)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :, :]
             w = w_next
             x = x_next
@@ -99,8 +109,6 @@ def _segments_kernel(
     else:
         if USE_PDL and PRELOAD:
             pdl_sync()
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        b_ok = offs_b < B
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         for s in range(0, n_seg):
             start = tl.multiple_of(tl.load(idx_ptr + s * SEG), SEG_ALIGN)
@@ -110,11 +118,10 @@ def _segments_kernel(
             acc = dot_acc(acc, x, tl.trans(w), UPCAST_DOT, DOT_IEEE)
         out = acc
 
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_b[:, None] * stride_yb + rows[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=(offs_b < B)[:, None] & r_ok[None, :])
+             mask=b_ok[:, None] & r_ok[None, :])
 
 
 _SINGLE_CONFIGS = configs_for_platform([
