@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "per output (half the bytes per prediction)")
     lat.add_argument("--dense-gemv", choices=["cublas", "triton"], default="cublas",
                      help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS (default) or our "
-                          "gather-rows kernel over natural-layout copies of out_proj and fc2 (OPT only; more "
+                          "gather-rows kernel over natural-layout weights (OPT only; keeps a copy of fc2, more "
                           "memory, see OPTDecoder.set_dense_gemv)")
     lat.add_argument("--granularity", default="token,prompt",
                      help="when predictors run: token (every decoded token), prompt (once, after prefill)")

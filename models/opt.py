@@ -27,7 +27,7 @@ from torch import nn
 from .config import DecoderConfig
 from .decoder import DecoderBase, KVCache, StateReader, attend, check_hooks, param_factory
 from .nvtx import nvtx_range
-from .ops import Ops, get_ops
+from .ops import TORCH, Ops, get_ops
 from .plan import LayerPlan
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2 of the table
@@ -258,6 +258,7 @@ class OPTDecoder(DecoderBase):
         eps = cfg.norm_eps
         layers = self.layers
         own = self.dense_gemv == "triton"
+        dense = ops.gemv if own else TORCH.gemv  # a dense layer's qkv and out_proj: ours, or F.linear (cuBLAS)
         x = self._embed(tokens, pos.reshape(1).expand(tokens.shape[0]))
         if cfg.pre_norm:
             _, a = ops.add_norm(x, None, layers[0].ln1_w, layers[0].ln1_b, eps)
@@ -269,13 +270,13 @@ class OPTDecoder(DecoderBase):
             plan: LayerPlan = mode.plan(i)
             with nvtx_range(f"layer{i}.attn"):
                 if plan.qkv_rows is None:
-                    qkv = ops.gemv(layer.qkv_w, a, layer.qkv_b) if own else F.linear(a, layer.qkv_w, layer.qkv_b)
+                    qkv = dense(layer.qkv_w, a, layer.qkv_b)
                 else:
                     qkv = ops.gather_rows(layer.qkv_w, a, plan.qkv_rows, layer.qkv_b, count=plan.qkv_count,
                                           validate=False)
                 heads = ops.attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, plan.head_slot, self.scale)
                 if plan.out_rows is None:
-                    o = ops.gemv(layer.out_w, heads, layer.out_b) if own else F.linear(heads, layer.out_w, layer.out_b)
+                    o = dense(layer.out_w, heads, layer.out_b)
                 else:
                     o = ops.gather_segments(layer.out_w, heads, plan.out_rows, layer.out_b, count=plan.out_count,
                                             segment=cfg.head_dim, validate=False)
