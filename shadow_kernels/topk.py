@@ -168,6 +168,19 @@ def _descend_bins(h, k_rem):
 
 
 @triton.jit
+def _digit_hist(u, shift, ok, spread, NBINS: tl.constexpr):
+    # Counts of byte ``shift`` of the keys u where ok. tl.histogram adds into shared memory element by element,
+    # so the keys left out must not all land in one bin, or those adds serialise (v7b: 20 us a pass): where
+    # tl.histogram takes a mask (NBINS 256) they are masked; else they go to the spare bins 256..511, spread
+    # by the low byte of ``spread``, and the caller ignores those bins.
+    if NBINS == 256:
+        h = tl.histogram((u >> shift) & 255, 256, mask=ok)
+    else:
+        h = tl.histogram(tl.where(ok, (u >> shift) & 255, 256 + (spread & 255)), 512)
+    return h
+
+
+@triton.jit
 def _radix_small_kernel(s_ptr, idx_ptr, count_ptr, k, n, L, k_max, stride_s, stride_idx, ROWS: tl.constexpr,
                         NP: tl.constexpr, NBINS: tl.constexpr, USE_PDL: tl.constexpr):
     # The whole selection in one program for a tile of ROWS x NP scores held in registers: one row (local,
@@ -189,10 +202,9 @@ def _radix_small_kernel(s_ptr, idx_ptr, count_ptr, k, n, L, k_max, stride_s, str
         m = okf
         if p > 0:
             m = m & ((uf >> (shift + 8)) == (prefix >> (shift + 8)))
-        if NBINS == 256:
-            h = tl.histogram((uf >> shift) & 255, 256, mask=m)
-        else:  # spare bins 256..511 take the scores outside the prefix (see _radix_pass_kernel)
-            h = tl.where(bins < 256, tl.histogram(tl.where(m, (uf >> shift) & 255, 256 + (uf & 255)), 512), 0)
+        h = _digit_hist(uf, shift, m, uf, NBINS)
+        if NBINS != 256:
+            h = tl.where(bins < 256, h, 0)
         d, k_rem = _descend_bins(h, k_rem)
         prefix = prefix | (d << shift)
     key = u ^ -2147483648  # signed order
@@ -249,12 +261,7 @@ def _radix_pass_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, k, n, L, C, stri
                 above += tl.sum((ok & (((u ^ -2147483648) >> 8) > ((prefix ^ -2147483648) >> 8))).to(tl.int32),
                                 axis=0)
             ok = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
-        # (tl.histogram adds into shared memory element by element: scores outside the prefix, most of
-        # them after the first pass, must not all land in one bin, or those adds serialise)
-        if NBINS == 256:  # tl.histogram takes a mask
-            h += tl.histogram((u >> shift) & 255, 256, mask=ok)
-        else:  # scores outside the prefix go to the spare bins 256..511 (counted, never added)
-            h += tl.histogram(tl.where(ok, (u >> shift) & 255, 256 + (cols & 255)), 512)
+        h += _digit_hist(u, shift, ok, cols, NBINS)  # the spare bins (NBINS 512) are never added below
     bins = tl.arange(0, NBINS)
     # relaxed: the histograms are read only by later launches
     tl.atomic_add(hist_ptr + (PASS * (L + 1) + layer) * 256 + bins, h, mask=bins < 256, sem="relaxed")
