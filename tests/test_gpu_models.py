@@ -172,7 +172,7 @@ def test_llama_2_7b_shape_in_every_mode():
 
 @pytest.mark.parametrize("name", ["dense", "shadowllm-global"])
 def test_dense_gemv_triton_matches_cublas_in_a_graph(name):
-    """set_dense_gemv("triton") (our GEMV with preload and PDL over natural-layout copies): the same logits
+    """set_dense_gemv("triton") (our GEMV with preload and PDL over natural-layout weights): the same logits
     as cuBLAS dense layers within fp16 rounding, and the CUDA graph gives the same tokens as eager."""
     m = model()
     tokens = torch.randint(0, V, (1, 30), device="cuda")

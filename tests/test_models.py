@@ -56,7 +56,8 @@ def test_dense_matches_transformers(pre_norm):
 @pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-ln", "post-ln+proj"])
 def test_dense_gemv_triton_decodes_like_transformers(pre_norm, backend):
     """set_dense_gemv("triton"): dense layers (every layer of dense mode, layer 0 of ShadowLLM) run the
-    gather-rows GEMV over natural-layout copies of out_proj and fc2; decode steps equal transformers'."""
+    gather-rows GEMV over natural-layout weights (out_proj as stored, a copy of fc2); decode steps equal
+    transformers'."""
     model = tiny_model(pre_norm)
     hf = model.to_hf()
     model.set_dense_gemv("triton")
