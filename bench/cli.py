@@ -89,7 +89,7 @@ def _latency(args) -> int:
                                batch=args.batch, dtype_name=args.dtype, out_path=args.out,
                                shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress,
                                batch_rule=args.batch_rule, predictor_dtype=args.predictor_dtype,
-                               dense_gemv=args.dense_gemv)
+                               dense_gemv=args.dense_gemv, norm_fold=not args.no_norm_fold)
     print(latency.summary_table(rows))
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     for r in bad[:5]:
@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--no-pdl", action="store_true",
                      help="launch our kernels without programmatic dependent launch (on by default on Hopper and "
                           "newer; shadow_kernels.pdl)")
+    lat.add_argument("--no-norm-fold", action="store_true",
+                     help="pre-norm layers run each norm as its own kernel before qkv and fc1 (as before session 7) "
+                          "instead of folding it into them (shadow_kernels.norm_gemv): to measure the fold")
     lat.add_argument("--no-progress", action="store_true", help="no progress bar")
     lat.set_defaults(func=_latency)
 

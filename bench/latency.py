@@ -22,6 +22,7 @@ from models.config import DecoderConfig
 from models.generate import Generator
 from models.loading import random_model
 from models.modes import DejaVu, Dense, ShadowLLM, Static
+from models.ops import get_ops, unfused_norms
 from models.opt import OPTDecoder
 from models.registry import MODELS
 
@@ -122,7 +123,10 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     device = model.device
     mode = build_mode(case, model.cfg, seed, base["extra"].get("batch_rule", "mean"),
                       base["extra"].get("predictor_dtype", "model"))
-    gen = Generator(model, mode, batch=batch, max_len=prompt_len + case.gen_len)
+    ops = get_ops(None, device)
+    if not base["extra"].get("norm_fold", True):
+        ops = unfused_norms(ops)
+    gen = Generator(model, mode, batch=batch, max_len=prompt_len + case.gen_len, backend=ops)
     prompt = torch.randint(0, model.cfg.vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     gen.generate(prompt, case.gen_len)  # compiles, autotunes, captures
     result = gen.generate(prompt, case.gen_len)
@@ -196,7 +200,7 @@ def _done_keys(rows) -> set:
     return {(r["model"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"), r["gen_len"],
              r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False),
              r["extra"].get("batch_rule", "mean"), r["extra"].get("predictor_dtype", "model"),
-             r["extra"].get("dense_gemv", "cublas"))
+             r["extra"].get("dense_gemv", "cublas"), r["extra"].get("norm_fold", True))
             for r in rows if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
 
 
@@ -216,12 +220,13 @@ def build_model(name: str, dtype, device, seed=0):
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
-                batch_rule="mean", predictor_dtype="model", dense_gemv="cublas") -> list[dict]:
+                batch_rule="mean", predictor_dtype="model", dense_gemv="cublas", norm_fold=True) -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
     ``dense_gemv``: ``cublas`` or ``triton``, what dense layers run their projections with
-    (``OPTDecoder.set_dense_gemv``; OPT models only)."""
+    (``OPTDecoder.set_dense_gemv``; OPT models only). ``norm_fold=False``: pre-norm layers run each norm as its
+    own kernel before the GEMV (``models.ops.unfused_norms``), to measure the fold against it."""
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
@@ -243,11 +248,12 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     base = dict(kind="latency", device=env["device"], dtype=dtype_name, batch=batch, prompt_len=prompt_len,
                 git_commit=git_commit(), weights="random",
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl,
-                       "batch_rule": batch_rule, "predictor_dtype": predictor_dtype, "dense_gemv": dense_gemv})
+                       "batch_rule": batch_rule, "predictor_dtype": predictor_dtype, "dense_gemv": dense_gemv,
+                       "norm_fold": bool(norm_fold)})
     done = _done_keys(writer.existing())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
             if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,
-                dense_gemv) not in done]
+                dense_gemv, bool(norm_fold)) not in done]
     new_rows: list[dict] = []
     by_model: dict[str, list[LatencyCase]] = {}
     for c in todo:
@@ -296,7 +302,8 @@ def summary_table(rows: list[dict]) -> str:
             continue
         model = (r["model"] + ("+pdl" if r["extra"].get("pdl") else "")
                  + ("+fp8pred" if r["extra"].get("predictor_dtype") == "fp8" else "")
-                 + ("+owngemv" if r["extra"].get("dense_gemv") == "triton" else ""))
+                 + ("+owngemv" if r["extra"].get("dense_gemv") == "triton" else "")
+                 + ("+unfusednorm" if not r["extra"].get("norm_fold", True) else ""))
         key = (model, r["gen_len"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"))
         cases.setdefault(key, {})[r["metric"]] = r["value"]
     dense = {(k[0], k[1]): v["token_ms"] for k, v in cases.items() if k[2] == "dense" and "token_ms" in v}

@@ -43,6 +43,10 @@ def _check_granularity(g):
 
 class Mode:
     name = "mode"
+    # the sites (see observe) whose values the mode reads when predicting: a decoder materialises a layer's
+    # input (the residual add it otherwise folds into the next GEMV) only for a mode that observes "input".
+    # Every site unless a mode says less (ShadowLLM reads only layer 0's attention output).
+    observed_sites: tuple[str, ...] = ("input", "attn_out")
     granularity: str | None = None  # None: the plan does not depend on the input
     policy: str | None = None
     sparsity = 0.0
@@ -263,6 +267,8 @@ class DejaVu(_Predicting):
         self._setup_predictor(range(self.first_sparse, model.cfg.n_layers))
         return self
 
+    observed_sites = ("input",)
+
     def observe(self, layer, site, x):
         if site != "input":
             return
@@ -301,6 +307,8 @@ class ShadowLLM(_Predicting):
             raise ValueError(f"a ShadowLLM predictor must cover layers from 1, got {self.predictor.first_sparse}")
         self._setup_predictor([None])
         return self
+
+    observed_sites = ("attn_out",)
 
     def observe(self, layer, site, x):
         if layer != 0 or site != "attn_out":

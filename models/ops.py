@@ -9,7 +9,7 @@ check would read values back to the host in the middle of a decode step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -39,6 +39,7 @@ class Ops:
     swiglu: Callable
     gemv: Callable | None = None  # dense ``act(x @ w.T + b)``: the decoders' dense path with dense_gemv="triton"
     gather_segments: Callable | None = None  # out_proj over the selected heads (v8)
+    norm_gemv: Callable | None = None  # (act(norm(x + r) @ w[idx].T + b), x + r): qkv and fc1 of a pre-norm layer
 
 
 def _gemv_triton(weight, x, bias=None, relu=False):
@@ -56,18 +57,32 @@ def _gemv_torch(weight, x, bias=None, relu=False):
 
 # The decoder's GEMVs preload (v7, shadow_kernels.gather_rows_gemv): with programmatic dependent launch
 # they read their index list, count and first weights before the kernel just before them finishes. That
-# kernel is a norm, an attention or the GEMV before (fc1 before fc2), which writes none of those: plan
+# kernel is a norm, an attention or the GEMV before (fc1 before fc2; out_proj before the fc1 that folds the
+# norm in; the last layer's fc2 before qkv), which writes none of those: plan
 # buffers are filled by the predictor modes' top-k and index arithmetic, several launches earlier, and the
 # last of those launches is a PyTorch kernel that starts only when the launches before it have finished.
 TRITON = Ops("triton", partial(sk.gather_rows_gemv, preload=True), partial(sk.gather_cols_gemv, preload=True),
              decode_attention, sk.fused_predictor,
              sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor,
              add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv, _gemv_triton,
-             partial(sk.gather_segments_gemv, preload=True))
+             partial(sk.gather_segments_gemv, preload=True), partial(sk.norm_rows_gemv, preload=True))
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
             sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref,
             sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref, sk.gather_swiglu_gemv_ref,
-            _gemv_torch, sk.gather_segments_gemv_ref)
+            _gemv_torch, sk.gather_segments_gemv_ref, sk.norm_rows_gemv_ref)
+
+
+def unfused_norms(ops: Ops) -> Ops:
+    """``ops`` with the norm GEMV split back into two kernels, ``ops.add_norm`` and then the GEMV: what a
+    pre-norm decode step ran before the fold (session 7). For measuring the fold against it in one run."""
+
+    def norm_gemv(w, x, idx, fold, residual=None, activation=None, count=None, *, validate=True, preload=False):
+        z, a = ops.add_norm(x, residual, fold.weight, fold.bias, fold.eps)
+        if idx is None:
+            return ops.gemv(w, a, fold.lin_bias, relu=activation == "relu"), z
+        return ops.gather_rows(w, a, idx, fold.lin_bias, activation, count=count, validate=validate), z
+
+    return replace(ops, name=f"{ops.name}-unfused-norms", norm_gemv=norm_gemv)
 
 
 def get_ops(backend: str | Ops | None, device: torch.device) -> Ops:

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shadow_kernels._common import is_capturing
+from shadow_kernels.norm_gemv import fold_norm
+
 from .config import DecoderConfig
 from .decoder import DecoderBase, KVCache, StateReader, attend, check_hooks, param_factory
 from .nvtx import nvtx_range
@@ -45,6 +48,11 @@ class OPTLayer(nn.Module):
         self.fc1_w, self.fc1_b = p(Fd, E), p(Fd)
         self.fc2_wt, self.fc2_b = p(Fd, E), p(E)
         self.fc2_w = None  # a natural-layout copy for OPTDecoder.set_dense_gemv("triton")
+
+    def fold_key(self) -> tuple:
+        """What the layer's norm folds depend on: every tensor's storage and in-place version."""
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in (self.ln1_w, self.ln1_b, self.qkv_w, self.qkv_b,
+                                                                     self.ln2_w, self.ln2_b, self.fc1_w, self.fc1_b))
 
 
 class OPTDecoder(DecoderBase):
@@ -181,6 +189,24 @@ class OPTDecoder(DecoderBase):
             layer.fc2_w = layer.fc2_wt.detach().T.contiguous() if engine == "triton" else None
         self.dense_gemv = engine
 
+    # ---------------------------------------------------------------- norm folds
+    def norm_folds(self) -> list:
+        """Per layer ``(ln1 into qkv, ln2 into fc1)`` :class:`~shadow_kernels.NormFold` s for the decode step's
+        fused norm GEMVs (pre-LN models). Built on first use and rebuilt whenever a weight they depend on has
+        been replaced or changed in place; a CUDA graph capture must find them current (the generation loop's
+        eager warm-up steps build them)."""
+        key = tuple(layer.fold_key() for layer in self.layers)
+        if getattr(self, "_folds_key", None) != key:
+            if is_capturing(self.device):
+                raise RuntimeError("the norm folds are stale during a CUDA graph capture: run one eager decode step "
+                                   "(or call norm_folds()) after changing the weights, before capturing")
+            eps = self.cfg.norm_eps
+            self._folds = [(fold_norm(layer.qkv_w, layer.ln1_w, layer.ln1_b, layer.qkv_b, eps=eps),
+                            fold_norm(layer.fc1_w, layer.ln2_w, layer.ln2_b, layer.fc1_b, eps=eps))
+                           for layer in self.layers]
+            self._folds_key = key
+        return self._folds
+
     # ---------------------------------------------------------------- running
     def _ln(self, x, w, b):
         return F.layer_norm(x, (x.shape[-1],), w, b, self.cfg.norm_eps)
@@ -250,8 +276,12 @@ class OPTDecoder(DecoderBase):
         layer's input and attention output, so a predictor can refill the plans inside this step.
         Shapes do not depend on data: the step can be captured in a CUDA graph. Returns logits [B, V].
 
-        Each residual add is fused with the layer norm after it (``ops.add_norm``); with pre-LN the
-        add that ends layer i carries layer i + 1's first norm (or the final norm).
+        Pre-LN (every OPT but 350m): each residual add and the layer norm after it are folded into the GEMV
+        that reads them (``ops.norm_gemv``, :mod:`shadow_kernels.norm_gemv`): qkv takes ``x + o`` of the block
+        before and normalises it in its loop, and writes ``x + o`` back as the residual stream; so does fc1. A
+        dense projection on cuBLAS (``dense_gemv="cublas"``) keeps the norm as its own kernel (``ops.add_norm``).
+        The residual add is materialised before a layer whose input the mode observes (DejaVu). Post-LN: each
+        residual add is fused with the norm after it (``ops.add_norm``).
         """
         cfg = self.cfg
         ops = ops or get_ops(None, self.device)
@@ -259,20 +289,33 @@ class OPTDecoder(DecoderBase):
         layers = self.layers
         own = self.dense_gemv == "triton"
         dense = ops.gemv if own else TORCH.gemv  # a dense layer's qkv and out_proj: ours, or F.linear (cuBLAS)
+        pre = cfg.pre_norm
+        folds = self.norm_folds() if pre else None
+        watch_input = predict and "input" in mode.observed_sites
+
+        def norm_gemv(w, x, r, fold, rows, count, relu):
+            """``(act(norm(x + r) @ w[rows].T + b), x + r)``: the fused kernel, or on cuBLAS the norm first."""
+            if rows is None and not own:
+                z, a = ops.add_norm(x, r, fold.weight, fold.bias, eps)
+                y = F.linear(a, w, fold.lin_bias)
+                return (torch.relu_(y) if relu else y), z
+            return ops.norm_gemv(w, x, rows, fold, r, "relu" if relu else None, count, validate=False)
+
         x = self._embed(tokens, pos.reshape(1).expand(tokens.shape[0]))
-        if cfg.pre_norm:
-            _, a = ops.add_norm(x, None, layers[0].ln1_w, layers[0].ln1_b, eps)
-        else:
-            a = x
+        o = None  # pre-LN: the block output not yet added to x (the next norm GEMV adds it)
         for i, layer in enumerate(layers):
-            if predict:
+            if watch_input:
+                if o is not None:
+                    x, o = x + o, None
                 mode.observe(i, "input", x)
             plan: LayerPlan = mode.plan(i)
             with nvtx_range(f"layer{i}.attn"):
-                if plan.qkv_rows is None:
-                    qkv = dense(layer.qkv_w, a, layer.qkv_b)
+                if pre:
+                    qkv, x = norm_gemv(layer.qkv_w, x, o, folds[i][0], plan.qkv_rows, plan.qkv_count, False)
+                elif plan.qkv_rows is None:
+                    qkv = dense(layer.qkv_w, x, layer.qkv_b)
                 else:
-                    qkv = ops.gather_rows(layer.qkv_w, a, plan.qkv_rows, layer.qkv_b, count=plan.qkv_count,
+                    qkv = ops.gather_rows(layer.qkv_w, x, plan.qkv_rows, layer.qkv_b, count=plan.qkv_count,
                                           validate=False)
                 heads = ops.attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, plan.head_slot, self.scale)
                 if plan.out_rows is None:
@@ -282,31 +325,32 @@ class OPTDecoder(DecoderBase):
                                             segment=cfg.head_dim, validate=False)
             if predict:
                 mode.observe(i, "attn_out", o)
-            if cfg.pre_norm:
-                x, a = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
-            else:
-                _, x = ops.add_norm(x, o, layer.ln1_w, layer.ln1_b, eps)
-                a = x
             with nvtx_range(f"layer{i}.mlp"):
+                if pre:
+                    f, x = norm_gemv(layer.fc1_w, x, o, folds[i][1], plan.neurons, plan.neuron_count, True)
+                else:
+                    _, x = ops.add_norm(x, o, layer.ln1_w, layer.ln1_b, eps)
+                    if plan.neurons is not None:
+                        f = ops.gather_rows(layer.fc1_w, x, plan.neurons, layer.fc1_b, "relu",
+                                            count=plan.neuron_count, validate=False)
+                    elif own:
+                        f = ops.gemv(layer.fc1_w, x, layer.fc1_b, relu=True)
+                    else:
+                        f = torch.relu_(F.linear(x, layer.fc1_w, layer.fc1_b))
                 if plan.neurons is None and own:
-                    o = ops.gemv(layer.fc2_w, ops.gemv(layer.fc1_w, a, layer.fc1_b, relu=True), layer.fc2_b)
+                    o = ops.gemv(layer.fc2_w, f, layer.fc2_b)
                 elif plan.neurons is None:
-                    f = torch.relu_(F.linear(a, layer.fc1_w, layer.fc1_b))
                     o = torch.addmm(layer.fc2_b, f, layer.fc2_wt)
                 else:
-                    f = ops.gather_rows(layer.fc1_w, a, plan.neurons, layer.fc1_b, "relu", count=plan.neuron_count,
-                                        validate=False)
                     o = ops.gather_cols(layer.fc2_wt, f, plan.neurons, layer.fc2_b, count=plan.neuron_count,
                                         validate=False)
-            if not cfg.pre_norm:
+            if not pre:
                 _, x = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
-                a = x
-            elif i + 1 < cfg.n_layers:
-                x, a = ops.add_norm(x, o, layers[i + 1].ln1_w, layers[i + 1].ln1_b, eps)
-            elif self.final_ln_w is not None:
-                x, a = ops.add_norm(x, o, self.final_ln_w, self.final_ln_b, eps)
-            else:
-                x = a = x + o
+                o = None
+        if pre and self.final_ln_w is not None:
+            _, a = ops.add_norm(x, o, self.final_ln_w, self.final_ln_b, eps)
+        else:
+            a = x if o is None else x + o
         if self.project_out is not None:
             a = F.linear(a, self.project_out)
         return F.linear(a, self.lm_head)

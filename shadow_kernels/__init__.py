@@ -27,6 +27,14 @@ from .gather_rows import (  # noqa: E402
     gather_swiglu_gemv_ref,
 )
 from .gather_segments import gather_segments_gemv, gather_segments_gemv_ref  # noqa: E402
+from .norm_gemv import (  # noqa: E402
+    NormFold,
+    fold_norm,
+    norm_rows_gemv,
+    norm_rows_gemv_ref,
+    norm_swiglu_gemv,
+    norm_swiglu_gemv_ref,
+)
 from .pdl import pdl_enabled, set_pdl  # noqa: E402
 from .topk import (  # noqa: E402
     POLICIES,
@@ -41,6 +49,8 @@ from .topk import (  # noqa: E402
 __all__ = [
     "POLICIES",
     "LayerIndices",
+    "NormFold",
+    "fold_norm",
     "fused_predictor",
     "fused_predictor_ref",
     "gather_cols_gemv",
@@ -53,6 +63,10 @@ __all__ = [
     "gather_swiglu_gemv_ref",
     "mask_to_indices",
     "mask_to_indices_ref",
+    "norm_rows_gemv",
+    "norm_rows_gemv_ref",
+    "norm_swiglu_gemv",
+    "norm_swiglu_gemv_ref",
     "pdl_enabled",
     "quantize_rows_fp8",
     "set_onepass",

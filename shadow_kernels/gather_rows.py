@@ -34,17 +34,67 @@ _ACTIVATIONS = (None, "relu")
 
 
 @triton.jit
+def _norm_pivot(x_ptr, r_ptr, z_ptr, offs_b, b_ok, stride_xb, stride_rb, HAS_RES: tl.constexpr, NORM: tl.constexpr):
+    """[BLOCK_B] fp32: each batch row's first z (LayerNorm), 0 otherwise. The loop works on ``d = z - pivot``
+    (the weights multiply ``d * g``; the statistics sum d and d * d), so neither the variance
+    ``E[d^2] - E[d]^2`` nor ``acc - (mean - pivot) * rowsum`` cancels when the mean is large against the spread."""
+    p = tl.zeros(offs_b.shape, dtype=tl.float32)
+    if NORM == 1:
+        p = tl.load(x_ptr + offs_b * stride_xb, mask=b_ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            p = p + tl.load(r_ptr + offs_b * stride_rb, mask=b_ok, other=0.0).to(tl.float32)
+            p = p.to(z_ptr.dtype.element_ty).to(tl.float32)
+    return p
+
+
+@triton.jit
+def _norm_input(x, r, g, z_ptrs, mask, z_mask, pivot, HAS_RES: tl.constexpr, NORM: tl.constexpr):
+    """One tile of a norm-fused GEMV's input (see shadow_kernels.norm_gemv), from the loaded tiles of x, the
+    residual r and the norm weight g: ``z = x + r`` rounded to the stream's dtype (stored where ``z_mask``: one
+    program writes it) and ``d = z - pivot`` (0 where masked). Returns ``(d * g, d)`` in fp32: what the weights
+    multiply, and what the statistics sum."""
+    z = x.to(tl.float32)
+    if HAS_RES:
+        z = z + r.to(tl.float32)
+        z16 = z.to(z_ptrs.dtype.element_ty)
+        tl.store(z_ptrs, z16, mask=z_mask)
+        z = z16.to(tl.float32)
+    d = tl.where(mask, z - pivot, 0.0)
+    xin = d
+    if NORM != 0:
+        xin = d * g.to(tl.float32)
+    return xin, d
+
+
+@triton.jit
+def _norm_tiles(x, r_ptrs, g_ptrs, mask, HAS_RES: tl.constexpr, NORM: tl.constexpr):
+    """The residual and norm-weight tiles beside an input tile ``x`` (``x`` itself where there is none)."""
+    r = x
+    g = x
+    if HAS_RES:
+        r = tl.load(r_ptrs, mask=mask, other=0.0)
+    if NORM != 0:
+        g = tl.load(g_ptrs, mask=mask, other=0.0)
+    return r, g
+
+
+@triton.jit
 def _rows_gemv_kernel(
     w_ptr, u_ptr, x_ptr, idx_ptr, bias_ptr, count_ptr, y_ptr, scale_ptr,
-    B, K, n_rows,
-    stride_wn, stride_xb, stride_yb,
-    ROWS_BUCKET,  # only an autotune key: the power of two above n_rows
+    r_ptr, g_ptr, rs_ptr, z_ptr,
+    B, K, n_rows, eps,
+    stride_wn, stride_xb, stride_yb, stride_rb, stride_zb,
+    ROWS_BUCKET,  # only an autotune key: the power of two above n_rows (n_rows itself for a dense norm, see launcher)
     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = 0,
-    PRELOAD: tl.constexpr = False,
+    PRELOAD: tl.constexpr = False, NORM: tl.constexpr = 0, HAS_RES: tl.constexpr = False,
 ):
+    # NORM (shadow_kernels.norm_gemv): 0 none; 1 layer norm, 2 RMS norm of z = x (+ r), folded in. The loop
+    # multiplies the weights by d * g with d = z - pivot (pivot: the row's first z for LN, else 0) and sums d
+    # and d * d; the epilogue applies the statistics: LN (acc - (mean - pivot) * rowsum(W * g)) * rstd, RMS
+    # acc * rstd; the fold's shift W @ beta + bias comes in as the bias.
     # A program owns BLOCK_N output rows (gathered weight rows) for BLOCK_B batch rows and walks
     # the whole reduction dimension K; no split-K, so every weight byte is read exactly once.
     if USE_PDL and not PRELOAD:
@@ -65,10 +115,14 @@ def _rows_gemv_kernel(
     w_rows = w_ptr + src[:, None] * stride_wn
     u_rows = u_ptr + src[:, None] * stride_wn  # GATED: the up rows beside the gate rows in w
     offs_k = tl.arange(0, BLOCK_K)
-    # Programs whose rows all lie past the device-side count skip the loop and only write zeros.
-    k_end = tl.where(pid_n * BLOCK_N < limit, K, 0)
+    # Programs whose rows all lie past the device-side count skip the loop and only write zeros (the
+    # first, which writes the norm's input z = x + r, always walks it).
+    k_end = tl.where((pid_n * BLOCK_N < limit) | (HAS_RES & (pid_n == 0)), K, 0)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
+    z_first = (tl.zeros([BLOCK_B], tl.int32) + pid_n) == 0  # a mask of tensors (the interpreter's need)
+    s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)  # the norm's sums of z and z * z
+    s2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
 
     if BLOCK_B == 1 and PREFETCH and not GATED:
         # v7: the next piece of the rows is loaded before this piece's products are summed, so two
@@ -79,13 +133,29 @@ def _rows_gemv_kernel(
         w = tl.load(w_rows + offs_k[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
         if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
             pdl_sync()
+        piv = _norm_pivot(x_ptr, r_ptr, z_ptr, offs_b, b_ok, stride_xb, stride_rb, HAS_RES, NORM)
         x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+        r_row = r_ptr + pid_b * stride_rb
+        r, g = _norm_tiles(x, r_row + offs_k, g_ptr + offs_k, k_ok, HAS_RES, NORM)
         for k0 in range(0, k_end, BLOCK_K):
             kn = k0 + BLOCK_K + offs_k
             kn_ok = kn < k_end
             w_next = tl.load(w_rows + kn[None, :], mask=live[:, None] & kn_ok[None, :], other=0.0)
             x_next = tl.load(x_row + kn, mask=kn_ok, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            if NORM != 0 or HAS_RES:
+                # the residual and norm-weight tiles are prefetched with x (an L2 round trip each otherwise)
+                r_next, g_next = _norm_tiles(x_next, r_row + kn, g_ptr + kn, kn_ok, HAS_RES, NORM)
+                kk = k0 + offs_k
+                k_in = kk < k_end
+                xin, d = _norm_input(x, r, g, z_ptr + pid_b * stride_zb + kk, k_in, k_in & z_first, piv, HAS_RES,
+                                     NORM)
+                s1 += d[None, :]
+                s2 += (d * d)[None, :]
+                acc += w.to(tl.float32) * xin[None, :]
+                r = r_next
+                g = g_next
+            else:
+                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w = w_next
             x = x_next
         out = tl.sum(acc, axis=1)[None, :]  # (not GATED: no up projection)
@@ -94,6 +164,7 @@ def _rows_gemv_kernel(
         # upcast right after each load is also what the interpreter needs for bf16.
         if USE_PDL and PRELOAD:
             pdl_sync()
+        piv = _norm_pivot(x_ptr, r_ptr, z_ptr, offs_b, b_ok, stride_xb, stride_rb, HAS_RES, NORM)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         x_row = x_ptr + pid_b * stride_xb
@@ -107,6 +178,12 @@ def _rows_gemv_kernel(
                 w_mask = live[:, None] & k_ok[None, :]
                 x = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(w_rows + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            if NORM != 0 or HAS_RES:
+                k_in = kk < K
+                r, g = _norm_tiles(x, r_ptr + pid_b * stride_rb + kk, g_ptr + kk, k_in, HAS_RES, NORM)
+                x, d = _norm_input(x, r, g, z_ptr + pid_b * stride_zb + kk, k_in, k_in & z_first, piv, HAS_RES, NORM)
+                s1 += d[None, :]
+                s2 += (d * d)[None, :]
             acc += w * x[None, :]
             if GATED:
                 u = tl.load(u_rows + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
@@ -117,6 +194,7 @@ def _rows_gemv_kernel(
         # A small batch: tensor-core dot of [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_N], fp32 accumulate.
         if USE_PDL and PRELOAD:
             pdl_sync()
+        piv = _norm_pivot(x_ptr, r_ptr, z_ptr, offs_b, b_ok, stride_xb, stride_rb, HAS_RES, NORM)
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
@@ -125,6 +203,15 @@ def _rows_gemv_kernel(
             w = tl.load(w_rows + kk[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=b_ok[:, None] & k_ok[None, :],
                         other=0.0)
+            if NORM != 0 or HAS_RES:
+                bk_ok = b_ok[:, None] & k_ok[None, :]
+                r, g = _norm_tiles(x, r_ptr + offs_b[:, None] * stride_rb + kk[None, :], g_ptr + kk[None, :], bk_ok,
+                                   HAS_RES, NORM)
+                xin, d = _norm_input(x, r, g, z_ptr + offs_b[:, None] * stride_zb + kk[None, :], bk_ok,
+                                     bk_ok & z_first[:, None], piv[:, None], HAS_RES, NORM)
+                s1 += d
+                s2 += d * d
+                x = xin.to(w_ptr.dtype.element_ty) if not UPCAST_DOT else xin
             if HAS_SCALE and not UPCAST_DOT:  # fp8 weights (exact in fp16), scaled per row after the sum
                 w = w.to(tl.float16)
             acc = dot_acc(acc, x, tl.trans(w), UPCAST_DOT, DOT_IEEE)
@@ -134,6 +221,18 @@ def _rows_gemv_kernel(
         out = acc
         out_u = acc_u
 
+    if NORM != 0:
+        # the statistics of z over all K features (every program summed them in its loop)
+        ms = tl.sum(s2, axis=1)[:, None] / K
+        if NORM == 1:
+            dm = tl.sum(s1, axis=1)[:, None] / K  # mean - pivot
+            rstd = 1.0 / tl.sqrt(tl.maximum(ms - dm * dm, 0.0) + eps)
+            out = (out - dm * tl.load(rs_ptr + src, mask=live, other=0.0)[None, :]) * rstd
+        else:
+            rstd = 1.0 / tl.sqrt(ms + eps)
+            out = out * rstd
+            if GATED:
+                out_u = out_u * rstd
     if HAS_SCALE:
         out = out * tl.load(scale_ptr + src, mask=live, other=0.0)[None, :]
     if HAS_BIAS:
@@ -189,7 +288,7 @@ _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4, num_stages=3),
 ])
-_KEY = ["K", "ROWS_BUCKET", "BLOCK_B", "HAS_COUNT", "GATED", "HAS_SCALE"]
+_KEY = ["K", "ROWS_BUCKET", "BLOCK_B", "HAS_COUNT", "GATED", "HAS_SCALE", "NORM", "HAS_RES"]
 _rows_gemv_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench)(
     triton.heuristics({"EVEN_K": _even_k})(_rows_gemv_kernel))
 _rows_gemv_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench)(
@@ -197,32 +296,46 @@ _rows_gemv_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotu
 
 
 def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch.dtype, up=None,
-                     pdl: bool | None = None, scale=None, preload: bool = False) -> torch.Tensor:
-    """Launcher shared by gather_rows_gemv, gather_swiglu_gemv and fused_predictor; inputs are checked.
+                     pdl: bool | None = None, scale=None, preload: bool = False, norm=None, residual=None,
+                     z=None) -> torch.Tensor:
+    """Launcher shared by gather_rows_gemv, gather_swiglu_gemv, fused_predictor and norm_rows_gemv; inputs
+    are checked.
 
     ``idx=None`` means every row of ``weight`` in order (a plain GEMV). ``up``: SwiGLU's up weight,
     same shape as ``weight`` (the gate); the output is then ``silu(x @ gate.T) * (x @ up.T)``.
     ``scale``: fp32 [N], one factor per weight row applied to its sum before the bias (fp8 weights).
     ``preload``: see :func:`gather_rows_gemv`.
+    ``norm``: a :class:`shadow_kernels.norm_gemv.NormFold` whose norm of ``x + residual`` the kernel folds in
+    (``bias`` is then the fold's fp32 shift); ``z`` [B, K] receives ``x + residual`` (with a residual).
     """
     B, K = x2d.shape
     n_rows = weight.shape[0] if idx is None else idx.shape[0]
     y = torch.empty((B, n_rows), device=x2d.device, dtype=out_dtype)
+    if residual is not None and (n_rows == 0 or B == 0):
+        torch.add(x2d, residual, out=z)
     if n_rows == 0 or B == 0:
         return y
     x2d = x2d.contiguous()
     kernel, block_b = gemv_kernel_for(B, _rows_gemv_single, _rows_gemv_batched)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(B, block_b))
+    kind = 0 if norm is None else (1 if norm.kind == "layer" else 2)
     kernel[grid](
         weight, up if up is not None else weight, x2d, idx if idx is not None else weight,
         bias if bias is not None else weight,
         count if count is not None else weight, y, scale if scale is not None else y,
-        B, K, n_rows,
+        residual if residual is not None else x2d, norm.weight if norm is not None else x2d,
+        norm.rowsum if norm is not None and norm.rowsum is not None else y, z if z is not None else x2d,
+        B, K, n_rows, norm.eps if norm is not None else 0.0,
         weight.stride(0), x2d.stride(0), y.stride(0),
-        next_pow2(n_rows),
+        residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
+        # a dense norm-folding GEMV is tuned for its exact row count: qkv and fc1 of OPT-1.3B (6144 and 8192 rows)
+        # share the power-of-two bucket, and the config tuned on one ran the other slower (v9 probe: fc1 18.5 us
+        # in the bucket, 15.5 us tuned alone; notes/models.md, session 7)
+        n_rows if norm is not None and idx is None else next_pow2(n_rows),
         HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_COUNT=count is not None, RELU=relu,
         GATED=up is not None, HAS_SCALE=scale is not None,
         UPCAST_DOT=INTERPRET, DOT_IEEE=weight.dtype == torch.float32, BLOCK_B=block_b, PRELOAD=preload,
+        NORM=kind, HAS_RES=residual is not None,
         **pdl_kwargs(x2d.device, pdl),
     )
     return y

@@ -227,6 +227,89 @@ def test_every_single_token_config_matches_the_reference(kind):
             assert_close_rel(got, ref, torch.float16)
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_every_norm_fold_config_matches_the_reference(batch, kind):
+    """norm_rows_gemv (the norm of x + r folded into the GEMV) with each rows config alone, on a ragged K with
+    a device-side count, a residual stream with a large mean (OPT's outlier features) and a SwiGLU pair."""
+    from shadow_kernels import (
+        fold_norm,
+        gather_rows,
+        norm_rows_gemv,
+        norm_rows_gemv_ref,
+        norm_swiglu_gemv,
+        norm_swiglu_gemv_ref,
+    )
+
+    tuner = gather_rows._rows_gemv_single if batch == 1 else gather_rows._rows_gemv_batched
+    every = gather_rows._SINGLE_CONFIGS if batch == 1 else gather_rows._BATCHED_CONFIGS
+    gen = torch.Generator().manual_seed(8)
+    N, K, keep = 3000, 2048 + 40, 1100
+    w = randn(N, K, dtype=torch.float16, gen=gen, scale=K**-0.5)
+    up = randn(N, K, dtype=torch.float16, gen=gen, scale=K**-0.5)
+    g = (1 + 0.2 * randn(K, gen=gen)).half()
+    beta = randn(K, dtype=torch.float16, gen=gen, scale=0.1) if kind == "layer" else None
+    b = randn(N, dtype=torch.float16, gen=gen)
+    fold = fold_norm(w, g, beta, b, kind=kind)
+    idx = torch.randperm(N, generator=gen)[:keep].to(DEVICE, torch.int32)
+    count = torch.tensor([keep - 77], dtype=torch.int32, device=DEVICE)
+    x = (randn(batch, K, gen=gen, scale=4.0) + 20.0).half()
+    r = randn(batch, K, dtype=torch.float16, gen=gen)
+    for cfg in every:
+        with only_configs(tuner, [cfg]):
+            y, z = norm_rows_gemv(w, x, idx, fold, r, "relu", count, preload=True)
+            y_ref, z_ref = norm_rows_gemv_ref(w, x, idx, fold, r, "relu", count)
+            assert torch.equal(z, z_ref)
+            assert_close_rel(y, y_ref, torch.float16)
+            if kind == "rms" and "PREFETCH" not in cfg.kwargs:  # SwiGLU runs the plain loop
+                fold_g = fold_norm(w, g, kind="rms")
+                y, z = norm_swiglu_gemv(w, up, x, idx, fold_g, r, count)
+                assert_close_rel(y, norm_swiglu_gemv_ref(w, up, x, idx, fold_g, r, count)[0], torch.float16)
+
+
+def test_norm_fold_chain_with_pdl_gives_the_same_bits_in_a_graph():
+    """A pre-norm chain of fused norm GEMVs (qkv-like, then fc1-like reading the stream the first wrote),
+    launched with programmatic dependent launch and preload, eagerly and in a CUDA graph, equals the same chain
+    without PDL: each kernel reads x and r only after its producer has finished."""
+    from shadow_kernels import fold_norm, norm_rows_gemv
+    from shadow_kernels.pdl import set_pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    gen = torch.Generator().manual_seed(9)
+    E, L = 1024, 6
+    ws = [randn(E, E, dtype=torch.float16, gen=gen, scale=E**-0.5) for _ in range(L)]
+    folds = [fold_norm(w, (1 + 0.1 * randn(E, gen=gen)).half(), randn(E, dtype=torch.float16, gen=gen, scale=0.1),
+                       randn(E, dtype=torch.float16, gen=gen, scale=0.1)) for w in ws]
+    idx = torch.randperm(E, generator=gen)[: E // 2].sort().values.to(DEVICE, torch.int32)
+    x0 = randn(E, dtype=torch.float16, gen=gen)
+
+    def chain():
+        x, o = x0, None
+        for w, f in zip(ws, folds, strict=True):
+            y, x = norm_rows_gemv(w, x, None, f, o, "relu", validate=False, preload=True)
+            o = y * 0.5  # a PyTorch kernel between, as attention or fc2 would be
+            y2, x = norm_rows_gemv(w, x, idx, f, o, validate=False, preload=True)
+            o = torch.zeros_like(x).index_copy_(0, idx.long(), y2)
+        return x + o
+
+    prev = set_pdl(False)
+    ref = chain()
+    set_pdl(True)
+    try:
+        assert torch.equal(chain(), ref)
+        out = torch.empty_like(ref)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out.copy_(chain())
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, ref)
+    finally:
+        set_pdl(prev)
+
+
 @pytest.mark.parametrize("batch,D", [(1, 128), (1, 80), (8, 128)])
 def test_every_segments_config_matches_the_reference(batch, D):
     """gather_segments_gemv (out_proj over the selected heads) with each config alone, on OPT-13B's head size

@@ -110,6 +110,30 @@ def test_triton_matches_torch_backend(name):
     assert rel(logits[0], logits[1]) <= 1e-2
 
 
+@pytest.mark.parametrize("name", ["dense", "static", "dejavu-token", "shadowllm-global"])
+def test_fused_norm_gemvs_on_opt_1_3b_layers(name):
+    """OPT-1.3B's layer shapes (4 layers): the step with the norms folded into qkv and fc1 (our dense GEMV, and
+    every sparse layer) gives the logits of the unfused step (norm kernel, then the GEMV) within fp16
+    rounding, and its CUDA graph the tokens of eager decoding. The predictor modes use fixed-score predictors
+    in the comparison (see fixed_score_modes)."""
+    import dataclasses
+
+    from models.ops import TRITON, unfused_norms
+
+    c = dataclasses.replace(DecoderConfig.from_spec("opt-1.3b"), n_layers=4)
+    m = OPTDecoder.random(c, torch.float16, "cuda", seed=0)
+    m.set_dense_gemv("triton")
+    tokens = torch.randint(0, c.vocab, (1, 30), device="cuda")
+    make = lambda: MODES[name](c) if name in ("dense", "static") else fixed_score_modes(c)[name]  # same plans
+    out = [teacher_forced(Generator(m, make(), batch=1, max_len=30, backend=b, cuda_graph=False), tokens, 20)
+           for b in (TRITON, unfused_norms(TRITON))]
+    assert rel(out[0], out[1]) <= 1e-2
+    prompt = tokens[:, :12]
+    outs = [Generator(m, MODES[name](c), batch=1, max_len=40, cuda_graph=g).generate(prompt, 16).tokens
+            for g in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_real_opt_shape_in_every_mode():
     m = OPTDecoder.random(DecoderConfig.from_spec("opt-350m"), torch.float16, "cuda")  # post-LN, projections
     prompt = torch.randint(0, m.cfg.vocab, (1, 64), device="cuda")

@@ -136,3 +136,34 @@ def test_dense_gemv_triton_rows_and_errors(tmp_path):
     with pytest.raises(ValueError, match="dense_gemv must be one of"):
         latency.run_latency(["tiny"], ["dense"], [0.5], [4], ["token"], dense_gemv="cutlass", **kw)
     assert "+owngemv" in latency.summary_table(b)
+
+
+def test_norm_fold_off_rows_and_resume(tmp_path):
+    """--no-norm-fold: rows say so and use the unfused ops (an add + norm kernel, then the GEMV); resume keeps
+    them apart from the fused rows."""
+    out = tmp_path / "n.jsonl"
+    kw = dict(prompt_len=4, out_path=out, progress=False, shadowllm_policies=("global",))
+    a = latency.run_latency(["tiny"], ["static"], [0.5], [4], ["token"], **kw)
+    b = latency.run_latency(["tiny"], ["static"], [0.5], [4], ["token"], norm_fold=False, **kw)
+    assert {r["extra"]["norm_fold"] for r in a} == {True} and {r["extra"]["norm_fold"] for r in b} == {False}
+    assert any(r["metric"] == "token_ms" and r["status"] == "ok" for r in b)
+    assert latency.run_latency(["tiny"], ["static"], [0.5], [4], ["token"], norm_fold=False, **kw) == []
+    assert "+unfusednorm" in latency.summary_table(b) and "+unfusednorm" not in latency.summary_table(a)
+
+
+def test_unfused_norm_ops_decode_like_the_fold():
+    """models.ops.unfused_norms (what --no-norm-fold runs) computes what the fused norm GEMV does."""
+    import torch
+
+    from models.generate import Generator
+    from models.modes import Static
+    from models.ops import TORCH, unfused_norms
+
+    from helpers import random_importance, teacher_forced, tiny_decoder
+
+    model = tiny_decoder("opt")
+    model.set_dense_gemv("triton")
+    tokens = torch.randint(0, model.cfg.vocab, (2, 12), generator=torch.Generator().manual_seed(3))
+    logits = [teacher_forced(Generator(model, Static(random_importance(model.cfg), 0.5, "global"), batch=2,
+                                       max_len=12, backend=ops), tokens, 6) for ops in (TORCH, unfused_norms(TORCH))]
+    assert float((logits[0] - logits[1]).norm() / logits[1].norm()) <= 1e-5

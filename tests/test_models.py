@@ -71,17 +71,62 @@ def test_dense_gemv_triton_decodes_like_transformers(pre_norm, backend):
 
     ops = get_ops(backend, torch.device("cpu"))
     calls = []
-    counted = dataclasses.replace(ops, gemv=lambda *a, **k: calls.append(1) or ops.gemv(*a, **k))
+    counted = dataclasses.replace(ops, gemv=lambda *a, **k: calls.append("gemv") or ops.gemv(*a, **k),
+                                  norm_gemv=lambda *a, **k: calls.append("norm") or ops.norm_gemv(*a, **k))
     gen = Generator(model, Dense(), batch=2, max_len=16, backend=counted)
     gen.prefill(tokens[:, :6])
     for t in range(6, 11):
         gen.tok.copy_(tokens[:, t])
         assert rel(gen.step(), ref[:, t]) <= 1e-4
-    assert len(calls) == 5 * 4 * model.cfg.n_layers  # qkv, out_proj, fc1, fc2 of every layer, every step
+    # qkv, out_proj, fc1, fc2 of every layer, every step; pre-LN folds its norms into qkv and fc1
+    want = {"gemv": 2, "norm": 2} if pre_norm else {"gemv": 4}
+    assert {k: calls.count(k) for k in set(calls)} == {k: v * 5 * model.cfg.n_layers for k, v in want.items()}
     model.set_dense_gemv("cublas")
     assert model.layers[0].fc2_w is None
     with pytest.raises(ValueError, match="dense_gemv must be one of"):
         model.set_dense_gemv("cutlass")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=ON_CPU_ONLY)])
+def test_norm_folds_follow_weight_changes(backend):
+    """The fused norm GEMVs use per-weight sums computed once (``norm_folds``); changing a norm or a weight in
+    place, or replacing it, must rebuild them before the next step, never decode with the old ones."""
+    model = tiny_model()
+    model.set_dense_gemv("triton")
+    tokens = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(4))
+
+    def decode_matches_transformers():
+        hf = model.to_hf()
+        with torch.no_grad():
+            ref = hf(tokens).logits
+        gen = Generator(model, Dense(), batch=1, max_len=16, backend=backend)
+        gen.prefill(tokens[:, :6])
+        for t in range(6, 9):
+            gen.tok.copy_(tokens[:, t])
+            assert rel(gen.step(), ref[:, t]) <= 1e-4
+
+    decode_matches_transformers()
+    first = model.norm_folds()
+    assert model.norm_folds() is first  # cached while nothing changes
+    with torch.no_grad():
+        model.layers[1].ln2_w.mul_(1.5)
+        model.layers[2].qkv_b.add_(0.3)
+        model.layers[3].ln1_b = torch.nn.Parameter(model.layers[3].ln1_b + 0.2, requires_grad=False)
+    decode_matches_transformers()
+    assert model.norm_folds() is not first
+
+
+def test_stale_norm_folds_in_a_graph_capture_are_an_error(monkeypatch):
+    import models.opt
+
+    model = tiny_model()
+    model.norm_folds()
+    monkeypatch.setattr(models.opt, "is_capturing", lambda device: True)
+    model.norm_folds()  # current: fine
+    with torch.no_grad():
+        model.layers[0].fc1_w.mul_(2.0)
+    with pytest.raises(RuntimeError, match="norm folds are stale during a CUDA graph capture"):
+        model.norm_folds()
 
 
 def test_loads_hf_checkpoint_folder(tmp_path):

@@ -1,0 +1,91 @@
+"""v9 probe: the layer norm folded into the GEMV after it (shadow_kernels.norm_gemv) against the two kernels it
+replaces, per call, on the decoder's qkv and fc1 shapes.
+
+For each case (batch 1, fp16, the sweep's data and stream timer: back-to-back calls on copies of the data in one
+CUDA graph, PDL and preload as in the decoder):
+- ``gemv``: the GEMV alone on a normalised input (what a step would pay with a free norm);
+- ``unfused``: ``add_layernorm(x, r)`` then the GEMV (the decode step before session 7);
+- ``fused``: ``norm_rows_gemv(x, r)``: the residual add, the norm and the GEMV in one kernel.
+Dense cases (s=0) run our dense GEMV (the decoder's ``--dense-gemv triton``); sparse ones gather rows. Each
+variant's first copy is checked against the fp32 reference. Rows: results/kernels/h100-v9-probe.jsonl.
+
+    PYTHONPATH=. python benchmarks/v9_probe.py --out runs/v9-probe.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+
+from bench.kernels import rel_err
+from bench.results import probe_log
+from bench.timing import copy_bandwidth, time_stream
+from benchmarks.v7_probe import build_copies, run_gemv_cases
+from models.ops import _gemv_triton
+from shadow_kernels import _common, fold_norm, gather_rows, gather_rows_gemv, norm_rows_gemv, norm_rows_gemv_ref
+from shadow_kernels.add_norm import add_layernorm
+
+CASES = [(m, op, s, False) for m in ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b") for op in ("qkv", "fc1")
+         for s in (0.0, 0.5)]
+
+
+def variants(t, sparsity, relu, gen):
+    """The three variants on one copy of a case's tensors (plus its norm parameters and residual)."""
+    w, b, x, idx = t["weight"], t["bias"], t["x"], t["idx"].to(torch.int32)
+    E = w.shape[1]
+    dev = w.device
+    g = (1 + 0.2 * torch.randn(E, generator=gen, device=dev)).half()
+    beta = (0.1 * torch.randn(E, generator=gen, device=dev)).half()
+    r = torch.randn(E, generator=gen, device=dev).half()
+    fold = fold_norm(w, g, beta, b)
+    rows = None if sparsity == 0 else idx
+    act = "relu" if relu else None
+
+    def gemv(a):
+        if rows is None:
+            return _gemv_triton(w, a, b, relu=relu)
+        return gather_rows_gemv(w, a, rows, b, act, validate=False, preload=True)
+
+    a0 = add_layernorm(x[None], r[None], g, beta)[1][0]
+
+    def unfused():
+        return gemv(add_layernorm(x[None], r[None], g, beta)[1][0])
+
+    fused = partial(norm_rows_gemv, w, x, rows, fold, r, act, validate=False, preload=True)
+    ref = lambda: norm_rows_gemv_ref(w.float(), (x + r).float(), rows, fold_norm(w.float(), g.float(), beta.float(),
+                                                                                  b.float()), None, act)[0]
+    return {"gemv": lambda: gemv(a0), "unfused": unfused, "fused": lambda: fused()[0]}, ref
+
+
+def norm_case(model, op, sparsity, dev, bw, emit) -> None:
+    copies = build_copies(model, op, sparsity, dev)
+    gen = torch.Generator(device=dev).manual_seed(7)
+    built = [variants(c.tensors, sparsity, op == "fc1", gen) for c in copies]
+    nbytes = copies[0].bytes_moved
+    base = {"model": model, "op": op, "sparsity": sparsity, "bytes": nbytes, "floor_us": nbytes / (bw * 1e9) * 1e6}
+    ref = built[0][1]()
+    for label in ("gemv", "unfused", "fused"):
+        err = rel_err(built[0][0][label](), ref) if label != "gemv" else None
+        t = time_stream([v[label] for v, _ in built], dev)
+        emit({**base, "variant": label, "us": t["median_us"], "pct_copy_bw": 100 * base["floor_us"] / t["median_us"],
+              "rel_err": err, "config": str(gather_rows._rows_gemv_single.best_config)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/v9-probe.jsonl")
+    ap.add_argument("--models", default="opt-1.3b,opt-6.7b,opt-13b,opt-30b", help="comma-separated")
+    args = ap.parse_args()
+    models = args.models.split(",")
+    dev = torch.device("cuda")
+    _common.set_autotune_cold(True)
+    bw = copy_bandwidth(dev)["copy_gbps"]
+    with probe_log(args.out, dev, bw, probe="v9") as emit:
+        run_gemv_cases([c for c in CASES if c[0] in models],
+                       lambda m, op, s, alone: norm_case(m, op, s, dev, bw, emit), emit)
+
+
+if __name__ == "__main__":
+    main()
