@@ -200,10 +200,13 @@ def test_dense_gemv_triton_matches_cublas_in_a_graph(name):
     as cuBLAS dense layers within fp16 rounding, and the CUDA graph gives the same tokens as eager."""
     m = model()
     tokens = torch.randint(0, V, (1, 30), device="cuda")
-    ref = teacher_forced(Generator(m, MODES[name](m.cfg), batch=1, max_len=30, cuda_graph=False), tokens, 20)
+    # same plans in both (fixed-score predictor): with a random one, layer 0's output rounded the cuBLAS way or
+    # ours (norm folded in since v9) flips near-tied units, 2% apart in logits (session 7)
+    same_plans = lambda: MODES[name](m.cfg) if name == "dense" else fixed_score_modes(m.cfg)[name]
+    ref = teacher_forced(Generator(m, same_plans(), batch=1, max_len=30, cuda_graph=False), tokens, 20)
     m.set_dense_gemv("triton")
     try:
-        own = teacher_forced(Generator(m, MODES[name](m.cfg), batch=1, max_len=30, cuda_graph=False), tokens, 20)
+        own = teacher_forced(Generator(m, same_plans(), batch=1, max_len=30, cuda_graph=False), tokens, 20)
         assert rel(own, ref) <= 1e-2
         prompt = tokens[:, :12]
         outs = [Generator(m, MODES[name](m.cfg), batch=1, max_len=40, cuda_graph=g).generate(prompt, 16).tokens
