@@ -30,6 +30,7 @@ from torch import nn
 
 from shadow_kernels.add_norm import rms_norm
 from shadow_kernels.gqa_attention import apply_rope, dense_units
+from shadow_kernels.norm_gemv import fold_norm
 
 from .config import DecoderConfig
 from .decoder import DecoderBase, KVCache, StateReader, attend, check_hooks, param_factory
@@ -207,40 +208,50 @@ class LlamaDecoder(DecoderBase):
     def decode_step(self, tokens, pos, cache: KVCache, mode, *, predict: bool, ops: Ops | None = None):
         """One token per sequence at position ``pos`` (one-element device tensor), running ``mode``'s plans.
 
-        Attention is one fused GQA + RoPE kernel pair per layer; every residual add is fused with the
-        RMSNorm after it (the add that ends layer i carries layer i + 1's input norm, or the final norm).
+        Attention is one fused GQA + RoPE kernel pair per layer. In a sparse layer each residual add and the
+        RMSNorm after it are folded into the GEMV that reads them (``ops.norm_gemv`` for qkv,
+        ``ops.norm_swiglu`` for gate/up; :mod:`shadow_kernels.norm_gemv`), which also writes ``x + o`` back as
+        the residual stream. A dense layer (cuBLAS) runs the add + norm as one kernel first (``ops.add_rms``).
+        The residual add is materialised before a layer whose input the mode observes (DejaVu).
         """
         ops = ops or get_ops(None, self.device)
         eps = self.cfg.norm_eps
         layers = self.layers
+        watch_input = predict and "input" in mode.observed_sites
         x = F.embedding(tokens, self.embed_tokens)
-        _, a = ops.add_rms(x, None, layers[0].ln1_w, eps)
+        o = None  # the block output not yet added to x
         for i, layer in enumerate(layers):
-            if predict:
+            if watch_input:
+                if o is not None:
+                    x, o = x + o, None
                 mode.observe(i, "input", x)
             plan: LayerPlan = mode.plan(i)
             with nvtx_range(f"layer{i}.attn"):
                 if plan.qkv_rows is None:
+                    x, a = ops.add_rms(x, o, layer.ln1_w, eps)
                     qkv = F.linear(a, layer.qkv_w)
                     heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
                                               self.rope_sin, self.scale, self._dense_q_unit, self._dense_kv_unit,
                                               plan.head_slot)
                     o = F.linear(heads, layer.o_w)
                 else:
-                    qkv = ops.gather_rows(layer.qkv_w, a, plan.qkv_rows, count=plan.qkv_count, validate=False)
+                    qkv, x = ops.norm_gemv(layer.qkv_w, x, plan.qkv_rows, fold_norm(layer.qkv_w, layer.ln1_w,
+                                                                                    kind="rms", eps=eps),
+                                           o, None, plan.qkv_count, validate=False)
                     heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
                                               self.rope_sin, self.scale, plan.q_unit, plan.kv_unit, plan.head_slot)
                     o = ops.gather_segments(layer.o_w, heads[:, : plan.out_rows.shape[0]], plan.out_rows,
                                             count=plan.out_count, segment=self.cfg.head_dim, validate=False)
             if predict:
                 mode.observe(i, "attn_out", o)
-            x, a = ops.add_rms(x, o, layer.ln2_w, eps)
             with nvtx_range(f"layer{i}.mlp"):
                 if plan.neurons is None:
+                    x, a = ops.add_rms(x, o, layer.ln2_w, eps)
                     o = self._mlp(layer, a)
                 else:
-                    f = ops.swiglu(layer.gate_w, layer.up_w, a, plan.neurons, count=plan.neuron_count, validate=False)
+                    f, x = ops.norm_swiglu(layer.gate_w, layer.up_w, x, plan.neurons,
+                                           fold_norm(layer.gate_w, layer.ln2_w, kind="rms", eps=eps), o,
+                                           plan.neuron_count, validate=False)
                     o = ops.gather_cols(layer.down_wt, f, plan.neurons, count=plan.neuron_count, validate=False)
-            nxt = layers[i + 1].ln1_w if i + 1 < len(layers) else self.norm_w
-            x, a = ops.add_rms(x, o, nxt, eps)
+        _, a = ops.add_rms(x, o, self.norm_w, eps)
         return F.linear(a, self.lm_head)

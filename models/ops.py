@@ -40,6 +40,7 @@ class Ops:
     gemv: Callable | None = None  # dense ``act(x @ w.T + b)``: the decoders' dense path with dense_gemv="triton"
     gather_segments: Callable | None = None  # out_proj over the selected heads (v8)
     norm_gemv: Callable | None = None  # (act(norm(x + r) @ w[idx].T + b), x + r): qkv and fc1 of a pre-norm layer
+    norm_swiglu: Callable | None = None  # the same for a Llama MLP's selected SwiGLU neurons (RMS norm)
 
 
 def _gemv_triton(weight, x, bias=None, relu=False):
@@ -65,24 +66,34 @@ TRITON = Ops("triton", partial(sk.gather_rows_gemv, preload=True), partial(sk.ga
              decode_attention, sk.fused_predictor,
              sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor,
              add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv, _gemv_triton,
-             partial(sk.gather_segments_gemv, preload=True), partial(sk.norm_rows_gemv, preload=True))
+             partial(sk.gather_segments_gemv, preload=True), partial(sk.norm_rows_gemv, preload=True),
+             sk.norm_swiglu_gemv)
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
             sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref,
             sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref, sk.gather_swiglu_gemv_ref,
-            _gemv_torch, sk.gather_segments_gemv_ref, sk.norm_rows_gemv_ref)
+            _gemv_torch, sk.gather_segments_gemv_ref, sk.norm_rows_gemv_ref, sk.norm_swiglu_gemv_ref)
 
 
 def unfused_norms(ops: Ops) -> Ops:
     """``ops`` with the norm GEMV split back into two kernels, ``ops.add_norm`` and then the GEMV: what a
     pre-norm decode step ran before the fold (session 7). For measuring the fold against it in one run."""
 
+    def add_norm(x, residual, fold):
+        if fold.kind == "rms":
+            return ops.add_rms(x, residual, fold.weight, fold.eps)
+        return ops.add_norm(x, residual, fold.weight, fold.bias, fold.eps)
+
     def norm_gemv(w, x, idx, fold, residual=None, activation=None, count=None, *, validate=True, preload=False):
-        z, a = ops.add_norm(x, residual, fold.weight, fold.bias, fold.eps)
+        z, a = add_norm(x, residual, fold)
         if idx is None:
             return ops.gemv(w, a, fold.lin_bias, relu=activation == "relu"), z
         return ops.gather_rows(w, a, idx, fold.lin_bias, activation, count=count, validate=validate), z
 
-    return replace(ops, name=f"{ops.name}-unfused-norms", norm_gemv=norm_gemv)
+    def norm_swiglu(gate, up, x, idx, fold, residual=None, count=None, *, validate=True, preload=False):
+        z, a = add_norm(x, residual, fold)
+        return ops.swiglu(gate, up, a, idx, count=count, validate=validate), z
+
+    return replace(ops, name=f"{ops.name}-unfused-norms", norm_gemv=norm_gemv, norm_swiglu=norm_swiglu)
 
 
 def get_ops(backend: str | Ops | None, device: torch.device) -> Ops:

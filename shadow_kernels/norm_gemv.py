@@ -82,10 +82,11 @@ def fold_norm(weight, norm_weight, norm_bias=None, bias=None, *, kind: str = "la
     shift = None
     if norm_bias is not None or bias is not None:
         shift = torch.zeros(N, dtype=torch.float32, device=dev) if bias is None else bias.detach().float().clone()
+    # (an RMS fold without biases has nothing per row: no GPU work, so a decoder may build it inside a capture)
     with torch.no_grad():
-        g = norm_weight.detach().float()
+        g = norm_weight.detach().float() if rowsum is not None else None
         beta = norm_bias.detach().float() if norm_bias is not None else None
-        for i in range(0, N, chunk_rows):
+        for i in range(0, N if rowsum is not None or beta is not None else 0, chunk_rows):
             w = weight.detach()[i: i + chunk_rows].float()
             if rowsum is not None:
                 rowsum[i: i + chunk_rows] = w @ g

@@ -151,8 +151,10 @@ def test_norm_fold_off_rows_and_resume(tmp_path):
     assert "+unfusednorm" in latency.summary_table(b) and "+unfusednorm" not in latency.summary_table(a)
 
 
-def test_unfused_norm_ops_decode_like_the_fold():
-    """models.ops.unfused_norms (what --no-norm-fold runs) computes what the fused norm GEMV does."""
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_unfused_norm_ops_decode_like_the_fold(family):
+    """models.ops.unfused_norms (what --no-norm-fold runs) computes what the fused norm GEMVs do (OPT: LayerNorm
+    into qkv and fc1; Llama: RMSNorm into qkv and the SwiGLU pair)."""
     import torch
 
     from models.generate import Generator
@@ -161,8 +163,9 @@ def test_unfused_norm_ops_decode_like_the_fold():
 
     from helpers import random_importance, teacher_forced, tiny_decoder
 
-    model = tiny_decoder("opt")
-    model.set_dense_gemv("triton")
+    model = tiny_decoder(family)
+    if family == "opt":
+        model.set_dense_gemv("triton")
     tokens = torch.randint(0, model.cfg.vocab, (2, 12), generator=torch.Generator().manual_seed(3))
     logits = [teacher_forced(Generator(model, Static(random_importance(model.cfg), 0.5, "global"), batch=2,
                                        max_len=12, backend=ops), tokens, 6) for ops in (TORCH, unfused_norms(TORCH))]
