@@ -9,6 +9,10 @@ CUDA graph, PDL and preload as in the decoder):
 Dense cases (s=0) run our dense GEMV (the decoder's ``--dense-gemv triton``); sparse ones gather rows. Each
 variant's first copy is checked against the fp32 reference. Rows: results/kernels/h100-v9-probe.jsonl.
 
+``--swiglu``: the Llama SwiGLU gather (gate and up rows of the selected neurons) with the batch-1 loop that loads
+the next tile ahead (v9, ``all_configs``) against the plain loop it ran before (``plain_loop``: the configs
+without PREFETCH), same run.
+
     PYTHONPATH=. python benchmarks/v9_probe.py --out runs/v9-probe.jsonl
 """
 
@@ -22,7 +26,7 @@ import torch
 from bench.kernels import rel_err
 from bench.results import probe_log
 from bench.timing import copy_bandwidth, time_stream
-from benchmarks.v7_probe import build_copies, run_gemv_cases
+from benchmarks.v7_probe import build_copies, run_gemv_cases, use
 from models.ops import _gemv_triton
 from shadow_kernels import _common, fold_norm, gather_rows, gather_rows_gemv, norm_rows_gemv, norm_rows_gemv_ref
 from shadow_kernels.add_norm import add_layernorm
@@ -73,10 +77,32 @@ def norm_case(model, op, sparsity, dev, bw, emit) -> None:
               "rel_err": err, "config": str(gather_rows._rows_gemv_single.best_config)})
 
 
+def swiglu_case(model, sparsity, dev, bw, emit) -> None:
+    copies = build_copies(model, "swiglu", sparsity, dev)
+    nbytes = copies[0].bytes_moved
+    base = {"model": model, "op": "swiglu", "sparsity": sparsity, "bytes": nbytes,
+            "floor_us": nbytes / (bw * 1e9) * 1e6}
+    tuner = gather_rows._rows_gemv_single
+    every = list(gather_rows._SINGLE_CONFIGS)
+    ref = copies[0].reference()
+    try:
+        for label, configs in (("plain_loop", [c for c in every if "PREFETCH" not in c.kwargs]),
+                               ("all_configs", every)):
+            use(tuner, configs)
+            err = rel_err(copies[0].variants["triton"](), ref)
+            t = time_stream([c.variants["triton"] for c in copies], dev)
+            emit({**base, "variant": label, "us": t["median_us"],
+                  "pct_copy_bw": 100 * base["floor_us"] / t["median_us"], "rel_err": err,
+                  "config": str(tuner.best_config)})
+    finally:
+        use(tuner, every)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/v9-probe.jsonl")
     ap.add_argument("--models", default="opt-1.3b,opt-6.7b,opt-13b,opt-30b", help="comma-separated")
+    ap.add_argument("--swiglu", default="", help="comma-separated Llama models for the SwiGLU cases (s=0.5, 0.7)")
     args = ap.parse_args()
     models = args.models.split(",")
     dev = torch.device("cuda")
@@ -85,6 +111,8 @@ def main() -> None:
     with probe_log(args.out, dev, bw, probe="v9") as emit:
         run_gemv_cases([c for c in CASES if c[0] in models],
                        lambda m, op, s, alone: norm_case(m, op, s, dev, bw, emit), emit)
+        run_gemv_cases([(m, "swiglu", s, False) for m in filter(None, args.swiglu.split(",")) for s in (0.5, 0.7)],
+                       lambda m, op, s, alone: swiglu_case(m, s, dev, bw, emit), emit)
 
 
 if __name__ == "__main__":

@@ -124,13 +124,18 @@ def _rows_gemv_kernel(
     s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)  # the norm's sums of z and z * z
     s2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
 
-    if BLOCK_B == 1 and PREFETCH and not GATED:
+    if BLOCK_B == 1 and PREFETCH:
         # v7: the next piece of the rows is loaded before this piece's products are summed, so two
         # pieces are in flight while the program waits (Triton pipelines only loads that feed tl.dot).
+        # GATED (v9): the up rows likewise.
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         x_row = x_ptr + pid_b * stride_xb
         k_ok = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
+        u = w
+        if GATED:
+            u = tl.load(u_rows + offs_k[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
         if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
             pdl_sync()
         piv = _norm_pivot(x_ptr, r_ptr, z_ptr, offs_b, b_ok, stride_xb, stride_rb, HAS_RES, NORM)
@@ -141,6 +146,9 @@ def _rows_gemv_kernel(
             kn = k0 + BLOCK_K + offs_k
             kn_ok = kn < k_end
             w_next = tl.load(w_rows + kn[None, :], mask=live[:, None] & kn_ok[None, :], other=0.0)
+            u_next = w_next
+            if GATED:
+                u_next = tl.load(u_rows + kn[None, :], mask=live[:, None] & kn_ok[None, :], other=0.0)
             x_next = tl.load(x_row + kn, mask=kn_ok, other=0.0)
             if NORM != 0 or HAS_RES:
                 # the residual and norm-weight tiles are prefetched with x (an L2 round trip each otherwise)
@@ -151,14 +159,18 @@ def _rows_gemv_kernel(
                                      NORM)
                 s1 += d[None, :]
                 s2 += (d * d)[None, :]
-                acc += w.to(tl.float32) * xin[None, :]
                 r = r_next
                 g = g_next
             else:
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+                xin = x.to(tl.float32)
+            acc += w.to(tl.float32) * xin[None, :]
+            if GATED:
+                acc_u += u.to(tl.float32) * xin[None, :]
             w = w_next
+            u = u_next
             x = x_next
-        out = tl.sum(acc, axis=1)[None, :]  # (not GATED: no up projection)
+        out = tl.sum(acc, axis=1)[None, :]
+        out_u = tl.sum(acc_u, axis=1)[None, :]
     elif BLOCK_B == 1:
         # One token: elementwise products accumulated in fp32, one reduction at the end. The
         # upcast right after each load is also what the interpreter needs for bf16.
