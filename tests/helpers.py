@@ -145,6 +145,28 @@ def constant_predictor(pred, scores):
     return pred
 
 
+def check_pdl_chain(chain):
+    """``chain()`` launched with programmatic dependent launch, eagerly and replayed three times in a CUDA graph,
+    gives the bits it gives without PDL (the GPU tests of kernels that read before their producer finishes)."""
+    from shadow_kernels.pdl import set_pdl
+
+    prev = set_pdl(False)
+    try:
+        ref = chain()
+        set_pdl(True)
+        assert torch.equal(chain(), ref)
+        out = torch.empty_like(ref)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out.copy_(chain())
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, ref)
+    finally:
+        set_pdl(prev)
+
+
 @contextmanager
 def only_configs(tuner, configs):
     """Run a Triton autotuner with these configs only (its cached choices dropped before and after)."""

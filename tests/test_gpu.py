@@ -12,7 +12,7 @@ from shadow_kernels import (
 )
 
 from conftest import DEVICE
-from helpers import assert_close_rel, only_configs, randn
+from helpers import assert_close_rel, check_pdl_chain, only_configs, randn
 
 pytestmark = pytest.mark.gpu
 
@@ -122,7 +122,6 @@ def test_pdl_launches_give_the_same_bits_in_a_graph(preload):
     """A chain of gather GEMVs launched with programmatic dependent launch, eagerly and in a CUDA graph,
     equals the same chain without it: every kernel waits for its producer before reading (with preload,
     before reading its input; the index lists and weights are never written in the chain)."""
-    from shadow_kernels.pdl import set_pdl
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
@@ -140,22 +139,7 @@ def test_pdl_launches_give_the_same_bits_in_a_graph(preload):
             x = gather_cols_gemv(b, h, i, validate=False, preload=preload) + x
         return x
 
-    prev = set_pdl(False)
-    ref = chain()
-    set_pdl(prev)
-    prev = set_pdl(True)
-    try:
-        assert torch.equal(chain(), ref)
-        out = torch.empty_like(ref)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out.copy_(chain())
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, ref)
-    finally:
-        set_pdl(prev)
+    check_pdl_chain(chain)
 
 
 def test_onepass_survives_autotuning_new_shapes_mid_stream():
@@ -272,7 +256,6 @@ def test_norm_fold_chain_with_pdl_gives_the_same_bits_in_a_graph():
     launched with programmatic dependent launch and preload, eagerly and in a CUDA graph, equals the same chain
     without PDL: each kernel reads x and r only after its producer has finished."""
     from shadow_kernels import fold_norm, norm_rows_gemv
-    from shadow_kernels.pdl import set_pdl
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
@@ -293,21 +276,7 @@ def test_norm_fold_chain_with_pdl_gives_the_same_bits_in_a_graph():
             o = torch.zeros_like(x).index_copy_(0, idx.long(), y2)
         return x + o
 
-    prev = set_pdl(False)
-    ref = chain()
-    set_pdl(True)
-    try:
-        assert torch.equal(chain(), ref)
-        out = torch.empty_like(ref)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out.copy_(chain())
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, ref)
-    finally:
-        set_pdl(prev)
+    check_pdl_chain(chain)
 
 
 @pytest.mark.parametrize("batch,D", [(1, 128), (1, 80), (8, 128)])
