@@ -130,6 +130,14 @@ def check_indexed_input(x_name: str, x, weight, idx, bias, count, *, n_idx: int,
     check_flag("preload", preload)
 
 
+def zero_past_count(t: torch.Tensor, count) -> torch.Tensor:
+    """The references' reading of a padded index list: entries of ``t``'s last dimension (one per index) from
+    the device-side ``count`` on set to 0; ``t`` itself when ``count`` is None."""
+    if count is None:
+        return t
+    return torch.where(torch.arange(t.shape[-1], device=t.device) < count.reshape(()), t, 0.0)
+
+
 def set_switch(state: dict, on, name: str) -> bool:
     """Set a module's on/off ``state["on"]`` (``name`` is the setter, for the error); returns the old value."""
     if not isinstance(on, bool):

@@ -31,6 +31,7 @@ from ._common import (
     next_pow2,
     set_switch,
     sm_count,
+    zero_past_count,
 )
 from .pdl import pdl_kwargs, pdl_sync
 
@@ -382,9 +383,7 @@ def gather_cols_gemv_ref(weight_t, h, idx, bias=None, count=None, *, determinist
                          onepass=None, preload=False):
     """Plain-PyTorch reference of :func:`gather_cols_gemv` (same signature, fp32 accumulate)."""
     idx = idx.long()
-    hf = h.float()
-    if count is not None:
-        hf = torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), hf, 0.0)
+    hf = zero_past_count(h.float(), count)
     y = hf @ weight_t.index_select(0, idx).float()
     if bias is not None:
         y = y + bias.float()

@@ -27,6 +27,7 @@ from ._common import (
     dot_acc,
     gemv_kernel_for,
     next_pow2,
+    zero_past_count,
 )
 from .pdl import pdl_kwargs, pdl_sync
 
@@ -121,7 +122,7 @@ def _rows_gemv_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
     z_first = (tl.zeros([BLOCK_B], tl.int32) + pid_n) == 0  # a mask of tensors (the interpreter's need)
-    s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)  # the norm's sums of z and z * z
+    s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)  # the norm's sums of d = z - pivot and d * d
     s2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
 
     if BLOCK_B == 1 and PREFETCH:
@@ -323,9 +324,9 @@ def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch
     B, K = x2d.shape
     n_rows = weight.shape[0] if idx is None else idx.shape[0]
     y = torch.empty((B, n_rows), device=x2d.device, dtype=out_dtype)
-    if residual is not None and (n_rows == 0 or B == 0):
-        torch.add(x2d, residual, out=z)
     if n_rows == 0 or B == 0:
+        if residual is not None:  # no program runs: the residual stream is still owed
+            torch.add(x2d, residual, out=z)
         return y
     x2d = x2d.contiguous()
     kernel, block_b = gemv_kernel_for(B, _rows_gemv_single, _rows_gemv_batched)
@@ -401,9 +402,14 @@ def gather_rows_gemv_ref(weight, x, idx, bias=None, activation=None, count=None,
         y = y + bias.index_select(0, idx).float()
     if activation == "relu":
         y = torch.relu(y)
-    if count is not None:
-        y = torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), y, 0.0)
-    return y.to(weight.dtype)
+    return zero_past_count(y, count).to(weight.dtype)
+
+
+def check_up(gate, up) -> None:
+    """SwiGLU's up weight: gate's shape, dtype, device and row stride (the kernel reads both rows at one offset)."""
+    check_float("up", up, ndims=(2,), dtype=gate.dtype, device=gate.device, last_contiguous=True)
+    if up.shape != gate.shape or up.stride(0) != gate.stride(0):
+        raise ValueError(f"up must have gate's shape {tuple(gate.shape)} and row stride, got {tuple(up.shape)}")
 
 
 def gather_swiglu_gemv(gate, up, x, idx, count=None, *, validate=True):
@@ -416,9 +422,7 @@ def gather_swiglu_gemv(gate, up, x, idx, count=None, *, validate=True):
     check_float("gate", gate, ndims=(2,), last_contiguous=True)
     dev = gate.device
     N, K = gate.shape
-    check_float("up", up, ndims=(2,), dtype=gate.dtype, device=dev, last_contiguous=True)
-    if up.shape != gate.shape or up.stride(0) != gate.stride(0):
-        raise ValueError(f"up must have gate's shape {tuple(gate.shape)} and row stride, got {tuple(up.shape)}")
+    check_up(gate, up)
     check_float("x", x, ndims=(1, 2), dtype=gate.dtype, device=dev)
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features but gate is [{N}, {K}]; expected x [..., {K}]")
@@ -433,6 +437,4 @@ def gather_swiglu_gemv_ref(gate, up, x, idx, count=None, *, validate=True):
     idx = idx.long()
     g = x.float() @ gate.index_select(0, idx).float().T
     y = torch.nn.functional.silu(g) * (x.float() @ up.index_select(0, idx).float().T)
-    if count is not None:
-        y = torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), y, 0.0)
-    return y.to(gate.dtype)
+    return zero_past_count(y, count).to(gate.dtype)

@@ -35,6 +35,7 @@ from ._common import (
     gemv_kernel_for,
     is_capturing,
     next_pow2,
+    zero_past_count,
 )
 from .pdl import pdl_kwargs, pdl_sync
 
@@ -219,9 +220,7 @@ def gather_segments_gemv(weight, x, idx, bias=None, count=None, *, segment, vali
 def gather_segments_gemv_ref(weight, x, idx, bias=None, count=None, *, segment, validate=True, preload=False):
     """Plain-PyTorch reference of :func:`gather_segments_gemv` (same signature, fp32 accumulate)."""
     idx = idx.long()
-    xf = x.float()
-    if count is not None:
-        xf = torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), xf, 0.0)
+    xf = zero_past_count(x.float(), count)
     y = xf @ weight.index_select(1, idx).float().T
     if bias is not None:
         y = y + bias.float()

@@ -5,12 +5,13 @@ In a pre-norm decoder every attention block and MLP starts with ``z = x + r`` (t
 summed in the same loop, and the norm's affine part moved onto the weights ahead of time:
 
     LayerNorm:  y_j = sum_k W_jk (g_k (z_k - mean) * rstd + beta_k) + bias_j
-                    = rstd * (sum_k W_jk g_k z_k  -  mean * s_j)  +  c_j
+                    = rstd * (sum_k W_jk g_k (z_k - p)  -  (mean - p) * s_j)  +  c_j
                 with s_j = sum_k W_jk g_k and c_j = sum_k W_jk beta_k + bias_j (fp32, computed once)
+                and p any constant: the row's first element
     RMSNorm:    y_j = rstd * sum_k W_jk g_k z_k  (+ bias_j)
 
-The kernel multiplies each weight tile by ``z * g``, sums ``z`` and ``z * z`` beside it, and applies
-``mean``/``rstd`` to the finished dot products; the weights themselves are not changed, so prefill, export
+The kernel multiplies each weight tile by ``(z - p) * g``, sums ``z - p`` and its square beside it, and
+applies ``mean``/``rstd`` to the finished dot products; the weights themselves are not changed, so prefill, export
 and the unfused kernels keep using them. The first program also writes ``z`` (the residual stream the next
 block adds to). That removes the add + norm launch before every such GEMV: two launches a decoder layer.
 
@@ -18,8 +19,9 @@ block adds to). That removes the add + norm launch before every such GEMV: two l
 with :func:`fold_norm` after the weights are loaded, and again if they change. The references compute the
 norm explicitly (fp32) and then the GEMV, which is the definition the kernel is tested against.
 
-Numerics: the variance is ``E[z^2] - mean^2`` in fp32 over the whole row (clamped at 0), and ``z * g`` is
-not rounded to the weight dtype on the batch-1 path (on the tensor-core path of a batch it is).
+Numerics: the variance is ``E[d^2] - E[d]^2`` with ``d = z - p``, in fp32 over the whole row (clamped at 0):
+shifting by an element of the row keeps a large mean from cancelling, there and in ``(mean - p) * s``.
+``d * g`` is not rounded to the weight dtype on the batch-1 path (on the tensor-core path of a batch it is).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import check_count, check_flag, check_float, check_indices
-from .gather_rows import _check_activation, launch_rows_gemv
+from ._common import check_count, check_flag, check_float, check_indices, zero_past_count
+from .gather_rows import _check_activation, check_up, launch_rows_gemv
 
 NORM_KINDS = ("layer", "rms")
 
@@ -82,16 +84,17 @@ def fold_norm(weight, norm_weight, norm_bias=None, bias=None, *, kind: str = "la
     shift = None
     if norm_bias is not None or bias is not None:
         shift = torch.zeros(N, dtype=torch.float32, device=dev) if bias is None else bias.detach().float().clone()
-    # (an RMS fold without biases has nothing per row: no GPU work, so a decoder may build it inside a capture)
-    with torch.no_grad():
-        g = norm_weight.detach().float() if rowsum is not None else None
-        beta = norm_bias.detach().float() if norm_bias is not None else None
-        for i in range(0, N if rowsum is not None or beta is not None else 0, chunk_rows):
-            w = weight.detach()[i: i + chunk_rows].float()
-            if rowsum is not None:
-                rowsum[i: i + chunk_rows] = w @ g
-            if beta is not None:
-                shift[i: i + chunk_rows] += w @ beta
+    # an RMS fold without biases has nothing per row: no GPU work, so a decoder may build it inside a capture
+    if rowsum is not None or norm_bias is not None:
+        with torch.no_grad():
+            g = norm_weight.detach().float()
+            beta = norm_bias.detach().float() if norm_bias is not None else None
+            for i in range(0, N, chunk_rows):
+                w = weight.detach()[i: i + chunk_rows].float()
+                if rowsum is not None:
+                    rowsum[i: i + chunk_rows] = w @ g
+                if beta is not None:
+                    shift[i: i + chunk_rows] += w @ beta
     return NormFold(kind, norm_weight.detach(), None if norm_bias is None else norm_bias.detach(),
                     None if bias is None else bias.detach(), float(eps), rowsum, shift, N)
 
@@ -163,12 +166,6 @@ def _rows(w, idx):
     return w if idx is None else w.index_select(0, idx.long())
 
 
-def _count_mask(y, idx, count):
-    if count is None:
-        return y
-    return torch.where(torch.arange(idx.shape[0], device=idx.device) < count.reshape(()), y, 0.0)
-
-
 def norm_rows_gemv_ref(weight, x, idx, fold: NormFold, residual=None, activation=None, count=None, *,
                        validate: bool = True, preload: bool = False):
     """Plain-PyTorch reference of :func:`norm_rows_gemv`: the norm computed explicitly in fp32, then the GEMV."""
@@ -179,7 +176,7 @@ def norm_rows_gemv_ref(weight, x, idx, fold: NormFold, residual=None, activation
         y = y + _rows(fold.lin_bias, idx).float()
     if activation == "relu":
         y = torch.relu(y)
-    return _count_mask(y, idx, count).to(weight.dtype), z
+    return zero_past_count(y, count).to(weight.dtype), z
 
 
 def norm_swiglu_gemv(gate, up, x, idx, fold: NormFold, residual=None, count=None, *, validate: bool = True,
@@ -188,9 +185,7 @@ def norm_swiglu_gemv(gate, up, x, idx, fold: NormFold, residual=None, count=None
     a Llama MLP's selected neurons with the RMS norm before it folded in (``fold`` from ``fold_norm(gate, g,
     kind="rms")``; it holds no per-row values, so it serves ``up`` as well)."""
     _check(gate, x, idx, fold, residual, count, validate, preload, up=up)
-    check_float("up", up, ndims=(2,), dtype=gate.dtype, device=gate.device, last_contiguous=True)
-    if up.shape != gate.shape or up.stride(0) != gate.stride(0):
-        raise ValueError(f"up must have gate's shape {tuple(gate.shape)} and row stride, got {tuple(up.shape)}")
+    check_up(gate, up)
     return _run(gate, x, idx, fold, residual, count, False, preload, up=up)
 
 
@@ -199,4 +194,4 @@ def norm_swiglu_gemv_ref(gate, up, x, idx, fold: NormFold, residual=None, count=
     """Plain-PyTorch reference of :func:`norm_swiglu_gemv`."""
     z, a = _normed_ref(x, residual, fold)
     y = F.silu(a @ _rows(gate, idx).float().T) * (a @ _rows(up, idx).float().T)
-    return _count_mask(y, idx, count).to(gate.dtype), z
+    return zero_past_count(y, count).to(gate.dtype), z
