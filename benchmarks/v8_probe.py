@@ -65,12 +65,12 @@ def gemv_case(model, op, sparsity, alone, dev, bw, emit) -> None:
 
     def timed(label, variant, tuner, configs, grouped=True):
         use(tuner, configs)
-        gather_cols._GROUPED_SUM["on"] = grouped
+        gather_cols._SUM_MODE["mode"] = 1 if grouped else 0
         try:
             err = rel_err(built.variants[variant](), ref)
             t = time_stream([c.variants[variant] for c in copies], dev)
         finally:
-            gather_cols._GROUPED_SUM["on"] = True
+            gather_cols._SUM_MODE["mode"] = 2
         us = t["median_us"]
         emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * base["floor_us"] / us, "rel_err": err,
               "config": str(tuner.best_config)})

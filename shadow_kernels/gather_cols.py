@@ -45,7 +45,7 @@ def _cols_partial_kernel(
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, PREFETCH: tl.constexpr = 0,
-    PRELOAD: tl.constexpr = False, OCC: tl.constexpr = 4, SUM_GROUPED: tl.constexpr = True,
+    PRELOAD: tl.constexpr = False, OCC: tl.constexpr = 4, SUM_MODE: tl.constexpr = 2, SUM_LOG: tl.constexpr = 5,
 ):
     # A program owns BLOCK_M outputs for BLOCK_B batch rows and one chunk of the selected rows.
     # The chunk bounds are computed on the device from `count`, so the work of a padded index list
@@ -160,7 +160,7 @@ def _cols_partial_kernel(
         if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == n_chunks - 1:
             part = out_ptr + offs_b[:, None] * stride_ob + offs_m[None, :]
             total = _sum_parts(part, stride_os, n_chunks, mask, tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32),
-                               SUM_GROUPED)
+                               SUM_MODE, SUM_LOG, BLOCK_B * BLOCK_M)
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + offs_b[:, None] * stride_ob + offs_m[None, :], total.to(y_ptr.dtype.element_ty),
@@ -169,47 +169,65 @@ def _cols_partial_kernel(
 
 
 @triton.jit
-def _sum_parts(part, stride, n, mask, total, GROUPED: tl.constexpr):
-    """``total + part[0] + part[stride] + ... + part[(n - 1) * stride]``, added in that order (the one-pass
-    finisher and the second kernel share it, so both give the same bits). v8: eight chunks are loaded
-    before any is added; a loop of one load and one add waited for each L2 round trip in turn, 14-33 of them
-    at the end of every split launch. A chunk past ``n`` loads +0.0, which leaves the sum unchanged (it starts
-    at +0.0 and a sum that starts there is never -0.0). ``GROUPED=False``: v7's loop (one load at a time), for
-    the probe that compares them."""
-    if not GROUPED:
+def _sum_parts(part, stride, n, mask, total, MODE: tl.constexpr, LOG: tl.constexpr, R: tl.constexpr):
+    """``total`` plus the sum of ``part[c * stride]`` for c < n, in an order fixed by MODE alone (the one-pass
+    finisher and the second kernel share it, so both give the same bits). A chunk past ``n`` loads +0.0.
+    - MODE 0 (v7): one load and one add at a time, in chunk order;
+    - MODE 1 (v8): chunk order, eight chunks loaded before any is added (a loop of one load and one add
+      waited for each L2 round trip in turn, 14-33 of them at the end of every split launch);
+    - MODE 2 (v10): ``2**LOG`` chunks loaded at once as one [R, 2**LOG] tile (R = the number of outputs) and
+      added as a pairwise tree, (c0 + c1) + (c2 + c3) and so on, by reshape and split: the order is the
+      tree's whatever layout the compiler gives the tile. Groups of ``2**LOG`` are added in order. One
+      round trip for up to ``2**LOG`` chunks where MODE 1 takes one per eight."""
+    if MODE == 0:
         for c in range(0, n):
             total += tl.load(part + c * stride, mask=mask, other=0.0, cache_modifier=".cg")
-        return total
-    for c in range(0, n, 8):
-        cz = tl.zeros(mask.shape, dtype=tl.int32) + c  # a tensor: the interpreter takes no scalar in a mask
-        p0 = tl.load(part + c * stride, mask=mask, other=0.0, cache_modifier=".cg")
-        p1 = tl.load(part + (c + 1) * stride, mask=mask & (cz + 1 < n), other=0.0, cache_modifier=".cg")
-        p2 = tl.load(part + (c + 2) * stride, mask=mask & (cz + 2 < n), other=0.0, cache_modifier=".cg")
-        p3 = tl.load(part + (c + 3) * stride, mask=mask & (cz + 3 < n), other=0.0, cache_modifier=".cg")
-        p4 = tl.load(part + (c + 4) * stride, mask=mask & (cz + 4 < n), other=0.0, cache_modifier=".cg")
-        p5 = tl.load(part + (c + 5) * stride, mask=mask & (cz + 5 < n), other=0.0, cache_modifier=".cg")
-        p6 = tl.load(part + (c + 6) * stride, mask=mask & (cz + 6 < n), other=0.0, cache_modifier=".cg")
-        p7 = tl.load(part + (c + 7) * stride, mask=mask & (cz + 7 < n), other=0.0, cache_modifier=".cg")
-        total += p0
-        total += p1
-        total += p2
-        total += p3
-        total += p4
-        total += p5
-        total += p6
-        total += p7
+    elif MODE == 1:
+        for c in range(0, n, 8):
+            cz = tl.zeros(mask.shape, dtype=tl.int32) + c  # a tensor: the interpreter takes no scalar in a mask
+            p0 = tl.load(part + c * stride, mask=mask, other=0.0, cache_modifier=".cg")
+            p1 = tl.load(part + (c + 1) * stride, mask=mask & (cz + 1 < n), other=0.0, cache_modifier=".cg")
+            p2 = tl.load(part + (c + 2) * stride, mask=mask & (cz + 2 < n), other=0.0, cache_modifier=".cg")
+            p3 = tl.load(part + (c + 3) * stride, mask=mask & (cz + 3 < n), other=0.0, cache_modifier=".cg")
+            p4 = tl.load(part + (c + 4) * stride, mask=mask & (cz + 4 < n), other=0.0, cache_modifier=".cg")
+            p5 = tl.load(part + (c + 5) * stride, mask=mask & (cz + 5 < n), other=0.0, cache_modifier=".cg")
+            p6 = tl.load(part + (c + 6) * stride, mask=mask & (cz + 6 < n), other=0.0, cache_modifier=".cg")
+            p7 = tl.load(part + (c + 7) * stride, mask=mask & (cz + 7 < n), other=0.0, cache_modifier=".cg")
+            total += p0
+            total += p1
+            total += p2
+            total += p3
+            total += p4
+            total += p5
+            total += p6
+            total += p7
+    else:
+        G: tl.constexpr = 1 << LOG
+        flat = tl.reshape(part, (R,))
+        ok = tl.reshape(mask, (R,))
+        chunk = tl.arange(0, G)
+        acc = tl.reshape(total, (R,))
+        for c in range(0, n, G):
+            cc = chunk[None, :] + c
+            t = tl.load(flat[:, None] + cc * stride, mask=ok[:, None] & (cc < n), other=0.0, cache_modifier=".cg")
+            for i in tl.static_range(LOG):
+                a, b = tl.split(tl.reshape(t, (R, G >> (i + 1), 2)))
+                t = a + b
+            acc += tl.reshape(t, (R,))
+        total = tl.reshape(acc, total.shape)
     return total
 
 
 @triton.jit
 def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                       USE_PDL: tl.constexpr, SUM_GROUPED: tl.constexpr = True):
+                       USE_PDL: tl.constexpr, SUM_MODE: tl.constexpr = 2, SUM_LOG: tl.constexpr = 5):
     if USE_PDL:  # see shadow_kernels.pdl
         pdl_sync()
     # Sums the SPLIT partials of every output in a fixed order (deterministic), adds the bias.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
-    acc = _sum_parts(part_ptr + offs, total, SPLIT, ok, tl.zeros([BLOCK], dtype=tl.float32), SUM_GROUPED)
+    acc = _sum_parts(part_ptr + offs, total, SPLIT, ok, tl.zeros([BLOCK], dtype=tl.float32), SUM_MODE, SUM_LOG,
+                     BLOCK)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % M, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
@@ -258,7 +276,11 @@ _cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_be
 
 _TICKETS: dict = {}
 _ONEPASS = {"on": True}
-_GROUPED_SUM = {"on": True}  # False: v7's one-load-at-a-time sum of the partials (benchmarks/v8_probe.py)
+# How the split partials are summed (``_sum_parts``' MODE): 2, v10's tree, for one token; a batched launch
+# sums in v8's groups of eight (its tile of partials would take too many registers). The probes set 0 or 1
+# to time the older sums (benchmarks/v8_probe.py, v10_probe.py).
+_SUM_MODE = {"mode": 2}
+_TREE_MAX_LOG = 5  # at most 32 chunks' partials in one tile
 
 
 def set_onepass(on: bool) -> bool:
@@ -329,6 +351,8 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
     else:
         mode, out = 2, torch.zeros((B, M), device=dev, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split_of(meta), triton.cdiv(B, block_b))
+    sum_mode = _SUM_MODE["mode"] if block_b == 1 or _SUM_MODE["mode"] < 2 else 1
+    sum_log = min(_TREE_MAX_LOG, max(1, (max_split - 1).bit_length()))
     kernel[grid](
         weight_t, h2d, idx, count if count is not None else idx, bias if bias is not None else weight_t, out,
         y, tickets if tickets is not None else y,
@@ -339,14 +363,14 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         # fp32 activations with 16-bit weights (the sparse-hidden predictor) keep fp32 in the dot
         UPCAST_DOT=INTERPRET or h2d.dtype != weight_t.dtype,
         DOT_IEEE=torch.float32 in (weight_t.dtype, h2d.dtype), BLOCK_B=block_b, PRELOAD=preload,
-        SUM_GROUPED=_GROUPED_SUM["on"], **pdl_kwargs(dev),
+        SUM_MODE=sum_mode, SUM_LOG=sum_log, **pdl_kwargs(dev),
     )
     if mode in (1, 2):
         n_parts = split_of(kernel.best_config.kwargs) if mode == 1 else 1
-        block = 1024
+        block = 128 if sum_mode == 2 else 1024  # the tree's tile is [block, 2**sum_log] fp32
         _cols_reduce_kernel[(triton.cdiv(B * M, block),)](
             out, bias if bias is not None else out, y, B * M, M, n_parts,
-            HAS_BIAS=bias is not None, BLOCK=block, SUM_GROUPED=_GROUPED_SUM["on"], **pdl_kwargs(dev),
+            HAS_BIAS=bias is not None, BLOCK=block, SUM_MODE=sum_mode, SUM_LOG=sum_log, **pdl_kwargs(dev),
         )
     return y
 

@@ -33,19 +33,26 @@ def test_matches_reference(dtype, batch, deterministic, split):
     assert_close_rel(out, ref32(wt, h, idx, b), dtype)
 
 
-@pytest.mark.parametrize("split", [7, 8, 9, 17])
+@pytest.mark.parametrize("sum_mode", [0, 1, 2])
+@pytest.mark.parametrize("batch", [None, 3])
+@pytest.mark.parametrize("split", [2, 9, 17, 33, 65])
 @pytest.mark.parametrize("count", [None, 13])
-def test_partials_summed_in_groups_of_eight(split, count):
-    # The reduction loads eight chunks' partials at a time; splits around a multiple of eight, and a count
-    # that leaves some chunks empty, must still add every chunk once.
+def test_every_sum_of_the_partials_adds_each_chunk_once(monkeypatch, sum_mode, batch, split, count):
+    # The partials are summed one at a time (0), eight loaded at once (1) or as pairwise trees over up to 32
+    # chunks (2; a batch falls back to 1). Splits around the group sizes, several groups of the tree, and a
+    # count that leaves some chunks empty must still add every chunk once.
+    from shadow_kernels import gather_cols
+
+    monkeypatch.setitem(gather_cols._SUM_MODE, "mode", sum_mode)
     gen = torch.Generator().manual_seed(3)
-    wt = randn(70, 40, dtype=torch.float32, gen=gen)
-    idx = torch.randperm(70, generator=gen)[:30].to(device=DEVICE, dtype=torch.int32)
-    h = randn(30, dtype=torch.float32, gen=gen)
+    wt = randn(140, 40, dtype=torch.float32, gen=gen)
+    idx = torch.randperm(140, generator=gen)[:100].to(device=DEVICE, dtype=torch.int32)
+    h = randn(100, dtype=torch.float32, gen=gen) if batch is None else randn(batch, 100, dtype=torch.float32, gen=gen)
     cnt = None if count is None else torch.tensor([count], dtype=torch.int32, device=DEVICE)
     out = gather_cols_gemv(wt, h, idx, count=cnt, split=split)
-    hh = h if count is None else torch.where(torch.arange(30, device=DEVICE) < count, h, 0.0)
+    hh = h if count is None else torch.where(torch.arange(100, device=DEVICE) < count, h, 0.0)
     assert_close_rel(out, ref32(wt, hh, idx, None), torch.float32)
+    assert torch.equal(out, gather_cols_gemv(wt, h, idx, count=cnt, split=split))
 
 
 @pytest.mark.parametrize("batch", [None, 4])

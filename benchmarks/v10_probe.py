@@ -1,0 +1,125 @@
+"""v10 probe: where gather-cols (fc2) loses its time, and the tree sum of the split partials.
+
+Why: the v8 rows of fc2 fit ``time = fixed + bytes / bandwidth`` with the marginal bytes at about the copy
+bandwidth and a fixed part of ~12 us (OPT-13B at s = 0, 0.5, 0.7), where our gather-rows kernel on the same
+bytes has ~4 us. So the split-K layout streams well; what it adds is at the ends of the launch. This times,
+for fc2 cases over several sparsities so that the fixed part can be read off (batch 1, fp16, the sweep's
+stream timer, configs tuned on cold data, each variant tuned afresh):
+- ``v8``: one launch, partials summed eight loads at a time (v8's default);
+- ``v10``: one launch, partials summed as a pairwise tree of up to 32 chunks in one load (v10's default);
+- ``v8_2launch`` / ``v10_2launch``: the same sums in a second kernel;
+- ``stream_only``: the split launch alone, with the second kernel not launched (wrong output, never
+  checked): what the streaming costs without any reduction;
+- ``atomic``: fp32 atomics into a zeroed buffer (not bit-reproducible), then the conversion kernel;
+- ``v8_preload`` / ``v10_preload``: the decoder's call (``preload=True``: index list and first weights read
+  before the programmatic-launch wait);
+- ``bm32_*``: configs with 32-output (64-byte) row pieces, each alone;
+- ``own_gathered`` / ``cublas_gathered`` / ``cublas_dense`` as in the v8 probe.
+Each row's ``rel_err`` is its first call against the fp32 reference (``stream_only`` excepted).
+
+    PYTHONPATH=. python benchmarks/v10_probe.py --out runs/v10-probe.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from bench.kernels import rel_err
+from bench.results import probe_log
+from bench.timing import copy_bandwidth, time_stream
+from benchmarks.v7_probe import build_copies, run_gemv_cases, use
+from benchmarks.v8_probe import gathered
+from models.ops import _gemv_triton
+from shadow_kernels import _common, gather_cols, gather_cols_gemv
+
+CASES = [(m, "fc2", s, m == "opt-13b" and s in (0.5, 0.7)) for m, s in (
+    ("opt-13b", 0.5), ("opt-13b", 0.7), ("opt-13b", 0.0), ("opt-13b", 0.9), ("opt-30b", 0.5), ("opt-30b", 0.7),
+    ("opt-1.3b", 0.0), ("opt-1.3b", 0.5), ("opt-6.7b", 0.0))]
+BM32 = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_J": 64, "PREFETCH": 1, "OCC": 8}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_J": 32, "PREFETCH": 1, "OCC": 16}, num_warps=1, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_J": 64, "PREFETCH": 1, "OCC": 4}, num_warps=2, num_stages=1),
+]
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def cols_case(model, op, sparsity, alone, dev, bw, emit) -> None:
+    copies = build_copies(model, op, sparsity, dev)
+    built = copies[0]
+    base = {"model": model, "op": op, "sparsity": sparsity, "bytes": built.bytes_moved,
+            "floor_us": built.bytes_moved / (bw * 1e9) * 1e6, "selected": int(built.tensors["idx"].numel())}
+    ref = built.reference()
+    tuner = gather_cols._cols_single
+    every = list(gather_cols._SINGLE_CONFIGS)
+
+    def call(c, **kw):
+        a = c.tensors
+        idx32 = a["idx"].to(torch.int32)
+        return lambda: gather_cols_gemv(a["weight_t"], a["h"], idx32, a["bias"], validate=False, **kw)
+
+    def timed(label, sum_mode, configs=None, check=True, **kw):
+        use(tuner, configs or every)
+        gather_cols._SUM_MODE["mode"] = sum_mode
+        try:
+            fns = [call(c, **kw) for c in copies]
+            err = rel_err(fns[0](), ref) if check else None
+            t = time_stream(fns, dev)
+        finally:
+            gather_cols._SUM_MODE["mode"] = 2
+        us = t["median_us"]
+        emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * base["floor_us"] / us, "rel_err": err,
+              "config": str(tuner.best_config)})
+
+    timed("v8", 1)
+    timed("v10", 2)
+    timed("v8_2launch", 1, onepass=False)
+    timed("v10_2launch", 2, onepass=False)
+    reduce = gather_cols._cols_reduce_kernel
+    gather_cols._cols_reduce_kernel = _NoLaunch()
+    try:
+        timed("stream_only", 2, check=False, onepass=False)
+    finally:
+        gather_cols._cols_reduce_kernel = reduce
+    timed("atomic", 2, deterministic=False)
+    timed("v8_preload", 1, preload=True)
+    timed("v10_preload", 2, preload=True)
+    if alone:
+        for i, cfg in enumerate(BM32):
+            try:
+                timed(f"bm32_{i}", 2, [cfg])
+            except Exception as exc:  # a config that does not compile for this shape
+                emit({**base, "variant": f"bm32_{i}", "error": repr(exc)[:300]})
+    use(tuner, every)
+    t = time_stream([c.variants["torch_dense"] for c in copies], dev)
+    us = t["median_us"]
+    emit({**base, "variant": "cublas_dense", "us": us, "pct_copy_bw": 100 * base["floor_us"] / us})
+    mats = [gathered(c, op) for c in copies]
+    for label, fn in (("cublas_gathered", lambda w, x: (lambda: F.linear(x, w))),
+                      ("own_gathered", lambda w, x: (lambda: _gemv_triton(w, x)))):
+        t = time_stream([fn(w, x) for w, x in mats], dev)
+        emit({**base, "variant": label, "us": t["median_us"], "pct_copy_bw": 100 * base["floor_us"] / t["median_us"]})
+    del mats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/v10-probe.jsonl")
+    ap.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    _common.set_autotune_cold(True)
+    bw = copy_bandwidth(dev)["copy_gbps"]
+    with probe_log(args.out, dev, bw, probe="v10") as emit:
+        run_gemv_cases(CASES[: args.cases], lambda m, op, s, alone: cols_case(m, op, s, alone, dev, bw, emit), emit)
+
+
+if __name__ == "__main__":
+    main()
