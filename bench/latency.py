@@ -237,6 +237,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     bad = [m for m in modes if m not in LATENCY_MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(LATENCY_MODES)}")
+    from shadow_kernels import gather_cols
     from shadow_kernels.pdl import pdl_enabled
 
     dtype = DTYPES[dtype_name]
@@ -249,7 +250,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                 git_commit=git_commit(), weights="random",
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl,
                        "batch_rule": batch_rule, "predictor_dtype": predictor_dtype, "dense_gemv": dense_gemv,
-                       "norm_fold": bool(norm_fold)})
+                       "norm_fold": bool(norm_fold), "cols": gather_cols.settings()})
     done = _done_keys(writer.existing())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
             if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,

@@ -5,15 +5,17 @@ bandwidth and a fixed part of ~12 us (OPT-13B at s = 0, 0.5, 0.7), where our gat
 bytes has ~4 us. So the split-K layout streams well; what it adds is at the ends of the launch. This times,
 for fc2 cases over several sparsities so that the fixed part can be read off (batch 1, fp16, the sweep's
 stream timer, configs tuned on cold data, each variant tuned afresh):
-- ``v8``: one launch, partials summed eight loads at a time (v8's default);
-- ``v10``: one launch, partials summed as a pairwise tree of up to 32 chunks in one load (v10's default);
-- ``v8_2launch`` / ``v10_2launch``: the same sums in a second kernel;
+- ``v8``: v8's kernel: one launch, partials summed eight loads at a time, v8's configs;
+- ``v10_2launch_v8cfg``: the tree sum in a second kernel, v8's configs;
+- ``v10``: v10's default: the tree sum in a second kernel, v10's configs (OCC programs per SM in one wave);
+- ``v10_onepass``: the same, summed by the last program of each block instead;
 - ``stream_only``: the split launch alone, with the second kernel not launched (wrong output, never
   checked): what the streaming costs without any reduction;
 - ``atomic``: fp32 atomics into a zeroed buffer (not bit-reproducible), then the conversion kernel;
-- ``v8_preload`` / ``v10_preload``: the decoder's call (``preload=True``: index list and first weights read
+- ``v10_preload``: the decoder's call (``preload=True``: index list and first weights read
   before the programmatic-launch wait);
-- ``bm32_*``: configs with 32-output (64-byte) row pieces, each alone;
+- ``alone_*``: each of v10's configs alone;
+- ``registers``: each config's registers and spills as compiled here, and the programs an SM then holds;
 - ``own_gathered`` / ``cublas_gathered`` / ``cublas_dense`` as in the v8 probe.
 Each row's ``rel_err`` is its first call against the fp32 reference (``stream_only`` excepted).
 
@@ -26,7 +28,6 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from bench.kernels import rel_err
 from bench.results import probe_log
@@ -39,11 +40,31 @@ from shadow_kernels import _common, gather_cols, gather_cols_gemv
 CASES = [(m, "fc2", s, m == "opt-13b" and s in (0.5, 0.7)) for m, s in (
     ("opt-13b", 0.5), ("opt-13b", 0.7), ("opt-13b", 0.0), ("opt-13b", 0.9), ("opt-30b", 0.5), ("opt-30b", 0.7),
     ("opt-1.3b", 0.0), ("opt-1.3b", 0.5), ("opt-6.7b", 0.0))]
-BM32 = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_J": 64, "PREFETCH": 1, "OCC": 8}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_M": 32, "BLOCK_J": 32, "PREFETCH": 1, "OCC": 16}, num_warps=1, num_stages=1),
-    triton.Config({"BLOCK_M": 32, "BLOCK_J": 64, "PREFETCH": 1, "OCC": 4}, num_warps=2, num_stages=1),
-]
+V8_CONFIGS = gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6
+
+
+def config_registers(dev, emit) -> None:
+    """Registers and spills of every config as this Triton compiles it (the split launch, batch 1)."""
+    wt = torch.zeros((256, 512), dtype=torch.float16, device=dev)
+    h = torch.zeros((1, 256), dtype=torch.float16, device=dev)
+    idx = torch.arange(256, dtype=torch.int32, device=dev)
+    part = torch.zeros((64, 512), dtype=torch.float32, device=dev)
+    y = torch.zeros((1, 512), dtype=torch.float16, device=dev)
+    for label, configs in (("v10", gather_cols._SINGLE_V10), ("v8", V8_CONFIGS)):
+        for i, c in enumerate(configs):
+            kw = {"PREFETCH": 0, "OCC": 4, **c.kwargs}
+            for preload in (False, True):
+                k = gather_cols._cols_partial_kernel.warmup(
+                    wt, h, idx, idx, wt, part, y, y, 1, 512, 256, 512, 256, 512, 512, 256, 0, grid=(1,),
+                    HAS_COUNT=True, HAS_BIAS=True, MODE=1, UPCAST_DOT=False, DOT_IEEE=False, USE_PDL=True,
+                    BLOCK_B=1, PRELOAD=preload, SUM_MODE=2, SUM_LOG=5, num_warps=c.num_warps,
+                    num_stages=c.num_stages, maxnreg=c.maxnreg, launch_pdl=True, **kw)
+                k._init_handles()
+                th = 32 * c.num_warps
+                emit({"kind": "probe", "variant": "registers", "set": label, "config_index": i, "config": str(c),
+                      "preload": preload, "n_regs": k.n_regs, "n_spills": k.n_spills,
+                      "resident_per_sm": min(32, 2048 // th, 65536 // max(1, (k.n_regs + 7) // 8 * 8 * th)),
+                      "occ": kw["OCC"]})
 
 
 class _NoLaunch:
@@ -78,25 +99,21 @@ def cols_case(model, op, sparsity, alone, dev, bw, emit) -> None:
         emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * base["floor_us"] / us, "rel_err": err,
               "config": str(tuner.best_config)})
 
-    timed("v8", 1)
-    timed("v10", 2)
-    timed("v8_2launch", 1, onepass=False)
-    timed("v10_2launch", 2, onepass=False)
+    timed("v8", 1, V8_CONFIGS, onepass=True)  # v8/v9's kernel: one launch, eight loads a round, v8's configs
+    timed("v10_2launch_v8cfg", 2, V8_CONFIGS)
+    timed("v10", 2)  # the default: tree, second kernel, v10's configs
+    timed("v10_onepass", 2, onepass=True)
+    timed("v10_preload", 2, preload=True)
     reduce = gather_cols._cols_reduce_kernel
     gather_cols._cols_reduce_kernel = _NoLaunch()
     try:
-        timed("stream_only", 2, check=False, onepass=False)
+        timed("stream_only", 2, check=False)
     finally:
         gather_cols._cols_reduce_kernel = reduce
     timed("atomic", 2, deterministic=False)
-    timed("v8_preload", 1, preload=True)
-    timed("v10_preload", 2, preload=True)
     if alone:
-        for i, cfg in enumerate(BM32):
-            try:
-                timed(f"bm32_{i}", 2, [cfg])
-            except Exception as exc:  # a config that does not compile for this shape
-                emit({**base, "variant": f"bm32_{i}", "error": repr(exc)[:300]})
+        for i, cfg in enumerate(every):
+            timed(f"alone_{i}", 2, [cfg])
     use(tuner, every)
     t = time_stream([c.variants["torch_dense"] for c in copies], dev)
     us = t["median_us"]
@@ -118,6 +135,7 @@ def main() -> None:
     _common.set_autotune_cold(True)
     bw = copy_bandwidth(dev)["copy_gbps"]
     with probe_log(args.out, dev, bw, probe="v10") as emit:
+        config_registers(dev, emit)
         run_gemv_cases(CASES[: args.cases], lambda m, op, s, alone: cols_case(m, op, s, alone, dev, bw, emit), emit)
 
 

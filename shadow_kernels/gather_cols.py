@@ -260,7 +260,27 @@ _SINGLE_V7 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 1, "OCC": 8}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 16}, num_warps=2, num_stages=1),
 ]
-_SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
+
+
+def _resident(block_m: int, block_j: int, warps: int, occ: int, prefetch: int = 1) -> triton.Config:
+    """v10: a config whose OCC programs per SM fit in one wave. The register file (65536 per SM) is divided
+    among them: ``maxnreg`` caps each thread there, so the split the launcher makes from OCC (one program per
+    slot, ``choose_split``) never leaves a second, partial wave whatever the compiler would have used. v8's
+    OCC was a wish: its most chosen config (64 x 16, two warps, OCC 16) compiled to 72 registers, 14
+    programs fitted an SM, and 264 of its 2112 programs on OPT-13B's fc2 ran as a tail after the rest."""
+    regs = min(255, 65536 // (occ * 32 * warps)) // 8 * 8
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_J": block_j, "PREFETCH": prefetch, "OCC": occ}, num_warps=warps,
+                         num_stages=1, maxnreg=regs)
+
+
+_SINGLE_V10 = [
+    _resident(64, 16, 2, 14), _resident(64, 16, 2, 16), _resident(64, 16, 1, 24), _resident(64, 16, 1, 28),
+    _resident(128, 16, 4, 7), _resident(128, 16, 4, 8), _resident(128, 16, 2, 8), _resident(64, 32, 4, 5),
+    _resident(256, 16, 8, 3), _resident(128, 16, 4, 8, prefetch=0),
+    # two whole waves of half-size programs (14 fit an SM), for the probe's comparison with one wave
+    triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 28}, num_warps=2, num_stages=1, maxnreg=72),
+]
+_SINGLE_CONFIGS = configs_for_platform(_SINGLE_V10)
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
@@ -275,7 +295,10 @@ _cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_be
     _cols_partial_kernel)
 
 _TICKETS: dict = {}
-_ONEPASS = {"on": True}
+# v10: off. With the tree sum, a second kernel (programmatic launch, already resident when the split
+# launch ends) finished 0.6-2.3 us sooner than the last program of each block doing it (fence, ticket, sum):
+# benchmarks/v10_probe.py, notes/kernels.md.
+_ONEPASS = {"on": False}
 # How the split partials are summed (``_sum_parts``' MODE): 2, v10's tree, for one token; a batched launch
 # sums in v8's groups of eight (its tile of partials would take too many registers). The probes set 0 or 1
 # to time the older sums (benchmarks/v8_probe.py, v10_probe.py).
@@ -287,6 +310,12 @@ def set_onepass(on: bool) -> bool:
     """Single-launch split reduction (MODE 3) on CUDA; off, the partials are summed by a second kernel.
     Returns the previous setting."""
     return set_switch(_ONEPASS, on, "set_onepass")
+
+
+def settings() -> dict:
+    """How gather-cols reduces and which configs it tunes over now (latency rows record it)."""
+    v10 = _cols_single.configs == list(_SINGLE_CONFIGS)
+    return {"onepass": _ONEPASS["on"], "sum_mode": _SUM_MODE["mode"], "configs": "v10" if v10 else "custom"}
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
@@ -312,9 +341,10 @@ _MIN_ROWS_PER_SPLIT = 64
 
 
 def choose_split(n_sel: int, M: int, block_m: int, device: torch.device, per_sm: int = 4) -> int:
-    """Split the reduction so that about ``per_sm`` programs per SM are in flight (a config's OCC)."""
+    """Split the reduction so that at most ``per_sm`` programs per SM (a config's OCC) are launched: one
+    wave (v10; v8 rounded up, which launched a few programs past the wave)."""
     m_blocks = triton.cdiv(M, block_m)
-    want = triton.cdiv(per_sm * sm_count(device), m_blocks)
+    want = max(1, per_sm * sm_count(device) // m_blocks)
     return max(1, min(want, triton.cdiv(n_sel, _MIN_ROWS_PER_SPLIT)))
 
 

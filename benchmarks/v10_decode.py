@@ -1,0 +1,34 @@
+"""Decode latency with v10's gather-cols against v8's, one process each (benchmarks/v10_probe.py has the
+per-call figures). ``--cols v8`` puts back v8's reduction for the run: one launch whose last program per
+block sums the partials eight loads at a time, over v8's configs (with v10's split rounding, which never
+launches past OCC programs per SM). The rest of the arguments go to ``python -m bench.cli latency``; each
+row's ``extra.cols`` says which ran.
+
+    PYTHONPATH=. python benchmarks/v10_decode.py --cols v8 -- --models opt-13b --modes dense,static,shadowllm \\
+        --granularity token --policy global --dense-gemv triton --out runs/v10-decode.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import cli
+from benchmarks.v7_probe import use
+from shadow_kernels import gather_cols
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cols", choices=("v10", "v8"), default="v10")
+    ap.add_argument("rest", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    if args.cols == "v8":
+        gather_cols.set_onepass(True)
+        gather_cols._SUM_MODE["mode"] = 1
+        use(gather_cols._cols_single, gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    return cli.main(["latency", *rest])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
