@@ -6,16 +6,17 @@ bytes has ~4 us. So the split-K layout streams well; what it adds is at the ends
 for fc2 cases over several sparsities so that the fixed part can be read off (batch 1, fp16, the sweep's
 stream timer, configs tuned on cold data, each variant tuned afresh):
 - ``v8``: v8's kernel: one launch, partials summed eight loads at a time, v8's configs;
-- ``v10_2launch_v8cfg``: the tree sum in a second kernel, v8's configs;
-- ``v10``: v10's default: the tree sum in a second kernel, v10's configs (OCC programs per SM in one wave);
+- ``v10``: v10's default: the tree sum in a second kernel, which lets the kernel after it be scheduled
+  before its own wait;
 - ``v10_onepass``: the same, summed by the last program of each block instead;
 - ``stream_only``: the split launch alone, with the second kernel not launched (wrong output, never
   checked): what the streaming costs without any reduction;
 - ``atomic``: fp32 atomics into a zeroed buffer (not bit-reproducible), then the conversion kernel;
 - ``v10_preload``: the decoder's call (``preload=True``: index list and first weights read
   before the programmatic-launch wait);
-- ``alone_*``: each of v10's configs alone;
-- ``registers``: each config's registers and spills as compiled here, and the programs an SM then holds;
+- ``alone_*``: each config alone;
+- ``registers``: each config's registers and spills as compiled here, and the programs an SM then holds (the
+  launcher splits for OCC programs per SM).
 - ``own_gathered`` / ``cublas_gathered`` / ``cublas_dense`` as in the v8 probe.
 Each row's ``rel_err`` is its first call against the fp32 reference (``stream_only`` excepted).
 
@@ -50,7 +51,7 @@ def config_registers(dev, emit) -> None:
     idx = torch.arange(256, dtype=torch.int32, device=dev)
     part = torch.zeros((64, 512), dtype=torch.float32, device=dev)
     y = torch.zeros((1, 512), dtype=torch.float16, device=dev)
-    for label, configs in (("v10", gather_cols._SINGLE_V10), ("v8", V8_CONFIGS)):
+    for label, configs in (("default", list(gather_cols._SINGLE_CONFIGS)),):
         for i, c in enumerate(configs):
             kw = {"PREFETCH": 0, "OCC": 4, **c.kwargs}
             for preload in (False, True):
@@ -100,8 +101,7 @@ def cols_case(model, op, sparsity, alone, dev, bw, emit) -> None:
               "config": str(tuner.best_config)})
 
     timed("v8", 1, V8_CONFIGS, onepass=True)  # v8/v9's kernel: one launch, eight loads a round, v8's configs
-    timed("v10_2launch_v8cfg", 2, V8_CONFIGS)
-    timed("v10", 2)  # the default: tree, second kernel, v10's configs
+    timed("v10", 2)  # the default: tree, second kernel (which lets the next kernel start early)
     timed("v10_onepass", 2, onepass=True)
     timed("v10_preload", 2, preload=True)
     reduce = gather_cols._cols_reduce_kernel

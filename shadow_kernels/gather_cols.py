@@ -221,8 +221,15 @@ def _sum_parts(part, stride, n, mask, total, MODE: tl.constexpr, LOG: tl.constex
 @triton.jit
 def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                        USE_PDL: tl.constexpr, SUM_MODE: tl.constexpr = 2, SUM_LOG: tl.constexpr = 5):
-    if USE_PDL:  # see shadow_kernels.pdl
-        pdl_sync()
+    if USE_PDL:
+        # v10: the one kernel of this package that lets the next one be scheduled before its own wait (see
+        # shadow_kernels.pdl), so that a preloading GEMV after it starts during the split launch as it would
+        # after a one-launch gather-cols. Safe: what that kernel reads before its wait must not be written by
+        # the kernel before it (this one writes only y, after its wait), and the split launch that this one
+        # waits for writes only the partials workspace, which nothing else reads. Every read the next kernel
+        # makes after its wait still follows this kernel's end, and so the split launch's.
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     # Sums the SPLIT partials of every output in a fixed order (deterministic), adds the bias.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
@@ -261,26 +268,7 @@ _SINGLE_V7 = [
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 16}, num_warps=2, num_stages=1),
 ]
 
-
-def _resident(block_m: int, block_j: int, warps: int, occ: int, prefetch: int = 1) -> triton.Config:
-    """v10: a config whose OCC programs per SM fit in one wave. The register file (65536 per SM) is divided
-    among them: ``maxnreg`` caps each thread there, so the split the launcher makes from OCC (one program per
-    slot, ``choose_split``) never leaves a second, partial wave whatever the compiler would have used. v8's
-    OCC was a wish: its most chosen config (64 x 16, two warps, OCC 16) compiled to 72 registers, 14
-    programs fitted an SM, and 264 of its 2112 programs on OPT-13B's fc2 ran as a tail after the rest."""
-    regs = min(255, 65536 // (occ * 32 * warps)) // 8 * 8
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_J": block_j, "PREFETCH": prefetch, "OCC": occ}, num_warps=warps,
-                         num_stages=1, maxnreg=regs)
-
-
-_SINGLE_V10 = [
-    _resident(64, 16, 2, 14), _resident(64, 16, 2, 16), _resident(64, 16, 1, 24), _resident(64, 16, 1, 28),
-    _resident(128, 16, 4, 7), _resident(128, 16, 4, 8), _resident(128, 16, 2, 8), _resident(64, 32, 4, 5),
-    _resident(256, 16, 8, 3), _resident(128, 16, 4, 8, prefetch=0),
-    # two whole waves of half-size programs (14 fit an SM), for the probe's comparison with one wave
-    triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 28}, num_warps=2, num_stages=1, maxnreg=72),
-]
-_SINGLE_CONFIGS = configs_for_platform(_SINGLE_V10)
+_SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
@@ -314,8 +302,8 @@ def set_onepass(on: bool) -> bool:
 
 def settings() -> dict:
     """How gather-cols reduces and which configs it tunes over now (latency rows record it)."""
-    v10 = _cols_single.configs == list(_SINGLE_CONFIGS)
-    return {"onepass": _ONEPASS["on"], "sum_mode": _SUM_MODE["mode"], "configs": "v10" if v10 else "custom"}
+    default = _cols_single.configs == list(_SINGLE_CONFIGS)
+    return {"onepass": _ONEPASS["on"], "sum_mode": _SUM_MODE["mode"], "configs": "default" if default else "custom"}
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
@@ -341,8 +329,8 @@ _MIN_ROWS_PER_SPLIT = 64
 
 
 def choose_split(n_sel: int, M: int, block_m: int, device: torch.device, per_sm: int = 4) -> int:
-    """Split the reduction so that at most ``per_sm`` programs per SM (a config's OCC) are launched: one
-    wave (v10; v8 rounded up, which launched a few programs past the wave)."""
+    """Split the reduction so that at most ``per_sm`` programs per SM (a config's OCC) are launched (v10;
+    v8 rounded up and launched up to one program per output block more)."""
     m_blocks = triton.cdiv(M, block_m)
     want = max(1, per_sm * sm_count(device) // m_blocks)
     return max(1, min(want, triton.cdiv(n_sel, _MIN_ROWS_PER_SPLIT)))

@@ -4,7 +4,9 @@ the other. A decode step is hundreds of short kernels in one CUDA graph, and tho
 
 The contract that keeps it correct, followed by every kernel of this package that takes ``USE_PDL``:
 the kernel calls ``gdc_wait`` (wait until the previous grid has finished and its writes are visible)
-before it reads anything, then ``gdc_launch_dependents`` (the next kernel may be scheduled). A kernel
+before it reads anything, then ``gdc_launch_dependents`` (the next kernel may be scheduled). One exception,
+argued where it is: gather-cols' second kernel, which only sums the workspace its split launch wrote, lets
+the next kernel be scheduled first. A kernel
 launched without PDL (PyTorch, cuBLAS) waits for the previous one to finish as usual, and one launched
 with PDL after it starts only when it has finished. So PDL only removes launch gaps; it never reorders
 a read before a write.
