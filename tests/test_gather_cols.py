@@ -162,3 +162,45 @@ def test_both_single_token_loops(generation, dtype):
         count = torch.tensor([90], dtype=torch.int32, device=DEVICE)
         for kw in ({}, {"count": count}, {"split": 3}):
             assert_close_rel(gather_cols_gemv(wt, h, idx, b, **kw), gather_cols_gemv_ref(wt, h, idx, b, **kw), dtype)
+
+
+@pytest.mark.parametrize("width", [64, 128])
+@pytest.mark.parametrize("batch", [None, 1, 5])
+@pytest.mark.parametrize("split", [None, 1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_layout_matches_reference(width, batch, split, dtype):
+    # block_cols' layout [M / width, N, width]: the same product as the plain [N, M] weight, through every
+    # reduction (one chunk, split partials), a count, and the reference reading the blocked weight too.
+    from shadow_kernels import block_cols, unblock_cols
+
+    gen = torch.Generator().manual_seed(5)
+    N, M = 90, 2 * width
+    wt = randn(N, M, dtype=dtype, gen=gen)
+    b = randn(M, dtype=dtype, gen=gen)
+    blocked = block_cols(wt, width)
+    assert blocked.shape == (M // width, N, width) and torch.equal(unblock_cols(blocked), wt)
+    idx = torch.randperm(N, generator=gen)[:37].to(device=DEVICE, dtype=torch.int32)
+    h = randn(37, dtype=dtype, gen=gen) if batch is None else randn(batch, 37, dtype=dtype, gen=gen)
+    cnt = torch.tensor([30], dtype=torch.int32, device=DEVICE)
+    for count in (None, cnt):
+        out = gather_cols_gemv(blocked, h, idx, b, count=count, split=split)
+        assert out.shape == ((M,) if batch is None else (batch, M))
+        assert_close_rel(out, ref32(wt, h, idx, b, count), dtype)
+        assert torch.equal(gather_cols_gemv_ref(blocked, h, idx, b, count), gather_cols_gemv_ref(wt, h, idx, b, count))
+
+
+def test_blocked_layout_bad_input():
+    from shadow_kernels import block_cols
+
+    wt = randn(10, 96, dtype=torch.float16)
+    with pytest.raises(ValueError, match="width must be one of"):
+        block_cols(wt, 32)
+    with pytest.raises(ValueError, match="not a multiple of width 64"):
+        block_cols(wt, 64)
+    idx = index([1, 2])
+    h = randn(2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="blocked layout of block_cols"):
+        gather_cols_gemv(randn(2, 10, 48, dtype=torch.float16), h, idx)
+    odd = block_cols(randn(10, 128, dtype=torch.float16), 64).transpose(0, 1)
+    with pytest.raises(ValueError, match="blocked layout"):
+        gather_cols_gemv(odd, h, idx)
