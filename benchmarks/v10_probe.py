@@ -17,9 +17,7 @@ stream timer, configs tuned on cold data, each variant tuned afresh):
 - ``alone_*``: each config alone;
 - ``registers``: each config's registers and spills as compiled here, and the programs an SM then holds (the
   launcher splits for OCC programs per SM).
-- ``own_gathered`` / ``cublas_gathered`` / ``cublas_dense`` as in the v8 probe;
-- with ``--blocked``: ``v10``, ``v10_preload`` and the same calls on the blocked layouts of ``block_cols``
-  (``blocked64``, ``blocked128``, ``*_preload``), each tuned over the configs of its width.
+- ``own_gathered`` / ``cublas_gathered`` / ``cublas_dense`` as in the v8 probe.
 Each row's ``rel_err`` is its first call against the fp32 reference (``stream_only`` excepted).
 
     PYTHONPATH=. python benchmarks/v10_probe.py --out runs/v10-probe.jsonl
@@ -38,7 +36,7 @@ from bench.timing import copy_bandwidth, time_stream
 from benchmarks.v7_probe import build_copies, run_gemv_cases, use
 from benchmarks.v8_probe import gathered
 from models.ops import _gemv_triton
-from shadow_kernels import _common, block_cols, gather_cols, gather_cols_gemv
+from shadow_kernels import _common, gather_cols, gather_cols_gemv
 
 CASES = [(m, "fc2", s, m == "opt-13b" and s in (0.5, 0.7)) for m, s in (
     ("opt-13b", 0.5), ("opt-13b", 0.7), ("opt-13b", 0.0), ("opt-13b", 0.9), ("opt-30b", 0.5), ("opt-30b", 0.7),
@@ -75,7 +73,7 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def cols_case(model, op, sparsity, alone, dev, bw, emit, blocked_only=False) -> None:
+def cols_case(model, op, sparsity, alone, dev, bw, emit) -> None:
     copies = build_copies(model, op, sparsity, dev)
     built = copies[0]
     base = {"model": model, "op": op, "sparsity": sparsity, "bytes": built.bytes_moved,
@@ -84,49 +82,36 @@ def cols_case(model, op, sparsity, alone, dev, bw, emit, blocked_only=False) -> 
     tuner = gather_cols._cols_single
     every = list(gather_cols._SINGLE_CONFIGS)
 
-    def call(c, width=None, **kw):
+    def call(c, **kw):
         a = c.tensors
         idx32 = a["idx"].to(torch.int32)
-        wt = a["weight_t"] if width is None else a[f"blocked{width}"]
-        return lambda: gather_cols_gemv(wt, a["h"], idx32, a["bias"], validate=False, **kw)
+        return lambda: gather_cols_gemv(a["weight_t"], a["h"], idx32, a["bias"], validate=False, **kw)
 
-    def timed(label, sum_mode, configs=None, check=True, width=None, **kw):
-        active = tuner if width is None else gather_cols._blocked_kernels(width)[0]
-        use(active, configs or every if width is None else [c for c in every if c.kwargs["BLOCK_M"] == width])
+    def timed(label, sum_mode, configs=None, check=True, **kw):
+        use(tuner, configs or every)
         gather_cols._SUM_MODE["mode"] = sum_mode
         try:
-            fns = [call(c, width, **kw) for c in copies]
+            fns = [call(c, **kw) for c in copies]
             err = rel_err(fns[0](), ref) if check else None
             t = time_stream(fns, dev)
         finally:
             gather_cols._SUM_MODE["mode"] = 2
         us = t["median_us"]
         emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * base["floor_us"] / us, "rel_err": err,
-              "config": str(active.best_config)})
+              "config": str(tuner.best_config)})
 
-    if blocked_only:
-        timed("v10", 2)
-        timed("v10_preload", 2, preload=True)
-        for width in gather_cols.BLOCKED_WIDTHS:
-            for c in copies:
-                c.tensors[f"blocked{width}"] = block_cols(c.tensors["weight_t"], width)
-            timed(f"blocked{width}", 2, width=width)
-            timed(f"blocked{width}_preload", 2, width=width, preload=True)
-            for c in copies:
-                del c.tensors[f"blocked{width}"]
-    else:
-        timed("v8", 1, V8_CONFIGS, onepass=True)  # v8/v9's kernel: one launch, eight loads a round, v8's configs
-        timed("v10", 2)  # the default: tree, second kernel (which lets the next kernel start early)
-        timed("v10_onepass", 2, onepass=True)
-        timed("v10_preload", 2, preload=True)
-        reduce = gather_cols._cols_reduce_kernel
-        gather_cols._cols_reduce_kernel = _NoLaunch()
-        try:
-            timed("stream_only", 2, check=False)
-        finally:
-            gather_cols._cols_reduce_kernel = reduce
-        timed("atomic", 2, deterministic=False)
-    if alone and not blocked_only:
+    timed("v8", 1, V8_CONFIGS, onepass=True)  # v8/v9's kernel: one launch, eight loads a round, v8's configs
+    timed("v10", 2)  # the default: tree, second kernel (which lets the next kernel start early)
+    timed("v10_onepass", 2, onepass=True)
+    timed("v10_preload", 2, preload=True)
+    reduce = gather_cols._cols_reduce_kernel
+    gather_cols._cols_reduce_kernel = _NoLaunch()
+    try:
+        timed("stream_only", 2, check=False)
+    finally:
+        gather_cols._cols_reduce_kernel = reduce
+    timed("atomic", 2, deterministic=False)
+    if alone:
         for i, cfg in enumerate(every):
             timed(f"alone_{i}", 2, [cfg])
     use(tuner, every)
@@ -145,17 +130,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/v10-probe.jsonl")
     ap.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
-    ap.add_argument("--blocked", action="store_true",
-                    help="only the blocked layouts (block_cols) against the plain one, and the bounds")
     args = ap.parse_args()
     dev = torch.device("cuda")
     _common.set_autotune_cold(True)
     bw = copy_bandwidth(dev)["copy_gbps"]
     with probe_log(args.out, dev, bw, probe="v10") as emit:
-        if not args.blocked:
-            config_registers(dev, emit)
-        run_gemv_cases(CASES[: args.cases],
-                       lambda m, op, s, alone: cols_case(m, op, s, alone, dev, bw, emit, args.blocked), emit)
+        config_registers(dev, emit)
+        run_gemv_cases(CASES[: args.cases], lambda m, op, s, alone: cols_case(m, op, s, alone, dev, bw, emit), emit)
 
 
 if __name__ == "__main__":

@@ -40,13 +40,12 @@ from .pdl import pdl_kwargs, pdl_sync
 def _cols_partial_kernel(
     wt_ptr, h_ptr, idx_ptr, count_ptr, bias_ptr, out_ptr, y_ptr, ticket_ptr,
     B, M, n_sel,
-    stride_wn, stride_hb, stride_ob, stride_os, stride_wb,
+    stride_wn, stride_hb, stride_ob, stride_os,
     SEL_BUCKET, SPLIT_KEY,  # only autotune keys
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, PREFETCH: tl.constexpr = 0,
     PRELOAD: tl.constexpr = False, OCC: tl.constexpr = 4, SUM_MODE: tl.constexpr = 2, SUM_LOG: tl.constexpr = 5,
-    BLOCKED: tl.constexpr = False,
 ):
     # A program owns BLOCK_M outputs for BLOCK_B batch rows and one chunk of the selected rows.
     # The chunk bounds are computed on the device from `count`, so the work of a padded index list
@@ -68,13 +67,6 @@ def _cols_partial_kernel(
     j_end = tl.minimum(j_start + chunk, limit)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    if BLOCKED:
-        # v10 blocked layout [M / BLOCK_M, N, BLOCK_M] (block_cols): this program's pieces of consecutive
-        # rows lie BLOCK_M elements apart, not a whole row apart
-        wt_ptr += pid_m.to(tl.int64) * stride_wb
-        cols = tl.arange(0, BLOCK_M)
-    else:
-        cols = offs_m
     offs_j = tl.arange(0, BLOCK_J)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
@@ -90,7 +82,7 @@ def _cols_partial_kernel(
         h_row = h_ptr + pid_b * stride_hb
         jj = j_start + offs_j
         j_ok = jj < j_end
-        w = tl.load(wt_ptr + src[:, None] * stride_wn + cols[None, :], mask=j_ok[:, None] & m_ok[None, :],
+        w = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
                     other=0.0)
         if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait (see launcher)
             pdl_sync()
@@ -100,7 +92,7 @@ def _cols_partial_kernel(
         for j0 in range(j_start, j_end, BLOCK_J):
             jn = j0 + BLOCK_J + offs_j
             jn_ok = jn < j_end
-            w_next = tl.load(wt_ptr + src[:, None] * stride_wn + cols[None, :],
+            w_next = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :],
                              mask=jn_ok[:, None] & m_ok[None, :], other=0.0)
             hv_next = tl.load(h_row + jn, mask=jn_ok, other=0.0)
             nn = jn + BLOCK_J
@@ -119,7 +111,7 @@ def _cols_partial_kernel(
             j_ok = jj < j_end
             nxt = jj + BLOCK_J
             src_next = tl.load(idx_ptr + nxt, mask=nxt < j_end, other=0).to(tl.int64)
-            w = tl.load(wt_ptr + src[:, None] * stride_wn + cols[None, :], mask=j_ok[:, None] & m_ok[None, :],
+            w = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
                         other=0.0).to(tl.float32)
             hv = tl.load(h_row + jj, mask=j_ok, other=0.0).to(tl.float32)
             acc += w * hv[:, None]
@@ -134,7 +126,7 @@ def _cols_partial_kernel(
             j_ok = jj < j_end
             nxt = jj + BLOCK_J
             src_next = tl.load(idx_ptr + nxt, mask=nxt < j_end, other=0).to(tl.int64)
-            w = tl.load(wt_ptr + src[:, None] * stride_wn + cols[None, :], mask=j_ok[:, None] & m_ok[None, :],
+            w = tl.load(wt_ptr + src[:, None] * stride_wn + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
                         other=0.0)
             hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + jj[None, :], mask=b_ok[:, None] & j_ok[None, :],
                          other=0.0)
@@ -277,57 +269,18 @@ _SINGLE_V7 = [
 ]
 
 _SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
-_BATCHED_CONFIGS_ALL = [
+_BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 256, "BLOCK_J": 32}, num_warps=8, num_stages=3),
-]
-_BATCHED_CONFIGS = configs_for_platform(_BATCHED_CONFIGS_ALL)
+])
 _KEY = ["M", "SEL_BUCKET", "SPLIT_KEY", "BLOCK_B", "MODE", "HAS_COUNT"]
 _cols_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
     _cols_partial_kernel)
 _cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
     _cols_partial_kernel)
-
-BLOCKED_WIDTHS = (64, 128)
-_BLOCKED_TUNERS: dict = {}
-
-
-def _blocked_kernels(width: int) -> tuple:
-    """The autotuned kernels (batch 1, batched) for the blocked layout of ``width``: the configs whose BLOCK_M is
-    that width (a program reads one block)."""
-    if width not in _BLOCKED_TUNERS:
-        pair = []
-        for configs in (_SINGLE_V7 + _SINGLE_V6, _BATCHED_CONFIGS_ALL):
-            mine = configs_for_platform([c for c in configs if c.kwargs["BLOCK_M"] == width])
-            pair.append(triton.autotune(mine, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
-                _cols_partial_kernel))
-        _BLOCKED_TUNERS[width] = tuple(pair)
-    return _BLOCKED_TUNERS[width]
-
-
-def block_cols(weight_t: torch.Tensor, width: int = 64) -> torch.Tensor:
-    """``weight_t`` [N, M] in gather-cols' blocked layout [M / width, N, width] (contiguous): block b holds
-    outputs b * width ... (b + 1) * width - 1 of every row. A gather-cols program reads one block, so the
-    pieces it reads of consecutive selected rows lie ``width`` elements apart instead of M (v10,
-    notes/kernels.md). M must be a multiple of width; width one of BLOCKED_WIDTHS."""
-    check_float("weight_t", weight_t, ndims=(2,), any_device=True)
-    if width not in BLOCKED_WIDTHS:
-        raise ValueError(f"width must be one of {BLOCKED_WIDTHS}, got {width!r}")
-    N, M = weight_t.shape
-    if M % width:
-        raise ValueError(f"weight_t has {M} outputs, not a multiple of width {width}")
-    return weight_t.reshape(N, M // width, width).transpose(0, 1).contiguous()
-
-
-def unblock_cols(weight_t: torch.Tensor) -> torch.Tensor:
-    """The [N, M] matrix of a blocked ``weight_t`` [M / width, N, width] (a copy); a 2-D one as it is."""
-    if weight_t.dim() == 2:
-        return weight_t
-    nb, N, width = weight_t.shape
-    return weight_t.transpose(0, 1).reshape(N, nb * width)
 
 _TICKETS: dict = {}
 # v10: off. With the tree sum, a second kernel (programmatic launch, already resident when the split
@@ -391,8 +344,7 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
     # reduction reads the split of the config that ran.
     B = h2d.shape[0]
     n_sel = idx.shape[0]
-    blocked = weight_t.dim() == 3
-    M = weight_t.shape[0] * weight_t.shape[2] if blocked else weight_t.shape[1]
+    M = weight_t.shape[1]
     dev = weight_t.device
     y = torch.empty((B, M), device=dev, dtype=out_dtype or weight_t.dtype)
     if B == 0 or M == 0:
@@ -400,8 +352,7 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
     if n_sel == 0:
         return bias_only(y, bias)
     h2d = h2d.contiguous()
-    kernel, block_b = gemv_kernel_for(B, *(_blocked_kernels(weight_t.shape[2]) if blocked else
-                                           (_cols_single, _cols_batched)))
+    kernel, block_b = gemv_kernel_for(B, _cols_single, _cols_batched)
     def split_of(kw) -> int:  # a config's kwargs (or a launch's meta)
         return split or choose_split(n_sel, M, kw["BLOCK_M"], dev, kw.get("OCC", 4))
 
@@ -424,13 +375,13 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         weight_t, h2d, idx, count if count is not None else idx, bias if bias is not None else weight_t, out,
         y, tickets if tickets is not None else y,
         B, M, n_sel,
-        weight_t.stride(-2), h2d.stride(0), M, B * M, weight_t.stride(0) if blocked else 0,
+        weight_t.stride(0), h2d.stride(0), M, B * M,
         next_pow2(n_sel), split or 0,
         HAS_COUNT=count is not None, HAS_BIAS=bias is not None, MODE=mode,
         # fp32 activations with 16-bit weights (the sparse-hidden predictor) keep fp32 in the dot
         UPCAST_DOT=INTERPRET or h2d.dtype != weight_t.dtype,
         DOT_IEEE=torch.float32 in (weight_t.dtype, h2d.dtype), BLOCK_B=block_b, PRELOAD=preload,
-        SUM_MODE=sum_mode, SUM_LOG=sum_log, BLOCKED=blocked, **pdl_kwargs(dev),
+        SUM_MODE=sum_mode, SUM_LOG=sum_log, **pdl_kwargs(dev),
     )
     if mode in (1, 2):
         n_parts = split_of(kernel.best_config.kwargs) if mode == 1 else 1
@@ -446,8 +397,7 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
                      onepass=None, preload=False):
     """``h @ weight_t[idx] + bias`` with Triton kernels.
 
-    weight_t: [N, M] (W transposed, contiguous rows) fp16/bf16/fp32, or the same in the blocked layout
-    [M / width, N, width] of :func:`block_cols` (contiguous; width 64 or 128). h: [k] or [B, k], same dtype;
+    weight_t: [N, M] (W transposed, contiguous rows) fp16/bf16/fp32. h: [k] or [B, k], same dtype;
     column j of h multiplies row idx[j] of weight_t. idx: int32/int64 [k] in [0, N).
     bias: [M] or None. count: optional one-element int32 device tensor; only the first ``count``
     entries of idx (and of h) are used.
@@ -455,22 +405,14 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
     split: number of chunks of the reduction (default: chosen from the shape and the SM count).
     onepass: on CUDA, finish the deterministic reduction inside the one launch (the last chunk of each
     output block adds the partials; same sum, same bits) instead of a second kernel; default
-    :func:`set_onepass` (off since v10).
+    :func:`set_onepass` (on).
     preload: with programmatic dependent launch, read idx, count and the first weights before waiting
     for the kernel launched just before this one; only h waits. Correct only when that kernel writes
     none of them (see :func:`shadow_kernels.gather_rows_gemv`).
     Returns [M] or [B, M] in the weight dtype; accumulation is fp32.
     """
-    check_float("weight_t", weight_t, ndims=(2, 3), last_contiguous=True)
-    if weight_t.dim() == 3:
-        nb, N, width = weight_t.shape
-        if width not in BLOCKED_WIDTHS or not weight_t.is_contiguous():
-            raise ValueError(f"a 3-D weight_t is the blocked layout of block_cols: contiguous [M / width, N, width] "
-                             f"with width in {BLOCKED_WIDTHS}; got shape {tuple(weight_t.shape)}"
-                             f"{'' if weight_t.is_contiguous() else ', not contiguous'}")
-        M = nb * width
-    else:
-        N, M = weight_t.shape
+    check_float("weight_t", weight_t, ndims=(2,), last_contiguous=True)
+    N, M = weight_t.shape
     check_indexed_input("h", h, weight_t, idx, bias, count, n_idx=N, n_out=M, validate=validate, preload=preload)
     if split is not None and (not isinstance(split, int) or split < 1):
         raise ValueError(f"split must be a positive int or None, got {split!r}")
@@ -484,7 +426,7 @@ def gather_cols_gemv_ref(weight_t, h, idx, bias=None, count=None, *, determinist
     """Plain-PyTorch reference of :func:`gather_cols_gemv` (same signature, fp32 accumulate)."""
     idx = idx.long()
     hf = zero_past_count(h.float(), count)
-    y = hf @ unblock_cols(weight_t).index_select(0, idx).float()
+    y = hf @ weight_t.index_select(0, idx).float()
     if bias is not None:
         y = y + bias.float()
     return y.to(weight_t.dtype)
