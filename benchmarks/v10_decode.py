@@ -2,7 +2,8 @@
 per-call figures). ``--cols v8`` puts back v8's reduction for the run: one launch whose last program per
 block sums the partials eight loads at a time, over v8's configs (with v10's split rounding, which never
 launches past OCC programs per SM). The rest of the arguments go to ``python -m bench.cli latency``; each
-row's ``extra.cols`` says which ran.
+row's ``extra.cols`` says which ran. ``--attn`` sets OPT's decode attention form for the run (the rows do not
+record it: give each form its own ``--out``).
 
     PYTHONPATH=. python benchmarks/v10_decode.py --cols v8 -- --models opt-13b --modes dense,static,shadowllm \\
         --granularity token --policy global --dense-gemv triton --out runs/v10-decode.jsonl
@@ -12,20 +13,26 @@ from __future__ import annotations
 
 import argparse
 
+import shadow_kernels.decode_attention as da
 from bench import cli
 from benchmarks.v7_probe import use
+from benchmarks.v10_attn import VARIANTS
 from shadow_kernels import gather_cols
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cols", choices=("v10", "v8"), default="v10")
+    ap.add_argument("--attn", choices=sorted(VARIANTS), default=None,
+                    help="OPT's decode attention form (benchmarks/v10_attn.py); default: the library's")
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     if args.cols == "v8":
         gather_cols.set_onepass(True)
         gather_cols._SUM_MODE["mode"] = 1
         use(gather_cols._cols_single, gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6)
+    if args.attn:
+        da._ATTN.update(VARIANTS[args.attn])
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     return cli.main(["latency", *rest])
 

@@ -213,6 +213,11 @@ def _check(qkv, k_cache, v_cache, valid, pos, head_slot, ref=False):
 
 
 CHUNK = 64  # cached positions per program of the split kernel
+# The default form (``chunk=None``): one launch, one program per head, where the cache holds at most
+# ``one_launch_t`` positions, each program's K and V tiles ``block_t`` positions long with
+# ``block_t * BLOCK_D <= tile`` and ``block_t <= max_block_t`` (eight warps past 8192 elements); the
+# flash-decoding split (two launches) above. benchmarks/v10_attn.py times the choices.
+_ATTN = {"one_launch_t": 64, "max_block_t": 64, "tile": 8192}
 
 
 def decode_attention(qkv, k_cache, v_cache, valid, pos, head_slot, scale=None, *, chunk=None):
@@ -221,7 +226,7 @@ def decode_attention(qkv, k_cache, v_cache, valid, pos, head_slot, scale=None, *
     Writes the new keys/values and ``valid`` in place; returns ``out`` [B, S * D] in the cache dtype.
     ``pos`` must be below the cache length T (not checked on the device).
     ``chunk``: cached positions per program (flash-decoding split, two launches); 0 runs one
-    program per head over all positions (one launch). Default: split when T > CHUNK.
+    program per head over all positions (one launch). Default: split when T > 64 (``_ATTN``).
     """
     B, H, T, D, S = _check(qkv, k_cache, v_cache, valid, pos, head_slot)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -229,7 +234,7 @@ def decode_attention(qkv, k_cache, v_cache, valid, pos, head_slot, scale=None, *
     if B == 0 or H == 0:
         return out
     block_d = next_pow2(D)
-    chunk = (CHUNK if T > CHUNK else 0) if chunk is None else chunk
+    chunk = (CHUNK if _ATTN["one_launch_t"] < T else 0) if chunk is None else chunk
     if chunk:
         if chunk & (chunk - 1) or chunk < 16:
             raise ValueError(f"chunk must be a power of two >= 16 or 0, got {chunk}")
@@ -246,12 +251,13 @@ def decode_attention(qkv, k_cache, v_cache, valid, pos, head_slot, scale=None, *
             **pdl_kwargs(qkv.device),
         )
         return out
-    block_t = max(16, min(64, 8192 // block_d))
+    block_t = max(16, min(_ATTN["max_block_t"], next_pow2(T), _ATTN["tile"] // block_d))
     _decode_attention_kernel[(B, H)](
         qkv, k_cache, v_cache, valid, pos, head_slot, out,
         H, T, scale,
         qkv.stride(0), out.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        D=D, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4, **pdl_kwargs(qkv.device),
+        D=D, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=8 if block_t * block_d > 8192 else 4,
+        **pdl_kwargs(qkv.device),
     )
     return out
 

@@ -283,9 +283,10 @@ _cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_be
     _cols_partial_kernel)
 
 _TICKETS: dict = {}
-# v10: off. With the tree sum, a second kernel (programmatic launch, already resident when the split
-# launch ends) finished 0.6-2.3 us sooner than the last program of each block doing it (fence, ticket, sum):
-# benchmarks/v10_probe.py, notes/kernels.md.
+# v10: off. With the tree sum, the second kernel (launched programmatically, already resident when the split
+# launch ends) finished 1.0-2.3 us a call sooner than the last program of each block summing in the launch
+# (first v10 probe, 5617193); with the early trigger (f30fce0) the two were within -0.1..+1.1 us a call, and
+# the decode steps 0.5-1.0% faster than v8's one launch (notes/kernels.md, v10).
 _ONEPASS = {"on": False}
 # How the split partials are summed (``_sum_parts``' MODE): 2, v10's tree, for one token; a batched launch
 # sums in v8's groups of eight (its tile of partials would take too many registers). The probes set 0 or 1

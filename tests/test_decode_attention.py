@@ -86,3 +86,23 @@ def test_head_with_no_earlier_entry_sees_only_itself(chunk):
     for h in range(2):
         s = int(slot[h])
         assert torch.allclose(out.view(1, 2, 8)[0, s], parts[0, s, 2])
+
+
+@pytest.mark.parametrize("setting", [{"one_launch_t": 1 << 30, "max_block_t": 256, "tile": 32768},
+                                     {"one_launch_t": 1 << 30, "max_block_t": 128, "tile": 16384},
+                                     {"one_launch_t": 100, "max_block_t": 64, "tile": 8192}],
+                         ids=["one-launch-256", "one-launch-128", "split-above-100"])
+@pytest.mark.parametrize("T,pos", [(200, 199), (200, 63), (90, 70)])
+def test_default_forms_match_reference(monkeypatch, setting, T, pos):
+    # The default (chunk=None) form follows _ATTN: one launch with tiles up to 128/256 positions (one tile
+    # covers the whole cache here, or two), or the split past a threshold; each the reference's result.
+    import shadow_kernels.decode_attention as da
+
+    monkeypatch.setattr(da, "_ATTN", setting)
+    qkv, kc, vc, valid, pos_t, slot = make_case(1, 3, T, 16, 2, pos, torch.float32, 7)
+    a = [kc.clone(), vc.clone(), valid.clone()]
+    b = [kc.clone(), vc.clone(), valid.clone()]
+    out = decode_attention(qkv, *a, pos_t, slot)
+    ref = decode_attention_ref(qkv, *b, pos_t, slot)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert rel_err(out, ref) <= REL_TOL[torch.float32] * 2
