@@ -17,10 +17,9 @@ import argparse
 
 import torch
 
-import shadow_kernels.decode_attention as da
 from bench.results import probe_log
 from bench.timing import copy_bandwidth, time_stream
-from shadow_kernels import decode_attention, decode_attention_ref
+from shadow_kernels.decode_attention import _ATTN, decode_attention, decode_attention_ref
 
 VARIANTS = {
     "split": {"one_launch_t": 64, "max_block_t": 64, "tile": 8192},
@@ -50,15 +49,15 @@ def case(model, T, pos, dev, emit):
     q0, k0, v0, m0 = copies[0]
     ref = decode_attention_ref(q0, k0.clone(), v0.clone(), m0.clone(), pos_t, slot).float()
     for name, setting in VARIANTS.items():
-        saved = dict(da._ATTN)
-        da._ATTN.update(setting)
+        saved = dict(_ATTN)
+        _ATTN.update(setting)
         try:
             out = decode_attention(q0, k0.clone(), v0.clone(), m0.clone(), pos_t, slot).float()
             err = ((out - ref).norm() / ref.norm()).item()
             t = time_stream([lambda c=c: decode_attention(c[0], c[1], c[2], c[3], pos_t, slot) for c in copies], dev)
         finally:
-            da._ATTN.clear()
-            da._ATTN.update(saved)
+            _ATTN.clear()
+            _ATTN.update(saved)
         emit({"model": model, "op": "decode_attention", "T": T, "pos": pos, "heads": H, "head_dim": D,
               "variant": name, "us": t["median_us"], "rel_err": err, "kv_bytes": 2 * H * pos * D * 2})
 

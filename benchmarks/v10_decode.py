@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 
-import shadow_kernels.decode_attention as da
 from bench import cli
 from benchmarks.v7_probe import use
 from benchmarks.v10_attn import VARIANTS
 from shadow_kernels import gather_cols
+from shadow_kernels.decode_attention import _ATTN
 
 
 def main() -> int:
@@ -32,7 +32,7 @@ def main() -> int:
         gather_cols._SUM_MODE["mode"] = 1
         use(gather_cols._cols_single, gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6)
     if args.attn:
-        da._ATTN.update(VARIANTS[args.attn])
+        _ATTN.update(VARIANTS[args.attn])
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     return cli.main(["latency", *rest])
 

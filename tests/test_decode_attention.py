@@ -96,9 +96,14 @@ def test_head_with_no_earlier_entry_sees_only_itself(chunk):
 def test_default_forms_match_reference(monkeypatch, setting, T, pos):
     # The default (chunk=None) form follows _ATTN: one launch with tiles up to 128/256 positions (one tile
     # covers the whole cache here, or two), or the split past a threshold; each the reference's result.
-    import shadow_kernels.decode_attention as da
+    import sys
 
+    da = sys.modules["shadow_kernels.decode_attention"]  # the package's attribute of that name is the function
     monkeypatch.setattr(da, "_ATTN", setting)
+    launched = []
+    for name in ("_decode_attention_kernel", "_decode_attention_split_kernel"):
+        kernel = getattr(da, name)
+        monkeypatch.setattr(da, name, _Spy(kernel, name, launched))
     qkv, kc, vc, valid, pos_t, slot = make_case(1, 3, T, 16, 2, pos, torch.float32, 7)
     a = [kc.clone(), vc.clone(), valid.clone()]
     b = [kc.clone(), vc.clone(), valid.clone()]
@@ -106,3 +111,20 @@ def test_default_forms_match_reference(monkeypatch, setting, T, pos):
     ref = decode_attention_ref(qkv, *b, pos_t, slot)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert rel_err(out, ref) <= REL_TOL[torch.float32] * 2
+    one = setting["one_launch_t"] >= T
+    assert [name for name, _ in launched] == ["_decode_attention_kernel" if one else "_decode_attention_split_kernel"]
+    if one:  # tiles as long as the setting allows, up to the cache length's power of two (BLOCK_D 16 here)
+        assert launched[0][1] == min(setting["max_block_t"], 1 << (T - 1).bit_length(), setting["tile"] // 16)
+
+
+class _Spy:
+    """A kernel whose launches are recorded (name, BLOCK_T) and then run."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.name, kwargs.get("BLOCK_T")))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
