@@ -19,6 +19,10 @@ stream timer, configs tuned on cold data, each variant tuned afresh):
   launcher splits for OCC programs per SM).
 - ``own_gathered`` / ``cublas_gathered`` / ``cublas_dense`` as in the v8 probe.
 Each row's ``rel_err`` is its first call against the fp32 reference (``stream_only`` excepted).
+The rows of earlier trees of this probe (results/kernels/h100-v10-probe.jsonl, by ``git_commit``) have other
+variants: at 5617193 ``v8``/``v10`` were one launch with v8's / the tree sum, ``v8_2launch``/``v10_2launch`` the
+same in a second kernel (which then waited before letting the next kernel start), ``v8_preload``, and ``bm32_*``
+configs with 32-output pieces; at bcab921 ``v10`` ran register-capped configs and ``v10_2launch_v8cfg`` v8's.
 
     PYTHONPATH=. python benchmarks/v10_probe.py --out runs/v10-probe.jsonl
 """
