@@ -1,7 +1,7 @@
 """Decode latency with v10's gather-cols against v8's, one process each (benchmarks/v10_probe.py has the
 per-call figures). ``--cols v8`` puts back v8's reduction for the run: one launch whose last program per
-block sums the partials eight loads at a time, over v8's configs (with v10's split rounding, which never
-launches past OCC programs per SM). The rest of the arguments go to ``python -m bench.cli latency``; each
+block sums the partials eight loads at a time (the configs are v8's either way; the split is v10's rounding,
+which never launches past OCC programs per SM). The rest of the arguments go to ``python -m bench.cli latency``; each
 row's ``extra.cols`` says which ran. ``--attn`` sets OPT's decode attention form for the run (the rows do not
 record it: give each form its own ``--out``).
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 
 from bench import cli
-from benchmarks.v7_probe import use
 from benchmarks.v10_attn import VARIANTS
 from shadow_kernels import gather_cols
 from shadow_kernels.decode_attention import _ATTN
@@ -30,7 +29,6 @@ def main() -> int:
     if args.cols == "v8":
         gather_cols.set_onepass(True)
         gather_cols._SUM_MODE["mode"] = 1
-        use(gather_cols._cols_single, gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6)
     if args.attn:
         _ATTN.update(VARIANTS[args.attn])
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest

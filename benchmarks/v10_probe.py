@@ -36,18 +36,15 @@ import torch.nn.functional as F
 
 from bench.kernels import rel_err
 from bench.results import probe_log
-from bench.timing import copy_bandwidth, time_stream
-from benchmarks.v7_probe import build_copies, run_gemv_cases, use
+from bench.timing import time_stream
+from benchmarks.v7_probe import build_copies, cold_device, run_gemv_cases, use
 from benchmarks.v8_probe import gathered
 from models.ops import _gemv_triton
-from shadow_kernels import _common, gather_cols, gather_cols_gemv
+from shadow_kernels import gather_cols, gather_cols_gemv
 
 CASES = [(m, "fc2", s, m == "opt-13b" and s in (0.5, 0.7)) for m, s in (
     ("opt-13b", 0.5), ("opt-13b", 0.7), ("opt-13b", 0.0), ("opt-13b", 0.9), ("opt-30b", 0.5), ("opt-30b", 0.7),
     ("opt-1.3b", 0.0), ("opt-1.3b", 0.5), ("opt-6.7b", 0.0))]
-V8_CONFIGS = gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6
-
-
 def config_registers(dev, emit) -> None:
     """Registers and spills of every config as this Triton compiles it (the split launch, batch 1)."""
     wt = torch.zeros((256, 512), dtype=torch.float16, device=dev)
@@ -104,7 +101,7 @@ def cols_case(model, op, sparsity, alone, dev, bw, emit) -> None:
         emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * base["floor_us"] / us, "rel_err": err,
               "config": str(tuner.best_config)})
 
-    timed("v8", 1, V8_CONFIGS, onepass=True)  # v8/v9's kernel: one launch, eight loads a round, v8's configs
+    timed("v8", 1, onepass=True)  # v8/v9's kernel: one launch, eight loads a round (v8's configs are the default)
     timed("v10", 2)  # the default: tree, second kernel (which lets the next kernel start early)
     timed("v10_onepass", 2, onepass=True)
     timed("v10_preload", 2, preload=True)
@@ -135,9 +132,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/v10-probe.jsonl")
     ap.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    _common.set_autotune_cold(True)
-    bw = copy_bandwidth(dev)["copy_gbps"]
+    dev, bw = cold_device()
     with probe_log(args.out, dev, bw, probe="v10") as emit:
         config_registers(dev, emit)
         run_gemv_cases(CASES[: args.cases], lambda m, op, s, alone: cols_case(m, op, s, alone, dev, bw, emit), emit)

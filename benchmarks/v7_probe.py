@@ -57,6 +57,13 @@ def build_copies(model, op, sparsity, dev) -> list:
                       for _ in range(n_copies(built.bytes_moved, "stream") - 1)]
 
 
+def cold_device() -> tuple[torch.device, float]:
+    """The GPU of the GEMV probes (v8 on) with autotuning on cold data, and its measured copy bandwidth (GB/s)."""
+    dev = torch.device("cuda")
+    _common.set_autotune_cold(True)
+    return dev, copy_bandwidth(dev)["copy_gbps"]
+
+
 def run_gemv_cases(cases, run, emit) -> None:
     """``run(model, op, sparsity, alone)`` for each case; a case that fails is logged and the probe goes on."""
     for model, op, s, alone in cases:

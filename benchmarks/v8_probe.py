@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 import torch.nn.functional as F
 
 from bench.kernels import rel_err
 from bench.results import probe_log
-from bench.timing import copy_bandwidth, time_stream
-from benchmarks.v7_probe import build_copies, run_gemv_cases, use
+from bench.timing import time_stream
+from benchmarks.v7_probe import build_copies, cold_device, run_gemv_cases, use
 from models.ops import _gemv_triton
-from shadow_kernels import _common, gather_cols, gather_rows, gather_segments
+from shadow_kernels import gather_cols, gather_rows, gather_segments
 
 TUNERS = {"rows": gather_rows._rows_gemv_single, "cols": gather_cols._cols_single,
           "segments": gather_segments._segments_single}
@@ -110,9 +109,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the out_proj cases only")
     ap.add_argument("--no-alone", action="store_true", help="skip timing every segments config alone")
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    _common.set_autotune_cold(True)
-    bw = copy_bandwidth(dev)["copy_gbps"]
+    dev, bw = cold_device()
     with probe_log(args.out, dev, bw, probe="v8") as emit:
         run_gemv_cases(CASES[: 9 if args.quick else None],
                        lambda m, op, s, alone: gemv_case(m, op, s, alone and not args.no_alone, dev, bw, emit), emit)

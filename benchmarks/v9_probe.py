@@ -25,10 +25,10 @@ import torch
 
 from bench.kernels import rel_err
 from bench.results import probe_log
-from bench.timing import copy_bandwidth, time_stream
-from benchmarks.v7_probe import build_copies, run_gemv_cases, use
+from bench.timing import time_stream
+from benchmarks.v7_probe import build_copies, cold_device, run_gemv_cases, use
 from models.ops import _gemv_triton
-from shadow_kernels import _common, fold_norm, gather_rows, gather_rows_gemv, norm_rows_gemv, norm_rows_gemv_ref
+from shadow_kernels import fold_norm, gather_rows, gather_rows_gemv, norm_rows_gemv, norm_rows_gemv_ref
 from shadow_kernels.add_norm import add_layernorm
 
 CASES = [(m, op, s, False) for m in ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b") for op in ("qkv", "fc1")
@@ -105,9 +105,7 @@ def main() -> None:
     ap.add_argument("--swiglu", default="", help="comma-separated Llama models for the SwiGLU cases (s=0.5, 0.7)")
     args = ap.parse_args()
     models = args.models.split(",")
-    dev = torch.device("cuda")
-    _common.set_autotune_cold(True)
-    bw = copy_bandwidth(dev)["copy_gbps"]
+    dev, bw = cold_device()
     with probe_log(args.out, dev, bw, probe="v9") as emit:
         run_gemv_cases([c for c in CASES if c[0] in models],
                        lambda m, op, s, alone: norm_case(m, op, s, dev, bw, emit), emit)

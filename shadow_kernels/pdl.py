@@ -6,10 +6,9 @@ The contract that keeps it correct, followed by every kernel of this package tha
 the kernel calls ``gdc_wait`` (wait until the previous grid has finished and its writes are visible)
 before it reads anything, then ``gdc_launch_dependents`` (the next kernel may be scheduled). One exception,
 argued where it is: gather-cols' second kernel, which only sums the workspace its split launch wrote, lets
-the next kernel be scheduled first. A kernel
-launched without PDL (PyTorch, cuBLAS) waits for the previous one to finish as usual, and one launched
-with PDL after it starts only when it has finished. So PDL only removes launch gaps; it never reorders
-a read before a write.
+the next kernel be scheduled first. A kernel launched without PDL (PyTorch, cuBLAS) waits for the previous
+one to finish as usual, and one launched with PDL after it starts only when it has finished. So PDL only
+removes launch gaps; it never reorders a read before a write.
 
 On by default for CUDA devices of compute capability 9.0 or more (measured in session 4 on the H100:
 OPT-1.3B static s=0.5 1.371 -> 1.262 ms/token, OPT-13B 6.190 -> 6.068, bit-identical outputs);
