@@ -25,6 +25,7 @@ from models.modes import DejaVu, Dense, ShadowLLM, Static
 from models.ops import get_ops, unfused_norms
 from models.opt import OPTDecoder
 from models.registry import MODELS
+from shadow_kernels import tuned
 
 from .kernels import DTYPES
 from .results import RowWriter, environment, git_commit, make_row
@@ -142,6 +143,7 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     common = dict(base, model=case.model, mode=case.mode, policy=case.policy, sparsity=case.sparsity,
                   gen_len=case.gen_len, granularity=case.granularity, cuda_graph=result.cuda_graph,
                   predictor=desc.get("predictor"), sparse_hidden=desc.get("sparse_hidden"),
+                  pinned=[u["role"] for u in tuned.used()],  # pinned configs used so far (shadow_kernels.tuned)
                   live_heads=sum(counts["heads"]) if counts else None,
                   live_neurons=sum(counts["neurons"]) if counts else None)
     rows = [make_row(**common, metric="token_ms", value=st["median"], unit="ms",
@@ -238,6 +240,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(LATENCY_MODES)}")
     from shadow_kernels import gather_cols
+    from shadow_kernels.decode_attention import _ATTN
     from shadow_kernels.pdl import pdl_enabled
 
     dtype = DTYPES[dtype_name]
@@ -250,7 +253,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                 git_commit=git_commit(), weights="random",
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl,
                        "batch_rule": batch_rule, "predictor_dtype": predictor_dtype, "dense_gemv": dense_gemv,
-                       "norm_fold": bool(norm_fold), "cols": gather_cols.settings()})
+                       "norm_fold": bool(norm_fold), "cols": gather_cols.settings(), "attn": dict(_ATTN)})
     done = _done_keys(writer.existing())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
             if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,

@@ -51,8 +51,11 @@ class Generator:
     def _step(self) -> torch.Tensor:
         logits = self.model.decode_step(self.tok, self.pos, self.cache, self.mode, predict=self.predict_per_token,
                                         ops=self.ops)
-        self.tok.copy_(logits.argmax(dim=-1))
-        self.pos.add_(1)
+        if self.ops.greedy is not None:  # v11: one kernel pair for argmax, the token write and pos + 1
+            self.ops.greedy(logits, self.tok, self.pos)
+        else:
+            self.tok.copy_(logits.argmax(dim=-1))
+            self.pos.add_(1)
         return logits
 
     @torch.no_grad()

@@ -41,6 +41,8 @@ class Ops:
     gather_segments: Callable | None = None  # out_proj over the selected heads (v8)
     norm_gemv: Callable | None = None  # (act(norm(x + r) @ w[idx].T + b), x + r): qkv and fc1 of a pre-norm layer
     norm_swiglu: Callable | None = None  # the same for a Llama MLP's selected SwiGLU neurons (RMS norm)
+    greedy: Callable | None = None  # (logits, tok, pos): the next token into tok, pos + 1 (generation's step end)
+    embed: Callable | None = None  # (tokens, table, pos, pos_table, offset): OPT's decode input in one launch
 
 
 def _gemv_triton(weight, x, bias=None, relu=False):
@@ -62,16 +64,19 @@ def _gemv_torch(weight, x, bias=None, relu=False):
 # norm in; the last layer's fc2 before qkv), which writes none of those: plan
 # buffers are filled by the predictor modes' top-k and index arithmetic, several launches earlier, and the
 # last of those launches is a PyTorch kernel that starts only when the launches before it have finished.
+# OPT's decode attention preloads too (v11): its producer, the Q/K/V GEMV, writes neither the KV cache, its
+# valid flags, the position nor the head slots.
 TRITON = Ops("triton", partial(sk.gather_rows_gemv, preload=True), partial(sk.gather_cols_gemv, preload=True),
-             decode_attention, sk.fused_predictor,
+             partial(decode_attention, preload=True), sk.fused_predictor,
              sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor,
              add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv, _gemv_triton,
              partial(sk.gather_segments_gemv, preload=True), partial(sk.norm_rows_gemv, preload=True),
-             sk.norm_swiglu_gemv)
+             sk.norm_swiglu_gemv, sk.greedy_next, sk.embed_add)
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
             sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref,
             sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref, sk.gather_swiglu_gemv_ref,
-            _gemv_torch, sk.gather_segments_gemv_ref, sk.norm_rows_gemv_ref, sk.norm_swiglu_gemv_ref)
+            _gemv_torch, sk.gather_segments_gemv_ref, sk.norm_rows_gemv_ref, sk.norm_swiglu_gemv_ref,
+            sk.greedy_next_ref, sk.embed_add_ref)
 
 
 def unfused_norms(ops: Ops) -> Ops:

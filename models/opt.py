@@ -179,7 +179,8 @@ class OPTDecoder(DecoderBase):
     def set_dense_gemv(self, engine: str) -> None:
         """What a decode step runs a dense layer's four projections with: ``cublas`` (default; fc2 as
         ``h @ W.T`` on the transposed weight) or ``triton`` (the gather-rows kernel over every row, launched
-        with programmatic dependent launch like the rest of the step). ``triton`` keeps a copy of fc2 in its
+        with programmatic dependent launch like the rest of the step; in a pre-norm model the LM head too, with
+        the final norm folded in). ``triton`` keeps a copy of fc2 in its
         natural layout, so it is read as whole rows: E * F more weights per layer in memory (a dense step
         reads either layout, never both). The copy is taken when this is called: call it after loading
         weights."""
@@ -195,7 +196,9 @@ class OPTDecoder(DecoderBase):
         fused norm GEMVs (pre-LN models). Built on first use and rebuilt whenever a weight they depend on has
         been replaced or changed in place; a CUDA graph capture must find them current (the generation loop's
         eager warm-up steps build them)."""
-        key = tuple(layer.fold_key() for layer in self.layers)
+        key = tuple(layer.fold_key() for layer in self.layers) + tuple(
+            (t.data_ptr(), t._version, t.dtype) for t in (self.final_ln_w, self.final_ln_b, self.lm_head)
+            if t is not None)
         if getattr(self, "_folds_key", None) != key:
             if is_capturing(self.device):
                 raise RuntimeError("the norm folds are stale during a CUDA graph capture: run one eager decode step "
@@ -204,6 +207,8 @@ class OPTDecoder(DecoderBase):
             self._folds = [(fold_norm(layer.qkv_w, layer.ln1_w, layer.ln1_b, layer.qkv_b, eps=eps),
                             fold_norm(layer.fc1_w, layer.ln2_w, layer.ln2_b, layer.fc1_b, eps=eps))
                            for layer in self.layers]
+            self._final_fold = (fold_norm(self.lm_head, self.final_ln_w, self.final_ln_b, eps=eps)
+                                if self.final_ln_w is not None and self.project_out is None else None)
             self._folds_key = key
         return self._folds
 
@@ -301,7 +306,10 @@ class OPTDecoder(DecoderBase):
                 return (torch.relu_(y) if relu else y), z
             return ops.norm_gemv(w, x, rows, fold, r, "relu" if relu else None, count, validate=False)
 
-        x = self._embed(tokens, pos.reshape(1).expand(tokens.shape[0]))
+        if ops.embed is not None and self.project_in is None:  # v11: one launch
+            x = ops.embed(tokens, self.embed_tokens, pos, self.embed_positions, POSITION_OFFSET)
+        else:
+            x = self._embed(tokens, pos.reshape(1).expand(tokens.shape[0]))
         o = None  # pre-LN: the block output not yet added to x (the next norm GEMV adds it)
         for i, layer in enumerate(layers):
             if watch_input:
@@ -347,6 +355,9 @@ class OPTDecoder(DecoderBase):
             if not pre:
                 _, x = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
                 o = None
+        if pre and own and self._final_fold is not None:
+            # v11: the final norm folded into the LM head's GEMV (our kernel, like the dense layers' GEMVs)
+            return ops.norm_gemv(self.lm_head, x, None, self._final_fold, o, validate=False)[0]
         if pre and self.final_ln_w is not None:
             _, a = ops.add_norm(x, o, self.final_ln_w, self.final_ln_b, eps)
         else:

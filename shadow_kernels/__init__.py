@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from .embed import embed_add, embed_add_ref  # noqa: E402
 from .fused_predictor import (  # noqa: E402
     fused_predictor,
     fused_predictor_ref,
@@ -27,6 +28,7 @@ from .gather_rows import (  # noqa: E402
     gather_swiglu_gemv_ref,
 )
 from .gather_segments import gather_segments_gemv, gather_segments_gemv_ref  # noqa: E402
+from .greedy import greedy_next, greedy_next_ref  # noqa: E402
 from .norm_gemv import (  # noqa: E402
     NormFold,
     fold_norm,
@@ -50,6 +52,8 @@ __all__ = [
     "POLICIES",
     "LayerIndices",
     "NormFold",
+    "embed_add",
+    "embed_add_ref",
     "fold_norm",
     "fused_predictor",
     "fused_predictor_ref",
@@ -61,6 +65,8 @@ __all__ = [
     "gather_segments_gemv_ref",
     "gather_swiglu_gemv",
     "gather_swiglu_gemv_ref",
+    "greedy_next",
+    "greedy_next_ref",
     "mask_to_indices",
     "mask_to_indices_ref",
     "norm_rows_gemv",

@@ -30,7 +30,7 @@ def test_matches_reference(B, H, T, D, dtype, chunk, data):
     qkv, kc, vc, valid, pos_t, slot = make_case(B, H, T, D, S, pos, dtype, data.draw(st.integers(0, 99)))
     a = [kc.clone(), vc.clone(), valid.clone()]
     b = [kc.clone(), vc.clone(), valid.clone()]
-    out = decode_attention(qkv, *a, pos_t, slot, chunk=chunk)
+    out = decode_attention(qkv, *a, pos_t, slot, chunk=chunk, preload=data.draw(st.booleans()))
     ref = decode_attention_ref(qkv, *b, pos_t, slot)
     for x, y in zip(a, b, strict=True):  # the same cache writes, bit for bit
         assert torch.equal(x, y)
@@ -99,7 +99,7 @@ def test_default_forms_match_reference(monkeypatch, setting, T, pos):
     import sys
 
     da = sys.modules["shadow_kernels.decode_attention"]  # the package's attribute of that name is the function
-    monkeypatch.setattr(da, "_ATTN", setting)
+    monkeypatch.setattr(da, "_ATTN", {**da._ATTN, **setting})
     launched = []
     for name in ("_decode_attention_kernel", "_decode_attention_split_kernel"):
         kernel = getattr(da, name)
@@ -115,6 +115,33 @@ def test_default_forms_match_reference(monkeypatch, setting, T, pos):
     assert [name for name, _ in launched] == ["_decode_attention_kernel" if one else "_decode_attention_split_kernel"]
     if one:  # tiles as long as the setting allows, up to the cache length's power of two (BLOCK_D 16 here)
         assert launched[0][1] == min(setting["max_block_t"], 1 << (T - 1).bit_length(), setting["tile"] // 16)
+
+
+@pytest.mark.parametrize("preload_tile,one", [(16384, True), (1024, False)], ids=["fits-one-tile", "too-long"])
+@pytest.mark.parametrize("T,pos", [(200, 199), (200, 0), (90, 70)])
+def test_preload_forms_match_reference(monkeypatch, preload_tile, one, T, pos):
+    # v11: with preload the default form is one launch over one tile holding the whole cache (read before the PDL
+    # wait) when it fits preload_tile elements, else the form without preload picks (here: the split past 64).
+    import sys
+
+    da = sys.modules["shadow_kernels.decode_attention"]
+    monkeypatch.setattr(da, "_ATTN", {**da._ATTN, "one_launch_t": 64, "max_block_t": 64, "tile": 8192,
+                                      "preload_tile": preload_tile})
+    launched = []
+    for name in ("_decode_attention_kernel", "_decode_attention_split_kernel"):
+        monkeypatch.setattr(da, name, _Spy(getattr(da, name), name, launched))
+    qkv, kc, vc, valid, pos_t, slot = make_case(1, 3, T, 16, 2, pos, torch.float32, 8)
+    a = [kc.clone(), vc.clone(), valid.clone()]
+    b = [kc.clone(), vc.clone(), valid.clone()]
+    out = decode_attention(qkv, *a, pos_t, slot, preload=True)
+    ref = decode_attention_ref(qkv, *b, pos_t, slot, preload=True)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert rel_err(out, ref) <= REL_TOL[torch.float32] * 2
+    assert [name for name, _ in launched] == ["_decode_attention_kernel" if one else "_decode_attention_split_kernel"]
+    if one:
+        assert launched[0][1] == 1 << (T - 1).bit_length()
+    with pytest.raises(TypeError, match="preload must be True or False"):
+        decode_attention(qkv, *a, pos_t, slot, preload=1)
 
 
 class _Spy:

@@ -279,6 +279,45 @@ def test_norm_fold_chain_with_pdl_gives_the_same_bits_in_a_graph():
     check_pdl_chain(chain)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("preload", [False, True])
+def test_attention_chain_with_pdl_gives_the_same_bits_in_a_graph(preload, D):
+    """Q/K/V GEMV -> decode attention (some heads skipped, holes in the cache) -> out_proj, layer after layer with
+    programmatic dependent launch, eagerly and in a CUDA graph, equals the chain without PDL: with preload the
+    attention reads the cache, its flags, pos and the slots before the GEMV before it finishes, and qkv only
+    after (v11). 256 positions of D=64 are one preloaded tile (one launch); D=128 is the split."""
+    from shadow_kernels.decode_attention import decode_attention
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    gen = torch.Generator().manual_seed(11)
+    H, T, L = 16, 256, 4
+    E = H * D
+    wqkv = [randn(3 * E, E, dtype=torch.float16, gen=gen, scale=E**-0.5) for _ in range(L)]
+    wo = [randn(E, E, dtype=torch.float16, gen=gen, scale=E**-0.5) for _ in range(L)]
+    kc = [randn(1, H, T, D, dtype=torch.float16, gen=gen) for _ in range(L)]
+    vc = [randn(1, H, T, D, dtype=torch.float16, gen=gen) for _ in range(L)]
+    valid = [(torch.rand(1, H, T, generator=gen) < 0.8).to(DEVICE, torch.uint8) for _ in range(L)]
+    keep = torch.randperm(H, generator=gen)[: 3 * H // 4].sort().values
+    slot = torch.full((H,), -1, dtype=torch.int32)
+    slot[keep] = torch.arange(keep.numel(), dtype=torch.int32)
+    slot = slot.to(DEVICE)
+    rows = (keep[:, None] * 3 * D + torch.arange(3 * D)).reshape(-1).to(DEVICE, torch.int32)
+    cols = (keep[:, None] * D + torch.arange(D)).reshape(-1).to(DEVICE, torch.int32)  # out_proj.T rows of the heads
+    pos = torch.tensor([200], device=DEVICE)
+    x0 = randn(E, dtype=torch.float16, gen=gen)
+
+    def chain():
+        x = x0
+        for i in range(L):
+            qkv = gather_rows_gemv(wqkv[i], x, rows, validate=False, preload=True)
+            heads = decode_attention(qkv[None], kc[i], vc[i], valid[i], pos, slot, preload=preload)
+            x = gather_cols_gemv(wo[i], heads[0], cols, validate=False, preload=True) + x
+        return x
+
+    check_pdl_chain(chain)
+
+
 @pytest.mark.parametrize("batch,D", [(1, 128), (1, 80), (8, 128)])
 def test_every_segments_config_matches_the_reference(batch, D):
     """gather_segments_gemv (out_proj over the selected heads) with each config alone, on OPT-13B's head size

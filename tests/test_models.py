@@ -78,9 +78,11 @@ def test_dense_gemv_triton_decodes_like_transformers(pre_norm, backend):
     for t in range(6, 11):
         gen.tok.copy_(tokens[:, t])
         assert rel(gen.step(), ref[:, t]) <= 1e-4
-    # qkv, out_proj, fc1, fc2 of every layer, every step; pre-LN folds its norms into qkv and fc1
-    want = {"gemv": 2, "norm": 2} if pre_norm else {"gemv": 4}
-    assert {k: calls.count(k) for k in set(calls)} == {k: v * 5 * model.cfg.n_layers for k, v in want.items()}
+    # qkv, out_proj, fc1, fc2 of every layer, every step; pre-LN folds its norms into qkv and fc1, and the
+    # final norm into the LM head (one more norm GEMV a step)
+    L = model.cfg.n_layers
+    want = {"gemv": 2 * L, "norm": 2 * L + 1} if pre_norm else {"gemv": 4 * L}
+    assert {k: calls.count(k) for k in set(calls)} == {k: v * 5 for k, v in want.items()}
     model.set_dense_gemv("cublas")
     assert model.layers[0].fc2_w is None
     with pytest.raises(ValueError, match="dense_gemv must be one of"):

@@ -1,0 +1,116 @@
+"""Pinned kernel configs: choices made by timing whole decode steps, per device, that the autotuner then uses
+instead of timing each call alone.
+
+The autotuner times a config by itself on cold data. In a decode step the kernels run as one chain with
+programmatic dependent launch, and a kernel starts streaming early only when the one before it leaves room on the
+SMs; so the config that is fastest alone is not always the one that makes the step fastest, and configs within
+the autotuner's noise of each other are picked differently from process to process (OPT-1.3B dense per token
+1.178 to 1.222 ms between processes on the same code; notes/models.md, session 9). ``benchmarks/v11_tune.py``
+tries every config of a GEMV in a freshly captured step, role by role, and writes the winners into a table here.
+
+A table is a JSON file in ``shadow_kernels/tuned/`` (or the file named by ``SHADOWBENCH_TUNED``)::
+
+    {"device": "NVIDIA H100 80GB HBM3", "source": "...",
+     "entries": [{"kernel": "rows_single", "dtype": "torch.float16",
+                  "key": {"K": 2048, "ROWS_BUCKET": 2048, "NORM": 0, ...},
+                  "config": {"BLOCK_N": 2, "BLOCK_K": 1024, "PREFETCH": 1, "num_warps": 4, "num_stages": 1},
+                  "role": "opt-1.3b out_proj", ...}]}
+
+An entry applies on a device of that name when every key value equals the launch's and its config is one of the
+kernel's configs; otherwise the autotuner times the configs as usual. ``set_pinned(False)`` or
+``SHADOWBENCH_PINNED=0`` turns the tables off (for later first launches of a shape).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ._common import set_switch
+
+_STATE = {"on": os.environ.get("SHADOWBENCH_PINNED", "1") != "0"}
+_DIR = Path(__file__).parent / "tuned"
+_TABLES: dict | None = None  # device name -> list of entries
+_NAMES: dict = {}  # device index -> name
+USED: dict = {}  # (kernel, key items) -> entry: what was pinned in this process (for the results rows)
+
+
+def set_pinned(on: bool) -> bool:
+    """Use the pinned configs for launches whose shape has not been tuned yet in this process, or not; returns the
+    previous setting."""
+    return set_switch(_STATE, on, "set_pinned")
+
+
+def _load() -> dict:
+    global _TABLES
+    if _TABLES is None:
+        files = sorted(_DIR.glob("*.json"))
+        extra = os.environ.get("SHADOWBENCH_TUNED")
+        if extra:
+            files.append(Path(extra))
+        tables: dict = {}
+        for f in files:
+            with open(f) as fh:
+                t = json.load(fh)
+            if not isinstance(t, dict) or "device" not in t or not isinstance(t.get("entries"), list):
+                raise ValueError(f"{f}: a pinned-config table needs 'device' and a list of 'entries'")
+            tables.setdefault(t["device"], []).extend(t["entries"])
+        _TABLES = tables
+    return _TABLES
+
+
+def reload() -> None:
+    """Read the tables again (after writing one)."""
+    global _TABLES
+    _TABLES = None
+    USED.clear()
+
+
+def _device_name(args: dict) -> str | None:
+    for v in args.values():
+        if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+            i = v.device.index if v.device.index is not None else torch.cuda.current_device()
+            if i not in _NAMES:
+                _NAMES[i] = torch.cuda.get_device_name(i)
+            return _NAMES[i]
+    return None
+
+
+def _same(config, want: dict) -> bool:
+    kw = dict(config.kwargs)
+    return (all(kw.get(k, 0) == v for k, v in want.items() if k not in ("num_warps", "num_stages"))
+            and all(kw.get(k, 0) == want.get(k, 0) for k in kw)
+            and config.num_warps == want.get("num_warps", config.num_warps)
+            and config.num_stages == want.get("num_stages", config.num_stages))
+
+
+def pinned_prune(kernel: str, weight_arg: str):
+    """An ``early_config_prune`` for a Triton autotuner: the pinned config of this launch when a table has one, all
+    configs otherwise. ``weight_arg`` names the argument whose dtype an entry's ``dtype`` is matched against."""
+
+    def prune(configs, named_args, **kwargs):
+        if not _STATE["on"]:
+            return configs
+        args = {**named_args, **kwargs}
+        name = _device_name(named_args)
+        entries = _load().get(name, []) if name else []
+        w = args.get(weight_arg)
+        for e in entries:
+            if e.get("kernel") != kernel or (w is not None and e.get("dtype", str(w.dtype)) != str(w.dtype)):
+                continue
+            if all(args.get(k) == v for k, v in e["key"].items()):
+                hit = [c for c in configs if _same(c, e["config"])]
+                if hit:
+                    USED[(kernel, tuple(sorted(e["key"].items())))] = e
+                    return hit[:1]
+        return configs
+
+    return prune
+
+
+def used() -> list[dict]:
+    """The pinned entries this process has launched with: role and config (for ``extra`` of a results row)."""
+    return [{"kernel": k, "role": e.get("role"), "config": e["config"]} for (k, _), e in USED.items()]
