@@ -5,7 +5,7 @@ The autotuner times a config by itself on cold data. In a decode step the kernel
 programmatic dependent launch, and a kernel starts streaming early only when the one before it leaves room on the
 SMs; so the config that is fastest alone is not always the one that makes the step fastest, and configs within
 the autotuner's noise of each other are picked differently from process to process (OPT-1.3B dense per token
-1.178 to 1.222 ms between processes on the same code; notes/models.md, session 9). ``benchmarks/v11_tune.py``
+1.178 and 1.203 ms in two processes of the same code; notes/models.md, session 9). ``benchmarks/v11_tune.py``
 tries every config of a GEMV in a freshly captured step, role by role, and writes the winners into a table here.
 
 A table is a JSON file in ``shadow_kernels/tuned/`` (or the file named by ``SHADOWBENCH_TUNED``)::
