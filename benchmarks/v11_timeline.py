@@ -26,13 +26,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 from dataclasses import replace
 
 import torch
 
 from bench.latency import LatencyCase, build_mode, build_model
+from bench.results import probe_log
 from bench.timing import copy_bandwidth
 from models.generate import Generator
 from models.ops import TRITON
@@ -45,16 +45,6 @@ VARIANTS = {"v10": (), "attn": ("attn_preload",), "lm": ("lm_fold",), "s9a": ("a
 
 
 _TILE = _ATTN["preload_tile"]
-
-
-def commit() -> str:
-    env = os.environ.get("SHADOWBENCH_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def generator(model, case, variant, predictor_dtype, prompt_len):
@@ -154,14 +144,13 @@ def main() -> int:
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)["copy_gbps"]
-    sha = commit()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with probe_log(args.out, dev, bw, probe="v11_timeline") as emit:
+        run(args, dev, bw, emit)
+    return 0
 
-    def emit(row):
-        row = {"git_commit": sha, "device": torch.cuda.get_device_name(dev), "copy_gbps": bw, **row}
-        with open(args.out, "a") as out:
-            out.write(json.dumps(row) + "\n")
 
+def run(args, dev, bw, emit) -> None:
     for name in args.models.split(","):
         model = build_model(name, torch.float16, dev)
         model.set_dense_gemv(args.dense_gemv)
@@ -208,7 +197,6 @@ def main() -> int:
                     torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
-    return 0
 
 
 if __name__ == "__main__":

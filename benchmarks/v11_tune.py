@@ -25,8 +25,8 @@ from functools import partial
 import torch
 
 from bench.latency import LatencyCase, build_mode, build_model
+from bench.results import git_commit, probe_log
 from bench.timing import copy_bandwidth
-from benchmarks.v11_timeline import commit
 from models.generate import Generator
 from shadow_kernels import gather_rows, tuned
 from shadow_kernels._common import next_pow2
@@ -104,18 +104,18 @@ def main() -> int:
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)["copy_gbps"]
-    sha = commit()
-    device = torch.cuda.get_device_name(dev)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tuner = gather_rows._rows_gemv_single
     tuned.set_pinned(False)
+    with probe_log(args.out, dev, bw, probe="v11_tune") as emit:
+        run(args, dev, bw, emit)
+    return 0
+
+
+def run(args, dev, bw, emit) -> None:
+    tuner = gather_rows._rows_gemv_single
+    device = torch.cuda.get_device_name(dev)
+    sha = git_commit()
     attn_default = dict(_ATTN)
-
-    def emit(row):
-        row = {"git_commit": sha, "device": device, "copy_gbps": bw, **row}
-        with open(args.out, "a") as out:
-            out.write(json.dumps(row) + "\n")
-
     for name in args.models.split(","):
         model = build_model(name, torch.float16, dev)
         model.set_dense_gemv("triton")
@@ -192,7 +192,6 @@ def main() -> int:
         _ATTN.update(attn_default)
         del model
         torch.cuda.empty_cache()
-    return 0
 
 
 if __name__ == "__main__":

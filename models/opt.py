@@ -36,6 +36,11 @@ from .plan import LayerPlan
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2 of the table
 
 
+def _versions(*tensors) -> tuple:
+    """Storage, in-place version and dtype of each tensor given (None skipped): a fold's cache key."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors if t is not None)
+
+
 class OPTLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, dtype, device):
         super().__init__()
@@ -51,8 +56,8 @@ class OPTLayer(nn.Module):
 
     def fold_key(self) -> tuple:
         """What the layer's norm folds depend on: every tensor's storage and in-place version."""
-        return tuple((t.data_ptr(), t._version, t.dtype) for t in (self.ln1_w, self.ln1_b, self.qkv_w, self.qkv_b,
-                                                                     self.ln2_w, self.ln2_b, self.fc1_w, self.fc1_b))
+        return _versions(self.ln1_w, self.ln1_b, self.qkv_w, self.qkv_b, self.ln2_w, self.ln2_b, self.fc1_w,
+                         self.fc1_b)
 
 
 class OPTDecoder(DecoderBase):
@@ -196,9 +201,8 @@ class OPTDecoder(DecoderBase):
         fused norm GEMVs (pre-LN models). Built on first use and rebuilt whenever a weight they depend on has
         been replaced or changed in place; a CUDA graph capture must find them current (the generation loop's
         eager warm-up steps build them)."""
-        key = tuple(layer.fold_key() for layer in self.layers) + tuple(
-            (t.data_ptr(), t._version, t.dtype) for t in (self.final_ln_w, self.final_ln_b, self.lm_head)
-            if t is not None)
+        key = tuple(layer.fold_key() for layer in self.layers) + _versions(self.final_ln_w, self.final_ln_b,
+                                                                           self.lm_head)
         if getattr(self, "_folds_key", None) != key:
             if is_capturing(self.device):
                 raise RuntimeError("the norm folds are stale during a CUDA graph capture: run one eager decode step "

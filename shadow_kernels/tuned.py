@@ -80,9 +80,11 @@ def _device_name(args: dict) -> str | None:
 
 
 def _same(config, want: dict) -> bool:
-    kw = dict(config.kwargs)
-    return (all(kw.get(k, 0) == v for k, v in want.items() if k not in ("num_warps", "num_stages"))
-            and all(kw.get(k, 0) == want.get(k, 0) for k in kw)
+    """``config`` is the one ``want`` names: the same meta-parameters (an absent one is 0) and, where given, warps
+    and stages."""
+    kw = config.kwargs
+    names = (set(kw) | set(want)) - {"num_warps", "num_stages"}
+    return (all(kw.get(k, 0) == want.get(k, 0) for k in names)
             and config.num_warps == want.get("num_warps", config.num_warps)
             and config.num_stages == want.get("num_stages", config.num_stages))
 
