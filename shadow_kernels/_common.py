@@ -130,6 +130,14 @@ def check_indexed_input(x_name: str, x, weight, idx, bias, count, *, n_idx: int,
     check_flag("preload", preload)
 
 
+def check_pos(pos, device: torch.device, any_device: bool = False) -> None:
+    """A decode step's position buffer: a one-element int32/int64 tensor on ``device``."""
+    if not isinstance(pos, torch.Tensor) or pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
+        raise TypeError("pos must be a one-element int32/int64 tensor on the device (the current position), got "
+                        f"{getattr(pos, 'dtype', type(pos).__name__)} {tuple(getattr(pos, 'shape', ()))}")
+    check_device("pos", pos, device, any_device)
+
+
 def zero_past_count(t: torch.Tensor, count) -> torch.Tensor:
     """The references' reading of a padded index list: entries of ``t``'s last dimension (one per index) from
     the device-side ``count`` on set to 0; ``t`` itself when ``count`` is None."""

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_flag, check_float, next_pow2
+from ._common import check_device, check_flag, check_float, check_pos, next_pow2
 from .pdl import pdl_kwargs, pdl_sync
 
 
@@ -223,9 +223,7 @@ def _check(qkv, k_cache, v_cache, valid, pos, head_slot, ref=False):
     check_device("valid", valid, dev, any_device=ref)
     if not valid.is_contiguous():
         raise ValueError("valid must be contiguous")
-    if not isinstance(pos, torch.Tensor) or pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
-        raise TypeError("pos must be a one-element int32/int64 tensor on the device (the current position)")
-    check_device("pos", pos, dev, any_device=ref)
+    check_pos(pos, dev, any_device=ref)
     if not isinstance(head_slot, torch.Tensor) or head_slot.dtype != torch.int32 or head_slot.shape != (H,):
         raise TypeError(f"head_slot must be an int32 tensor of shape ({H},), got "
                         f"{getattr(head_slot, 'dtype', type(head_slot).__name__)} "

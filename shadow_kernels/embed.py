@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_float, next_pow2
+from ._common import check_device, check_float, check_pos, next_pow2
 from .pdl import pdl_kwargs, pdl_sync
 
 
@@ -42,9 +42,7 @@ def _check(tokens, table, pos, pos_table, offset, ref=False):
         raise TypeError(f"tokens must be a 1-D int32/int64 tensor [B], got "
                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
     check_device("tokens", tokens, dev, ref)
-    if not isinstance(pos, torch.Tensor) or pos.dtype not in (torch.int32, torch.int64) or pos.numel() != 1:
-        raise TypeError("pos must be a one-element int32/int64 tensor (the position buffer)")
-    check_device("pos", pos, dev, ref)
+    check_pos(pos, dev, ref)
     if not isinstance(offset, int) or isinstance(offset, bool):
         raise TypeError(f"offset must be an int, got {offset!r}")
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_float, next_pow2
+from ._common import check_device, check_float, check_pos, next_pow2
 from .pdl import pdl_kwargs, pdl_sync
 
 BLOCK = 2048  # logits per program of the first launch
@@ -67,9 +67,7 @@ def _check(logits, tok, pos, ref=False):
                         f"{getattr(tok, 'dtype', type(tok).__name__)} {tuple(getattr(tok, 'shape', ()))}")
     check_device("tok", tok, logits.device, ref)
     if pos is not None:
-        if not isinstance(pos, torch.Tensor) or pos.dtype not in (torch.int32, torch.int64) or pos.numel() != 1:
-            raise TypeError("pos must be a one-element int32/int64 tensor (the position buffer) or None")
-        check_device("pos", pos, logits.device, ref)
+        check_pos(pos, logits.device, ref)
     return B, V
 
 
