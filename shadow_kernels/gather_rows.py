@@ -12,8 +12,6 @@ a decode step can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -29,8 +27,6 @@ from ._common import (
     dot_acc,
     gemv_kernel_for,
     next_pow2,
-    set_switch,
-    sm_count,
     zero_past_count,
 )
 from .pdl import pdl_kwargs, pdl_sync
@@ -265,136 +261,6 @@ def _rows_gemv_kernel(
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=b_ok[:, None] & (rows < n_rows)[None, :])
 
 
-@triton.jit
-def _rows_stream_kernel(
-    w_ptr, x_ptr, idx_ptr, bias_ptr, count_ptr, y_ptr, r_ptr, g_ptr, rs_ptr, z_ptr,
-    K, n_rows, eps, stride_wn,
-    ROWS_BUCKET,  # only an autotune key, as in _rows_gemv_kernel
-    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, RELU: tl.constexpr,
-    USE_PDL: tl.constexpr, PRELOAD: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OCC: tl.constexpr,
-):
-    # v12, one token: a fixed grid of about OCC programs per SM, each streaming an equal share of whole
-    # BLOCK_N-row blocks (``q`` or ``q + 1`` consecutive blocks of the index list) as one flat loop over
-    # (block, K-piece) tiles. The next tile is loaded before this one is summed across block boundaries too, so
-    # a program never stops streaming between blocks; the next block's indices are read one block ahead and its
-    # bias/rowsum one block ahead of use. Why (notes/kernels.md, v12): with one short program per block, every
-    # program started with a dependent index load and its first weights (no bytes in flight meanwhile), and the
-    # last programs of the grid ran alone at a fraction of the bandwidth; the gather cost 1-2 us a call over the
-    # same kernel on the selected rows made contiguous (v8 probe). OCC is read by the launcher only.
-    # NORM / HAS_RES as in _rows_gemv_kernel: every program sums the statistics during its first block (which
-    # walks all of K), program 0 writes z = x + r then.
-    if USE_PDL and not PRELOAD:
-        pdl_sync()
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    limit = n_rows
-    if HAS_COUNT:
-        limit = tl.minimum(tl.load(count_ptr), n_rows)
-    live_blocks = tl.cdiv(limit, BLOCK_N)
-    q = live_blocks // n_prog
-    rem = live_blocks % n_prog
-    nb = q + (pid < rem).to(tl.int32)  # this program's blocks: b0 .. b0 + nb - 1
-    b0 = pid * q + tl.minimum(pid, rem)
-    KT = tl.cdiv(K, BLOCK_K)
-    T = nb * KT
-    if HAS_RES:  # program 0 writes z over all of K even when no row is selected
-        T = tl.where(pid == 0, tl.maximum(T, KT), T)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    zero_b = tl.zeros([1], dtype=tl.int32)
-    rows = b0 * BLOCK_N + offs_n
-    live = rows < limit
-    rows_n = rows + BLOCK_N
-    live_n = rows_n < tl.where(nb > 1, limit, 0)  # (scalar conditions as bounds: the interpreter's need)
-    if HAS_IDX:
-        src = tl.load(idx_ptr + rows, mask=live, other=0).to(tl.int64)
-        src_n = tl.load(idx_ptr + rows_n, mask=live_n, other=0).to(tl.int64)
-    else:
-        src = rows.to(tl.int64)
-        src_n = rows_n.to(tl.int64)
-    bias_c = tl.zeros([BLOCK_N], dtype=tl.float32)
-    rs_c = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_BIAS:
-        bias_c = tl.load(bias_ptr + src, mask=live, other=0.0).to(tl.float32)
-    if NORM == 1:
-        rs_c = tl.load(rs_ptr + src, mask=live, other=0.0)
-    k_ok = offs_k < tl.where(T > 0, K, 0)
-    w = tl.load(w_ptr + src[:, None] * stride_wn + offs_k[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
-    if USE_PDL and PRELOAD:  # index list, count, bias and first weights read before the wait
-        pdl_sync()
-    piv = _norm_pivot(x_ptr, r_ptr, z_ptr, zero_b, zero_b == 0, 0, 0, HAS_RES, NORM)
-    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
-    r, g = _norm_tiles(x, r_ptr + offs_k, g_ptr + offs_k, k_ok, HAS_RES, NORM)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    s1 = tl.zeros([1, BLOCK_K], dtype=tl.float32)
-    s2 = tl.zeros([1, BLOCK_K], dtype=tl.float32)
-    for t in range(0, T):
-        kt = t % KT
-        j = t // KT  # this tile's block, counted from b0
-        cross = kt == KT - 1  # the next tile is the next block's first
-        src_t = tl.where(cross, src_n, src)
-        live_t = tl.where(cross, live_n, live)
-        kn = tl.where(cross, 0, (kt + 1) * BLOCK_K) + offs_k
-        kn_ok = kn < tl.where(t + 1 < T, K, 0)
-        w_next = tl.load(w_ptr + src_t[:, None] * stride_wn + kn[None, :], mask=live_t[:, None] & kn_ok[None, :],
-                         other=0.0)
-        x_next = tl.load(x_ptr + kn, mask=kn_ok, other=0.0)
-        if NORM != 0 or HAS_RES:
-            r_next, g_next = _norm_tiles(x_next, r_ptr + kn, g_ptr + kn, kn_ok, HAS_RES, NORM)
-            kk = kt * BLOCK_K + offs_k
-            k_in = kk < K
-            first = j == 0
-            z_in = kk < tl.where((pid == 0) & first, K, 0)
-            xin, d = _norm_input(x, r, g, z_ptr + kk, k_in, z_in, piv, HAS_RES, NORM)
-            if first:
-                s1 += d[None, :]
-                s2 += (d * d)[None, :]
-            r = r_next
-            g = g_next
-        else:
-            xin = x.to(tl.float32)
-        acc += w.to(tl.float32) * xin[None, :]
-        if cross:
-            out = tl.sum(acc, axis=1)
-            if NORM != 0:
-                ms = tl.sum(s2, axis=1) / K
-                if NORM == 1:
-                    dm = tl.sum(s1, axis=1) / K  # mean - pivot
-                    rstd = 1.0 / tl.sqrt(tl.maximum(ms - dm * dm, 0.0) + eps)
-                    out = (out - dm * rs_c) * rstd
-                else:
-                    out = out * (1.0 / tl.sqrt(ms + eps))
-            if HAS_BIAS:
-                out += bias_c
-            if RELU:
-                out = tl.maximum(out, 0.0)
-            out = tl.where(live, out, 0.0)
-            tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rows < n_rows)
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            # advance: the next block becomes this one; the one after it is read now (used a block from now)
-            rows = rows_n
-            live = live_n
-            src = src_n
-            if HAS_BIAS:
-                bias_c = tl.load(bias_ptr + src, mask=live, other=0.0).to(tl.float32)
-            if NORM == 1:
-                rs_c = tl.load(rs_ptr + src, mask=live, other=0.0)
-            rows_n = rows + BLOCK_N
-            live_n = rows_n < tl.where(j + 2 < nb, limit, 0)
-            if HAS_IDX:
-                src_n = tl.load(idx_ptr + rows_n, mask=live_n, other=0).to(tl.int64)
-            else:
-                src_n = rows_n.to(tl.int64)
-        w = w_next
-        x = x_next
-    # the blocks past the device-side count hold zeros (spread over the programs)
-    n_blocks = tl.cdiv(n_rows, BLOCK_N)
-    for b in range(live_blocks + pid, n_blocks, n_prog):
-        rr = b * BLOCK_N + offs_n
-        tl.store(y_ptr + rr, tl.zeros([BLOCK_N], dtype=y_ptr.dtype.element_ty), mask=rr < n_rows)
-
-
 def _even_k(args):
     return args["K"] % args["BLOCK_K"] == 0
 
@@ -445,50 +311,6 @@ _rows_gemv_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotu
     triton.heuristics({"EVEN_K": _even_k})(_rows_gemv_kernel))
 
 
-# v12: the batch-1 streaming kernel (_rows_stream_kernel). OCC: programs per SM; the grid is min(blocks, OCC x SMs).
-_STREAM_CONFIGS = configs_for_platform([
-    triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024, "OCC": 4}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 1, "BLOCK_K": 1024, "OCC": 8}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024, "OCC": 8}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 4, "BLOCK_K": 512, "OCC": 4}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 4, "BLOCK_K": 512, "OCC": 8}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024, "OCC": 4}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_N": 8, "BLOCK_K": 512, "OCC": 4}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_N": 2, "BLOCK_K": 2048, "OCC": 4}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_N": 8, "BLOCK_K": 256, "OCC": 8}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 1, "BLOCK_K": 2048, "OCC": 8}, num_warps=8, num_stages=1),
-])
-_STREAM_KEY = ["K", "ROWS_BUCKET", "HAS_COUNT", "NORM", "HAS_RES"]
-_rows_stream = triton.autotune(_STREAM_CONFIGS, key=_STREAM_KEY, do_bench=autotune_bench,
-                               prune_configs_by={"early_config_prune": pinned_prune("rows_stream", "w_ptr")})(
-    _rows_stream_kernel)
-_STREAM = {"on": os.environ.get("SHADOWBENCH_ROWS_STREAM", "1") != "0"}
-
-
-def set_rows_stream(on: bool) -> bool:
-    """Run one-token row GEMVs (no SwiGLU, no fp8 scale) on the v12 streaming kernel (default) or on the
-    one-block-a-program kernel of v7-v11; returns the previous setting. ``SHADOWBENCH_ROWS_STREAM=0`` starts
-    with it off."""
-    return set_switch(_STREAM, on, "set_rows_stream")
-
-
-def _launch_stream(weight, x2d, idx, bias, count, relu, y, norm, residual, z, pdl, preload) -> None:
-    n_rows, K = y.shape[1], x2d.shape[1]
-    sms = sm_count(x2d.device)
-    grid = lambda meta: (max(1, min(triton.cdiv(n_rows, meta["BLOCK_N"]), meta["OCC"] * sms)),)
-    kind = 0 if norm is None else (1 if norm.kind == "layer" else 2)
-    _rows_stream[grid](
-        weight, x2d, idx if idx is not None else weight, bias if bias is not None else weight,
-        count if count is not None else weight, y,
-        residual if residual is not None else x2d, norm.weight if norm is not None else x2d,
-        norm.rowsum if norm is not None and norm.rowsum is not None else y, z if z is not None else x2d,
-        K, n_rows, norm.eps if norm is not None else 0.0, weight.stride(0),
-        n_rows if norm is not None and idx is None else next_pow2(n_rows),
-        HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_COUNT=count is not None, RELU=relu,
-        PRELOAD=preload, NORM=kind, HAS_RES=residual is not None, **pdl_kwargs(x2d.device, pdl),
-    )
-
-
 def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch.dtype, up=None,
                      pdl: bool | None = None, scale=None, preload: bool = False, norm=None, residual=None,
                      z=None) -> torch.Tensor:
@@ -510,9 +332,6 @@ def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch
             torch.add(x2d, residual, out=z)
         return y
     x2d = x2d.contiguous()
-    if B == 1 and up is None and scale is None and _STREAM["on"]:
-        _launch_stream(weight, x2d, idx, bias, count, relu, y, norm, residual, z, pdl, preload)
-        return y
     kernel, block_b = gemv_kernel_for(B, _rows_gemv_single, _rows_gemv_batched)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(B, block_b))
     kind = 0 if norm is None else (1 if norm.kind == "layer" else 2)

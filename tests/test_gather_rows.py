@@ -183,17 +183,13 @@ def test_both_single_token_loops(generation, dtype):
     from shadow_kernels import gather_rows
 
     first = (gather_rows._SINGLE_V6 if generation == "v6" else gather_rows._SINGLE_V7)[0]
-    prev = gather_rows.set_rows_stream(False)  # one token runs on the v12 streaming kernel otherwise
-    try:
-        with only_configs(gather_rows._rows_gemv_single, [first]):
-            gen = torch.Generator().manual_seed(4)
-            w = randn(200, 700, dtype=dtype, gen=gen)
-            idx = torch.randperm(200, generator=gen)[:61].to(DEVICE, torch.int32)
-            x = randn(700, dtype=dtype, gen=gen)
-            b = randn(200, dtype=dtype, gen=gen)
-            count = torch.tensor([50], dtype=torch.int32, device=DEVICE)
-            for kw in ({}, {"count": count}):
-                assert_close_rel(gather_rows_gemv(w, x, idx, b, "relu", **kw),
-                                 gather_rows_gemv_ref(w, x, idx, b, "relu", **kw), dtype)
-    finally:
-        gather_rows.set_rows_stream(prev)
+    with only_configs(gather_rows._rows_gemv_single, [first]):
+        gen = torch.Generator().manual_seed(4)
+        w = randn(200, 700, dtype=dtype, gen=gen)
+        idx = torch.randperm(200, generator=gen)[:61].to(DEVICE, torch.int32)
+        x = randn(700, dtype=dtype, gen=gen)
+        b = randn(200, dtype=dtype, gen=gen)
+        count = torch.tensor([50], dtype=torch.int32, device=DEVICE)
+        for kw in ({}, {"count": count}):
+            assert_close_rel(gather_rows_gemv(w, x, idx, b, "relu", **kw),
+                             gather_rows_gemv_ref(w, x, idx, b, "relu", **kw), dtype)
