@@ -245,6 +245,7 @@ def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
             built.variants["triton"] = lambda: sk.gather_segments_gemv(w_natural, h, idx32, b, segment=d,
                                                                        validate=False)
             built.checked = built.checked + ("triton_cols",)
+            built.tensors["weight"] = w_natural
         return built
     if case.op == "swiglu":
         return _swiglu_case(spec, case.sparsity, B, dtype, device, gen)

@@ -96,6 +96,44 @@ def time_stream(fns: list[Callable[[], object]], device: torch.device) -> dict:
             "timer": f"CUDA graph of {n} calls on {n} copies of the data, L2 flushed before each replay"}
 
 
+def time_steady(fns: list[Callable[[], object]], device: torch.device) -> dict:
+    """Per call of a stream of calls in steady state: one graph runs the calls once over, another twice over (the
+    same copies of the data, in the same order), each replayed after the same L2 flush; per call = (twice - once) / n.
+
+    Why (v13 in notes/kernels.md): :func:`time_stream` divides a whole replay by its calls, so whatever a replay pays
+    once is spread over only its n calls (4 for most GEMV cases of an OPT-13B/30B size): the graph's launch behind
+    the start event and, above all, the write-back of the dirty lines the flush leaves in L2 (up to 50 MB on the
+    H100), which the first calls' reads evict. The v12 probe's rows fit ``1.4 us + bytes / 3.14 TB/s + 17.2 us / n``.
+    A decode step has neither: its kernels evict clean lines of the weights before them. Here both graphs pay those
+    costs once and they cancel; what is left is what one more call adds to a stream of such calls, its gap to the
+    call before it included. The second pass reads copy 1 again only after every other copy (256 MB or more
+    together) has gone through L2, so it is as cold as the first. ``p20_us``/``p80_us`` are the differences of the
+    two graphs' 20th/80th percentiles over n: a spread, not percentiles of a per-call sample.
+    """
+    if device.type != "cuda":
+        return time_stream(fns, device)
+    if len(fns) == 1:
+        t = time_op(fns[0], device)
+        return {**t, "timer": f"{t['timer']} (one copy of the data: no steady state to take)"}
+    n = len(fns)
+
+    def once():
+        for fn in fns:
+            fn()
+
+    def twice():
+        once()
+        once()
+
+    a = time_op(once, device)
+    b = time_op(twice, device)
+    per = {q: (b[q] - a[q]) / n for q in ("median_us", "p20_us", "p80_us")}
+    return {**per, "reps": min(a["reps"], b["reps"]), "calls_per_replay": n,
+            "replay_once_us": a["median_us"], "replay_twice_us": b["median_us"],
+            "timer": f"steady: (graph of {2 * n} calls - graph of {n} calls) / {n}, {n} copies of the data, "
+                     "L2 flushed before each replay"}
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
     """Measured device-to-device copy bandwidth (bytes read plus bytes written): the ceiling that
     every "% of copy bandwidth" figure divides by.

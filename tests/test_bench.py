@@ -137,3 +137,26 @@ def test_probe_log_appends_each_row_at_once(tmp_path):
     assert [r["model"] for r in rows[1:]] == ["opt-13b", "opt-30b"]
     assert all(r["kind"] == "probe" and r["probe"] == "v8" and r["copy_gbps"] == 2999.5 and "time" in r
                and "git_commit" in r and r["device"] for r in rows[1:])
+
+
+def test_steady_timer_cancels_what_a_replay_pays_once(monkeypatch):
+    """time_steady: (graph of the calls twice over - graph of them once) / n. Here a replay costs 17 us once plus
+    3 us a call (the shape the v12 probe's rows fit); the stream timer reports 3 + 17/4, the steady one 3."""
+    from bench import timing
+
+    calls = []
+
+    def fake_time_op(fn, device):
+        calls.clear()
+        fn()
+        us = 17.0 + 3.0 * len(calls)
+        return {"median_us": us, "p20_us": us - 1, "p80_us": us + 1, "reps": 50, "timer": "fake"}
+
+    monkeypatch.setattr(timing, "time_op", fake_time_op)
+    fns = [lambda: calls.append(1)] * 4
+    cuda = torch.device("cuda")
+    assert timing.time_stream(fns, cuda)["median_us"] == pytest.approx(3.0 + 17.0 / 4)
+    t = timing.time_steady(fns, cuda)
+    assert t["median_us"] == pytest.approx(3.0)
+    assert t["calls_per_replay"] == 4 and t["replay_twice_us"] - t["replay_once_us"] == pytest.approx(12.0)
+    assert "steady" in t["timer"]
