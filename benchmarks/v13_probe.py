@@ -11,8 +11,11 @@ configs tuned on cold data in this run), every variant under both timers (``time
   the selected weights copied to one contiguous matrix (no gather; sparse cases only);
 - ``copy``: ``dst.copy_(src)`` of 256 MB (4 copies), read + written bytes: the copy bandwidth under each timer, next
   to the eager 1 GB copy that every ``pct_copy_bw`` divides by (``copy_gbps`` of the run).
+With ``--alone``, only the cells still short of the targets under the steady timer (gather-cols fc2, gather-segments
+out_proj): the decoder's call with the autotuner's choice (``tuned``) and with every config alone (``alone_<i>``),
+steady timer only; the autotuner times each config as one cold call, which is not how calls follow each other.
 
-    PYTHONPATH=. python benchmarks/v13_probe.py --out runs/v13-probe.jsonl
+    PYTHONPATH=. python benchmarks/v13_probe.py --out runs/v13-probe.jsonl [--alone]
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ import torch.nn.functional as F
 from bench.kernels import _spec, rel_err
 from bench.results import probe_log
 from bench.timing import time_steady, time_stream
-from benchmarks.v7_probe import build_copies, cold_device, run_gemv_cases
+from benchmarks.v7_probe import build_copies, cold_device, run_gemv_cases, use
 from benchmarks.v8_probe import gathered
 from models.ops import _gemv_triton
-from shadow_kernels import gather_cols_gemv, gather_rows_gemv, gather_segments_gemv
+from shadow_kernels import gather_cols, gather_cols_gemv, gather_rows_gemv, gather_segments, gather_segments_gemv
 
 TARGETS = [(m, op, s) for m in ("opt-13b", "opt-30b") for op in ("fc1", "qkv", "fc2", "out_proj") for s in (0.5, 0.7)]
 DENSE = [(m, op, 0.0) for op in ("fc2", "out_proj") for m in ("opt-1.3b", "opt-6.7b", "opt-13b")]
 CASES = [(m, op, s, False) for m, op, s in TARGETS + DENSE]
 TIMERS = {"stream": time_stream, "steady": time_steady}
+ALONE = [("opt-13b", "fc2", 0.7), ("opt-13b", "fc2", 0.5), ("opt-30b", "fc2", 0.7), ("opt-1.3b", "fc2", 0.0),
+         ("opt-13b", "out_proj", 0.5), ("opt-13b", "out_proj", 0.7), ("opt-30b", "out_proj", 0.7)]
 
 
 def preload_call(built, model, op):
@@ -75,6 +80,26 @@ def gemv_case(model, op, sparsity, dev, bw, emit) -> None:
         del mats
 
 
+def alone_case(model, op, sparsity, dev, bw, emit) -> None:
+    copies = build_copies(model, op, sparsity, dev)
+    built = copies[0]
+    base = {"model": model, "op": op, "sparsity": sparsity, "bytes": built.bytes_moved, "copies": len(copies),
+            "timer": "steady"}
+    ref = built.reference()
+    tuner, every = ((gather_cols._cols_single, list(gather_cols._SINGLE_CONFIGS)) if op == "fc2" else
+                    (gather_segments._segments_single, list(gather_segments._SINGLE_CONFIGS)))
+    fns = [preload_call(c, model, op) for c in copies]
+    try:
+        for label, configs in [("tuned", every)] + [(f"alone_{i}", [c]) for i, c in enumerate(every)]:
+            use(tuner, configs)
+            err = rel_err(fns[0](), ref)
+            us = time_steady(fns, dev)["median_us"]
+            emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * built.bytes_moved / (bw * 1e9) / (us * 1e-6),
+                  "rel_err": err, "config": str(tuner.best_config)})
+    finally:
+        use(tuner, every)
+
+
 def copy_rows(dev, bw, emit) -> None:
     n = 4
     pairs = [(torch.empty(128 << 20, dtype=torch.float16, device=dev).normal_(),
@@ -93,9 +118,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/v13-probe.jsonl")
     ap.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
+    ap.add_argument("--alone", action="store_true", help="every config alone on the cells short of the targets")
     args = ap.parse_args()
     dev, bw = cold_device()
     with probe_log(args.out, dev, bw, probe="v13") as emit:
+        if args.alone:
+            run_gemv_cases([(m, op, s, False) for m, op, s in ALONE],
+                           lambda m, op, s, alone: alone_case(m, op, s, dev, bw, emit), emit)
+            return
         copy_rows(dev, bw, emit)
         run_gemv_cases(CASES[: args.cases], lambda m, op, s, alone: gemv_case(m, op, s, dev, bw, emit), emit)
 
