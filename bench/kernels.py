@@ -21,7 +21,7 @@ import shadow_kernels as sk
 from models.registry import ModelSpec, get_spec
 
 from .results import RowWriter, environment, git_commit, make_row
-from .timing import copy_bandwidth, time_stream
+from .timing import copy_bandwidth, time_steady, time_stream
 
 GEMV_OPS = ("fc1", "fc2", "qkv", "out_proj")
 LLAMA_OPS = ("swiglu",)  # fused gate+up gather GEMV (Llama models only)
@@ -265,11 +265,11 @@ def _autotuners() -> dict:
             "segments_batched": gather_segments._segments_batched}
 
 
-# The stream timer (bench.timing.time_stream) runs each variant on enough copies of a case's data that
+# The steady and stream timers (bench.timing) run each variant on enough copies of a case's data that
 # one replay reads at least this many bytes (five times the H100's L2), between MIN and MAX copies.
 STREAM_BYTES = 256 << 20
 MIN_COPIES, MAX_COPIES = 4, 256
-TIMERS = ("stream", "single")
+TIMERS = ("steady", "stream", "single")
 
 
 def n_copies(bytes_moved: int, timer: str) -> int:
@@ -278,12 +278,12 @@ def n_copies(bytes_moved: int, timer: str) -> int:
     return max(MIN_COPIES, min(MAX_COPIES, -(-STREAM_BYTES // max(1, bytes_moved))))
 
 
-def _timed_with_configs(fns, device) -> dict:
+def _timed_with_configs(fns, device, timer: str = "steady") -> dict:
     """Time the calls ``fns`` (one per data copy) and record which autotuned config each kernel ran with."""
     tuners = _autotuners()
     for tuner in tuners.values():
         tuner.best_config = None
-    t = time_stream(fns, device)
+    t = time_steady(fns, device) if timer == "steady" else time_stream(fns, device)
     t["configs"] = {name: str(tuner.best_config) for name, tuner in tuners.items()
                     if getattr(tuner, "best_config", None) is not None}
     return t
@@ -313,7 +313,7 @@ def _spec(name: str) -> ModelSpec:
     return TINY_SPECS[name] if name in TINY_SPECS else get_spec(name)
 
 
-def run_case(case: Case, dtype, device, copy_gbps, base: dict, timer: str = "stream") -> list[dict]:
+def run_case(case: Case, dtype, device, copy_gbps, base: dict, timer: str = "steady") -> list[dict]:
     """Check and time every variant of one case; returns its rows.
 
     The first copy of the data is checked against the reference; with the stream timer, further copies
@@ -332,7 +332,7 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict, timer: str = "str
     tol = 0.0 if built.exact else TOLERANCE[dtype]
     copies = [built] + [build_case(spec, case, dtype, device, gen)
                         for _ in range(n_copies(built.bytes_moved, timer) - 1)]
-    timings = {name: _timed_with_configs([c.variants[name] for c in copies], device) for name in built.variants}
+    timings = {name: _timed_with_configs([c.variants[name] for c in copies], device, timer) for name in built.variants}
     del copies
     dense_us = timings.get("torch_dense", timings.get("torch_unfused", timings.get("torch_reference")))["median_us"]
     rows = []
@@ -366,11 +366,13 @@ def _done_keys(rows) -> set:
             for r in rows if r.get("kind") == "kernel" and r.get("status") in ("ok", "wrong", "skipped")}
 
 
-def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progress=True, timer="stream") -> list[dict]:
+def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progress=True, timer="steady") -> list[dict]:
     """Run every case not already in ``out_path``; returns the rows written by this call.
 
-    timer: ``stream`` (default; :func:`bench.timing.time_stream` over copies of the data) or ``single``
-    (one call per graph replay after an L2 flush, the timer of v2-v5 in notes/kernels.md).
+    timer: ``steady`` (default, v13; :func:`bench.timing.time_steady`: the copies of the data run once over and
+    twice over in two graphs, per call = the difference over the copies), ``stream`` (v6-v12;
+    :func:`bench.timing.time_stream`: one replay over the copies, divided by them) or ``single`` (one call per
+    graph replay after an L2 flush, the timer of v2-v5 in notes/kernels.md).
     """
     if timer not in TIMERS:
         raise ValueError(f"timer must be one of {TIMERS}, got {timer!r}")

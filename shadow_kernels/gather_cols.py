@@ -34,6 +34,7 @@ from ._common import (
     zero_past_count,
 )
 from .pdl import pdl_kwargs, pdl_sync
+from .tuned import pinned_prune
 
 
 @triton.jit
@@ -276,7 +277,9 @@ _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 256, "BLOCK_J": 32}, num_warps=8, num_stages=3),
 ])
 _KEY = ["M", "SEL_BUCKET", "SPLIT_KEY", "BLOCK_B", "MODE", "HAS_COUNT"]
-_cols_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
+# v13: shapes with a pinned config for this device (shadow_kernels.tuned) skip the timing
+_cols_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"],
+                               prune_configs_by={"early_config_prune": pinned_prune("cols_single", "wt_ptr")})(
     _cols_partial_kernel)
 _cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
     _cols_partial_kernel)

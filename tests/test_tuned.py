@@ -59,3 +59,19 @@ def test_shipped_tables_parse():
         assert isinstance(device, str)
         for e in entries:
             assert {"kernel", "key", "config"} <= set(e)
+
+
+def test_shipped_entries_name_a_config_and_keys_of_their_kernel():
+    """An entry whose config is not among its kernel's configs, or whose key names an argument the autotuner does
+    not key on, would never apply (or apply too widely) without a word: every shipped entry is checked here against
+    the full config lists (the interpreter's autotuners hold only the first)."""
+    from shadow_kernels import gather_cols, gather_rows
+
+    kernels = {"rows_single": (gather_rows._rows_gemv_single, gather_rows._SINGLE_V7 + gather_rows._SINGLE_V6),
+               "cols_single": (gather_cols._cols_single, gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6)}
+    tuned.reload()
+    for entries in tuned._load().values():
+        for e in entries:
+            tuner, configs = kernels[e["kernel"]]
+            assert set(e["key"]) <= set(tuner.keys), e
+            assert sum(tuned._same(c, e["config"]) for c in configs) == 1, e
