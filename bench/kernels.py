@@ -383,13 +383,15 @@ def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progres
     writer = RowWriter(out_path)
     env = environment(device)
     done = _done_keys(writer.existing())
+    todo = [c for c in cases(models, ops, sparsities, batches)
+            if (c.model, c.op, c.sparsity, c.batch, dtype_name, env["device"], timer) not in done]
+    if not todo:  # resumed with nothing left: no copy measured, no row written
+        return []
     bw = copy_bandwidth(device)
     base = dict(kind="kernel", device=env["device"], dtype=dtype_name, git_commit=git_commit(),
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"],
                        "timer_kind": timer})
     copy_detail = {k: v for k, v in bw.items() if k != "copy_gbps"}
-    todo = [c for c in cases(models, ops, sparsities, batches)
-            if (c.model, c.op, c.sparsity, c.batch, dtype_name, env["device"], timer) not in done]
     new_rows: list[dict] = []
     if bw["copy_gbps"]:
         env_row = make_row(**base, metric="copy_bandwidth", value=bw["copy_gbps"], unit="GB/s", op="copy",
