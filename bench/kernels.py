@@ -316,7 +316,7 @@ def _spec(name: str) -> ModelSpec:
 def run_case(case: Case, dtype, device, copy_gbps, base: dict, timer: str = "steady") -> list[dict]:
     """Check and time every variant of one case; returns its rows.
 
-    The first copy of the data is checked against the reference; with the stream timer, further copies
+    The first copy of the data is checked against the reference; with the steady and stream timers, further copies
     (other weights, inputs and index sets of the same shapes) are built for timing only.
     """
     spec = _spec(case.model)
