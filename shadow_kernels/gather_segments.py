@@ -38,6 +38,7 @@ from ._common import (
     zero_past_count,
 )
 from .pdl import pdl_kwargs, pdl_sync
+from .tuned import pinned_prune
 
 
 @triton.jit
@@ -142,7 +143,10 @@ _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 128, "HB": 1}, num_warps=8, num_stages=1),
 ])
 _KEY = ["N", "SEGS_BUCKET", "SEG", "BLOCK_B", "HAS_COUNT"]
-_segments_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench)(_segments_kernel)
+# v14: shapes with a pinned config for this device (shadow_kernels.tuned) skip the timing
+_segments_single = triton.autotune(
+    _SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench,
+    prune_configs_by={"early_config_prune": pinned_prune("segments_single", "w_ptr")})(_segments_kernel)
 _segments_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench)(_segments_kernel)
 
 
