@@ -9,7 +9,7 @@ Two parts (``--part``), both batch 1, fp16, the decoder's call (``preload=True``
   replay's fixed costs over 4-13 calls; the split (at most OCC programs an SM, one wave) was chosen with it too.
 - ``table``: every config of gather-cols (fc2) and gather-segments (out_proj) alone (``alone_<i>``) and the
   autotuner's pick (``tuned``; pinned tables off) at every model and sparsity of the sweep, with the autotune key
-  of each case (``key``): ``benchmarks/v14_table.py`` turns the rows into ``shadow_kernels/tuned/h100-steady.json``.
+  of each case (``key``): ``python -m bench.pinned`` turns the rows into ``shadow_kernels/tuned/h100-steady.json``.
   v13: between two runs the cold autotuner's choice moved OPT-6.7B fc2 s=0 from 47.7 to 55.7 us a call.
 
     PYTHONPATH=. python benchmarks/v14_probe.py --part reduce --out runs/v14-probe.jsonl

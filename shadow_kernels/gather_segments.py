@@ -126,7 +126,7 @@ def _segments_kernel(
              mask=b_ok[:, None] & r_ok[None, :])
 
 
-_SINGLE_CONFIGS = configs_for_platform([
+_SINGLE_ALL = [
     triton.Config({"BLOCK_N": 4, "HB": 2}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 8, "HB": 2}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 4, "HB": 4}, num_warps=4, num_stages=1),
@@ -135,7 +135,8 @@ _SINGLE_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 16, "HB": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 8, "HB": 4}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 16, "HB": 2}, num_warps=8, num_stages=1),
-])
+]
+_SINGLE_CONFIGS = configs_for_platform(_SINGLE_ALL)
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 32, "HB": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 64, "HB": 1}, num_warps=4, num_stages=1),

@@ -65,13 +65,47 @@ def test_shipped_entries_name_a_config_and_keys_of_their_kernel():
     """An entry whose config is not among its kernel's configs, or whose key names an argument the autotuner does
     not key on, would never apply (or apply too widely) without a word: every shipped entry is checked here against
     the full config lists (the interpreter's autotuners hold only the first)."""
-    from shadow_kernels import gather_cols, gather_rows
+    from shadow_kernels import gather_cols, gather_rows, gather_segments
 
     kernels = {"rows_single": (gather_rows._rows_gemv_single, gather_rows._SINGLE_V7 + gather_rows._SINGLE_V6),
-               "cols_single": (gather_cols._cols_single, gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6)}
+               "cols_single": (gather_cols._cols_single, gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6),
+               "segments_single": (gather_segments._segments_single, gather_segments._SINGLE_ALL)}
     tuned.reload()
     for entries in tuned._load().values():
         for e in entries:
             tuner, configs = kernels[e["kernel"]]
             assert set(e["key"]) <= set(tuner.keys), e
             assert sum(tuned._same(c, e["config"]) for c in configs) == 1, e
+
+
+def _alone_rows(case, key, us, tuned_us, device="dev"):
+    """Rows of ``benchmarks/v14_probe.py --part table`` for one case: the autotuner's pick and each config alone."""
+    model, op, s = case
+    head = {"model": model, "op": op, "sparsity": s, "device": device, "key": key}
+    rows = [{**head, "variant": "tuned", "us": tuned_us, "kernel": "cols_single", "dtype": "torch.float16",
+             "config": {"BLOCK_M": 128}}]
+    return rows + [{**head, "variant": f"alone_{i}", "us": t, "config": {"BLOCK_M": 64 << i}} for i, t in enumerate(us)]
+
+
+def test_table_from_alone_rows_picks_the_best_mean_over_cases_sharing_a_key():
+    from bench.pinned import build
+
+    k1 = {"M": 2048, "SEL_BUCKET": 4096}
+    k2 = {"M": 2048, "SEL_BUCKET": 8192}
+    # two cases share k1: config 0 is best in one by 10%, config 1 best in the other by 30%: config 1 wins
+    rows = (_alone_rows(("m", "fc2", 0.5), k1, [10.0, 11.0], 12.0)
+            + _alone_rows(("m", "fc2", 0.7), k1, [13.0, 10.0], 10.5)
+            + _alone_rows(("m", "fc2", 0.0), k2, [20.0, 25.0], 25.0) + [{"kind": "probe", "device": "dev"}])
+    table = build(rows, "test")
+    assert table["device"] == "dev" and table["source"] == "test"
+    by = {(json.dumps(e["key"], sort_keys=True)): e for e in table["entries"]}
+    assert len(by) == 4  # every key without and with a device-side count
+    e = by[json.dumps({**k1, "HAS_COUNT": False}, sort_keys=True)]
+    assert e["config"] == {"BLOCK_M": 128} and e["steady_us"] == [11.0, 10.0]
+    assert e["autotuned_steady_us"] == [12.0, 10.5]
+    assert e["role"] == "m fc2 s=0.5, m fc2 s=0.7" and e["kernel"] == "cols_single"
+    assert by[json.dumps({**k2, "HAS_COUNT": True}, sort_keys=True)]["config"] == {"BLOCK_M": 64}
+    with pytest.raises(ValueError, match="one device"):
+        build(rows + _alone_rows(("m", "fc2", 0.9), k2, [1.0], 1.0, device="other"), "test")
+    with pytest.raises(ValueError, match="no 'tuned' row"):
+        build([r for r in rows if r.get("variant") != "tuned"], "test")
