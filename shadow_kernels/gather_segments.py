@@ -66,7 +66,7 @@ def _segments_kernel(
     SEG: tl.constexpr, SEG_P2: tl.constexpr, SEG_ALIGN: tl.constexpr,
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr,
     USE_PDL: tl.constexpr, PRELOAD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr, PREFETCH: tl.constexpr = 0,
 ):
     # A program owns BLOCK_N output rows for BLOCK_B batch rows and walks the live segments, HB at a time
     # (batch 1: a [BLOCK_N, HB, SEG] tile of weights; a batch: one segment a step, a tensor-core dot).
@@ -108,6 +108,29 @@ def _segments_kernel(
             w = w_next
             x = x_next
         out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    elif PREFETCH:
+        # v14: HB segments a step as one [BLOCK_N, HB * SEG_P2] tile and one tensor-core dot, the next step's
+        # weights loaded before this step's dot (the v8 loop below, one segment a step and nothing in flight during
+        # the dot, ran 2-6x slower than cuBLAS on the whole weight at batch 8: 17ee6be sweep)
+        offs_s = tl.arange(0, HB)
+        w = _head_tile(w_rows, _head_starts(idx_ptr, offs_s, n_seg, SEG, SEG_ALIGN), offs_s < n_seg, r_ok, d, d_ok,
+                       SEG != SEG_P2)
+        base = _head_starts(idx_ptr, offs_s + HB, n_seg, SEG, SEG_ALIGN)
+        if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait
+            pdl_sync()
+        x_rows = x_ptr + offs_b.to(tl.int64) * stride_xb
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        for s0 in range(0, n_seg, HB):
+            sn = s0 + HB + offs_s
+            w_next = _head_tile(w_rows, base, sn < n_seg, r_ok, d, d_ok, SEG != SEG_P2)
+            base = _head_starts(idx_ptr, sn + HB, n_seg, SEG, SEG_ALIGN)
+            ss = s0 + offs_s
+            x_ok = b_ok[:, None, None] & ((ss < n_seg)[:, None] & d_ok[None, :])[None, :, :]
+            x = tl.load(x_rows[:, None, None] + (ss[:, None] * SEG + d[None, :])[None, :, :], mask=x_ok, other=0.0)
+            acc = dot_acc(acc, tl.reshape(x, (BLOCK_B, HB * SEG_P2)), tl.trans(tl.reshape(w, (BLOCK_N, HB * SEG_P2))),
+                          UPCAST_DOT, DOT_IEEE)
+            w = w_next
+        out = acc
     else:
         if USE_PDL and PRELOAD:
             pdl_sync()
@@ -137,12 +160,22 @@ _SINGLE_ALL = [
     triton.Config({"BLOCK_N": 16, "HB": 2}, num_warps=8, num_stages=1),
 ]
 _SINGLE_CONFIGS = configs_for_platform(_SINGLE_ALL)
-_BATCHED_CONFIGS = configs_for_platform([
+_BATCHED_ALL = [
+    # v14: HB segments a dot, the next tile loaded ahead (PREFETCH); first, so the interpreter tests this path
+    triton.Config({"BLOCK_N": 16, "HB": 2, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 16, "HB": 4, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 32, "HB": 1, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 32, "HB": 2, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 32, "HB": 4, "PREFETCH": 1}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 64, "HB": 1, "PREFETCH": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 64, "HB": 2, "PREFETCH": 1}, num_warps=8, num_stages=1),
+    # v8: one segment a step
     triton.Config({"BLOCK_N": 32, "HB": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 64, "HB": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 16, "HB": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 128, "HB": 1}, num_warps=8, num_stages=1),
-])
+]
+_BATCHED_CONFIGS = configs_for_platform(_BATCHED_ALL)
 _KEY = ["N", "SEGS_BUCKET", "SEG", "BLOCK_B", "HAS_COUNT"]
 # v14: shapes with a pinned config for this device (shadow_kernels.tuned) skip the timing
 _segments_single = triton.autotune(
