@@ -67,6 +67,7 @@ def _segments_kernel(
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr,
     USE_PDL: tl.constexpr, PRELOAD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    AHEAD: tl.constexpr = 1,
 ):
     # A program owns BLOCK_N output rows for BLOCK_B batch rows and walks the live segments, HB at a time
     # (batch 1: a [BLOCK_N, HB, SEG] tile of weights; a batch: one segment a step, a tensor-core dot).
@@ -86,7 +87,37 @@ def _segments_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
 
-    if BLOCK_B == 1:
+    if BLOCK_B == 1 and AHEAD == 2:
+        # v14: two tiles read before the wait and kept two ahead in the loop. Only x depends on the kernel before
+        # this one, so with preload a program has 2 * HB segments of weights in flight while that kernel finishes
+        # (OPT-13B out_proj at s=0.7 is 6 steps of HB = 2 a program: the wait is a third of its time)
+        x_row = x_ptr + pid_b * stride_xb
+        offs_s = tl.arange(0, HB)
+        w = _head_tile(w_rows, _head_starts(idx_ptr, offs_s, n_seg, SEG, SEG_ALIGN), offs_s < n_seg, r_ok, d, d_ok,
+                       SEG != SEG_P2)
+        w1 = _head_tile(w_rows, _head_starts(idx_ptr, offs_s + HB, n_seg, SEG, SEG_ALIGN), offs_s + HB < n_seg, r_ok,
+                        d, d_ok, SEG != SEG_P2)
+        base = _head_starts(idx_ptr, offs_s + 2 * HB, n_seg, SEG, SEG_ALIGN)
+        if USE_PDL and PRELOAD:
+            pdl_sync()
+        x = tl.load(x_row + offs_s[:, None] * SEG + d[None, :], mask=(offs_s < n_seg)[:, None] & d_ok[None, :],
+                    other=0.0)
+        x1 = tl.load(x_row + (offs_s + HB)[:, None] * SEG + d[None, :],
+                     mask=(offs_s + HB < n_seg)[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_N, HB, SEG_P2], dtype=tl.float32)
+        for s0 in range(0, n_seg, HB):
+            sn = s0 + 2 * HB + offs_s
+            sn_ok = sn < n_seg
+            w2 = _head_tile(w_rows, base, sn_ok, r_ok, d, d_ok, SEG != SEG_P2)
+            x2 = tl.load(x_row + sn[:, None] * SEG + d[None, :], mask=sn_ok[:, None] & d_ok[None, :], other=0.0)
+            base = _head_starts(idx_ptr, sn + HB, n_seg, SEG, SEG_ALIGN)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :, :]
+            w = w1
+            x = x1
+            w1 = w2
+            x1 = x2
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    elif BLOCK_B == 1:
         x_row = x_ptr + pid_b * stride_xb
         offs_s = tl.arange(0, HB)
         s_ok = offs_s < n_seg
@@ -158,6 +189,11 @@ _SINGLE_ALL = [
     triton.Config({"BLOCK_N": 16, "HB": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 8, "HB": 4}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 16, "HB": 2}, num_warps=8, num_stages=1),
+    # v14: two tiles read before the PDL wait and kept two ahead (AHEAD)
+    triton.Config({"BLOCK_N": 4, "HB": 2, "AHEAD": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 8, "HB": 2, "AHEAD": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 4, "HB": 4, "AHEAD": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 2, "HB": 4, "AHEAD": 2}, num_warps=4, num_stages=1),
 ]
 _SINGLE_CONFIGS = configs_for_platform(_SINGLE_ALL)
 _BATCHED_ALL = [

@@ -36,6 +36,29 @@ def test_matches_reference(dtype, batch, segment):
 
 
 @pytest.mark.parametrize("segment", [16, 5])
+@pytest.mark.parametrize("live", [5, 4, 1])
+def test_two_tiles_ahead_matches_the_reference(segment, live):
+    """v14's batch-1 loop that reads two tiles before the wait (AHEAD 2): more, as many and fewer live segments
+    than the two tiles hold (HB 2), with and without preload."""
+    from shadow_kernels import gather_segments
+
+    gen = torch.Generator().manual_seed(8)
+    N, H = 43, 7
+    w = randn(N, H * segment, dtype=torch.float16, gen=gen)
+    b = randn(N, dtype=torch.float16, gen=gen)
+    idx = columns([5, 0, 3, 6, 2], segment)
+    x = randn(idx.numel(), dtype=torch.float16, gen=gen)
+    count = torch.tensor([live * segment], dtype=torch.int32, device=DEVICE)
+    configs = [c for c in gather_segments._SINGLE_ALL if c.kwargs.get("AHEAD") == 2]
+    assert configs
+    for cfg in configs:
+        with only_configs(gather_segments._segments_single, [cfg]):
+            for preload in (False, True):
+                got = gather_segments_gemv(w, x, idx, b, count, segment=segment, preload=preload)
+                assert_close_rel(got, ref32(w, x, idx, b, count, segment=segment), torch.float16)
+
+
+@pytest.mark.parametrize("segment", [16, 5])
 def test_every_batched_config_matches_the_reference(segment):
     """Each batched config alone (the interpreter's autotuner holds only the first): v14's HB segments a dot with the
     next tile loaded ahead, at HB 1, 2 and 4 (a step past the last live segment masked), and v8's one segment a
