@@ -36,8 +36,9 @@ def build(rows: list[dict], source: str) -> dict:
     entries = []
     for (kernel, dtype, key), members in sorted(groups.items()):
         alone = [{v: r for v, r in cases[c].items() if v.startswith("alone_")} for c in members]
+        best = [min(r["us"] for r in a.values()) for a in alone]
         names = set.intersection(*(set(a) for a in alone))
-        score = {v: sum(a[v]["us"] / min(r["us"] for r in a.values()) for a in alone) / len(alone) for v in names}
+        score = {v: sum(a[v]["us"] / b for a, b in zip(alone, best, strict=True)) / len(alone) for v in names}
         pick = min(sorted(names), key=score.get)
         for has_count in (False, True):
             entries.append({
@@ -46,7 +47,7 @@ def build(rows: list[dict], source: str) -> dict:
                 "role": ", ".join(f"{m} {op} s={s:g}" for m, op, s in members),
                 "steady_us": [round(a[pick]["us"], 2) for a in alone],
                 "autotuned_steady_us": [round(cases[c]["tuned"]["us"], 2) for c in members],
-                "best_alone_us": [round(min(r["us"] for r in a.values()), 2) for a in alone],
+                "best_alone_us": [round(b, 2) for b in best],
             })
     return {"device": devices.pop(), "source": source, "entries": entries}
 

@@ -41,6 +41,19 @@ ALONE = [("opt-13b", "fc2", 0.7), ("opt-13b", "fc2", 0.5), ("opt-30b", "fc2", 0.
          ("opt-13b", "out_proj", 0.5), ("opt-13b", "out_proj", 0.7), ("opt-30b", "out_proj", 0.7)]
 
 
+def pct_bw(nbytes, bw, us) -> float:
+    """``nbytes`` moved in ``us`` microseconds as % of the copy bandwidth ``bw`` (GB/s)."""
+    return 100 * nbytes / (bw * 1e9) / (us * 1e-6)
+
+
+def tuner_of(op):
+    """The batch-1 autotuner of the kernel that serves ``op`` (fc2: gather-cols, out_proj: gather-segments), its
+    full config list and its autotune key names."""
+    if op == "fc2":
+        return gather_cols._cols_single, list(gather_cols._SINGLE_CONFIGS), gather_cols._KEY
+    return gather_segments._segments_single, list(gather_segments._SINGLE_CONFIGS), gather_segments._KEY
+
+
 def preload_call(built, model, op):
     a = built.tensors
     idx32 = a["idx"].to(torch.int32)
@@ -67,7 +80,7 @@ def gemv_case(model, op, sparsity, dev, bw, emit) -> None:
             t = fn(fns, dev)
             us = t["median_us"]
             emit({**base, "variant": label, "timer": timer, "us": us, "p20_us": t["p20_us"], "p80_us": t["p80_us"],
-                  "pct_copy_bw": 100 * nbytes / (bw * 1e9) / (us * 1e-6), "rel_err": err, **extra,
+                  "pct_copy_bw": pct_bw(nbytes, bw, us), "rel_err": err, **extra,
                   **{k: t[k] for k in ("replay_once_us", "replay_twice_us") if k in t}})
 
     timed("triton", [c.variants["triton"] for c in copies], built.bytes_moved, ref)
@@ -86,15 +99,14 @@ def alone_case(model, op, sparsity, dev, bw, emit) -> None:
     base = {"model": model, "op": op, "sparsity": sparsity, "bytes": built.bytes_moved, "copies": len(copies),
             "timer": "steady"}
     ref = built.reference()
-    tuner, every = ((gather_cols._cols_single, list(gather_cols._SINGLE_CONFIGS)) if op == "fc2" else
-                    (gather_segments._segments_single, list(gather_segments._SINGLE_CONFIGS)))
+    tuner, every, _ = tuner_of(op)
     fns = [preload_call(c, model, op) for c in copies]
     try:
         for label, configs in [("tuned", every)] + [(f"alone_{i}", [c]) for i, c in enumerate(every)]:
             use(tuner, configs)
             err = rel_err(fns[0](), ref)
             us = time_steady(fns, dev)["median_us"]
-            emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * built.bytes_moved / (bw * 1e9) / (us * 1e-6),
+            emit({**base, "variant": label, "us": us, "pct_copy_bw": pct_bw(built.bytes_moved, bw, us),
                   "rel_err": err, "config": str(tuner.best_config)})
     finally:
         use(tuner, every)
@@ -108,8 +120,7 @@ def copy_rows(dev, bw, emit) -> None:
     for timer, fn in TIMERS.items():
         t = fn([(lambda s=s, d=d: d.copy_(s)) for s, d in pairs], dev)
         emit({"variant": "copy", "timer": timer, "bytes": moved, "us": t["median_us"],
-              "gbps": moved / (t["median_us"] * 1e-6) / 1e9, "pct_copy_bw": 100 * moved / (bw * 1e9) /
-              (t["median_us"] * 1e-6)})
+              "gbps": moved / (t["median_us"] * 1e-6) / 1e9, "pct_copy_bw": pct_bw(moved, bw, t["median_us"])})
     del pairs
     torch.cuda.empty_cache()
 

@@ -20,6 +20,7 @@ import torch
 from bench.latency import LatencyCase, build_mode, build_model
 from bench.results import probe_log
 from bench.timing import copy_bandwidth
+from benchmarks.v7_probe import use
 from models.generate import Generator
 from models.ops import get_ops
 from shadow_kernels import gather_cols, gather_segments, tuned
@@ -31,10 +32,9 @@ V13_BATCHED = [c for c in gather_segments._BATCHED_ALL if not c.kwargs.get("PREF
 def use_variant(variant: str) -> None:
     v14 = variant == "v14"
     tuned.set_pinned(v14)
-    gather_segments._segments_single.configs = list(gather_segments._SINGLE_CONFIGS if v14 else V13_SINGLE)
-    gather_segments._segments_batched.configs = list(gather_segments._BATCHED_CONFIGS if v14 else V13_BATCHED)
-    for t in (gather_segments._segments_single, gather_segments._segments_batched, gather_cols._cols_single,
-              gather_cols._cols_batched):
+    use(gather_segments._segments_single, gather_segments._SINGLE_CONFIGS if v14 else V13_SINGLE)
+    use(gather_segments._segments_batched, gather_segments._BATCHED_CONFIGS if v14 else V13_BATCHED)
+    for t in (gather_cols._cols_single, gather_cols._cols_batched):
         t.cache.clear()
 
 

@@ -26,8 +26,8 @@ from bench.kernels import rel_err
 from bench.results import probe_log
 from bench.timing import time_steady
 from benchmarks.v7_probe import build_copies, cold_device, run_gemv_cases, use
-from benchmarks.v13_probe import preload_call
-from shadow_kernels import gather_cols, gather_cols_gemv, gather_segments, tuned
+from benchmarks.v13_probe import pct_bw, preload_call, tuner_of
+from shadow_kernels import gather_cols_gemv, tuned
 from shadow_kernels.gather_cols import choose_split
 
 REDUCE = [("opt-13b", "fc2", 0.5), ("opt-13b", "fc2", 0.7), ("opt-13b", "fc2", 0.9), ("opt-30b", "fc2", 0.5),
@@ -39,12 +39,6 @@ SPARSITY = (0.0, 0.5, 0.7, 0.9)
 
 def config_dict(c) -> dict:
     return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-
-
-def tuner_of(op):
-    if op == "fc2":
-        return gather_cols._cols_single, list(gather_cols._SINGLE_CONFIGS), gather_cols._KEY
-    return gather_segments._segments_single, list(gather_segments._SINGLE_CONFIGS), gather_segments._KEY
 
 
 def _base(model, op, sparsity, built, copies) -> dict:
@@ -71,7 +65,7 @@ def reduce_case(model, op, sparsity, dev, bw, emit, top) -> None:
         fns = [call(i, **kw) for i in range(len(copies))]
         err = rel_err(fns[0](), ref)
         us = time_steady(fns, dev)["median_us"]
-        emit({**base, "variant": label, "us": us, "pct_copy_bw": 100 * built.bytes_moved / (bw * 1e9) / (us * 1e-6),
+        emit({**base, "variant": label, "us": us, "pct_copy_bw": pct_bw(built.bytes_moved, bw, us),
               "rel_err": err, "config": config_dict(tuner.best_config) if tuner.best_config else None,
               "split": kw.get("split"), **{k: v for k, v in kw.items() if k != "split"}})
 
@@ -97,22 +91,22 @@ def table_case(model, op, sparsity, dev, bw, emit) -> None:
     ref = built.reference()
     tuner, every, keys = tuner_of(op)
     fns = [preload_call(c, model, op) for c in copies]
-    try:
-        use(tuner, every)
+    key = None
+
+    def timed(label, configs, **extra):
+        nonlocal key
+        use(tuner, configs)
         err = rel_err(fns[0](), ref)
-        key = next(iter(tuner.cache)) if tuner.cache else None
-        key = dict(zip(keys, key[: len(keys)], strict=True)) if key is not None else None
+        if key is None and tuner.cache:  # the autotune key of the case, from the first (tuned) call
+            key = dict(zip(keys, next(iter(tuner.cache))[: len(keys)], strict=True))
         us = time_steady(fns, dev)["median_us"]
-        emit({**base, "variant": "tuned", "us": us, "pct_copy_bw": 100 * built.bytes_moved / (bw * 1e9) / (us * 1e-6),
-              "rel_err": err, "config": config_dict(tuner.best_config), "key": key,
-              "kernel": "cols_single" if op == "fc2" else "segments_single", "dtype": "torch.float16"})
+        emit({**base, "variant": label, "us": us, "pct_copy_bw": pct_bw(built.bytes_moved, bw, us), "rel_err": err,
+              "config": config_dict(tuner.best_config if len(configs) > 1 else configs[0]), "key": key, **extra})
+
+    try:
+        timed("tuned", every, kernel="cols_single" if op == "fc2" else "segments_single", dtype="torch.float16")
         for i, c in enumerate(every):
-            use(tuner, [c])
-            err = rel_err(fns[0](), ref)
-            us = time_steady(fns, dev)["median_us"]
-            emit({**base, "variant": f"alone_{i}", "us": us,
-                  "pct_copy_bw": 100 * built.bytes_moved / (bw * 1e9) / (us * 1e-6), "rel_err": err,
-                  "config": config_dict(c), "key": key})
+            timed(f"alone_{i}", [c])
     finally:
         use(tuner, every)
 

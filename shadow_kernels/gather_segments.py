@@ -48,6 +48,12 @@ def _head_starts(idx_ptr, offs_s, n_seg, SEG: tl.constexpr, SEG_ALIGN: tl.conste
 
 
 @triton.jit
+def _head_x(x_row, s, n_seg, d, d_ok, SEG: tl.constexpr):
+    """The inputs [len(s), SEG_P2] of the selected segments ``s`` of one batch row (0 past the live ones)."""
+    return tl.load(x_row + s[:, None] * SEG + d[None, :], mask=(s < n_seg)[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _head_tile(w_rows, base, s_ok, r_ok, d, d_ok, PAD: tl.constexpr):
     """The weights [BLOCK_N, HB, SEG_P2] of rows ``w_rows`` in the segments starting at columns ``base``; ``PAD``
     when the segment is narrower than its power of two (masked along the contiguous dimension only then)."""
@@ -100,16 +106,14 @@ def _segments_kernel(
         base = _head_starts(idx_ptr, offs_s + 2 * HB, n_seg, SEG, SEG_ALIGN)
         if USE_PDL and PRELOAD:
             pdl_sync()
-        x = tl.load(x_row + offs_s[:, None] * SEG + d[None, :], mask=(offs_s < n_seg)[:, None] & d_ok[None, :],
-                    other=0.0)
-        x1 = tl.load(x_row + (offs_s + HB)[:, None] * SEG + d[None, :],
-                     mask=(offs_s + HB < n_seg)[:, None] & d_ok[None, :], other=0.0)
+        x = _head_x(x_row, offs_s, n_seg, d, d_ok, SEG)
+        x1 = _head_x(x_row, offs_s + HB, n_seg, d, d_ok, SEG)
         acc = tl.zeros([BLOCK_N, HB, SEG_P2], dtype=tl.float32)
         for s0 in range(0, n_seg, HB):
             sn = s0 + 2 * HB + offs_s
             sn_ok = sn < n_seg
             w2 = _head_tile(w_rows, base, sn_ok, r_ok, d, d_ok, SEG != SEG_P2)
-            x2 = tl.load(x_row + sn[:, None] * SEG + d[None, :], mask=sn_ok[:, None] & d_ok[None, :], other=0.0)
+            x2 = _head_x(x_row, sn, n_seg, d, d_ok, SEG)
             base = _head_starts(idx_ptr, sn + HB, n_seg, SEG, SEG_ALIGN)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :, :]
             w = w1
@@ -126,14 +130,14 @@ def _segments_kernel(
         base = _head_starts(idx_ptr, offs_s + HB, n_seg, SEG, SEG_ALIGN)
         if USE_PDL and PRELOAD:  # index list, count and first weights read before the wait
             pdl_sync()
-        x = tl.load(x_row + offs_s[:, None] * SEG + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        x = _head_x(x_row, offs_s, n_seg, d, d_ok, SEG)
         acc = tl.zeros([BLOCK_N, HB, SEG_P2], dtype=tl.float32)
         for s0 in range(0, n_seg, HB):
             # v7's prefetch: the next tile is loaded before this one's products are summed
             sn = s0 + HB + offs_s
             sn_ok = sn < n_seg
             w_next = _head_tile(w_rows, base, sn_ok, r_ok, d, d_ok, SEG != SEG_P2)
-            x_next = tl.load(x_row + sn[:, None] * SEG + d[None, :], mask=sn_ok[:, None] & d_ok[None, :], other=0.0)
+            x_next = _head_x(x_row, sn, n_seg, d, d_ok, SEG)
             base = _head_starts(idx_ptr, sn + HB, n_seg, SEG, SEG_ALIGN)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :, :]
             w = w_next
