@@ -42,10 +42,10 @@ def _kernels(args) -> int:
     from . import kernels
 
     on_gpu = torch.cuda.is_available()
-    models = _names(args.models or (DEFAULT_GPU_MODELS if on_gpu else kernels.TINY.name))
-    unknown = [m for m in models if m not in MODELS and m not in kernels.TINY_SPECS]
+    models = _names(args.models or (DEFAULT_GPU_MODELS if on_gpu else kernels.TINY))
+    unknown = [m for m in models if m not in MODELS]
     if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join([*MODELS, *kernels.TINY_SPECS])}")
+        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     ops = _names(args.ops) if args.ops else list(kernels.OPS)
     bad_ops = [o for o in ops if o not in kernels.OPS]
     if bad_ops:
@@ -245,6 +245,25 @@ def _report(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from .tune import run_tune, table_from_rows
+
+    try:
+        if args.from_rows:
+            if not args.table:
+                raise ValueError("--from-rows needs --table (the table to write)")
+            table = table_from_rows(_names(args.from_rows), args.table,
+                                    f"shadowbench tune --from-rows {args.from_rows}")
+        else:
+            table = run_tune(args.method, _names(args.models), sparsities=args.sparsity, ops=_names(args.ops),
+                             roles=_names(args.roles), passes=args.passes, prompt_len=args.prompt, gen_len=args.gen,
+                             rows_path=args.rows, table_path=args.table, progress=not args.no_progress)
+    except ValueError as err:
+        raise SystemExit(f"tune: {err}") from None
+    print(f"rows appended to {args.rows}" + (f"; {len(table['entries'])} entries in {args.table}" if table else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shadowbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--timer", choices=["steady", "stream", "single"], default="steady",
                    help="steady (default): each variant runs back to back on copies of its data inside CUDA graphs, "
                         "once over and twice over, per call = the difference over the copies (what a replay pays "
-                        "once cancels); stream: one such graph divided by its calls (v6-v12); single: one call per "
+                        "once cancels); stream: one such graph divided by its calls; single: one call per "
                         "graph replay after an L2 flush")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.set_defaults(func=_kernels)
@@ -293,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="launch our kernels without programmatic dependent launch (on by default on Hopper and "
                           "newer; shadow_kernels.pdl)")
     lat.add_argument("--no-norm-fold", action="store_true",
-                     help="pre-norm layers run each norm as its own kernel before qkv and fc1 (as before session 7) "
+                     help="pre-norm layers run each norm as its own kernel before qkv and fc1 "
                           "instead of folding it into them (shadow_kernels.norm_gemv): to measure the fold")
     lat.add_argument("--no-progress", action="store_true", help="no progress bar")
     lat.set_defaults(func=_latency)
@@ -356,6 +375,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch", type=int, default=8)
     q.add_argument("--out", default="runs/quality.jsonl")
     q.set_defaults(func=_quality)
+
+    tu = sub.add_parser("tune", help="choose the kernels' configs on this GPU and write a pinned-config table")
+    tu.add_argument("--method", choices=["alone", "step"], default="alone",
+                    help="alone (default): every gather-cols (fc2) / gather-segments (out_proj) config timed alone "
+                         "per shape under the steady timer; step: the dense rows-kernel GEMVs of OPT decode chosen by "
+                         "whole decode-step time")
+    tu.add_argument("--models", default="opt-1.3b", help="comma-separated registry names (default opt-1.3b)")
+    tu.add_argument("--sparsity", type=_floats, default=[0.0, 0.5, 0.7, 0.9], help="alone: sparsities (default "
+                    "0,0.5,0.7,0.9)")
+    tu.add_argument("--ops", default="fc2,out_proj", help="alone: ops (default fc2,out_proj)")
+    tu.add_argument("--roles", default="out_proj,fc1,fc2,qkv,lm_head", help="step: the GEMV roles tuned, in order")
+    tu.add_argument("--passes", type=int, default=1, help="step: passes over the roles")
+    tu.add_argument("--prompt", type=int, default=128, help="step: prompt length")
+    tu.add_argument("--gen", type=int, default=128, help="step: tokens per timed generate")
+    tu.add_argument("--rows", default="runs/tune.jsonl", help="JSON Lines file, one row per measurement (appended)")
+    tu.add_argument("--table", help="pinned table to write (entries of the same key replaced); e.g. "
+                                    "shadow_kernels/tuned/h100-steady.json")
+    tu.add_argument("--from-rows", help="build --table from earlier `--method alone` rows (comma-separated files) "
+                                        "without timing")
+    tu.add_argument("--no-progress", action="store_true", help="do not print each row")
+    tu.set_defaults(func=_tune)
 
     rep = sub.add_parser("report", help="one self-contained HTML report (plotly inline) from results rows")
     rep.add_argument("results", nargs="+", help="JSON Lines files, or directories searched for *.jsonl")

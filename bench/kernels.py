@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import shadow_kernels as sk
 from models.registry import ModelSpec, get_spec
+from shadow_kernels import tuned
 
 from .results import RowWriter, environment, git_commit, make_row
 from .timing import copy_bandwidth, time_steady, time_stream
@@ -40,10 +41,8 @@ SHADOWLLM_HIDDEN = 2048
 # ShadowLLM's output layer covers every later head and neuron; above this many bytes it is skipped.
 MAX_PREDICTOR_BYTES = 6 << 30
 
-# A small model for CPU smoke runs of the benchmark (not in the registry: no real checkpoint has it).
-TINY = ModelSpec("tiny", "opt", 128, 512, 3, 4, 4, 1000, 128)
-TINY_LLAMA = ModelSpec("tiny-llama", "llama", 128, 384, 3, 4, 2, 1000, 128)
-TINY_SPECS = {TINY.name: TINY, TINY_LLAMA.name: TINY_LLAMA}
+# The CPU default of the sweep: a registry shape small enough for the Triton interpreter.
+TINY = "tiny"
 
 
 class SkipCase(Exception):
@@ -118,7 +117,6 @@ def _cols_case(wt, w_natural, b, h, h_dense, idx, batch):
     variants = {
         "triton": lambda: sk.gather_cols_gemv(wt, h, idx32, b, validate=False),
         "triton_atomic": lambda: sk.gather_cols_gemv(wt, h, idx32, b, deterministic=False, validate=False),
-        "triton_twopass": lambda: sk.gather_cols_gemv(wt, h, idx32, b, onepass=False, validate=False),
         "torch_dense": lambda: F.linear(h_dense, w_natural, b),
         "torch_index_select": lambda: torch.addmm(b, h2, wt.index_select(0, idx)),
     }
@@ -128,7 +126,7 @@ def _cols_case(wt, w_natural, b, h, h_dense, idx, batch):
     elt = wt.element_size()
     moved = (k * M + batch * k + M + batch * M) * elt + 4 * k
     dense = (N * M + batch * N + M + batch * M) * elt
-    checked = ("triton", "triton_atomic", "triton_twopass", "torch_index_select")
+    checked = ("triton", "triton_atomic", "torch_index_select")
     return Built(variants, reference, checked, moved, dense, {"weight_t": list(wt.shape), "selected": k},
                  tensors={"weight_t": wt, "bias": b, "h": h, "idx": idx})
 
@@ -239,7 +237,7 @@ def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
         h = _vec(_rand((B, idx.numel()), dtype, device, gen).relu(), B)
         h_dense = _vec(_rand((B, n_in), dtype, device, gen).relu(), B)
         built = _cols_case(wt, w_natural, b, h, h_dense, idx, B)
-        if case.op == "out_proj":  # v8: the decoder's out_proj reads whole heads of the natural layout
+        if case.op == "out_proj":  # the decoder's out_proj reads whole heads of the natural layout
             idx32 = idx.to(torch.int32)
             built.variants["triton_cols"] = built.variants["triton"]
             built.variants["triton"] = lambda: sk.gather_segments_gemv(w_natural, h, idx32, b, segment=d,
@@ -254,15 +252,6 @@ def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
     if case.op in TOPK_OPS:
         return _topk_case(spec, case.op, case.sparsity, device, gen)
     raise ValueError(f"unknown op {case.op!r}; known ops: {', '.join(OPS)}")
-
-
-def _autotuners() -> dict:
-    from shadow_kernels import gather_cols, gather_rows, gather_segments
-
-    return {"rows_single": gather_rows._rows_gemv_single, "rows_batched": gather_rows._rows_gemv_batched,
-            "cols_single": gather_cols._cols_single, "cols_batched": gather_cols._cols_batched,
-            "segments_single": gather_segments._segments_single,
-            "segments_batched": gather_segments._segments_batched}
 
 
 # The steady and stream timers (bench.timing) run each variant on enough copies of a case's data that
@@ -280,7 +269,7 @@ def n_copies(bytes_moved: int, timer: str) -> int:
 
 def _timed_with_configs(fns, device, timer: str = "steady") -> dict:
     """Time the calls ``fns`` (one per data copy) and record which autotuned config each kernel ran with."""
-    tuners = _autotuners()
+    tuners = tuned.autotuners()
     for tuner in tuners.values():
         tuner.best_config = None
     t = time_steady(fns, device) if timer == "steady" else time_stream(fns, device)
@@ -310,7 +299,7 @@ def cases(models, ops, sparsities, batches) -> list[Case]:
 
 
 def _spec(name: str) -> ModelSpec:
-    return TINY_SPECS[name] if name in TINY_SPECS else get_spec(name)
+    return get_spec(name)
 
 
 def run_case(case: Case, dtype, device, copy_gbps, base: dict, timer: str = "steady") -> list[dict]:
@@ -357,7 +346,7 @@ def run_case(case: Case, dtype, device, copy_gbps, base: dict, timer: str = "ste
 
 
 def _timer_of(row) -> str:
-    # rows before v6 have no timer_kind: they were timed one call per replay
+    # rows without timer_kind were timed one call per replay
     return row["extra"].get("timer_kind", "single")
 
 
@@ -369,10 +358,10 @@ def _done_keys(rows) -> set:
 def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progress=True, timer="steady") -> list[dict]:
     """Run every case not already in ``out_path``; returns the rows written by this call.
 
-    timer: ``steady`` (default, v13; :func:`bench.timing.time_steady`: the copies of the data run once over and
-    twice over in two graphs, per call = the difference over the copies), ``stream`` (v6-v12;
+    timer: ``steady`` (default; :func:`bench.timing.time_steady`: the copies of the data run once over and
+    twice over in two graphs, per call = the difference over the copies), ``stream`` (
     :func:`bench.timing.time_stream`: one replay over the copies, divided by them) or ``single`` (one call per
-    graph replay after an L2 flush, the timer of v2-v5 in notes/kernels.md).
+    graph replay after an L2 flush).
     """
     if timer not in TIMERS:
         raise ValueError(f"timer must be one of {TIMERS}, got {timer!r}")
@@ -432,7 +421,7 @@ def summary_table(rows: list[dict]) -> str:
         if r["status"] == "wrong":
             entry.setdefault("wrong", set()).add(var)
     lines = [f"{'model':<10} {'op':<19} {'s':>4} {'B':>2} {'ours us':>9} {'dense us':>9} {'idxsel us':>9} "
-             f"{'atomic us':>9} {'2pass us':>9} {'cols us':>8} {'%copyBW':>8} {'vs dense':>8} {'fp8 us':>8}"]
+             f"{'atomic us':>9} {'cols us':>8} {'%copyBW':>8} {'vs dense':>8} {'fp8 us':>8}"]
     fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
     for (model, op, s, b), e in by_case.items():
         if "error" in e:
@@ -443,7 +432,7 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(
             f"{model:<10} {op:<19} {s:>4} {b:>2} {fmt(e.get(('triton', 'time_us')), '9.1f')} {fmt(dense, '9.1f')} "
             f"{fmt(e.get(('torch_index_select', 'time_us')), '9.1f')} "
-            f"{fmt(e.get(('triton_atomic', 'time_us')), '9.1f')} {fmt(e.get(('triton_twopass', 'time_us')), '9.1f')} "
+            f"{fmt(e.get(('triton_atomic', 'time_us')), '9.1f')} "
             f"{fmt(e.get(('triton_cols', 'time_us')), '8.1f')} "
             f"{fmt(e.get(('triton', 'pct_of_copy_bw')), '8.1f')} {fmt(e.get(('triton', 'speedup_vs_dense')), '8.2f')} "
             f"{fmt(e.get(('triton_fp8', 'time_us')), '8.1f')}"

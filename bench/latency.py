@@ -21,10 +21,9 @@ import torch
 from models.config import DecoderConfig
 from models.generate import Generator
 from models.loading import random_model
-from models.modes import DejaVu, Dense, ShadowLLM, Static
+from models.modes import MODES, ShadowLLM, make_mode, mode_variants, random_importance
 from models.ops import get_ops, unfused_norms
 from models.opt import OPTDecoder
-from models.registry import MODELS
 from shadow_kernels import tuned
 
 from .kernels import DTYPES
@@ -53,38 +52,20 @@ def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_poli
     for model in models:
         for gen in gens:
             for mode in modes:
-                if mode in ("dense", "hf"):
-                    out.append(LatencyCase(model, mode, 0.0, None, None, gen))
-                    continue
-                for s in sparsities:
-                    if s == 0.0:
-                        continue
-                    if mode == "static":
-                        out.append(LatencyCase(model, mode, s, "global", None, gen))
-                    elif mode == "dejavu":
-                        out += [LatencyCase(model, mode, s, "local", g, gen) for g in granularities]
-                    else:
-                        out += [LatencyCase(model, mode, s, p, g, gen) for p in shadowllm_policies
-                                for g in granularities]
+                for s in ([0.0] if mode in ("dense", "hf") else [s for s in sparsities if s != 0.0]):
+                    out += [LatencyCase(model, mode, s, p, g, gen) for p, g in
+                            mode_variants(mode, policies=shadowllm_policies, granularities=granularities, timing=True)]
     return out
 
 
-def build_mode(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean",
+def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean",
                predictor_dtype: str = "model"):
-    if case.mode == "dense":
-        return Dense()
-    if case.mode == "static":
-        g = torch.Generator().manual_seed(seed)
-        imp = {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
-               "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
-        return Static(imp, case.sparsity, case.policy)
-    if case.mode == "dejavu":
-        return DejaVu(case.sparsity, "random", case.granularity, batch_rule=batch_rule,
-                      predictor_dtype=predictor_dtype)
-    if case.mode == "shadowllm":
-        return ShadowLLM(case.sparsity, "random", case.policy, case.granularity, batch_rule=batch_rule,
-                         predictor_dtype=predictor_dtype)
-    raise ValueError(f"mode must be one of {LATENCY_MODES}, got {case.mode!r}")
+    """The mode of a latency case: random static scores or random predictors of the trained shapes."""
+    if case.mode not in MODES:
+        raise ValueError(f"mode must be one of {LATENCY_MODES}, got {case.mode!r}")
+    return make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=case.granularity or "token",
+                     predictor="random", importance=random_importance(cfg, seed) if case.mode == "static" else None,
+                     batch_rule=batch_rule, predictor_dtype=predictor_dtype)
 
 
 def _stats(ms: list[float]) -> dict:
@@ -122,7 +103,7 @@ def _predictor_ms(mode, model, batch, device) -> float | None:
 
 def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base, seed=0) -> list[dict]:
     device = model.device
-    mode = build_mode(case, model.cfg, seed, base["extra"].get("batch_rule", "mean"),
+    mode = mode_of(case, model.cfg, seed, base["extra"].get("batch_rule", "mean"),
                       base["extra"].get("predictor_dtype", "model"))
     ops = get_ops(None, device)
     if not base["extra"].get("norm_fold", True):
@@ -207,17 +188,8 @@ def _done_keys(rows) -> set:
 
 
 def build_model(name: str, dtype, device, seed=0):
-    if name == "tiny":
-        cfg = DecoderConfig(family="opt", vocab=512, hidden=64, ffn=256, n_layers=3, n_heads=4, n_kv_heads=4,
-                            max_positions=512, name="tiny")
-    elif name == "tiny-llama":
-        cfg = DecoderConfig(family="llama", vocab=512, hidden=64, ffn=192, n_layers=3, n_heads=4, n_kv_heads=2,
-                            max_positions=512, activation="silu", name="tiny-llama")
-    elif name in MODELS:
-        cfg = DecoderConfig.from_spec(name)
-    else:
-        raise ValueError(f"unknown model {name!r}; known: tiny, tiny-llama, {', '.join(MODELS)}")
-    return random_model(cfg, dtype=dtype, device=device, seed=seed)
+    """A registry shape (tiny ones included) with random weights."""
+    return random_model(DecoderConfig.from_spec(name), dtype=dtype, device=device, seed=seed)
 
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
@@ -239,8 +211,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     bad = [m for m in modes if m not in LATENCY_MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(LATENCY_MODES)}")
-    from shadow_kernels import gather_cols
-    from shadow_kernels.decode_attention import _ATTN
+    from shadow_kernels import decode_attention, gather_cols
     from shadow_kernels.pdl import pdl_enabled
 
     dtype = DTYPES[dtype_name]
@@ -253,7 +224,8 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                 git_commit=git_commit(), weights="random",
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl,
                        "batch_rule": batch_rule, "predictor_dtype": predictor_dtype, "dense_gemv": dense_gemv,
-                       "norm_fold": bool(norm_fold), "cols": gather_cols.settings(), "attn": dict(_ATTN)})
+                       "norm_fold": bool(norm_fold), "cols": gather_cols.settings(),
+                       "attn": decode_attention.settings()})
     done = _done_keys(writer.existing())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
             if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,

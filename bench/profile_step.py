@@ -18,7 +18,7 @@ import torch
 from models.generate import Generator
 
 from .kernels import DTYPES
-from .latency import LatencyCase, build_mode, build_model
+from .latency import LatencyCase, build_model, mode_of
 
 
 def profile(model_name, mode_name, sparsity, policy, granularity, *, prompt_len=128, steps=20, dtype="fp16",
@@ -28,11 +28,11 @@ def profile(model_name, mode_name, sparsity, policy, granularity, *, prompt_len=
     case = LatencyCase(model_name, mode_name, sparsity, policy, granularity, steps)
     prompt = torch.randint(0, model.cfg.vocab, (1, prompt_len))
     lines = []
-    graph = Generator(model, build_mode(case, model.cfg), max_len=prompt_len + steps + 8)
+    graph = Generator(model, mode_of(case, model.cfg), max_len=prompt_len + steps + 8)
     graph.generate(prompt, steps)
     step_ms = statistics.median(graph.generate(prompt, steps).token_ms)
     del graph
-    eager = Generator(model, build_mode(case, model.cfg), max_len=prompt_len + steps + 8, cuda_graph=False)
+    eager = Generator(model, mode_of(case, model.cfg), max_len=prompt_len + steps + 8, cuda_graph=False)
     eager.generate(prompt, 4)
     eager.prefill(prompt)
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -179,6 +179,8 @@ class QualityCase:
 
 
 def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
+    from models.modes import mode_variants
+
     bad = [m for m in modes if m not in QUALITY_MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(QUALITY_MODES)}")
@@ -191,33 +193,33 @@ def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
             for s in sparsities:
                 if s == 0.0:
                     continue
-                for pol in (("local",) if mode == "dejavu" else policies):
-                    out.append(QualityCase(mode, crit, pol, s))
+                out += [QualityCase(mode, crit, pol, s) for pol, _ in mode_variants(mode, policies=policies)]
     return out
 
 
-def build_quality_mode(case: QualityCase, *, criteria_dir, predictors_dir, granularity="token",
-                       predictor_dtype="model"):
-    """The mode of a case, with its importance file (static) or trained predictor (dejavu, shadowllm)."""
+def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="token", predictor_dtype="model"):
+    """The mode of a case (``models.modes.make_mode``) with its importance file (static) or trained predictor
+    (dejavu, shadowllm), and that file's path."""
     from pathlib import Path
 
-    from models.modes import DejaVu, Dense, ShadowLLM, Static
+    from models.modes import make_mode
 
-    if case.mode == "dense":
-        return Dense(), None
+    source = importance = predictor = None
     if case.mode == "static":
         path = Path(criteria_dir or ".") / f"importance-{case.criterion}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"static mode needs {path} (make it with `shadowbench collect --criteria "
                                     f"{case.criterion}`)")
-        return Static(str(path), case.sparsity, case.policy), str(path)
-    path = Path(predictors_dir or ".") / f"{case.mode}-{case.criterion}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"mode {case.mode} needs the predictor {path} (make it with `shadowbench train "
-                                f"--kind {case.mode} --criterion {case.criterion}`)")
-    if case.mode == "dejavu":
-        return DejaVu(case.sparsity, str(path), granularity, predictor_dtype=predictor_dtype), str(path)
-    return ShadowLLM(case.sparsity, str(path), case.policy, granularity, predictor_dtype=predictor_dtype), str(path)
+        source = importance = str(path)
+    elif case.mode != "dense":
+        path = Path(predictors_dir or ".") / f"{case.mode}-{case.criterion}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"mode {case.mode} needs the predictor {path} (make it with `shadowbench train "
+                                    f"--kind {case.mode} --criterion {case.criterion}`)")
+        source = predictor = str(path)
+    mode = make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=granularity,
+                     predictor=predictor, importance=importance, predictor_dtype=predictor_dtype)
+    return mode, source
 
 
 def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsities, policies=("global",),
@@ -256,7 +258,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
     for case in cases:
         common = dict(base, mode=case.mode, criterion=case.criterion, policy=case.policy, sparsity=case.sparsity)
         try:
-            mode, source = build_quality_mode(case, criteria_dir=criteria_dir, predictors_dir=predictors_dir,
+            mode, source = mode_of(case, criteria_dir=criteria_dir, predictors_dir=predictors_dir,
                                               granularity=granularity, predictor_dtype=predictor_dtype)
             mode.bind(model)
             meta = getattr(getattr(mode, "predictor", None), "meta", None) or {}

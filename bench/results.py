@@ -7,9 +7,7 @@ import datetime as _dt
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -112,22 +110,3 @@ class RowWriter:
             for row in rows:
                 fh.write(json.dumps(row, sort_keys=True) + "\n")
                 fh.flush()
-
-
-@contextmanager
-def probe_log(path, device: torch.device, copy_gbps: float, **fields):
-    """A probe's log (benchmarks/*_probe.py): yields ``emit(row)``, which prints the row as JSON with the run's
-    fields in front (``kind: probe``, commit, device, versions, copy bandwidth, ``fields``) and a time stamp
-    at the end, and appends it to the JSON Lines file ``path`` at once (a probe cut short keeps its rows)."""
-    import triton
-
-    head = {"kind": "probe", **fields, "git_commit": git_commit(), "device": device_name(device),
-            "torch": torch.__version__, "triton": triton.__version__, "copy_gbps": copy_gbps}
-    with open(path, "a") as f:
-        def emit(row: dict) -> None:
-            line = json.dumps({**head, **row, "time": time.strftime("%H:%M:%S")})
-            print(line, flush=True)
-            f.write(line + "\n")
-            f.flush()
-
-        yield emit

@@ -2,7 +2,7 @@
 with a cold L2.
 
 Why a graph: a decode step runs as one captured graph, so launch overhead is not part of it. Timing
-eager calls instead measured the Python launch path of each op (v1 in notes/kernels.md: every op
+eager calls instead measured the Python launch path of each op (notes/kernels.md: every op
 took 60-200 us whatever its size). Why a cold L2: decode reads every weight once per token; a 256 MB
 write between replays evicts the 50 MB L2 of an H100.
 """
@@ -74,7 +74,7 @@ def time_op(fn: Callable[[], object], device: torch.device) -> dict:
 def time_stream(fns: list[Callable[[], object]], device: torch.device) -> dict:
     """Time per call of a stream of calls, each on its own copy of the data, captured in one graph.
 
-    Why (v6 in notes/kernels.md): a single-kernel graph replayed after an L2 flush carries a fixed cost
+    Why (notes/kernels.md): a single-kernel graph replayed after an L2 flush carries a fixed cost
     that is not the kernel's: the graph launch behind the timing event, and the write-back of the 50 MB
     of dirty flush lines that the kernel's first reads evict. On the H100 that was ~8 us per op, a third
     of a 25 us GEMV. A decode step is a stream of kernels inside one graph, each reading weights that
@@ -100,10 +100,11 @@ def time_steady(fns: list[Callable[[], object]], device: torch.device) -> dict:
     """Per call of a stream of calls in steady state: one graph runs the calls once over, another twice over (the
     same copies of the data, in the same order), each replayed after the same L2 flush; per call = (twice - once) / n.
 
-    Why (v13 in notes/kernels.md): :func:`time_stream` divides a whole replay by its calls, so whatever a replay pays
+    Why (notes/kernels.md): :func:`time_stream` divides a whole replay by its calls, so whatever a replay pays
     once is spread over only its n calls (4 for most GEMV cases of an OPT-13B/30B size): the graph's launch behind
     the start event and, above all, the write-back of the dirty lines the flush leaves in L2 (up to 50 MB on the
-    H100), which the first calls' reads evict. The v12 probe's rows fit ``1.4 us + bytes / 3.14 TB/s + 17.2 us / n``.
+    H100), which the first calls' reads evict. Measured rows of our GEMV fit
+    ``1.4 us + bytes / 3.14 TB/s + 17.2 us / n``.
     A decode step has neither: its kernels evict clean lines of the weights before them. Here both graphs pay those
     costs once and they cancel; what is left is what one more call adds to a stream of such calls, its gap to the
     call before it included. The second pass reads copy 1 again only after every other copy (256 MB or more
@@ -139,7 +140,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
     every "% of copy bandwidth" figure divides by.
 
     Timed eagerly with ``do_bench``, not as a graph replay: inside a CUDA graph torch's copy became
-    a memcpy node that ran at 2.42 TB/s on the H100 against 3.00 TB/s eagerly (v4, notes), and the
+    a memcpy node that ran at 2.42 TB/s on the H100 against 3.00 TB/s eagerly (notes/kernels.md), and the
     lower ceiling would flatter every kernel. Both are returned; the higher one is the ceiling.
     """
     if device.type != "cuda":

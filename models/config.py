@@ -62,10 +62,9 @@ class DecoderConfig:
     def from_spec(cls, spec: ModelSpec | str) -> DecoderConfig:
         spec = get_spec(spec) if isinstance(spec, str) else spec
         if spec.family == "llama":
-            smol = spec.name.startswith("smollm2")
             return cls(family="llama", vocab=spec.vocab, hidden=spec.hidden, ffn=spec.ffn, n_layers=spec.n_layers,
                        n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, max_positions=spec.max_positions,
-                       activation="silu", tie_embeddings=smol, rope_theta=100000.0 if smol else 10000.0,
+                       activation="silu", tie_embeddings=bool(spec.tie_embeddings), rope_theta=spec.rope_theta,
                        norm_eps=1e-5, name=spec.name)
         extra = {"word_embed_dim": 512, "pre_norm": False, "final_norm": False} if spec.name == "opt-350m" else {}
         return cls(family=spec.family, vocab=spec.vocab, hidden=spec.hidden, ffn=spec.ffn, n_layers=spec.n_layers,

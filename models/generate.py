@@ -51,7 +51,7 @@ class Generator:
     def _step(self) -> torch.Tensor:
         logits = self.model.decode_step(self.tok, self.pos, self.cache, self.mode, predict=self.predict_per_token,
                                         ops=self.ops)
-        if self.ops.greedy is not None:  # v11: one kernel pair for argmax, the token write and pos + 1
+        if self.ops.greedy is not None:  # one kernel pair for argmax, the token write and pos + 1
             self.ops.greedy(logits, self.tok, self.pos)
         else:
             self.tok.copy_(logits.argmax(dim=-1))

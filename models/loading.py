@@ -95,6 +95,9 @@ def _resolve_folder(source: str, download: bool) -> Path:
         return path
     if path.exists():
         raise ValueError(f"{source!r} is a file; expected a checkpoint folder, a hub id or one of {list(MODELS)}")
+    if source in MODELS and MODELS[source].hf_id is None:
+        raise ValueError(f"{source!r} is a registry shape without a public checkpoint; build it with random weights "
+                         f"(models.loading.random_model) or pass a checkpoint folder")
     repo = get_spec(source).hf_id if source in MODELS else source
     if repo is None or "/" not in repo:
         raise ValueError(f"{source!r} is neither a folder, a hub id (owner/name) nor a known model "
@@ -114,9 +117,7 @@ TINY_RANDOM = "tiny-random"
 
 
 def tiny_random_config() -> DecoderConfig:
-    return DecoderConfig(family="llama", vocab=259, hidden=64, ffn=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                         max_positions=2048, activation="silu", tie_embeddings=True, rope_theta=10000.0,
-                         name=TINY_RANDOM)
+    return DecoderConfig.from_spec(TINY_RANDOM)
 
 
 def load_model(source: str, *, dtype="float16", device="cpu", download: bool = False):

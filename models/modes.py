@@ -320,10 +320,36 @@ class ShadowLLM(_Predicting):
 
 
 
+def mode_variants(name: str, *, policies=("global",), granularities=("token",), timing: bool = False) -> list:
+    """The (policy, granularity) pairs a sweep runs for mode ``name``: the one place that says which settings apply
+    to which mode. ``dense`` (and ``hf``, Hugging Face's own generate) take neither; ``static`` has no predictor, so
+    no granularity; ``dejavu`` selects per layer; ``shadowllm`` takes every policy and granularity. ``timing``: a
+    latency sweep, where static's step reads the same bytes under either policy and is timed once (global)."""
+    if name in ("dense", "hf"):
+        return [(None, None)]
+    if name == "static":
+        return [("global", None)] if timing else [(p, None) for p in policies]
+    if name == "dejavu":
+        return [("local", g) for g in granularities]
+    if name == "shadowllm":
+        return [(p, g) for p in policies for g in granularities]
+    raise ValueError(f"mode must be one of {MODES}, got {name!r}")
+
+
+def random_importance(cfg, seed: int = 0) -> dict:
+    """Static importance scores drawn at random for a model's shape (latency work without collected criteria)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
+            "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
+
+
 def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, granularity: str = "token",
               predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean",
               predictor_dtype: str = "model") -> Mode:
-    """Build a mode by name (the CLI's entry point)."""
+    """Build a mode by name: the one factory of the CLI, latency, quality, profile and tune.
+
+    ``importance``: static's scores (a file or a dict with ``heads`` [L, H] and ``neurons`` [L, F]); ``predictor``:
+    a trained predictor file, or ``"random"`` (random weights of the trained shape, for latency work)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
     if name == "dense":

@@ -38,7 +38,7 @@ class Ops:
     gqa_attention: Callable
     swiglu: Callable
     gemv: Callable | None = None  # dense ``act(x @ w.T + b)``: the decoders' dense path with dense_gemv="triton"
-    gather_segments: Callable | None = None  # out_proj over the selected heads (v8)
+    gather_segments: Callable | None = None  # out_proj over the selected heads
     norm_gemv: Callable | None = None  # (act(norm(x + r) @ w[idx].T + b), x + r): qkv and fc1 of a pre-norm layer
     norm_swiglu: Callable | None = None  # the same for a Llama MLP's selected SwiGLU neurons (RMS norm)
     greedy: Callable | None = None  # (logits, tok, pos): the next token into tok, pos + 1 (generation's step end)
@@ -58,13 +58,13 @@ def _gemv_torch(weight, x, bias=None, relu=False):
     return torch.relu(y) if relu else y
 
 
-# The decoder's GEMVs preload (v7, shadow_kernels.gather_rows_gemv): with programmatic dependent launch
+# The decoder's GEMVs preload (shadow_kernels.gather_rows_gemv): with programmatic dependent launch
 # they read their index list, count and first weights before the kernel just before them finishes. That
 # kernel is a norm, an attention or the GEMV before (fc1 before fc2; out_proj before the fc1 that folds the
 # norm in; the last layer's fc2 before qkv), which writes none of those: plan
 # buffers are filled by the predictor modes' top-k and index arithmetic, several launches earlier, and the
 # last of those launches is a PyTorch kernel that starts only when the launches before it have finished.
-# OPT's decode attention preloads too (v11): its producer, the Q/K/V GEMV, writes neither the KV cache, its
+# OPT's decode attention preloads too: its producer, the Q/K/V GEMV, writes neither the KV cache, its
 # valid flags, the position nor the head slots.
 TRITON = Ops("triton", partial(sk.gather_rows_gemv, preload=True), partial(sk.gather_cols_gemv, preload=True),
              partial(decode_attention, preload=True), sk.fused_predictor,
@@ -81,7 +81,7 @@ TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_at
 
 def unfused_norms(ops: Ops) -> Ops:
     """``ops`` with the norm GEMV split back into two kernels, ``ops.add_norm`` and then the GEMV: what a
-    pre-norm decode step ran before the fold (session 7). For measuring the fold against it in one run."""
+    pre-norm decode step runs without the fold. For measuring the fold against it in one run."""
 
     def add_norm(x, residual, fold):
         if fold.kind == "rms":

@@ -310,7 +310,7 @@ class OPTDecoder(DecoderBase):
                 return (torch.relu_(y) if relu else y), z
             return ops.norm_gemv(w, x, rows, fold, r, "relu" if relu else None, count, validate=False)
 
-        if ops.embed is not None and self.project_in is None:  # v11: one launch
+        if ops.embed is not None and self.project_in is None:  # one launch
             x = ops.embed(tokens, self.embed_tokens, pos, self.embed_positions, POSITION_OFFSET)
         else:
             x = self._embed(tokens, pos.reshape(1).expand(tokens.shape[0]))
@@ -360,7 +360,7 @@ class OPTDecoder(DecoderBase):
                 _, x = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
                 o = None
         if pre and own and self._final_fold is not None:
-            # v11: the final norm folded into the LM head's GEMV (our kernel, like the dense layers' GEMVs)
+            # the final norm folded into the LM head's GEMV (our kernel, like the dense layers' GEMVs)
             return ops.norm_gemv(self.lm_head, x, None, self._final_fold, o, validate=False)[0]
         if pre and self.final_ln_w is not None:
             _, a = ops.add_norm(x, o, self.final_ln_w, self.final_ln_b, eps)

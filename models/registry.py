@@ -21,7 +21,10 @@ class ModelSpec:
     n_kv_heads: int
     vocab: int
     max_positions: int
-    hf_id: str | None = None
+    hf_id: str | None = None  # None: no public checkpoint (random weights only)
+    tie_embeddings: bool | None = None  # the LM head is the embedding table; None: the family's usual (OPT yes)
+    rope_theta: float = 10000.0  # Llama
+    synthetic: bool = False  # a tiny shape for tests and CPU smoke runs, not a published model
 
     @property
     def head_dim(self) -> int:
@@ -54,9 +57,20 @@ MODELS = MappingProxyType({
         ModelSpec("llama-2-7b", "llama", 4096, 11008, 32, 32, 32, 32000, 4096, "meta-llama/Llama-2-7b-hf"),
         ModelSpec("llama-2-13b", "llama", 5120, 13824, 40, 40, 40, 32000, 4096, "meta-llama/Llama-2-13b-hf"),
         ModelSpec("llama-2-70b", "llama", 8192, 28672, 80, 64, 8, 32000, 4096, "meta-llama/Llama-2-70b-hf"),
-        ModelSpec("smollm2-135m", "llama", 576, 1536, 30, 9, 3, 49152, 8192, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ModelSpec("smollm2-135m", "llama", 576, 1536, 30, 9, 3, 49152, 8192, "HuggingFaceTB/SmolLM2-135M-Instruct",
+                  tie_embeddings=True, rope_theta=100000.0),
+        # Tiny shapes, random weights: CPU smoke runs of the kernel sweep, latency and profile (tiny, tiny-llama),
+        # and of collect / train / quality with the byte tokenizer of models.tokenizer (tiny-random, 259 ids).
+        ModelSpec("tiny", "opt", 64, 256, 3, 4, 4, 512, 512, synthetic=True),
+        ModelSpec("tiny-llama", "llama", 64, 192, 3, 4, 2, 512, 512, tie_embeddings=True, synthetic=True),
+        ModelSpec("tiny-random", "llama", 64, 128, 4, 4, 2, 259, 2048, tie_embeddings=True, synthetic=True),
     )
 })
+
+
+def published() -> list[str]:
+    """Names of the real model sizes (the tiny synthetic shapes left out)."""
+    return [name for name, spec in MODELS.items() if not spec.synthetic]
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -30,7 +30,7 @@ MODE_ORDER = {"dense": 0, "static": 1, "dejavu": 2, "shadowllm": 3, "hf": 4}
 
 def read_rows(paths) -> list[dict]:
     """Result rows (status ok) of the given files or folders (every .jsonl below). Lines without a
-    ``kind`` are not rows of the bench schema (the v7 probe's records, say): they are left out, with a
+    ``kind`` are not rows of the bench schema (a probe's records, say): they are left out, with a
     warning naming the file."""
     rows = []
     for p in paths:

@@ -20,7 +20,7 @@ from .fused_predictor import (  # noqa: E402
     sparse_hidden_predictor,
     sparse_hidden_predictor_ref,
 )
-from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref, set_onepass  # noqa: E402
+from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref  # noqa: E402
 from .gather_rows import (  # noqa: E402
     gather_rows_gemv,
     gather_rows_gemv_ref,
@@ -75,7 +75,6 @@ __all__ = [
     "norm_swiglu_gemv_ref",
     "pdl_enabled",
     "quantize_rows_fp8",
-    "set_onepass",
     "set_pdl",
     "sparse_hidden_predictor",
     "sparse_hidden_predictor_ref",

@@ -176,8 +176,8 @@ def configs_for_platform(configs: list[triton.Config]) -> list[triton.Config]:
     return configs if AUTOTUNE and not INTERPRET else configs[:1]
 
 
-# v7: configs are timed on cold data (see autotune_bench); SHADOWBENCH_AUTOTUNE_COLD=0 or
-# set_autotune_cold(False) times them as v6 did, on data that stays in L2 when it fits.
+# Configs are timed on cold data (see autotune_bench); SHADOWBENCH_AUTOTUNE_COLD=0 or
+# set_autotune_cold(False) times them on data that stays in L2 when it fits.
 _COLD = {"on": os.environ.get("SHADOWBENCH_AUTOTUNE_COLD", "1") != "0"}
 SCRUB_BYTES = 128 << 20  # read between timed calls: over twice the H100's 50 MB L2
 _SCRUB: dict = {}
@@ -190,13 +190,12 @@ def set_autotune_cold(on: bool) -> bool:
 
 
 def autotune_bench(kernel_call, quantiles):
-    """How the autotuner times a config. v7 (notes/kernels.md): back to back in one CUDA graph, each
-    call after a clean read of 128 MB that leaves none of its data in L2, minus the same graph
-    without the calls; a decode step reads every weight from DRAM. v6 timed the calls back to back
-    without the read: a case smaller than the L2 (OPT-13B out_proj at s=0.5 moves 26 MB) was then
-    tuned on L2 hits. v2-v5 timed eager calls after an L2 flush (``do_bench``, 10/50 ms), where the
-    launch behind the timing event and the write-back of the flushed lines added ~8 us of noise to
-    every call, and the autotuner picked different configs from run to run."""
+    """How the autotuner times a config: back to back in one CUDA graph, each call after a clean read of
+    128 MB that leaves none of its data in L2, minus the same graph without the calls; a decode step reads
+    every weight from DRAM. Without the read, a case smaller than the L2 (OPT-13B out_proj at s=0.5 moves
+    26 MB) is tuned on L2 hits. Eager calls after an L2 flush (``do_bench``) add ~8 us of noise to every
+    call (the launch behind the timing event, the write-back of the flushed lines), and the autotuner then
+    picked different configs from run to run (notes/kernels.md)."""
     if torch.cuda.is_available() and not INTERPRET:
         if _COLD["on"]:
             return _bench_in_graph(kernel_call, quantiles, rep_ms=10.0, cold=True)
@@ -240,8 +239,8 @@ def _replay_ms(graph, reps: int = 10) -> list[float]:
 def _bench_in_graph(kernel_call, quantiles, rep_ms: float = 20.0, cold: bool = False):
     """Like ``triton.testing.do_bench_cudagraph``, but the device is synchronised first: that function
     starts on a fresh stream without waiting for the work already queued, so the first kernel of a
-    new shape (autotuned mid-step) ran concurrently with the step's earlier kernels (session 4: wrong
-    results and an illegal address with the single-launch reduction's shared counters). ``cold``: a
+    new shape (autotuned mid-step) would run concurrently with the step's earlier kernels (seen as wrong
+    results and an illegal address where kernels shared counters). ``cold``: a
     128 MB read before every call, its time (a graph of the reads alone) subtracted."""
     torch.cuda.synchronize()
     scrub = _scrubber() if cold else None

@@ -53,7 +53,7 @@ def _decode_attention_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     USE_PDL: tl.constexpr, PRELOAD: tl.constexpr = False,
 ):
-    # PRELOAD (v11): the first tile of cached keys and values (the whole cache when it fits one tile), pos, the
+    # PRELOAD: the first tile of cached keys and values (the whole cache when it fits one tile), pos, the
     # slot and the valid flags are read before the PDL wait; this token's q | k | v after it.
     if USE_PDL and not PRELOAD:  # see shadow_kernels.pdl
         pdl_sync()
@@ -110,7 +110,7 @@ def _decode_attention_split_kernel(
     NSPLIT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr, PRELOAD: tl.constexpr = False,
 ):
-    # PRELOAD (v11): with PDL, the cached keys and values of earlier positions (and pos, the head's slot, the
+    # PRELOAD: with PDL, the cached keys and values of earlier positions (and pos, the head's slot, the
     # valid flags) are read before the wait; only this token's q | k | v, the producer's output, after it.
     if USE_PDL and not PRELOAD:  # see shadow_kernels.pdl
         pdl_sync()
@@ -234,17 +234,22 @@ def _check(qkv, k_cache, v_cache, valid, pos, head_slot, ref=False):
 
 CHUNK = 64  # cached positions per program of the split kernel
 # The default form (``chunk=None``):
-# - with ``preload`` (v11), one launch when the whole cache fits one tile of at most ``preload_tile`` elements
+# - with ``preload``, one launch when the whole cache fits one tile of at most ``preload_tile`` elements
 #   (``next_pow2(T) * BLOCK_D``): every program reads all of its head's cached keys and values before the PDL
 #   wait, and the combine launch is gone;
 # - otherwise one launch, one program per head, where the cache holds at most ``one_launch_t`` positions, each
 #   program's K and V tiles ``block_t`` positions long with ``block_t * BLOCK_D <= tile`` and
 #   ``block_t <= max_block_t``; past that the flash-decoding split (two launches) above.
 # Eight warps past 8192 elements a tile; ``tile_warps`` for the preloaded one (4: OPT-1.3B decode 1.1585 vs 1.1621 ms
-# with 8 and 1.1955 with 16, benchmarks/v11_tune.py). The split's programs take ``chunk``
-# positions each. benchmarks/v10_attn.py, v11_timeline.py and v11_tune.py time the choices.
+# with 8 and 1.1955 with 16 when whole decode steps were timed; notes/kernels.md). The split's programs take ``chunk``
+# positions each.
 _ATTN = {"one_launch_t": 64, "max_block_t": 64, "tile": 8192, "preload_tile": 16384, "chunk": CHUNK,
          "tile_warps": 4}
+
+
+def settings() -> dict:
+    """The default form's thresholds and tile sizes (latency rows record them)."""
+    return dict(_ATTN)
 
 
 def decode_attention(qkv, k_cache, v_cache, valid, pos, head_slot, scale=None, *, chunk=None, preload=False):

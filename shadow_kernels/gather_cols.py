@@ -29,7 +29,6 @@ from ._common import (
     dot_acc,
     gemv_kernel_for,
     next_pow2,
-    set_switch,
     sm_count,
     zero_past_count,
 )
@@ -39,20 +38,19 @@ from .tuned import pinned_prune
 
 @triton.jit
 def _cols_partial_kernel(
-    wt_ptr, h_ptr, idx_ptr, count_ptr, bias_ptr, out_ptr, y_ptr, ticket_ptr,
+    wt_ptr, h_ptr, idx_ptr, count_ptr, bias_ptr, out_ptr,
     B, M, n_sel,
     stride_wn, stride_hb, stride_ob, stride_os,
     SEL_BUCKET, SPLIT_KEY,  # only autotune keys
     HAS_COUNT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, PREFETCH: tl.constexpr = 0,
-    PRELOAD: tl.constexpr = False, OCC: tl.constexpr = 4, SUM_MODE: tl.constexpr = 2, SUM_LOG: tl.constexpr = 5,
+    PRELOAD: tl.constexpr = False, OCC: tl.constexpr = 4,
 ):
     # A program owns BLOCK_M outputs for BLOCK_B batch rows and one chunk of the selected rows.
     # The chunk bounds are computed on the device from `count`, so the work of a padded index list
     # is spread over all programs whatever the count turns out to be.
-    # MODE: 0 = write the final output (one chunk), 1 = write fp32 partials, 2 = fp32 atomic add,
-    # 3 = write fp32 partials and the last chunk of each output block to finish adds them (one launch).
+    # MODE: 0 = write the final output (one chunk), 1 = write fp32 partials, 2 = fp32 atomic add.
     # The number of chunks is the grid's second dimension, chosen per config by the launcher.
     # OCC (programs per SM the split aims at) is read by the launcher only.
     if USE_PDL and not PRELOAD:  # see shadow_kernels.pdl
@@ -76,7 +74,7 @@ def _cols_partial_kernel(
     # wait on an index load (two dependent memory latencies per iteration halved the bandwidth).
     src = tl.load(idx_ptr + j_start + offs_j, mask=j_start + offs_j < j_end, other=0).to(tl.int64)
     if BLOCK_B == 1 and PREFETCH:
-        # v7: the weight tile of the next iteration is loaded before this one's products are summed, so
+        # The weight tile of the next iteration is loaded before this one's products are summed, so
         # two tiles are in flight while the program waits (Triton pipelines only loads that feed tl.dot;
         # here a loop iteration otherwise waits for all its loads with nothing else outstanding).
         acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
@@ -144,46 +142,23 @@ def _cols_partial_kernel(
     elif MODE == 1:
         ptrs = out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_m[None, :]
         tl.store(ptrs, out, mask=mask)
-    elif MODE == 2:
+    else:
         ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_m[None, :]
         tl.atomic_add(ptrs, out, mask=mask)
-    else:
-        ptrs = out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_m[None, :]
-        tl.store(ptrs, out, mask=mask)
-        # Every thread fences its partials gpu-wide, the program synchronises, then takes a ticket for
-        # its output block; the program that takes the last ticket sums all chunks in chunk order (the
-        # same sum as MODE 1, so bit-identical) and resets the ticket for the next launch.
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-        tl.debug_barrier()
-        ticket = ticket_ptr + pid_b * tl.num_programs(0) + pid_m
-        n_chunks = tl.num_programs(1)
-        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == n_chunks - 1:
-            part = out_ptr + offs_b[:, None] * stride_ob + offs_m[None, :]
-            total = _sum_parts(part, stride_os, n_chunks, mask, tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32),
-                               SUM_MODE, SUM_LOG, BLOCK_B * BLOCK_M)
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_b[:, None] * stride_ob + offs_m[None, :], total.to(y_ptr.dtype.element_ty),
-                     mask=mask)
-            tl.atomic_xchg(ticket, 0)
 
 
 @triton.jit
 def _sum_parts(part, stride, n, mask, total, MODE: tl.constexpr, LOG: tl.constexpr, R: tl.constexpr):
-    """``total`` plus the sum of ``part[c * stride]`` for c < n, in an order fixed by MODE alone (the one-pass
-    finisher and the second kernel share it, so both give the same bits). A chunk past ``n`` loads +0.0.
-    - MODE 0 (v7): one load and one add at a time, in chunk order;
-    - MODE 1 (v8): chunk order, eight chunks loaded before any is added (a loop of one load and one add
-      waited for each L2 round trip in turn, 14-33 of them at the end of every split launch);
-    - MODE 2 (v10): ``2**LOG`` chunks loaded at once as one [R, 2**LOG] tile (R = the number of outputs) and
-      added as a pairwise tree, (c0 + c1) + (c2 + c3) and so on, by reshape and split: the order is the
-      tree's whatever layout the compiler gives the tile. Groups of ``2**LOG`` are added in order. One
-      round trip for up to ``2**LOG`` chunks where MODE 1 takes one per eight."""
-    if MODE == 0:
-        for c in range(0, n):
-            total += tl.load(part + c * stride, mask=mask, other=0.0, cache_modifier=".cg")
-    elif MODE == 1:
+    """``total`` plus the sum of ``part[c * stride]`` for c < n, in an order fixed by MODE alone (bit-identical
+    from run to run). A chunk past ``n`` loads +0.0.
+    - MODE 1 (batched launches): chunk order, eight chunks loaded before any is added (one load and one add at a
+      time waited for each L2 round trip in turn, 14-33 of them at the end of every split launch);
+    - MODE 2 (one token): ``2**LOG`` chunks loaded at once as one [R, 2**LOG] tile (R = the number of outputs) and
+      added as a pairwise tree, (c0 + c1) + (c2 + c3) and so on, by reshape and split: the order is the tree's
+      whatever layout the compiler gives the tile. Groups of ``2**LOG`` are added in order. One round trip for up
+      to ``2**LOG`` chunks where MODE 1 takes one per eight (its [R, 2**LOG] tile takes too many registers for a
+      batched launch's outputs)."""
+    if MODE == 1:
         for c in range(0, n, 8):
             cz = tl.zeros(mask.shape, dtype=tl.int32) + c  # a tensor: the interpreter takes no scalar in a mask
             p0 = tl.load(part + c * stride, mask=mask, other=0.0, cache_modifier=".cg")
@@ -223,7 +198,7 @@ def _sum_parts(part, stride, n, mask, total, MODE: tl.constexpr, LOG: tl.constex
 def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                        USE_PDL: tl.constexpr, SUM_MODE: tl.constexpr = 2, SUM_LOG: tl.constexpr = 5):
     if USE_PDL:
-        # v10: the one kernel of this package that lets the next one be scheduled before its own wait (see
+        # The one kernel of this package that lets the next one be scheduled before its own wait (see
         # shadow_kernels.pdl), so that a preloading GEMV after it starts during the split launch as it would
         # after a one-launch gather-cols. Safe: what that kernel reads before its wait must not be written by
         # the kernel before it (this one writes only y, after its wait), and the split launch that this one
@@ -241,10 +216,10 @@ def _cols_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, M, SPLIT, HAS_BIAS: tl
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-# v2 swept BLOCK_J and warps at BLOCK_M = 128; v3 added wider BLOCK_M only (longer pieces of each
-# row) and lost 5-10% on fc2 (notes/kernels.md), so v4 keeps v2's set plus the two wide configs
-# that won some out_proj shapes.
-_SINGLE_V6 = [
+# Two families for one token, tuned over together: plain loops (pipelined by num_stages), and loops that load the next
+# tile's weights before this tile's products are summed (PREFETCH). Wider BLOCK_M alone (longer pieces of each row)
+# lost 5-10% on fc2; the two wide configs kept here won some out_proj shapes (notes/kernels.md).
+_SINGLE_PLAIN = [
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 16}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
@@ -253,8 +228,7 @@ _SINGLE_V6 = [
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 256, "BLOCK_J": 32}, num_warps=8, num_stages=3),
 ]
-# v7: the next tile's weights loaded before this tile's products (PREFETCH, see the kernel)
-_SINGLE_V7 = [
+_SINGLE_PREFETCH = [
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 16, "PREFETCH": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 1}, num_warps=8, num_stages=1),
@@ -268,7 +242,7 @@ _SINGLE_V7 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_J": 32, "PREFETCH": 1, "OCC": 8}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 16}, num_warps=2, num_stages=1),
 ]
-_SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
+_SINGLE_CONFIGS = configs_for_platform(_SINGLE_PREFETCH + _SINGLE_PLAIN)
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
@@ -277,54 +251,25 @@ _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_M": 256, "BLOCK_J": 32}, num_warps=8, num_stages=3),
 ])
 _KEY = ["M", "SEL_BUCKET", "SPLIT_KEY", "BLOCK_B", "MODE", "HAS_COUNT"]
-# v13: shapes with a pinned config for this device (shadow_kernels.tuned) skip the timing
+# shapes with a pinned config for this device (shadow_kernels.tuned) skip the timing
 _cols_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"],
                                prune_configs_by={"early_config_prune": pinned_prune("cols_single", "wt_ptr")})(
     _cols_partial_kernel)
 _cols_batched = triton.autotune(_BATCHED_CONFIGS, key=_KEY, do_bench=autotune_bench, restore_value=["out_ptr"])(
     _cols_partial_kernel)
 
-_TICKETS: dict = {}
-# v10: off. With the tree sum, the second kernel (launched programmatically, already resident when the split
-# launch ends) finished 1.0-2.3 us a call sooner than the last program of each block summing in the launch
-# (first v10 probe, 5617193); with the early trigger (f30fce0) the two were within -0.1..+1.1 us a call, and
-# the decode steps 0.5-1.0% faster than v8's one launch (notes/kernels.md, v10).
-_ONEPASS = {"on": False}
-# How the split partials are summed (``_sum_parts``' MODE): 2, v10's tree, for one token; a batched launch
-# sums in v8's groups of eight (its tile of partials would take too many registers). The probes set 0 or 1
-# to time the older sums (benchmarks/v8_probe.py, v10_probe.py).
-_SUM_MODE = {"mode": 2}
+# The split partials are summed by a second small kernel (launched programmatically, already resident when the
+# split launch ends). Having the last program of each output block sum them inside the split launch (a ticket per
+# block) measured within -0.1..+1.1 us a call of it and 0.5-1.0% slower per decode step (notes/kernels.md, at
+# f30fce0), and it needed a zeroed counter buffer outside CUDA graphs; it was removed.
 _TREE_MAX_LOG = 5  # at most 32 chunks' partials in one tile
-
-
-def set_onepass(on: bool) -> bool:
-    """Single-launch split reduction (MODE 3) on CUDA; off, the partials are summed by a second kernel.
-    Returns the previous setting."""
-    return set_switch(_ONEPASS, on, "set_onepass")
 
 
 def settings() -> dict:
     """How gather-cols reduces and which configs it tunes over now (latency rows record it)."""
     default = _cols_single.configs == list(_SINGLE_CONFIGS)
-    return {"onepass": _ONEPASS["on"], "sum_mode": _SUM_MODE["mode"], "configs": "default" if default else "custom"}
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
-    """Zeroed int32 counters of the single-launch reduction, one buffer per device. Every launch leaves
-    them at zero, so one allocation serves every later call and every CUDA-graph replay. It is never
-    made during a capture (memory allocated there belongs to the graph and is not zeroed until a
-    replay): a capture that finds no buffer large enough gets None and the two-launch reduction.
-    Launches that use the counters must not run concurrently on two streams (a decode step runs on
-    one; shadow_kernels' autotuning synchronises the device before it times anything)."""
-    buf = _TICKETS.get(device)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    if torch.cuda.is_current_stream_capturing():
-        return None
-    buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-    torch.cuda.synchronize(device)
-    _TICKETS[device] = buf
-    return buf
+    return {"reduction": "second kernel, pairwise tree (one token) / groups of eight (batched)",
+            "configs": "default" if default else "custom"}
 
 
 # Rows of the selected list one program should at least stream before splitting further pays off.
@@ -332,16 +277,15 @@ _MIN_ROWS_PER_SPLIT = 64
 
 
 def choose_split(n_sel: int, M: int, block_m: int, device: torch.device, per_sm: int = 4) -> int:
-    """Split the reduction so that at most ``per_sm`` programs per SM (a config's OCC) are launched (v10;
-    v8 rounded up and launched up to one program per output block more)."""
+    """Split the reduction so that at most ``per_sm`` programs per SM (a config's OCC) are launched: one wave;
+    rounding up launched up to one program per output block more and was slower."""
     m_blocks = triton.cdiv(M, block_m)
     want = max(1, per_sm * sm_count(device) // m_blocks)
     return max(1, min(want, triton.cdiv(n_sel, _MIN_ROWS_PER_SPLIT)))
 
 
 def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: int | None,
-                 out_dtype: torch.dtype | None = None, onepass: bool | None = None,
-                 preload: bool = False) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, preload: bool = False) -> torch.Tensor:
     # The split depends on the config's BLOCK_M, which the autotuner picks, so the grid is a function
     # of the config, the workspace is sized for the largest split any config can use, and the
     # reduction reads the split of the config that ran.
@@ -360,23 +304,17 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         return split or choose_split(n_sel, M, kw["BLOCK_M"], dev, kw.get("OCC", 4))
 
     max_split = max(split_of(c.kwargs) for c in kernel.configs)
-    onepass = (_ONEPASS["on"] if onepass is None else onepass) and dev.type == "cuda" and not INTERPRET
-    tickets = None
-    if max_split > 1 and deterministic and onepass:
-        min_block_m = min(c.kwargs["BLOCK_M"] for c in kernel.configs)
-        tickets = _tickets(dev, triton.cdiv(M, min_block_m) * triton.cdiv(B, block_b))
     if max_split == 1:
         mode, out = 0, y
     elif deterministic:
-        mode, out = (3 if tickets is not None else 1), torch.empty((max_split, B, M), device=dev, dtype=torch.float32)
+        mode, out = 1, torch.empty((max_split, B, M), device=dev, dtype=torch.float32)
     else:
         mode, out = 2, torch.zeros((B, M), device=dev, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split_of(meta), triton.cdiv(B, block_b))
-    sum_mode = _SUM_MODE["mode"] if block_b == 1 or _SUM_MODE["mode"] < 2 else 1
+    sum_mode = 2 if block_b == 1 else 1
     sum_log = min(_TREE_MAX_LOG, max(1, (max_split - 1).bit_length()))
     kernel[grid](
         weight_t, h2d, idx, count if count is not None else idx, bias if bias is not None else weight_t, out,
-        y, tickets if tickets is not None else y,
         B, M, n_sel,
         weight_t.stride(0), h2d.stride(0), M, B * M,
         next_pow2(n_sel), split or 0,
@@ -384,7 +322,7 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
         # fp32 activations with 16-bit weights (the sparse-hidden predictor) keep fp32 in the dot
         UPCAST_DOT=INTERPRET or h2d.dtype != weight_t.dtype,
         DOT_IEEE=torch.float32 in (weight_t.dtype, h2d.dtype), BLOCK_B=block_b, PRELOAD=preload,
-        SUM_MODE=sum_mode, SUM_LOG=sum_log, **pdl_kwargs(dev),
+        **pdl_kwargs(dev),
     )
     if mode in (1, 2):
         n_parts = split_of(kernel.best_config.kwargs) if mode == 1 else 1
@@ -397,7 +335,7 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
 
 
 def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True,
-                     onepass=None, preload=False):
+                     preload=False):
     """``h @ weight_t[idx] + bias`` with Triton kernels.
 
     weight_t: [N, M] (W transposed, contiguous rows) fp16/bf16/fp32. h: [k] or [B, k], same dtype;
@@ -406,9 +344,6 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
     entries of idx (and of h) are used.
     deterministic: fixed-order two-stage reduction (default) or fp32 atomics (not bit-reproducible).
     split: number of chunks of the reduction (default: chosen from the shape and the SM count).
-    onepass: on CUDA, finish the deterministic reduction inside the one launch (the last chunk of each
-    output block adds the partials; same sum, same bits) instead of a second kernel; default
-    :func:`set_onepass` (on).
     preload: with programmatic dependent launch, read idx, count and the first weights before waiting
     for the kernel launched just before this one; only h waits. Correct only when that kernel writes
     none of them (see :func:`shadow_kernels.gather_rows_gemv`).
@@ -420,12 +355,12 @@ def gather_cols_gemv(weight_t, h, idx, bias=None, count=None, *, deterministic=T
     if split is not None and (not isinstance(split, int) or split < 1):
         raise ValueError(f"split must be a positive int or None, got {split!r}")
     y = _launch_cols(weight_t, h if h.dim() == 2 else h[None], idx, bias, count, deterministic, split,
-                     onepass=onepass, preload=preload)
+                     preload=preload)
     return y.reshape(M) if h.dim() == 1 else y
 
 
 def gather_cols_gemv_ref(weight_t, h, idx, bias=None, count=None, *, deterministic=True, split=None, validate=True,
-                         onepass=None, preload=False):
+                         preload=False):
     """Plain-PyTorch reference of :func:`gather_cols_gemv` (same signature, fp32 accumulate)."""
     idx = idx.long()
     hf = zero_past_count(h.float(), count)

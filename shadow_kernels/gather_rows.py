@@ -127,9 +127,9 @@ def _rows_gemv_kernel(
     s2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
 
     if BLOCK_B == 1 and PREFETCH:
-        # v7: the next piece of the rows is loaded before this piece's products are summed, so two
+        # The next piece of the rows is loaded before this piece's products are summed, so two
         # pieces are in flight while the program waits (Triton pipelines only loads that feed tl.dot).
-        # GATED (v9): the up rows likewise.
+        # GATED: the up rows likewise.
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         x_row = x_ptr + pid_b * stride_xb
@@ -265,7 +265,10 @@ def _even_k(args):
     return args["K"] % args["BLOCK_K"] == 0
 
 
-_SINGLE_V6 = [
+# Two families for one token, tuned over together: plain loops pipelined by num_stages (with fewer rows per program
+# and whole 1-2k pieces of a row among them: more programs, a shorter tail), and loops that load the next piece of
+# the rows before this piece's products (PREFETCH, see the kernel).
+_SINGLE_PLAIN = [
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 512}, num_warps=4, num_stages=2),
@@ -274,14 +277,12 @@ _SINGLE_V6 = [
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    # v6: fewer rows per program (more programs, a shorter tail) and whole 1-2k pieces of a row
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 512}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024}, num_warps=8, num_stages=2),
 ]
-# v7: the next piece of the rows loaded before this piece's products (PREFETCH, see the kernel)
-_SINGLE_V7 = [
+_SINGLE_PREFETCH = [
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 512, "PREFETCH": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 256, "PREFETCH": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024, "PREFETCH": 1}, num_warps=4, num_stages=1),
@@ -291,7 +292,7 @@ _SINGLE_V7 = [
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512, "PREFETCH": 1}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024, "PREFETCH": 1}, num_warps=8, num_stages=1),
 ]
-_SINGLE_CONFIGS = configs_for_platform(_SINGLE_V7 + _SINGLE_V6)
+_SINGLE_CONFIGS = configs_for_platform(_SINGLE_PREFETCH + _SINGLE_PLAIN)
 _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
@@ -303,7 +304,7 @@ _BATCHED_CONFIGS = configs_for_platform([
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4, num_stages=3),
 ])
 _KEY = ["K", "ROWS_BUCKET", "BLOCK_B", "HAS_COUNT", "GATED", "HAS_SCALE", "NORM", "HAS_RES"]
-# v11: a launch whose shape has a pinned config for this device (shadow_kernels.tuned) skips the timing
+# a launch whose shape has a pinned config for this device (shadow_kernels.tuned) skips the timing
 _rows_gemv_single = triton.autotune(_SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench,
                                     prune_configs_by={"early_config_prune": pinned_prune("rows_single", "w_ptr")})(
     triton.heuristics({"EVEN_K": _even_k})(_rows_gemv_kernel))
@@ -345,8 +346,8 @@ def launch_rows_gemv(weight, x2d, idx, bias, count, relu: bool, out_dtype: torch
         weight.stride(0), x2d.stride(0), y.stride(0),
         residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
         # a dense norm-folding GEMV is tuned for its exact row count: qkv and fc1 of OPT-1.3B (6144 and 8192 rows)
-        # share the power-of-two bucket, and the config tuned on one ran the other slower (v9 probe: fc1 18.5 us
-        # in the bucket, 15.5 us tuned alone; notes/models.md, session 7)
+        # share the power-of-two bucket, and the config tuned on one ran the other slower (fc1 18.5 us
+        # in the bucket, 15.5 us tuned alone; notes/models.md)
         n_rows if norm is not None and idx is None else next_pow2(n_rows),
         HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_COUNT=count is not None, RELU=relu,
         GATED=up is not None, HAS_SCALE=scale is not None,

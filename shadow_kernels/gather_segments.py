@@ -7,7 +7,7 @@ consecutive columns, so each output row holds a head's weights as one contiguous
 head's piece of each of its rows: complete dot products, no split of the reduction and nothing to add
 up afterwards.
 
-v8 (notes/kernels.md): the same op as :func:`shadow_kernels.gather_cols_gemv` on the transposed weight,
+The same op as :func:`shadow_kernels.gather_cols_gemv` on the transposed weight,
 which splits the selected inputs over programs (split-K) and then sums partials: at out_proj's sizes
 (13-26 MB on OPT-13B) that kernel spent half its time on the split's start and finish (47% of the copy
 bandwidth on OPT-13B at s=0.5), while a whole-row GEMV over the same bytes made contiguous reached 82%.
@@ -94,7 +94,7 @@ def _segments_kernel(
     b_ok = offs_b < B
 
     if BLOCK_B == 1 and AHEAD == 2:
-        # v14: two tiles read before the wait and kept two ahead in the loop. Only x depends on the kernel before
+        # Two tiles read before the wait and kept two ahead in the loop. Only x depends on the kernel before
         # this one, so with preload a program has 2 * HB segments of weights in flight while that kernel finishes
         # (OPT-13B out_proj at s=0.7 is 6 steps of HB = 2 a program: the wait is a third of its time)
         x_row = x_ptr + pid_b * stride_xb
@@ -133,7 +133,7 @@ def _segments_kernel(
         x = _head_x(x_row, offs_s, n_seg, d, d_ok, SEG)
         acc = tl.zeros([BLOCK_N, HB, SEG_P2], dtype=tl.float32)
         for s0 in range(0, n_seg, HB):
-            # v7's prefetch: the next tile is loaded before this one's products are summed
+            # Prefetch: the next tile is loaded before this one's products are summed
             sn = s0 + HB + offs_s
             sn_ok = sn < n_seg
             w_next = _head_tile(w_rows, base, sn_ok, r_ok, d, d_ok, SEG != SEG_P2)
@@ -144,8 +144,8 @@ def _segments_kernel(
             x = x_next
         out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     elif PREFETCH:
-        # v14: HB segments a step as one [BLOCK_N, HB * SEG_P2] tile and one tensor-core dot, the next step's
-        # weights loaded before this step's dot (the v8 loop below, one segment a step and nothing in flight during
+        # HB segments a step as one [BLOCK_N, HB * SEG_P2] tile and one tensor-core dot, the next step's
+        # weights loaded before this step's dot (the loop below, one segment a step and nothing in flight during
         # the dot, ran 2-6x slower than cuBLAS on the whole weight at batch 8: 17ee6be sweep)
         offs_s = tl.arange(0, HB)
         w = _head_tile(w_rows, _head_starts(idx_ptr, offs_s, n_seg, SEG, SEG_ALIGN), offs_s < n_seg, r_ok, d, d_ok,
@@ -193,7 +193,7 @@ _SINGLE_ALL = [
     triton.Config({"BLOCK_N": 16, "HB": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 8, "HB": 4}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 16, "HB": 2}, num_warps=8, num_stages=1),
-    # v14: two tiles read before the PDL wait and kept two ahead (AHEAD)
+    # two tiles read before the PDL wait and kept two ahead (AHEAD)
     triton.Config({"BLOCK_N": 4, "HB": 2, "AHEAD": 2}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 8, "HB": 2, "AHEAD": 2}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 4, "HB": 4, "AHEAD": 2}, num_warps=4, num_stages=1),
@@ -201,7 +201,7 @@ _SINGLE_ALL = [
 ]
 _SINGLE_CONFIGS = configs_for_platform(_SINGLE_ALL)
 _BATCHED_ALL = [
-    # v14: HB segments a dot, the next tile loaded ahead (PREFETCH); first, so the interpreter tests this path
+    # HB segments a dot, the next tile loaded ahead (PREFETCH); first, so the interpreter tests this path
     triton.Config({"BLOCK_N": 16, "HB": 2, "PREFETCH": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 16, "HB": 4, "PREFETCH": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 32, "HB": 1, "PREFETCH": 1}, num_warps=4, num_stages=1),
@@ -209,7 +209,7 @@ _BATCHED_ALL = [
     triton.Config({"BLOCK_N": 32, "HB": 4, "PREFETCH": 1}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 64, "HB": 1, "PREFETCH": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 64, "HB": 2, "PREFETCH": 1}, num_warps=8, num_stages=1),
-    # v8: one segment a step
+    # one segment a step
     triton.Config({"BLOCK_N": 32, "HB": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 64, "HB": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 16, "HB": 1}, num_warps=4, num_stages=1),
@@ -217,7 +217,7 @@ _BATCHED_ALL = [
 ]
 _BATCHED_CONFIGS = configs_for_platform(_BATCHED_ALL)
 _KEY = ["N", "SEGS_BUCKET", "SEG", "BLOCK_B", "HAS_COUNT"]
-# v14: shapes with a pinned config for this device (shadow_kernels.tuned) skip the timing
+# shapes with a pinned config for this device (shadow_kernels.tuned) skip the timing
 _segments_single = triton.autotune(
     _SINGLE_CONFIGS, key=_KEY, do_bench=autotune_bench,
     prune_configs_by={"early_config_prune": pinned_prune("segments_single", "w_ptr")})(_segments_kernel)

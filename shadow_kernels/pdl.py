@@ -10,7 +10,7 @@ the next kernel be scheduled first. A kernel launched without PDL (PyTorch, cuBL
 one to finish as usual, and one launched with PDL after it starts only when it has finished. So PDL only
 removes launch gaps; it never reorders a read before a write.
 
-On by default for CUDA devices of compute capability 9.0 or more (measured in session 4 on the H100:
+On by default for CUDA devices of compute capability 9.0 or more (measured on the H100:
 OPT-1.3B static s=0.5 1.371 -> 1.262 ms/token, OPT-13B 6.190 -> 6.068, bit-identical outputs);
 ``set_pdl(False)`` or ``SHADOWBENCH_PDL=0`` turns it off. The Triton interpreter never uses it.
 """

@@ -10,7 +10,7 @@ L*n scores, so a layer may get anything from 0 to n units: k_max = min(n, k), an
 ``count[l]`` on the device to know how many slots are live. Every shape depends only on (L, n, k),
 never on the scores, so selection and the sparse layers can be captured in one CUDA graph.
 
-``topk_indices`` selects with a radix select of its own (v7): four passes build 256-bin histograms of
+``topk_indices`` selects with a radix select of its own: four passes build 256-bin histograms of
 one byte of each score's order-preserving 32-bit key, from the top byte down, each pass counting only
 scores whose higher bytes match the threshold found so far (a program per chunk of 2048 scores; the last
 pass also keeps each chunk's counts); a write kernel, a program per chunk again, recomputes the
@@ -170,7 +170,7 @@ def _descend_bins(h, k_rem):
 @triton.jit
 def _digit_hist(u, shift, ok, spread, NBINS: tl.constexpr):
     # Counts of byte ``shift`` of the keys u where ok. tl.histogram adds into shared memory element by element,
-    # so the keys left out must not all land in one bin, or those adds serialise (v7b: 20 us a pass): where
+    # so the keys left out must not all land in one bin, or those adds serialise (20 us a pass on OPT-13B): where
     # tl.histogram takes a mask (NBINS 256) they are masked; else they go to the spare bins 256..511, spread
     # by the low byte of ``spread``, and the caller ignores those bins.
     if NBINS == 256:
@@ -327,10 +327,10 @@ def _radix_write_kernel(s_ptr, hist_ptr, chunk_hist_ptr, gt_ptr, idx_ptr, count_
         tl.store(count_ptr + layer, tl.minimum(total, k_max))
 
 
-# Scores per program: OPT-13B's 39 x 20480 neuron scores are 390 programs a pass (v7a gave each layer
-# one program for the write and took 105 us on the H100, serial prefix sums; notes/kernels.md).
+# Scores per program: OPT-13B's 39 x 20480 neuron scores are 390 programs a pass (one program per layer
+# for the write took 105 us on the H100: serial prefix sums; notes/kernels.md).
 _RADIX_CHUNK = 2048
-# v7b: 20 us a pass on OPT-13B when every score outside the prefix was counted in one spare bin (its
+# 20 us a pass on OPT-13B when every score outside the prefix was counted in one spare bin (its
 # shared-memory adds serialise); where tl.histogram takes a mask they are masked, else spread out.
 _HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 # Scores a tile of the one-launch path may hold (the layers of a global selection padded to powers of two):

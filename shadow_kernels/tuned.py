@@ -5,8 +5,9 @@ The autotuner times a config by itself on cold data. In a decode step the kernel
 programmatic dependent launch, and a kernel starts streaming early only when the one before it leaves room on the
 SMs; so the config that is fastest alone is not always the one that makes the step fastest, and configs within
 the autotuner's noise of each other are picked differently from process to process (OPT-1.3B dense per token
-1.178 and 1.203 ms in two processes of the same code; notes/models.md, session 9). ``benchmarks/v11_tune.py``
-tries every config of a GEMV in a freshly captured step, role by role, and writes the winners into a table here.
+1.178 and 1.203 ms in two processes of the same code; notes/models.md). ``shadowbench tune`` writes tables:
+``--method step`` tries every config of a dense GEMV in a freshly captured decode step, role by role;
+``--method alone`` times every gather-cols (fc2) and gather-segments (out_proj) config alone per sweep shape.
 
 A table is a JSON file in ``shadow_kernels/tuned/`` (or the file named by ``SHADOWBENCH_TUNED``)::
 
@@ -23,6 +24,7 @@ kernel's configs; otherwise the autotuner times the configs as usual. ``set_pinn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -116,3 +118,49 @@ def pinned_prune(kernel: str, weight_arg: str):
 def used() -> list[dict]:
     """The pinned entries this process has launched with: role and config (for ``extra`` of a results row)."""
     return [{"kernel": k, "role": e.get("role"), "config": e["config"]} for (k, _), e in USED.items()]
+
+
+def autotuners() -> dict:
+    """The autotuned kernels by the name pinned tables use for them (``rows_single``, ``cols_single``, ...). Each has
+    ``configs``, ``cache`` (autotune key -> config) and ``best_config``, as a Triton autotuner."""
+    from . import gather_cols, gather_rows, gather_segments
+
+    return {"rows_single": gather_rows._rows_gemv_single, "rows_batched": gather_rows._rows_gemv_batched,
+            "cols_single": gather_cols._cols_single, "cols_batched": gather_cols._cols_batched,
+            "segments_single": gather_segments._segments_single,
+            "segments_batched": gather_segments._segments_batched}
+
+
+def key_names(kernel: str) -> list[str]:
+    """The autotune key of a kernel, by name, in the order of its cache's keys."""
+    from . import gather_cols, gather_rows, gather_segments
+
+    keys = {"rows": gather_rows._KEY, "cols": gather_cols._KEY, "segments": gather_segments._KEY}
+    family = kernel.split("_")[0]
+    if family not in keys or kernel not in autotuners():
+        raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(autotuners())}")
+    return list(keys[family])
+
+
+def config_dict(config) -> dict:
+    """A config as a pinned table's entry stores it."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+@contextlib.contextmanager
+def restricted(kernel: str, configs):
+    """Within the block, the autotuner of ``kernel`` chooses among ``configs`` only, and its cache starts empty (every
+    shape is tuned again, pinned tables aside); afterwards its configs and cache are as before."""
+    tuner = autotuners()[kernel]
+    configs = list(configs)
+    if not configs:
+        raise ValueError(f"restricted({kernel!r}) needs at least one config")
+    saved_configs, saved_cache = tuner.configs, dict(tuner.cache)
+    tuner.configs = configs
+    tuner.cache.clear()
+    try:
+        yield tuner
+    finally:
+        tuner.configs = saved_configs
+        tuner.cache.clear()
+        tuner.cache.update(saved_cache)

@@ -8,7 +8,7 @@ from bench.results import SCHEMA, RowWriter, make_row
 
 
 def run(tmp_path, ops, **kw):
-    return kernels.run_sweep([kernels.TINY.name], ops, [0.5], [1], "fp16", tmp_path / "k.jsonl", progress=False,
+    return kernels.run_sweep([kernels.TINY], ops, [0.5], [1], "fp16", tmp_path / "k.jsonl", progress=False,
                              **kw)
 
 
@@ -121,22 +121,6 @@ def test_swiglu_op_runs_on_llama_and_is_skipped_on_opt(tmp_path):
     assert {r["status"] for r in llama} == {"ok"} and errs["triton"] <= kernels.TOLERANCE[kernels.DTYPES["fp16"]]
     opt = [r for r in rows if r["model"] == "tiny"]
     assert opt and {r["status"] for r in opt} == {"skipped"}
-
-
-def test_probe_log_appends_each_row_at_once(tmp_path):
-    from bench.results import probe_log
-
-    path = tmp_path / "probe.jsonl"
-    path.write_text('{"kind": "probe", "old": 1}\n')
-    with probe_log(path, torch.device("cpu"), 2999.5, probe="v8") as emit:
-        emit({"model": "opt-13b", "us": 12.5})
-        assert len(path.read_text().splitlines()) == 2  # written before the probe ends
-        emit({"model": "opt-30b", "error": "boom"})
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert rows[0] == {"kind": "probe", "old": 1}
-    assert [r["model"] for r in rows[1:]] == ["opt-13b", "opt-30b"]
-    assert all(r["kind"] == "probe" and r["probe"] == "v8" and r["copy_gbps"] == 2999.5 and "time" in r
-               and "git_commit" in r and r["device"] for r in rows[1:])
 
 
 def test_steady_timer_cancels_what_a_replay_pays_once(monkeypatch):

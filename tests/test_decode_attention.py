@@ -120,7 +120,7 @@ def test_default_forms_match_reference(monkeypatch, setting, T, pos):
 @pytest.mark.parametrize("preload_tile,one", [(16384, True), (1024, False)], ids=["fits-one-tile", "too-long"])
 @pytest.mark.parametrize("T,pos", [(200, 199), (200, 0), (90, 70)])
 def test_preload_forms_match_reference(monkeypatch, preload_tile, one, T, pos):
-    # v11: with preload the default form is one launch over one tile holding the whole cache (read before the PDL
+    # with preload the default form is one launch over one tile holding the whole cache (read before the PDL
     # wait) when it fits preload_tile elements, else the form without preload picks (here: the split past 64).
     import sys
 

@@ -33,17 +33,13 @@ def test_matches_reference(dtype, batch, deterministic, split):
     assert_close_rel(out, ref32(wt, h, idx, b), dtype)
 
 
-@pytest.mark.parametrize("sum_mode", [0, 1, 2])
 @pytest.mark.parametrize("batch", [None, 3])
 @pytest.mark.parametrize("split", [2, 9, 17, 33, 65])
 @pytest.mark.parametrize("count", [None, 13])
-def test_every_sum_of_the_partials_adds_each_chunk_once(monkeypatch, sum_mode, batch, split, count):
-    # The partials are summed one at a time (0), eight loaded at once (1) or as pairwise trees over up to 32
-    # chunks (2; a batch falls back to 1). Splits around the group sizes, several groups of the tree, and a
-    # count that leaves some chunks empty must still add every chunk once.
-    from shadow_kernels import gather_cols
-
-    monkeypatch.setitem(gather_cols._SUM_MODE, "mode", sum_mode)
+def test_every_sum_of_the_partials_adds_each_chunk_once(batch, split, count):
+    # One token's partials are summed as pairwise trees over up to 32 chunks, a batch's eight loaded at once.
+    # Splits around the group sizes, several groups of the tree, and a count that leaves some chunks empty must
+    # still add every chunk once.
     gen = torch.Generator().manual_seed(3)
     wt = randn(140, 40, dtype=torch.float32, gen=gen)
     idx = torch.randperm(140, generator=gen)[:100].to(device=DEVICE, dtype=torch.int32)
@@ -145,14 +141,14 @@ class TestBadInput:
             gather_cols_gemv(self.wt, self.h, self.idx, count=torch.tensor([-1], dtype=torch.int32, device=DEVICE))
 
 
-@pytest.mark.parametrize("generation", ["v6", "v7"])
+@pytest.mark.parametrize("family", ["plain", "prefetch"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_both_single_token_loops(generation, dtype):
-    """The batch-1 loop of v6 and the prefetching one of v7 (the interpreter runs one config of the
-    autotuned list; here each generation's first config), with a ragged tail and a device-side count."""
+def test_both_single_token_loops(family, dtype):
+    """The plain batch-1 loop and the prefetching one (the interpreter runs one config of the autotuned list;
+    here each family's first config), with a ragged tail and a device-side count."""
     from shadow_kernels import gather_cols
 
-    first = (gather_cols._SINGLE_V6 if generation == "v6" else gather_cols._SINGLE_V7)[0]
+    first = (gather_cols._SINGLE_PLAIN if family == "plain" else gather_cols._SINGLE_PREFETCH)[0]
     with only_configs(gather_cols._cols_single, [first]):
         gen = torch.Generator().manual_seed(3)
         wt = randn(300, 150, dtype=dtype, gen=gen)

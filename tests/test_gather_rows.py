@@ -175,14 +175,14 @@ def test_swiglu_bad_inputs():
         gather_swiglu_gemv(gate, randn(8, 16), randn(16), torch.tensor([0, 9], device=DEVICE))
 
 
-@pytest.mark.parametrize("generation", ["v6", "v7"])
+@pytest.mark.parametrize("family", ["plain", "prefetch"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_both_single_token_loops(generation, dtype):
-    """The batch-1 loop of v6 and the prefetching one of v7 (the interpreter runs one config of the
-    autotuned list; here each generation's first config), K not a multiple of the piece, with a count."""
+def test_both_single_token_loops(family, dtype):
+    """The plain batch-1 loop and the prefetching one (the interpreter runs one config of the
+    autotuned list; here each family's first config), K not a multiple of the piece, with a count."""
     from shadow_kernels import gather_rows
 
-    first = (gather_rows._SINGLE_V6 if generation == "v6" else gather_rows._SINGLE_V7)[0]
+    first = (gather_rows._SINGLE_PLAIN if family == "plain" else gather_rows._SINGLE_PREFETCH)[0]
     with only_configs(gather_rows._rows_gemv_single, [first]):
         gen = torch.Generator().manual_seed(4)
         w = randn(200, 700, dtype=dtype, gen=gen)

@@ -38,7 +38,7 @@ def test_matches_reference(dtype, batch, segment):
 @pytest.mark.parametrize("segment", [16, 5])
 @pytest.mark.parametrize("live", [5, 4, 1])
 def test_two_tiles_ahead_matches_the_reference(segment, live):
-    """v14's batch-1 loop that reads two tiles before the wait (AHEAD 2): more, as many and fewer live segments
+    """The batch-1 loop that reads two tiles before the wait (AHEAD 2): more, as many and fewer live segments
     than the two tiles hold (HB 2), with and without preload."""
     from shadow_kernels import gather_segments
 
@@ -60,8 +60,8 @@ def test_two_tiles_ahead_matches_the_reference(segment, live):
 
 @pytest.mark.parametrize("segment", [16, 5])
 def test_every_batched_config_matches_the_reference(segment):
-    """Each batched config alone (the interpreter's autotuner holds only the first): v14's HB segments a dot with the
-    next tile loaded ahead, at HB 1, 2 and 4 (a step past the last live segment masked), and v8's one segment a
+    """Each batched config alone (the interpreter's autotuner holds only the first): HB segments a dot with the
+    next tile loaded ahead, at HB 1, 2 and 4 (a step past the last live segment masked), and one segment a
     step; a device-side count leaves the last live segments out."""
     from shadow_kernels import gather_segments
 
@@ -81,7 +81,7 @@ def test_every_batched_config_matches_the_reference(segment):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_equals_gather_cols_on_the_transposed_weight(dtype):
-    # The op the decoder used before v8: the same sum over the same columns.
+    # gather-cols on the transposed weight: the same sum over the same columns.
     gen = torch.Generator().manual_seed(2)
     w = randn(64, 6 * 16, dtype=dtype, gen=gen)
     idx = columns([2, 4, 1], 16)

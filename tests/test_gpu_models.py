@@ -75,7 +75,7 @@ def test_cuda_graph_matches_eager(name):
 def fixed_score_modes(c, device="cuda", dtype=torch.float16):
     """The predictor modes with predictors that output fixed scores (exactly, in both backends), so both backends
     select the same units. With random predictors they need not: the two backends round differently, a layer's
-    input differs in the last bits, and a near-tie between two units' scores can go either way (v8: the DejaVu
+    input differs in the last bits, and a near-tie between two units' scores can go either way (the DejaVu
     cases failed in two runs of five, at 1.6% and 3.4%, while every kernel matched its reference)."""
     gen = torch.Generator().manual_seed(7)
     Ls = c.n_layers - 1
@@ -201,7 +201,7 @@ def test_dense_gemv_triton_matches_cublas_in_a_graph(name):
     m = model()
     tokens = torch.randint(0, V, (1, 30), device="cuda")
     # same plans in both (fixed-score predictor): with a random one, layer 0's output rounded the cuBLAS way or
-    # ours (norm folded in since v9) flips near-tied units, 2% apart in logits (session 7)
+    # ours (norm folded in) flips near-tied units, 2% apart in logits
     same_plans = lambda: MODES[name](m.cfg) if name == "dense" else fixed_score_modes(m.cfg)[name]
     ref = teacher_forced(Generator(m, same_plans(), batch=1, max_len=30, cuda_graph=False), tokens, 20)
     m.set_dense_gemv("triton")

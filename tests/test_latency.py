@@ -114,7 +114,7 @@ def test_bundled_sweep_config_parses():
 
     parser = cli.build_parser()
     subs = parser._subparsers._group_actions[0].choices
-    path = Path(__file__).parents[1] / "benchmarks" / "sweep-opt.toml"
+    path = Path(__file__).parents[1] / "perf" / "sweep-opt.toml"
     for command in ("latency", "kernels"):
         argv = [command, *config_argv(subs[command], command, path)]
         args = parser.parse_args(argv)

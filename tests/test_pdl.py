@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from shadow_kernels import gather_cols
 from shadow_kernels.pdl import pdl_enabled, pdl_kwargs, set_pdl
 
 
@@ -27,10 +26,3 @@ def test_never_on_the_cpu_or_in_the_interpreter():
         assert pdl_kwargs(cpu, pdl=True) == {"USE_PDL": False}
     finally:
         set_pdl(prev)
-
-
-def test_set_onepass_takes_a_bool():
-    with pytest.raises(TypeError, match="True or False"):
-        gather_cols.set_onepass(1)
-    prev = gather_cols.set_onepass(False)
-    assert gather_cols.set_onepass(prev) is False

@@ -6,6 +6,8 @@ import triton
 
 from shadow_kernels import tuned
 
+from conftest import DEVICE
+
 CONFIGS = [triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024, "PREFETCH": 1}, num_warps=4, num_stages=1),
            triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024}, num_warps=4, num_stages=2),
            triton.Config({"BLOCK_N": 16, "BLOCK_K": 256, "PREFETCH": 1}, num_warps=4, num_stages=1)]
@@ -67,8 +69,8 @@ def test_shipped_entries_name_a_config_and_keys_of_their_kernel():
     the full config lists (the interpreter's autotuners hold only the first)."""
     from shadow_kernels import gather_cols, gather_rows, gather_segments
 
-    kernels = {"rows_single": (gather_rows._rows_gemv_single, gather_rows._SINGLE_V7 + gather_rows._SINGLE_V6),
-               "cols_single": (gather_cols._cols_single, gather_cols._SINGLE_V7 + gather_cols._SINGLE_V6),
+    kernels = {"rows_single": (gather_rows._rows_gemv_single, gather_rows._SINGLE_PREFETCH + gather_rows._SINGLE_PLAIN),
+               "cols_single": (gather_cols._cols_single, gather_cols._SINGLE_PREFETCH + gather_cols._SINGLE_PLAIN),
                "segments_single": (gather_segments._segments_single, gather_segments._SINGLE_ALL)}
     tuned.reload()
     for entries in tuned._load().values():
@@ -79,7 +81,7 @@ def test_shipped_entries_name_a_config_and_keys_of_their_kernel():
 
 
 def _alone_rows(case, key, us, tuned_us, device="dev"):
-    """Rows of ``benchmarks/v14_probe.py --part table`` for one case: the autotuner's pick and each config alone."""
+    """Rows of ``shadowbench tune --method alone`` for one case: the autotuner's pick and each config alone."""
     model, op, s = case
     head = {"model": model, "op": op, "sparsity": s, "device": device, "key": key}
     rows = [{**head, "variant": "tuned", "us": tuned_us, "kernel": "cols_single", "dtype": "torch.float16",
@@ -88,7 +90,7 @@ def _alone_rows(case, key, us, tuned_us, device="dev"):
 
 
 def test_table_from_alone_rows_picks_the_best_mean_over_cases_sharing_a_key():
-    from bench.pinned import build
+    from bench.tune import build_table as build
 
     k1 = {"M": 2048, "SEL_BUCKET": 4096}
     k2 = {"M": 2048, "SEL_BUCKET": 8192}
@@ -109,3 +111,50 @@ def test_table_from_alone_rows_picks_the_best_mean_over_cases_sharing_a_key():
         build(rows + _alone_rows(("m", "fc2", 0.9), k2, [1.0], 1.0, device="other"), "test")
     with pytest.raises(ValueError, match="no 'tuned' row"):
         build([r for r in rows if r.get("variant") != "tuned"], "test")
+
+
+def test_merge_table_replaces_entries_of_the_same_key_and_refuses_another_device(tmp_path):
+    from bench.tune import merge_table
+
+    path = tmp_path / "t.json"
+    e = lambda key, cfg: {"kernel": "cols_single", "dtype": "torch.float16", "key": key, "config": cfg}
+    merge_table(path, {"device": "dev", "source": "a", "entries": [e({"M": 1}, {"BLOCK_M": 64}),
+                                                                    e({"M": 2}, {"BLOCK_M": 64})]})
+    merged = merge_table(path, {"device": "dev", "source": "b", "entries": [e({"M": 2}, {"BLOCK_M": 128})]})
+    assert merged["source"] == "b"
+    assert {e["key"]["M"]: e["config"]["BLOCK_M"] for e in json.loads(path.read_text())["entries"]} == {1: 64, 2: 128}
+    with pytest.raises(ValueError, match="is a table for 'dev'"):
+        merge_table(path, {"device": "other", "source": "c", "entries": []})
+
+
+def test_restricted_tunes_over_the_given_configs_and_restores_the_autotuner():
+    tuner = tuned.autotuners()["cols_single"]
+    before = list(tuner.configs)
+    with tuned.restricted("cols_single", before[:1]) as t:
+        assert t is tuner and t.configs == before[:1] and not t.cache
+    assert tuner.configs == before
+    with pytest.raises(ValueError, match="at least one config"), tuned.restricted("cols_single", []):
+        pass
+    with pytest.raises(ValueError, match="unknown kernel"):
+        tuned.key_names("nope_single")
+
+
+def test_tune_alone_times_every_config_of_a_case_against_its_reference():
+    """One case of ``--method alone`` on a tiny shape: the autotuner's pick and each config alone, every output
+    checked against the fp32 reference (the interpreter holds one config per kernel, so that is two rows)."""
+    from bench.tune import alone_case
+
+    rows = []
+    alone_case("tiny", "out_proj", 0.5, DEVICE, 1.0, rows.append)
+    assert [r["variant"] for r in rows] == ["tuned"] + [f"alone_{i}" for i in
+                                                        range(len(tuned.autotuners()["segments_single"].configs))]
+    assert all(r["rel_err"] < 1e-2 and r["us"] > 0 and r["kernel"] == "segments_single" for r in rows)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the refusal is for machines without a GPU")
+def test_tune_refuses_to_choose_among_one_config_before_any_work(tmp_path, capsys):
+    from bench.cli import main
+
+    with pytest.raises(SystemExit, match="tune chooses among a kernel's configs.*run it on the GPU"):
+        main(["tune", "--models", "tiny", "--rows", str(tmp_path / "r.jsonl"), "--table", str(tmp_path / "t.json")])
+    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "t.json").exists()
