@@ -20,14 +20,63 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {values}")
-    return values
+def _ints(what: str):
+    """An argparse type: comma-separated integers >= 1, the error naming ``what`` they are."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or any(v < 1 for v in values):
+            raise argparse.ArgumentTypeError(f"{what} must be >= 1, got {text!r}")
+        return values
+    return parse
+
+
+def _int_at_least(low: int, what: str):
+    """An argparse type: one integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _fraction(what: str, low_open=True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if not (0.0 < value < 1.0) if low_open else not (0.0 <= value < 1.0):
+            raise argparse.ArgumentTypeError(f"{what} must be in {'(0, 1)' if low_open else '[0, 1)'}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{what} must be > 0, got {value}")
+        return value
+    return parse
+
+
+def _data_dir(path: str | None) -> None:
+    """A --data-dir that does not exist is an error before any model is loaded."""
+    from pathlib import Path
+
+    if path is not None and not Path(path).is_dir():
+        raise SystemExit(f"--data-dir {path!r} is not a folder; expected the evaluation data folder that "
+                         "../shared/data/README.md describes")
 
 
 def _names(text: str) -> list[str]:
@@ -66,11 +115,21 @@ def _kernels(args) -> int:
 def _latency(args) -> int:
     import torch
 
+    from models.plan import POLICIES
+    from models.registry import MODELS
+
     from . import latency
+    from .results import RowWriter
 
     on_gpu = torch.cuda.is_available()
     models = _names(args.models or (DEFAULT_LATENCY_MODELS if on_gpu else "tiny"))
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     modes = _names(args.modes)
+    if "oracle" in modes:
+        raise SystemExit("mode 'oracle' has no latency: it computes every head and neuron to choose which to keep "
+                         "(the quality ceiling of `shadowbench quality`)")
     bad = [m for m in modes if m not in latency.LATENCY_MODES]
     if bad:
         raise SystemExit(f"unknown mode(s) {bad}; known: {', '.join(latency.LATENCY_MODES)}")
@@ -78,6 +137,18 @@ def _latency(args) -> int:
     bad = [g for g in granularities if g not in ("prompt", "token")]
     if bad:
         raise SystemExit(f"unknown granularity {bad}; known: prompt, token")
+    bad = [p for p in _names(args.policy) if p not in POLICIES]
+    if bad:
+        raise SystemExit(f"unknown policy {bad}; known: {', '.join(POLICIES)}")
+    for m in models:
+        limit = MODELS[m].max_positions
+        if args.prompt + max(args.gen) > limit:
+            raise SystemExit(f"--prompt {args.prompt} + --gen {max(args.gen)} = {args.prompt + max(args.gen)} "
+                             f"positions exceed {m}'s {limit}")
+    try:
+        RowWriter(args.out)
+    except ValueError as err:
+        raise SystemExit(f"latency: {err}") from None
     if not on_gpu:
         print("No CUDA device: a tiny random model on the CPU with the PyTorch reference kernels. The times "
               "below check that everything runs; they are not GPU speed.", file=sys.stderr)
@@ -89,7 +160,8 @@ def _latency(args) -> int:
                                batch=args.batch, dtype_name=args.dtype, out_path=args.out,
                                shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress,
                                batch_rule=args.batch_rule, predictor_dtype=args.predictor_dtype,
-                               dense_gemv=args.dense_gemv, norm_fold=not args.no_norm_fold)
+                               dense_gemv=args.dense_gemv, norm_fold=not args.no_norm_fold,
+                               head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity)
     print(latency.summary_table(rows))
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     for r in bad[:5]:
@@ -98,7 +170,7 @@ def _latency(args) -> int:
     return 1 if bad else 0
 
 
-def _shots(text: str) -> list[int]:
+def _shots(text: str) -> list[int]:  # collect: several shot counts
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -118,7 +190,7 @@ def _load_lm(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
     try:
-        model = load_model(args.model, dtype=dtype, device=device)
+        model = load_model(args.model, dtype=dtype, device=device, download=args.download)
         tokenizer = load_tokenizer(args.model)
     except ValueError as err:
         raise SystemExit(f"cannot load model {args.model!r}: {err}") from None
@@ -129,9 +201,20 @@ def _load_lm(args):
 
 
 def _collect(args) -> int:
-    from .collect import collect
-    from .tasks import TASKS
+    from models.criteria import CRITERIA
 
+    from .collect import collect
+    from .tasks import TASKS, check_tasks
+
+    _data_dir(args.data_dir)
+    bad = [c for c in _names(args.criteria) if c not in CRITERIA]
+    if bad:
+        raise SystemExit(f"unknown criteria {bad}; known: {', '.join(CRITERIA)}")
+    if args.tasks:
+        try:
+            check_tasks(_names(args.tasks))
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     model, tok = _load_lm(args)
     out = args.out or f"runs/criteria/{args.model}"
     try:
@@ -154,19 +237,19 @@ def _train(args) -> int:
     import torch
 
     from models.config import DecoderConfig
-    from models.train import train_predictor
 
     from .collect import load_dataset
-    from .results import RowWriter, predictor_rows
+    from .results import RowWriter
+    from .training import train_case
 
     try:
+        writer = RowWriter(args.results)
         tensors, meta = load_dataset(args.data)
-    except ValueError as err:
+        cfg = DecoderConfig(**meta["config"])
+    except (ValueError, TypeError, KeyError) as err:
         raise SystemExit(f"train: {err}") from None
-    cfg = DecoderConfig(**meta["config"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = args.out or f"runs/predictors/{meta['model']}"
-    writer = RowWriter(args.results)
     status = 0
     for kind in _names(args.kind):
         for crit in _names(args.criterion):
@@ -176,9 +259,10 @@ def _train(args) -> int:
 
                 bar = tqdm(total=args.epochs, desc=f"{kind}/{crit}", unit="epoch")
             try:
-                res = train_predictor(kind, cfg, tensors, crit, hidden=args.hidden, epochs=args.epochs,
-                                      batch_size=args.batch, lr=args.lr, val_fraction=args.val_fraction,
-                                      normalisation=args.normalisation, log=args.log, device=device, progress=bar)
+                t = train_case(kind, crit, data=args.data, tensors=tensors, meta=meta, cfg=cfg, out_dir=out,
+                               writer=writer, hidden=args.hidden, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                               val_fraction=args.val_fraction, normalisation=args.normalisation, log=args.log,
+                               device=device, progress=bar, force=args.force)
             except ValueError as err:
                 print(f"train {kind}/{crit}: {err}", file=sys.stderr)
                 status = 1
@@ -186,24 +270,31 @@ def _train(args) -> int:
             finally:
                 if bar is not None:
                     bar.close()
-            res.predictor.meta.update({"dataset": str(args.data), "dataset_model": meta["model"]})
-            path = res.predictor.save(f"{out}/{kind}-{crit}.safetensors")
-            writer.write(predictor_rows(res, model=meta["model"], kind=kind, criterion=crit, device=device, path=path,
-                                        dataset=str(args.data), epochs=args.epochs))
-            q = res.quality
-            print(f"{kind:<9} {crit:<9} rho heads local/global {q['heads']['local']:.3f}/{q['heads']['global']:.3f}"
-                  f"  neurons {q['neurons']['local']:.3f}/{q['neurons']['global']:.3f}  "
-                  f"(val {res.n_val} of {res.n_train + res.n_val}, best epoch {res.best_epoch}) -> {path}")
+            rho = {r["metric"]: r["value"] for r in t.rows}
+            head = "trained" if t.fresh else "up to date (same data and settings; --force retrains)"
+            print(f"{kind:<9} {crit:<9} rho heads local/global {rho.get('spearman_local_heads', float('nan')):.3f}/"
+                  f"{rho.get('spearman_global_heads', float('nan')):.3f}  neurons "
+                  f"{rho.get('spearman_local_neurons', float('nan')):.3f}/"
+                  f"{rho.get('spearman_global_neurons', float('nan')):.3f}  {head} -> {t.path}")
     return status
 
 
 def _quality(args) -> int:
-    from .quality import quality_table, run_quality
-    from .tasks import TASKS, available_tasks
+    from .quality import check_quality_args, quality_table, run_quality
+    from .results import RowWriter
+    from .tasks import TASKS, available_tasks, check_tasks
 
+    _data_dir(args.data_dir)
+    try:
+        check_quality_args(limit=args.limit, shots=args.shots, ppl_tokens=args.ppl_tokens, context=args.context,
+                           stride=args.stride, batch=args.batch, sparsities=args.sparsity,
+                           policies=_names(args.policy), granularity=args.granularity, modes=_names(args.modes),
+                           predictor_dtype=args.predictor_dtype, head_sparsity=args.head_sparsity,
+                           neuron_sparsity=args.neuron_sparsity, kv_rule=args.kv_rule)
+        RowWriter(args.out)
+    except ValueError as err:
+        raise SystemExit(f"quality: {err}") from None
     tasks = _names(args.tasks) if args.tasks is not None else list(TASKS)
-    from .tasks import check_tasks
-
     if tasks:
         try:
             check_tasks(tasks)
@@ -214,21 +305,21 @@ def _quality(args) -> int:
             print(f"task {t} is missing here and skipped: {status[t]}", file=sys.stderr)
         tasks = [t for t in tasks if status[t] is None]
     model, tok = _load_lm(args)
-    rows = run_quality(model, tok, model_name=args.model, modes=_names(args.modes), criteria=_names(args.criteria),
+    run = run_quality(model, tok, model_name=args.model, modes=_names(args.modes), criteria=_names(args.criteria),
                        sparsities=args.sparsity, policies=_names(args.policy), granularity=args.granularity,
                        tasks=tasks, shots=args.shots, limit=args.limit, ppl=not args.no_ppl,
                        ppl_tokens=args.ppl_tokens, context=args.context, stride=args.stride,
                        sparse_prefix=args.sparse_prefix, criteria_dir=args.criteria_dir,
                        predictors_dir=args.predictors_dir, data_dir=args.data_dir, out_path=args.out,
-                       predictor_dtype=args.predictor_dtype,
+                       predictor_dtype=args.predictor_dtype, head_sparsity=args.head_sparsity,
+                       neuron_sparsity=args.neuron_sparsity, kv_rule=args.kv_rule,
                        batch=args.batch, progress=not args.no_progress)
-    from .results import RowWriter
-
-    print(quality_table([r for r in RowWriter(args.out).existing() if r.get("model") == args.model]))
-    bad = [r for r in rows if r["status"] != "ok"]
+    print(quality_table(run.rows))
+    bad = [r for r in run.new if r["status"] != "ok"]
     for r in bad[:5]:
         print(f"error: {r['mode']} {r['criterion']} s={r['sparsity']}: {r['extra'].get('error')}", file=sys.stderr)
-    print(f"\n{len(rows)} rows appended to {args.out}" + (f"; {len(bad)} failed (see status)" if bad else ""))
+    print(f"\n{len(run.new)} rows appended to {args.out} ({len(run.rows) - len(run.new)} found done with the same "
+          f"settings)" + (f"; {len(bad)} failed (see status)" if bad else ""))
     return 1 if bad else 0
 
 
@@ -267,12 +358,22 @@ def _tune(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shadowbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    def budgets(p, kv=True):
+        p.add_argument("--head-sparsity", type=_fraction("--head-sparsity", low_open=False),
+                       help="sparsity of the attention heads (default: --sparsity)")
+        p.add_argument("--neuron-sparsity", type=_fraction("--neuron-sparsity", low_open=False),
+                       help="sparsity of the FFN neurons (default: --sparsity)")
+        if kv:
+            p.add_argument("--kv-rule", choices=["skip", "always"], default="skip",
+                           help="what a skipped head leaves in the key/value cache: skip (nothing; as the decode "
+                                "kernels do) or always (keys and values of every head computed and cached)")
+
     k = sub.add_parser("kernels", help="check every kernel against its reference and time it on this machine")
     k.add_argument("--models", help=f"comma-separated registry names (GPU default: {DEFAULT_GPU_MODELS}; "
                                     "CPU default: a tiny shape)")
     k.add_argument("--ops", help="comma-separated ops (default: all)")
     k.add_argument("--sparsity", type=_floats, help="comma-separated, each in [0, 1) (GPU default: 0,0.5,0.7,0.9)")
-    k.add_argument("--batch", type=_ints, help="comma-separated batch sizes (GPU default: 1,8)")
+    k.add_argument("--batch", type=_ints("batch sizes"), help="comma-separated batch sizes (GPU default: 1,8)")
     k.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     k.add_argument("--out", default="runs/kernels.jsonl", help="JSON Lines file; rows are appended, done cases skipped")
     k.add_argument("--timer", choices=["steady", "stream", "single"], default="steady",
@@ -288,10 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "CPU default: tiny)")
     lat.add_argument("--modes", default="dense,static,dejavu,shadowllm,hf",
                      help="comma-separated: dense, static, dejavu, shadowllm, hf (transformers generate)")
-    lat.add_argument("--sparsity", type=_floats, default=[0.5], help="comma-separated, each in [0, 1) (default 0.5)")
-    lat.add_argument("--gen", type=_ints, default=[128], help="generation lengths (default 128)")
-    lat.add_argument("--prompt", type=int, default=128, help="prompt length (default 128)")
-    lat.add_argument("--batch", type=int, default=1)
+    lat.add_argument("--sparsity", type=_floats, default=[0.5], help="comma-separated, each in [0, 1) (default 0.5): "
+                     "heads and neurons alike unless --head-sparsity / --neuron-sparsity set one")
+    budgets(lat, kv=False)
+    lat.add_argument("--gen", type=_ints("generation lengths"), default=[128], help="generation lengths (default 128)")
+    lat.add_argument("--prompt", type=_int_at_least(1, "--prompt"), default=128, help="prompt length (default 128)")
+    lat.add_argument("--batch", type=_int_at_least(1, "--batch"), default=1)
     lat.add_argument("--batch-rule", choices=["mean", "union"], default="mean",
                      help="batch > 1 in the predictor modes: one plan from the mean scores (default) or the union "
                           "of every sequence's selection")
@@ -323,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on a GPU, "
                        "float32 on the CPU")
         p.add_argument("--data-dir", help="task data (default: ../shared/data or $SHADOWBENCH_DATA)")
+        p.add_argument("--download", action="store_true", help="fetch a hub id's checkpoint from the Hugging Face Hub "
+                       "(off by default: nothing downloads unless asked)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     col = sub.add_parser("collect", help="pruning criteria and predictor inputs for task prompts")
@@ -331,8 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--shots", type=_shots, default=[0], help="comma-separated shot counts, e.g. 0,3,5")
     col.add_argument("--criteria", default="plainact,l2norm", help="comma-separated: l2norm, gradnorm, plainact, "
                      "fisher, grasp, snip, nwot, jacov, epenas")
-    col.add_argument("--per-task", type=int, default=50, help="examples per task and shot count (0: all)")
-    col.add_argument("--batch", type=int, default=8, help="examples per forward+backward")
+    col.add_argument("--per-task", type=_int_at_least(0, "--per-task"), default=50,
+                     help="examples per task and shot count (0: all)")
+    col.add_argument("--batch", type=_int_at_least(1, "--batch"), default=8, help="examples per forward+backward")
     col.add_argument("--neuron-site", choices=["weight", "activation"], default="weight")
     col.add_argument("--out", help="output directory (default runs/criteria/MODEL)")
     col.set_defaults(func=_collect)
@@ -341,38 +447,48 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True, help="a directory written by `shadowbench collect`")
     tr.add_argument("--kind", default="shadowllm", help="shadowllm, dejavu, or both comma-separated")
     tr.add_argument("--criterion", default="plainact", help="comma-separated criteria of the dataset")
-    tr.add_argument("--hidden", type=int, help="hidden width (default 2048 ShadowLLM, 1024 DejaVu)")
-    tr.add_argument("--epochs", type=int, default=100)
-    tr.add_argument("--batch", type=int, default=32)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--val-fraction", type=float, default=0.2)
+    tr.add_argument("--hidden", type=_int_at_least(1, "--hidden"), help="hidden width (default 2048 ShadowLLM, "
+                    "1024 DejaVu)")
+    tr.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=100)
+    tr.add_argument("--batch", type=_int_at_least(1, "--batch"), default=32)
+    tr.add_argument("--lr", type=_positive_float("--lr"), default=1e-3)
+    tr.add_argument("--val-fraction", type=_fraction("--val-fraction"), default=0.2)
     tr.add_argument("--normalisation", choices=["global", "layer"], default="global")
     tr.add_argument("--log", action="store_true", help="log-transform the scores before normalising")
     tr.add_argument("--out", help="predictor directory (default runs/predictors/MODEL)")
     tr.add_argument("--results", default="runs/train.jsonl", help="JSON Lines file for Spearman rho rows")
+    tr.add_argument("--force", action="store_true", help="train again even where the predictor and its rows are up "
+                    "to date")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_train)
 
     q = sub.add_parser("quality", help="WikiText-2 perplexity and zero-shot accuracy of each mode")
     model_args(q)
-    q.add_argument("--modes", default="dense,static,dejavu,shadowllm")
+    q.add_argument("--modes", default="dense,oracle,static,dejavu,shadowllm",
+                   help="comma-separated: dense, oracle (the contextual ceiling: per position, the heads and neurons "
+                        "of largest output norm / |activation| in a dense pass; quality only), static, dejavu, "
+                        "shadowllm")
     q.add_argument("--criteria", default="plainact,l2norm", help="criteria of the importance files / predictors")
-    q.add_argument("--sparsity", type=_floats, default=[0.5])
+    q.add_argument("--sparsity", type=_floats, default=[0.5], help="comma-separated, each in [0, 1): heads and "
+                   "neurons alike unless --head-sparsity / --neuron-sparsity set one")
+    budgets(q)
     q.add_argument("--policy", default="global", help="top-k policies for static and shadowllm (dejavu: local)")
     q.add_argument("--granularity", choices=["token", "prompt"], default="token")
     q.add_argument("--tasks", help="comma-separated (default: all present here; '' for none)")
-    q.add_argument("--shots", type=int, default=0)
-    q.add_argument("--limit", type=int, help="examples per task (default: all)")
+    q.add_argument("--shots", type=_int_at_least(0, "--shots"), default=0)
+    q.add_argument("--limit", type=_int_at_least(1, "--limit"), help="examples per task (default: all)")
     q.add_argument("--no-ppl", action="store_true", help="skip WikiText-2")
-    q.add_argument("--ppl-tokens", type=int, default=4096, help="first N tokens of WikiText-2 test")
-    q.add_argument("--context", type=int, default=512, help="perplexity window")
-    q.add_argument("--stride", type=int, default=256, help="perplexity window step (tokens scored per window)")
+    q.add_argument("--ppl-tokens", type=_int_at_least(2, "--ppl-tokens"), default=4096,
+                   help="first N tokens of WikiText-2 test")
+    q.add_argument("--context", type=_int_at_least(1, "--context"), default=512, help="perplexity window")
+    q.add_argument("--stride", type=_int_at_least(1, "--stride"), default=256,
+                   help="perplexity window step (tokens scored per window)")
     q.add_argument("--sparse-prefix", action="store_true", help="decode the context too (every position sparse)")
     q.add_argument("--criteria-dir", help="importance files (default runs/criteria/MODEL)")
     q.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
                    help="the predictors' second layer as stored (default) or quantised to float8 e4m3")
     q.add_argument("--predictors-dir", help="predictor files (default runs/predictors/MODEL)")
-    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--batch", type=_int_at_least(1, "--batch"), default=8)
     q.add_argument("--out", default="runs/quality.jsonl")
     q.set_defaults(func=_quality)
 
@@ -386,9 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "0,0.5,0.7,0.9)")
     tu.add_argument("--ops", default="fc2,out_proj", help="alone: ops (default fc2,out_proj)")
     tu.add_argument("--roles", default="out_proj,fc1,fc2,qkv,lm_head", help="step: the GEMV roles tuned, in order")
-    tu.add_argument("--passes", type=int, default=1, help="step: passes over the roles")
-    tu.add_argument("--prompt", type=int, default=128, help="step: prompt length")
-    tu.add_argument("--gen", type=int, default=128, help="step: tokens per timed generate")
+    tu.add_argument("--passes", type=_int_at_least(1, "--passes"), default=1, help="step: passes over the roles")
+    tu.add_argument("--prompt", type=_int_at_least(1, "--prompt"), default=128, help="step: prompt length")
+    tu.add_argument("--gen", type=_int_at_least(1, "--gen"), default=128, help="step: tokens per timed generate")
     tu.add_argument("--rows", default="runs/tune.jsonl", help="JSON Lines file, one row per measurement (appended)")
     tu.add_argument("--table", help="pinned table to write (entries of the same key replaced); e.g. "
                                     "shadow_kernels/tuned/h100-steady.json")
@@ -399,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="one self-contained HTML report (plotly inline) from results rows")
     rep.add_argument("results", nargs="+", help="JSON Lines files, or directories searched for *.jsonl")
-    rep.add_argument("-o", default="reports/report.html", help="output HTML file")
+    rep.add_argument("-o", default="reports/report.html", help="output HTML file (a folder: report.html in it); never "
+                     "one of the inputs")
     rep.add_argument("--title", default="shadowbench report")
     rep.set_defaults(func=_report)
 

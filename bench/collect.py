@@ -136,10 +136,13 @@ def collect(model, tokenizer, *, tasks, shots=(0,), criteria=("plainact", "l2nor
 
 def load_dataset(path) -> tuple[dict, dict]:
     """The tensors and metadata of a criteria directory written by :func:`collect`."""
-    from safetensors.torch import load_file
+    from models.files import read_json, read_tensors
 
     path = Path(path)
     if not (path / "criteria.safetensors").is_file() or not (path / "meta.json").is_file():
         raise ValueError(f"{str(path)!r} is not a criteria directory (needs criteria.safetensors and meta.json; "
                          "make one with `shadowbench collect`)")
-    return load_file(str(path / "criteria.safetensors")), json.loads((path / "meta.json").read_text())
+    meta = read_json(path / "meta.json", "criteria metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "model" not in meta:
+        raise ValueError(f"{path / 'meta.json'} lacks 'config' and 'model' (not written by `shadowbench collect`)")
+    return read_tensors(path / "criteria.safetensors", "criteria file"), meta

@@ -29,16 +29,30 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
     from bench import latency
     from bench.collect import collect
     from bench.quality import quality_table, run_quality
-    from bench.results import RowWriter, predictor_rows
+    from bench.results import RowWriter
     from bench.tasks import TASKS, available_tasks
+    from bench.training import train_case
     from models.config import DecoderConfig
     from models.loading import load_model
     from models.tokenizer import load_tokenizer
-    from models.train import train_predictor
     from reports.html import build_report
 
+    bad = [s for s in sparsities if not 0.0 < s < 1.0]
+    if not sparsities or bad:
+        raise ValueError(f"sparsity must be in (0, 1), got {list(sparsities)}")
+    for name, v in (("examples", per_task), ("epochs", epochs), ("eval_examples", eval_examples),
+                    ("ppl_tokens", ppl_tokens)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ValueError(f"--data-dir {str(data_dir)!r} is not a folder; expected the evaluation data folder that "
+                         "../shared/data/README.md describes")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("train.jsonl", "quality.jsonl", "latency.jsonl"):
+        RowWriter(out / name)  # writable, before any work
+    if Path(report).resolve().suffix == ".jsonl":
+        raise ValueError(f"--report {report!r} would overwrite a results file; give an .html path")
     t0 = time.time()
 
     def step(msg):
@@ -70,18 +84,19 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
     writer = RowWriter(out / "train.jsonl")
     for kind, hidden in (("shadowllm", 512), ("dejavu", 128)):
         for crit in ("plainact", "l2norm"):
-            res = train_predictor(kind, cfg, tensors, crit, hidden=hidden, epochs=epochs, log=True, device=device)
-            path = res.predictor.save(pred_dir / f"{kind}-{crit}.safetensors")
-            writer.write(predictor_rows(res, model=model_name, kind=kind, criterion=crit, device=device, path=path,
-                                        epochs=epochs))
-            step(f"train {kind}/{crit}: Spearman rho neurons local {res.quality['neurons']['local']:.3f}, "
-                 f"global {res.quality['neurons']['global']:.3f} on {res.n_val} held-out prompts")
+            t = train_case(kind, crit, data=crit_dir, tensors=tensors, meta=meta, cfg=cfg, out_dir=pred_dir,
+                           writer=writer, hidden=hidden, epochs=epochs, log=True, device=device)
+            rho = {r["metric"]: r["value"] for r in t.rows}
+            n_val = next((r["extra"].get("n_val") for r in t.rows), "?")
+            step(f"train {kind}/{crit}: Spearman rho neurons local {rho['spearman_local_neurons']:.3f}, "
+                 f"global {rho['spearman_global_neurons']:.3f} on {n_val} held-out prompts"
+                 + ("" if t.fresh else " (up to date: same data and settings)"))
     step(f"quality: WikiText-2 ({ppl_tokens} tokens) and {eval_examples} examples per task, s={list(sparsities)}")
-    run_quality(model, tok, model_name=model_name, modes=["dense", "static", "dejavu", "shadowllm"],
+    run = run_quality(model, tok, model_name=model_name, modes=["dense", "static", "dejavu", "shadowllm"],
                 criteria=["plainact", "l2norm"], sparsities=list(sparsities), policies=("global",), tasks=tasks,
                 limit=eval_examples, ppl_tokens=ppl_tokens, context=512, stride=256, criteria_dir=crit_dir,
                 predictors_dir=pred_dir, data_dir=data_dir, out_path=out / "quality.jsonl", progress=progress)
-    print(quality_table(RowWriter(out / "quality.jsonl").existing()))
+    print(quality_table(run.rows))
     lat_model = "smollm2-135m" if device == "cuda" else "tiny-llama"
     step(f"latency: {lat_model}, every mode at s=0.5 on {device}")
     latency.run_latency([lat_model], ["dense", "static", "dejavu", "shadowllm"], [0.5], [32 if device == "cpu"
@@ -96,20 +111,27 @@ def add_args(p) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (default), or tiny-random for a smoke run")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--report", default="reports/demo.html")
-    p.add_argument("--examples", type=int, default=4, help="prompts per task for the criteria")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--eval-examples", type=int, default=10, help="examples per task for accuracy")
-    p.add_argument("--ppl-tokens", type=int, default=512, help="first tokens of WikiText-2 test (one window each 256)")
-    p.add_argument("--sparsity", default="0.5", help="comma-separated sparsities for the quality runs")
+    from bench.cli import _floats, _int_at_least
+
+    p.add_argument("--examples", type=_int_at_least(1, "--examples"), default=4, help="prompts per task for the "
+                   "criteria")
+    p.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=10)
+    p.add_argument("--eval-examples", type=_int_at_least(1, "--eval-examples"), default=10,
+                   help="examples per task for accuracy")
+    p.add_argument("--ppl-tokens", type=_int_at_least(2, "--ppl-tokens"), default=512,
+                   help="first tokens of WikiText-2 test (one window each 256)")
+    p.add_argument("--sparsity", type=_floats, default=[0.5], help="comma-separated sparsities for the quality runs")
     p.add_argument("--data-dir")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run_args(args) -> int:
-    path = run_demo(args.out, args.report, model_name=args.model, per_task=args.examples, epochs=args.epochs,
-                    eval_examples=args.eval_examples, ppl_tokens=args.ppl_tokens, data_dir=args.data_dir,
-                    sparsities=tuple(float(v) for v in args.sparsity.split(",") if v.strip()),
-                    progress=not args.no_progress)
+    try:
+        path = run_demo(args.out, args.report, model_name=args.model, per_task=args.examples, epochs=args.epochs,
+                        eval_examples=args.eval_examples, ppl_tokens=args.ppl_tokens, data_dir=args.data_dir,
+                        sparsities=tuple(args.sparsity), progress=not args.no_progress)
+    except ValueError as err:
+        raise SystemExit(f"demo: {err}") from None
     print(path)
     return 0
 

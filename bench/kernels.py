@@ -370,8 +370,8 @@ def run_sweep(models, ops, sparsities, batches, dtype_name, out_path, *, progres
     dtype = DTYPES[dtype_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     writer = RowWriter(out_path)
-    env = environment(device)
-    done = _done_keys(writer.existing())
+    env = environment(device, interpreted=True)
+    done = _done_keys(writer.resume())
     todo = [c for c in cases(models, ops, sparsities, batches)
             if (c.model, c.op, c.sparsity, c.batch, dtype_name, env["device"], timer) not in done]
     if not todo:  # resumed with nothing left: no copy measured, no row written

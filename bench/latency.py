@@ -21,7 +21,7 @@ import torch
 from models.config import DecoderConfig
 from models.generate import Generator
 from models.loading import random_model
-from models.modes import MODES, ShadowLLM, make_mode, mode_variants, random_importance
+from models.modes import DECODE_MODES, MODES, ShadowLLM, make_mode, mode_variants, random_importance
 from models.ops import get_ops, unfused_norms
 from models.opt import OPTDecoder
 from shadow_kernels import tuned
@@ -42,18 +42,29 @@ class LatencyCase:
     policy: str | None
     granularity: str | None
     gen_len: int
+    head_sparsity: float | None = None  # None: ``sparsity``
+    neuron_sparsity: float | None = None
+
+    def budgets(self) -> tuple[float, float]:
+        """The head and neuron sparsities this case runs at."""
+        s = self.sparsity
+        return (s if self.head_sparsity is None else self.head_sparsity,
+                s if self.neuron_sparsity is None else self.neuron_sparsity)
 
     def key(self):
-        return (self.model, self.mode, self.sparsity, self.policy, self.granularity, self.gen_len)
+        return (self.model, self.mode, self.sparsity, self.policy, self.granularity, self.gen_len, *self.budgets())
 
 
-def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies=("global", "local")):
+def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies=("global", "local"),
+                  head_sparsity=None, neuron_sparsity=None):
     out = []
     for model in models:
         for gen in gens:
             for mode in modes:
-                for s in ([0.0] if mode in ("dense", "hf") else [s for s in sparsities if s != 0.0]):
-                    out += [LatencyCase(model, mode, s, p, g, gen) for p, g in
+                dense = mode in ("dense", "hf")
+                budgets = (None, None) if dense else (head_sparsity, neuron_sparsity)
+                for s in ([0.0] if dense else [s for s in sparsities if s != 0.0]):
+                    out += [LatencyCase(model, mode, s, p, g, gen, *budgets) for p, g in
                             mode_variants(mode, policies=shadowllm_policies, granularities=granularities, timing=True)]
     return out
 
@@ -63,9 +74,13 @@ def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: st
     """The mode of a latency case: random static scores or random predictors of the trained shapes."""
     if case.mode not in MODES:
         raise ValueError(f"mode must be one of {LATENCY_MODES}, got {case.mode!r}")
+    if case.mode not in DECODE_MODES:
+        raise ValueError(f"mode {case.mode!r} has no latency: it computes every head and neuron to choose (a quality "
+                         f"ceiling); timed modes: {', '.join(LATENCY_MODES)}")
     return make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=case.granularity or "token",
                      predictor="random", importance=random_importance(cfg, seed) if case.mode == "static" else None,
-                     batch_rule=batch_rule, predictor_dtype=predictor_dtype)
+                     batch_rule=batch_rule, predictor_dtype=predictor_dtype, head_sparsity=case.head_sparsity,
+                     neuron_sparsity=case.neuron_sparsity)
 
 
 def _stats(ms: list[float]) -> dict:
@@ -126,7 +141,7 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
                   predictor=desc.get("predictor"), sparse_hidden=desc.get("sparse_hidden"),
                   pinned=[u["role"] for u in tuned.used()],  # pinned configs used so far (shadow_kernels.tuned)
                   live_heads=sum(counts["heads"]) if counts else None,
-                  live_neurons=sum(counts["neurons"]) if counts else None)
+                  live_neurons=sum(counts["neurons"]) if counts else None, **mode.budgets())
     rows = [make_row(**common, metric="token_ms", value=st["median"], unit="ms",
                      **{f"token_ms_{k}": v for k, v in st.items() if k != "median"}),
             make_row(**common, metric="prefill_ms", value=result.prefill_ms, unit="ms"),
@@ -170,7 +185,8 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
     per_token = (full - first) / max(1, case.gen_len - 1)
     step_bytes = model.step_weight_bytes()
     common = dict(base, model=case.model, mode="hf", policy=None, sparsity=0.0, gen_len=case.gen_len,
-                  granularity=None, cuda_graph=False, baseline="transformers generate, eager, dynamic cache")
+                  granularity=None, cuda_graph=False, head_sparsity=0.0, neuron_sparsity=0.0, kv_rule="skip",
+                  baseline="transformers generate, eager, dynamic cache")
     rows = [make_row(**common, metric="token_ms", value=per_token, unit="ms", how="(t(gen) - t(1)) / (gen - 1)",
                      generate_ms=full, first_token_ms=first),
             make_row(**common, metric="prefill_ms", value=first, unit="ms"),
@@ -181,6 +197,7 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
 
 def _done_keys(rows) -> set:
     return {(r["model"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"), r["gen_len"],
+             r["extra"].get("head_sparsity", r["sparsity"]), r["extra"].get("neuron_sparsity", r["sparsity"]),
              r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False),
              r["extra"].get("batch_rule", "mean"), r["extra"].get("predictor_dtype", "model"),
              r["extra"].get("dense_gemv", "cublas"), r["extra"].get("norm_fold", True))
@@ -194,7 +211,8 @@ def build_model(name: str, dtype, device, seed=0):
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
-                batch_rule="mean", predictor_dtype="model", dense_gemv="cublas", norm_fold=True) -> list[dict]:
+                batch_rule="mean", predictor_dtype="model", dense_gemv="cublas", norm_fold=True,
+                head_sparsity=None, neuron_sparsity=None) -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
@@ -226,8 +244,9 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                        "batch_rule": batch_rule, "predictor_dtype": predictor_dtype, "dense_gemv": dense_gemv,
                        "norm_fold": bool(norm_fold), "cols": gather_cols.settings(),
                        "attn": decode_attention.settings()})
-    done = _done_keys(writer.existing())
-    todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies)
+    done = _done_keys(writer.resume())
+    todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies,
+                                     head_sparsity, neuron_sparsity)
             if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,
                 dense_gemv, bool(norm_fold)) not in done]
     new_rows: list[dict] = []

@@ -164,7 +164,9 @@ def accuracy(model, mode, tokenizer, examples: list[Example], *, batch: int = 8,
 
 
 # ------------------------------------------------------------------ sweeps (shadowbench quality)
-QUALITY_MODES = ("dense", "static", "dejavu", "shadowllm")
+QUALITY_MODES = ("dense", "static", "dejavu", "shadowllm", "oracle")
+# The oracle's criterion: the head output L2 norm and |activation| of a dense pass (models.modes.Oracle).
+ORACLE_CRITERION = "l2norm"
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
         if mode == "dense":
             out.append(QualityCase("dense", None, None, 0.0))
             continue
-        for crit in criteria:
+        for crit in ([ORACLE_CRITERION] if mode == "oracle" else criteria):
             for s in sparsities:
                 if s == 0.0:
                     continue
@@ -197,7 +199,8 @@ def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
     return out
 
 
-def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="token", predictor_dtype="model"):
+def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="token", predictor_dtype="model",
+            head_sparsity=None, neuron_sparsity=None, kv_rule="skip"):
     """The mode of a case (``models.modes.make_mode``) with its importance file (static) or trained predictor
     (dejavu, shadowllm), and that file's path."""
     from pathlib import Path
@@ -211,36 +214,97 @@ def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="tok
             raise FileNotFoundError(f"static mode needs {path} (make it with `shadowbench collect --criteria "
                                     f"{case.criterion}`)")
         source = importance = str(path)
-    elif case.mode != "dense":
+    elif case.mode not in ("dense", "oracle"):
         path = Path(predictors_dir or ".") / f"{case.mode}-{case.criterion}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"mode {case.mode} needs the predictor {path} (make it with `shadowbench train "
                                     f"--kind {case.mode} --criterion {case.criterion}`)")
         source = predictor = str(path)
     mode = make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=granularity,
-                     predictor=predictor, importance=importance, predictor_dtype=predictor_dtype)
+                     predictor=predictor, importance=importance, predictor_dtype=predictor_dtype,
+                     head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule)
     return mode, source
+
+
+@dataclass
+class QualityRun:
+    """What ``run_quality`` did: the rows it wrote now, and the rows of every requested case (written now or found
+    done in the file with the same settings)."""
+    new: list
+    rows: list
+
+
+def check_quality_args(*, limit=None, shots=0, ppl_tokens=4096, context=512, stride=256, batch=8, sparsities=(),
+                       policies=("global",), granularity="token", modes=(), predictor_dtype="model",
+                       head_sparsity=None, neuron_sparsity=None, kv_rule="skip") -> None:
+    """Every value that would otherwise fail after the model is loaded, checked first (ValueError naming it)."""
+    from models.plan import POLICIES
+
+    bad = [m for m in modes if m not in QUALITY_MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(QUALITY_MODES)}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit (examples per task) must be a positive integer or None for all, got {limit!r}")
+    if not isinstance(shots, int) or shots < 0:
+        raise ValueError(f"shots must be an integer >= 0, got {shots!r}")
+    for name, v in (("ppl_tokens", ppl_tokens), ("context", context), ("stride", stride), ("batch", batch)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if ppl_tokens < 2:
+        raise ValueError(f"ppl_tokens must be at least 2 (one token predicts the next), got {ppl_tokens}")
+    if stride > context:
+        raise ValueError(f"stride ({stride}) must not exceed context ({context}): tokens between windows would "
+                         "never be scored")
+    bad = [s for s in sparsities if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0)]
+    if bad:
+        raise ValueError(f"sparsity must be in [0, 1), got {bad}")
+    bad = [p for p in policies if p not in POLICIES]
+    if bad:
+        raise ValueError(f"unknown policy {bad}; known: {', '.join(POLICIES)}")
+    if granularity not in ("token", "prompt"):
+        raise ValueError(f"granularity must be 'token' or 'prompt', got {granularity!r}")
+    if predictor_dtype not in ("model", "fp8"):
+        raise ValueError(f"predictor_dtype must be 'model' or 'fp8', got {predictor_dtype!r}")
+    from models.modes import KV_RULES
+
+    for name, v in (("head_sparsity", head_sparsity), ("neuron_sparsity", neuron_sparsity)):
+        if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+            raise ValueError(f"{name} must be in [0, 1) or None, got {v!r}")
+    if kv_rule not in KV_RULES:
+        raise ValueError(f"kv_rule must be one of {KV_RULES}, got {kv_rule!r}")
 
 
 def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsities, policies=("global",),
                 granularity="token", tasks=(), shots=0, limit=None, ppl=True, ppl_tokens=4096, context=512,
                 stride=256, sparse_prefix=False, criteria_dir=None, predictors_dir=None, data_dir=None,
-                out_path="runs/quality.jsonl", batch=8, progress=True, predictor_dtype="model") -> list[dict]:
-    """Perplexity and accuracy rows for every case; resumes ``out_path`` and records failed cases."""
+                out_path="runs/quality.jsonl", batch=8, progress=True, predictor_dtype="model", head_sparsity=None,
+                neuron_sparsity=None, kv_rule="skip") -> QualityRun:
+    """Perplexity and accuracy rows for every case; resumes ``out_path`` and records failed cases.
+
+    A case is done when the file holds its rows with the same settings: the model, mode, criterion, policy,
+    sparsity, evaluation and shots, and also the dtype, granularity, sparse context, example limit, perplexity
+    tokens, window and stride, predictor dtype, and the sha256 of the predictor or importance file. A changed
+    setting is a new case; the settings are recorded in each row (``extra.settings``)."""
     import traceback
 
-    from .results import RowWriter, device_name, git_commit, make_row
+    from .results import RowWriter, device_name, file_digest, git_commit, make_row, settings_key
     from .tasks import load_task, wikitext2_text
 
+    check_quality_args(limit=limit, shots=shots, ppl_tokens=ppl_tokens, context=context, stride=stride, batch=batch,
+                       sparsities=sparsities, policies=policies, granularity=granularity, modes=modes,
+                       predictor_dtype=predictor_dtype, head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity,
+                       kv_rule=kv_rule)
     cases = quality_cases(modes, criteria, sparsities, policies)
     writer = RowWriter(out_path)
-    # a row is done per case, data set and shot count (perplexity rows have no shots)
-    done = {(r["mode"], r["criterion"], r["policy"], r["sparsity"], r["extra"].get("eval"), r["extra"].get("shots", 0))
-            for r in writer.existing() if r.get("kind") == "quality" and r.get("status") == "ok"
-            and r["model"] == model_name and r["extra"].get("predictor_dtype", "model") == predictor_dtype}
-    base = dict(kind="quality", model=model_name, batch=1, device=device_name(model.device),
-                dtype=str(model.dtype).replace("torch.", ""), git_commit=git_commit(), granularity=granularity,
-                sparse_prefix=sparse_prefix, predictor_dtype=predictor_dtype)
+    have: dict[str, list] = {}
+    for r in writer.resume():
+        key = (r.get("extra") or {}).get("case_key")
+        if r.get("kind") == "quality" and r.get("status") == "ok" and key:
+            have.setdefault(key, []).append(r)
+    dtype = str(model.dtype).replace("torch.", "")
+    base = dict(kind="quality", model=model_name, batch=1, device=device_name(model.device), dtype=dtype,
+                git_commit=git_commit(), granularity=granularity, sparse_prefix=sparse_prefix,
+                predictor_dtype=predictor_dtype)
     evals = []
     if ppl:
         ids = tokenizer.encode(wikitext2_text(data_dir), special=False)[:ppl_tokens]
@@ -254,12 +318,15 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
         from tqdm import tqdm
 
         bar = tqdm(total=len(cases) * len(evals), desc="quality", unit="eval")
-    rows = []
+    new, rows = [], []
     for case in cases:
         common = dict(base, mode=case.mode, criterion=case.criterion, policy=case.policy, sparsity=case.sparsity)
         try:
             mode, source = mode_of(case, criteria_dir=criteria_dir, predictors_dir=predictors_dir,
-                                              granularity=granularity, predictor_dtype=predictor_dtype)
+                                   granularity=granularity, predictor_dtype=predictor_dtype,
+                                   head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule)
+            common = dict(common, **mode.budgets())
+            digest = file_digest(source)
             mode.bind(model)
             meta = getattr(getattr(mode, "predictor", None), "meta", None) or {}
             if "normalisation" in meta:  # how the predictor's targets were normalised when it was trained
@@ -268,52 +335,70 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
             row = make_row(**common, metric="error", value=None, unit=None, status="error",
                            error=f"{type(err).__name__}: {err}")
             writer.write([row])
+            new.append(row)
             rows.append(row)
             if bar is not None:
                 bar.update(len(evals))
             continue
         for name, data in evals:
-            key = (case.mode, case.criterion, case.policy, case.sparsity, name, 0 if name == "wikitext2" else shots)
-            if key in done:
+            settings = {"model": model_name, "mode": case.mode, "criterion": case.criterion, "policy": case.policy,
+                        "sparsity": case.sparsity, "eval": name, "dtype": dtype, "granularity": granularity,
+                        "sparse_prefix": bool(sparse_prefix), "predictor_dtype": predictor_dtype,
+                        "source_sha256": digest, **mode.budgets()}
+            if name == "wikitext2":
+                settings.update(ppl_tokens=ppl_tokens, context=context, stride=stride)
+            else:
+                settings.update(shots=shots, limit=limit)
+            key = settings_key(settings)
+            if key in have:
+                rows += have[key]
                 if bar is not None:
                     bar.update(1)
                 continue
+            stamp = dict(common, source=source, settings=settings, case_key=key)
             try:
                 if name == "wikitext2":
                     r = perplexity(model, mode, data, context=context, stride=stride, sparse_prefix=sparse_prefix,
                                    batch=max(1, batch // 2))
-                    new = [make_row(**common, metric="perplexity", value=r.ppl, unit="ppl", eval=name, source=source,
-                                    tokens=r.tokens, windows=r.windows, context=context, stride=stride)]
+                    out = [make_row(**stamp, metric="perplexity", value=r.ppl, unit="ppl", eval=name, tokens=r.tokens,
+                                    windows=r.windows, context=context, stride=stride)]
                 else:
                     r = accuracy(model, mode, tokenizer, data, batch=batch, sparse_prefix=sparse_prefix)
-                    new = [make_row(**common, metric=m, value=v, unit="fraction", eval=name, source=source,
-                                    examples=r.n, shots=shots) for m, v in (("acc", r.acc), ("acc_norm", r.acc_norm))]
+                    out = [make_row(**stamp, metric=m, value=v, unit="fraction", eval=name, examples=r.n, shots=shots)
+                           for m, v in (("acc", r.acc), ("acc_norm", r.acc_norm))]
             except Exception as err:  # noqa: BLE001
-                new = [make_row(**common, metric="error", value=None, unit=None, status="error", eval=name,
+                out = [make_row(**stamp, metric="error", value=None, unit=None, status="error", eval=name,
                                 error=f"{type(err).__name__}: {err}", trace=traceback.format_exc(limit=3))]
-            writer.write(new)
-            rows += new
+            writer.write(out)
+            new += out
+            rows += out
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return rows
+    return QualityRun(new, rows)
 
 
 def quality_table(rows) -> str:
-    """Perplexity and accuracy per case, one line each."""
+    """Perplexity and accuracy per case, one line each: dense first, the oracle (the ceiling) next. ``s`` is
+    ``heads/neurons`` where the two budgets differ; ``kv:always`` marks that key/value rule."""
     cases: dict = {}
     for r in rows:
         if r.get("kind") != "quality" or r["status"] != "ok" or r["metric"] not in ("perplexity", "acc"):
             continue
-        key = (r["model"], r["mode"], r["criterion"] or "-", r["policy"] or "-", r["sparsity"])
-        cases.setdefault(key, {})[r["extra"]["eval"]] = r["value"]
+        e = r["extra"]
+        hs, ns = e.get("head_sparsity", r["sparsity"]), e.get("neuron_sparsity", r["sparsity"])
+        s_txt = f"{r['sparsity']:.2f}" if hs == ns else f"{hs:.2f}/{ns:.2f}"
+        mode = r["mode"] + (" kv:always" if e.get("kv_rule") == "always" else "")
+        key = (r["model"], mode, r["criterion"] or "-", r["policy"] or "-", s_txt)
+        cases.setdefault(key, {})[e["eval"]] = r["value"]
     evals = sorted({e for v in cases.values() for e in v}, key=lambda e: (e != "wikitext2", e))
-    head = f"{'model':<14} {'mode':<10} {'criterion':<9} {'policy':<7} {'s':>5} "
+    head = f"{'model':<14} {'mode':<16} {'criterion':<9} {'policy':<7} {'s':>9} "
     head += " ".join(f"{e[:10]:>10}" for e in evals)
     lines = [head]
-    for key in sorted(cases, key=lambda k: (k[0], k[1] != "dense", k[1], k[2], k[3], k[4])):
+    order = {"dense": 0, "oracle": 1}
+    for key in sorted(cases, key=lambda k: (k[0], order.get(k[1].split()[0], 2), k[1], k[2], k[3], k[4])):
         vals = cases[key]
-        lines.append(f"{key[0][:14]:<14} {key[1]:<10} {key[2]:<9} {key[3]:<7} {key[4]:>5.2f} " + " ".join(
+        lines.append(f"{key[0][:14]:<14} {key[1]:<16} {key[2]:<9} {key[3]:<7} {key[4]:>9} " + " ".join(
             f"{vals[e]:>10.4g}" if e in vals else f"{'-':>10}" for e in evals))
     return "\n".join(lines)

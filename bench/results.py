@@ -1,12 +1,15 @@
-"""The results schema (one place) and a JSON Lines writer that appends and flushes every row, so a
-killed sweep keeps its rows and a rerun skips the configurations already done."""
+"""The results schema (one place) and a JSON Lines writer that appends a case's rows together and syncs them, so a
+killed sweep keeps every finished case, repairs its tail on resume, and a rerun skips the cases already done."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import subprocess
+import sys
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,16 +39,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device, interpreted: bool = False) -> str:
+    """The GPU's name; on a CPU, ``cpu``, or ``cpu (Triton interpreter)`` where the rows timed our Triton kernels in
+    the interpreter (the kernel sweep; the decoders on a CPU run the PyTorch references)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return "cpu (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
+    return "cpu (Triton interpreter)" if interpreted and os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, interpreted: bool = False) -> dict:
     import triton
 
-    env = {"torch": torch.__version__, "triton": triton.__version__, "device": device_name(device)}
+    env = {"torch": torch.__version__, "triton": triton.__version__, "device": device_name(device, interpreted)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(sm_count=props.multi_processor_count, cuda=torch.version.cuda,
@@ -82,31 +87,136 @@ def predictor_rows(res, *, model: str, kind: str, criterion: str, device, path, 
     return rows
 
 
+def settings_key(settings: dict) -> str:
+    """A case's identity for resuming: every setting that changes a measured value, as sorted JSON. Rows carry it
+    (``extra.case_key``) with the settings themselves (``extra.settings``), so a changed setting is a new case."""
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def file_digest(path) -> str | None:
+    """sha256 of a file (first 16 hex digits): the identity of a predictor or importance file in a case key."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _case_of(row) -> tuple[str | None, int | None]:
+    if not isinstance(row, dict):
+        return None, None
+    extra = row.get("extra") if isinstance(row.get("extra"), dict) else row
+    return extra.get("case_id"), extra.get("case_rows")
+
+
+def complete_rows(rows: list[dict]) -> list[dict]:
+    """``rows`` less those of a case whose rows were not all written (a run killed between them; only a file's last
+    case can be one). Rows written without a case stamp count as complete."""
+    counts: dict = {}
+    for r in rows:
+        cid, _ = _case_of(r)
+        if cid is not None:
+            counts[cid] = counts.get(cid, 0) + 1
+    return [r for r in rows if _case_of(r)[0] is None or counts[_case_of(r)[0]] >= (_case_of(r)[1] or 1)]
+
+
+def parse_rows(path, text: str) -> tuple[list[dict], bool]:
+    """The rows of a JSON Lines file's text and whether it ends in a torn line (text after the last newline: a row
+    whose write was cut off, left out). Any other line that is not JSON is an error naming the file and line."""
+    lines = text.split("\n")
+    torn = bool(lines[-1].strip())
+    rows = []
+    for n, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}); remove or repair that line") from None
+    return rows, torn
+
+
 class RowWriter:
-    """Appends rows to a JSON Lines file, flushing each one."""
+    """Appends rows to a JSON Lines file. The rows of one ``write`` (one case) go out in one write, flushed and synced,
+    stamped with a case id and their count, so a run killed mid-case leaves rows that resuming recognises as
+    unfinished; the first write of a run first repairs the file's tail (a torn last line, an unfinished case),
+    saying so on stderr. Refuses at construction, before any work, a path it could not write."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repaired = False
+        if self.path.is_dir():
+            raise ValueError(f"results path {str(self.path)!r} is a folder; expected a .jsonl file")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            existed = self.path.exists()
+            with self.path.open("a"):
+                pass
+            if not existed:
+                self.path.unlink()
+        except OSError as err:
+            raise ValueError(f"cannot write results to {str(self.path)!r}: {err.strerror or err}") from None
 
     def existing(self) -> list[dict]:
+        """Rows already in the file, less a torn last line and the rows of an unfinished case (both are redone)."""
         if not self.path.exists():
             return []
-        lines = [(n, line.strip()) for n, line in enumerate(self.path.read_text().splitlines(), 1) if line.strip()]
-        rows = []
-        for pos, (lineno, line) in enumerate(lines):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                # A sweep killed mid-write leaves at most one torn last line: that row is redone.
-                if pos == len(lines) - 1:
-                    continue
-                raise ValueError(f"{self.path}:{lineno} is not valid JSON ({err.msg}); "
-                                 "remove or repair that line to resume") from None
-        return rows
+        rows, _ = parse_rows(self.path, self.path.read_text())
+        return complete_rows(rows)
+
+    def resume(self) -> list[dict]:
+        """Repair the tail (said on stderr), then the rows already there: what a sweep calls before it skips done
+        cases."""
+        self.repair()
+        return self.existing()
+
+    def repair(self) -> str | None:
+        """Cut a torn last line and the rows of an unfinished last case off the file, in place; returns what was cut
+        (None when the file ends at a whole case)."""
+        self._repaired = True
+        if not self.path.exists():
+            return None
+        data = self.path.read_bytes()
+        cut = len(data)
+        said = []
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            said.append(f"a torn last line ({len(data) - cut} bytes)")
+        parse_rows(self.path, data[:cut].decode("utf-8", errors="replace"))  # damage before the tail is an error
+        lines = data[:cut].splitlines(keepends=True)
+        if lines and lines[-1].strip():
+            last_id, want = _case_of(json.loads(lines[-1]))
+            if last_id is not None:
+                tail = 0
+                for line in reversed(lines):
+                    if not line.strip() or _case_of(json.loads(line))[0] != last_id:
+                        break
+                    tail += 1
+                if tail < (want or 1):
+                    cut -= sum(len(line) for line in lines[-tail:])
+                    said.append(f"{tail} of the {want} rows of an unfinished case")
+        if cut == len(data):
+            return None
+        os.truncate(self.path, cut)
+        msg = f"repaired {self.path}: cut " + " and ".join(said) + "; that case is run again"
+        print(msg, file=sys.stderr)
+        return msg
 
     def write(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        if not self._repaired:
+            self.repair()
+        case_id = uuid.uuid4().hex[:12]
+        for row in rows:
+            target = row["extra"] if isinstance(row.get("extra"), dict) else row
+            target["case_id"] = case_id
+            target["case_rows"] = len(rows)
+        text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
         with self.path.open("a") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, sort_keys=True) + "\n")
-                fh.flush()
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -253,7 +253,7 @@ def run_tune(method: str, models, *, sparsities=(0.0, 0.5, 0.7, 0.9), ops=tuple(
     if one:
         raise ValueError(f"tune chooses among a kernel's configs, and here {', '.join(one)} have one (no CUDA device: "
                          f"the Triton interpreter runs one config per kernel); run it on the GPU to be tuned")
-    env = environment(device)
+    env = environment(device, interpreted=True)
     gbps = copy_bandwidth(device)["copy_gbps"] or float("nan")
     writer = RowWriter(rows_path)
     head = {"kind": "tune", "method": method, "git_commit": git_commit(), "device": env["device"],

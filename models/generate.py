@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .modes import Mode
+from .modes import DECODE_MODES, Mode
 from .nvtx import nvtx_range
 from .ops import get_ops
 
@@ -37,6 +37,12 @@ class Generator:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        if mode.name not in DECODE_MODES:
+            raise ValueError(f"mode {mode.name!r} has no decode step: it computes every head and neuron to choose "
+                             f"(quality runs only); decode modes: {', '.join(DECODE_MODES)}")
+        if mode.kv_rule != "skip":
+            raise ValueError(f"kv_rule {mode.kv_rule!r} runs in quality evaluation; the decode kernels write the "
+                             "keys and values of computed heads only (kv_rule 'skip')")
         mode.bind(model, self.ops)
         self.cache = model.new_cache(batch, max_len)
         self.tok = torch.zeros(batch, dtype=torch.long, device=self.device)

@@ -10,12 +10,12 @@ downloads by default.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .config import DecoderConfig
+from .files import read_json, read_pickled_state_dict, read_tensors
 from .llama import LlamaDecoder
 from .opt import OPTDecoder
 from .registry import MODELS, get_spec
@@ -74,17 +74,15 @@ def load_gguf(path, *, dtype="float32", device="cpu"):
 def _read_state_dict(folder: Path) -> dict:
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
-        from safetensors.torch import load_file
-
         sd = {}
         for shard in shards:
-            sd.update(load_file(str(shard)))
+            sd.update(read_tensors(shard, "checkpoint shard"))
         return sd
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:
         sd = {}
         for shard in bins:
-            sd.update(torch.load(shard, map_location="cpu", weights_only=True))
+            sd.update(read_pickled_state_dict(shard))
         return sd
     raise ValueError(f"{folder} holds no *.safetensors or pytorch_model*.bin weights")
 
@@ -108,7 +106,8 @@ def _resolve_folder(source: str, download: bool) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=not download))
     except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
-        hint = "" if download else " (only the local cache was searched; pass download=True / --download)"
+        hint = "" if download else (" (only the local cache was searched: pass --download on the command line, or "
+                                    "download=True to load_model, to fetch it from the Hub)")
         raise ValueError(f"could not get checkpoint {repo!r}{hint}: {err}") from None
 
 
@@ -134,7 +133,7 @@ def load_model(source: str, *, dtype="float16", device="cpu", download: bool = F
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{folder} has no config.json; expected a Hugging Face checkpoint folder")
-    hf_cfg = json.loads(config_file.read_text())
+    hf_cfg = read_json(config_file, "checkpoint config")
     cfg = DecoderConfig.from_hf(hf_cfg, name=Path(str(source)).name)
     sd = _read_state_dict(folder)
     return decoder_class(cfg).from_hf_state_dict(cfg, sd, parse_dtype(dtype), device)

@@ -31,7 +31,13 @@ from .ops import Ops, get_ops
 from .plan import LayerPlan, PlanBuffers, check_batch_rule, check_policy, check_sparsity
 from .predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
 
-MODES = ("dense", "static", "dejavu", "shadowllm")
+MODES = ("dense", "static", "dejavu", "shadowllm", "oracle")
+# Modes whose plans a decode step can run (the oracle computes every head and neuron to choose: quality only).
+DECODE_MODES = ("dense", "static", "dejavu", "shadowllm")
+# What a token's skipped heads leave in the key/value cache: "skip" (nothing: later tokens that compute the head
+# attend only to positions where it was computed) or "always" (keys and values of every head are computed and
+# cached; only its query, attention and output are skipped). "always" runs in quality evaluation.
+KV_RULES = ("skip", "always")
 GRANULARITIES = ("prompt", "token")
 
 
@@ -50,6 +56,9 @@ class Mode:
     granularity: str | None = None  # None: the plan does not depend on the input
     policy: str | None = None
     sparsity = 0.0
+    head_sparsity: float | None = None  # None: ``sparsity``
+    neuron_sparsity: float | None = None
+    kv_rule = "skip"
     first_sparse = 1
 
     def bind(self, model, ops: Ops | None = None) -> Mode:
@@ -73,9 +82,28 @@ class Mode:
         """Live heads and neurons per sparse layer of the current plan (None: dense)."""
         return None
 
+    def set_budgets(self, head_sparsity: float | None = None, neuron_sparsity: float | None = None) -> Mode:
+        """Separate head and neuron sparsities (each None: ``sparsity``); before ``bind``."""
+        self.head_sparsity = None if head_sparsity is None else check_sparsity(head_sparsity)
+        self.neuron_sparsity = None if neuron_sparsity is None else check_sparsity(neuron_sparsity)
+        return self
+
+    def set_kv_rule(self, rule: str) -> Mode:
+        if rule not in KV_RULES:
+            raise ValueError(f"kv_rule must be one of {KV_RULES}, got {rule!r}")
+        self.kv_rule = rule
+        return self
+
+    def budgets(self) -> dict:
+        """The sparsities a row records: heads and neurons each, and the key/value rule."""
+        s = self.sparsity
+        return {"head_sparsity": s if self.head_sparsity is None else self.head_sparsity,
+                "neuron_sparsity": s if self.neuron_sparsity is None else self.neuron_sparsity,
+                "kv_rule": self.kv_rule}
+
     def describe(self) -> dict:
         return {"mode": self.name, "sparsity": self.sparsity, "policy": self.policy,
-                "granularity": self.granularity, "first_sparse": self.first_sparse}
+                "granularity": self.granularity, "first_sparse": self.first_sparse, **self.budgets()}
 
 
 class Dense(Mode):
@@ -100,7 +128,8 @@ class _Sparse(Mode):
         self.buffers = PlanBuffers(n_layers=cfg.n_layers, first=self.first_sparse, n_heads=cfg.n_heads,
                                    head_dim=cfg.head_dim, ffn=cfg.ffn, sparsity=self.sparsity, policy=self.policy,
                                    device=model.device, ops=self.ops, n_kv_heads=model.plan_kv_heads,
-                                   batch_rule=self.batch_rule)
+                                   batch_rule=self.batch_rule, head_sparsity=self.head_sparsity,
+                                   neuron_sparsity=self.neuron_sparsity)
         self._plans = [self.buffers.layer(i) if self.buffers.is_sparse(i) else self._dense
                        for i in range(cfg.n_layers)]
         return self
@@ -145,15 +174,31 @@ class Static(_Sparse):
         return {**super().describe(), "importance": self.source}
 
 
+class Oracle(_Sparse):
+    """The contextual ceiling for quality runs: every position keeps the heads whose attention output has the
+    largest L2 norm and the neurons with the largest |activation| in a dense pass of the model over the same
+    tokens, per layer (``local``) or over all sparse layers (``global``; the scores then compete across layers
+    as they are, unnormalised). It needs every head and neuron computed to choose, so it has no decode step and no
+    latency: :mod:`models.sparse_forward` runs it (two passes, dense then masked)."""
+
+    name = "oracle"
+    granularity = "token"
+
+    def __init__(self, sparsity: float, policy: str = "local", first_sparse: int = 1):
+        super().__init__(sparsity, policy, first_sparse)
+
+
 def load_importance(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"importance file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .files import read_tensors
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return read_tensors(path, "importance file")
+    from .files import read_pickled_state_dict
+
+    return read_pickled_state_dict(path)
 
 
 def _resolve_predictor(predictor, kind, model, **random_kw):
@@ -322,9 +367,10 @@ class ShadowLLM(_Predicting):
 
 def mode_variants(name: str, *, policies=("global",), granularities=("token",), timing: bool = False) -> list:
     """The (policy, granularity) pairs a sweep runs for mode ``name``: the one place that says which settings apply
-    to which mode. ``dense`` (and ``hf``, Hugging Face's own generate) take neither; ``static`` has no predictor, so
-    no granularity; ``dejavu`` selects per layer; ``shadowllm`` takes every policy and granularity. ``timing``: a
-    latency sweep, where static's step reads the same bytes under either policy and is timed once (global)."""
+    to which mode. ``dense`` (and ``hf``, Hugging Face's own generate) take neither; ``static`` and ``oracle`` have
+    no predictor, so no granularity; ``dejavu`` selects per layer; ``shadowllm`` takes every policy and granularity.
+    ``timing``: a latency sweep, where static's step reads the same bytes under either policy and is timed once
+    (global)."""
     if name in ("dense", "hf"):
         return [(None, None)]
     if name == "static":
@@ -333,6 +379,8 @@ def mode_variants(name: str, *, policies=("global",), granularities=("token",), 
         return [("local", g) for g in granularities]
     if name == "shadowllm":
         return [(p, g) for p in policies for g in granularities]
+    if name == "oracle":
+        return [(p, None) for p in policies]
     raise ValueError(f"mode must be one of {MODES}, got {name!r}")
 
 
@@ -345,23 +393,32 @@ def random_importance(cfg, seed: int = 0) -> dict:
 
 def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, granularity: str = "token",
               predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean",
-              predictor_dtype: str = "model") -> Mode:
+              predictor_dtype: str = "model", head_sparsity: float | None = None,
+              neuron_sparsity: float | None = None, kv_rule: str = "skip") -> Mode:
     """Build a mode by name: the one factory of the CLI, latency, quality, profile and tune.
 
     ``importance``: static's scores (a file or a dict with ``heads`` [L, H] and ``neurons`` [L, F]); ``predictor``:
-    a trained predictor file, or ``"random"`` (random weights of the trained shape, for latency work)."""
+    a trained predictor file, or ``"random"`` (random weights of the trained shape, for latency work).
+    ``head_sparsity`` / ``neuron_sparsity`` override ``sparsity`` for one kind of unit; ``kv_rule`` says what
+    skipped heads leave in the cache (:data:`KV_RULES`)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
     if name == "dense":
-        return Dense()
-    if name == "static":
+        mode = Dense()
+    elif name == "static":
         if importance is None:
             raise ValueError("mode 'static' needs importance scores (a file with 'heads' and 'neurons')")
-        return Static(importance, sparsity, policy or "global")
-    if name == "dejavu":
+        mode = Static(importance, sparsity, policy or "global")
+    elif name == "oracle":
+        mode = Oracle(sparsity, policy or "local")
+    elif name == "dejavu":
         if policy not in (None, "local"):
             raise ValueError(f"mode 'dejavu' selects per layer (policy 'local'), got policy {policy!r}")
-        return DejaVu(sparsity, predictor, granularity, lookahead=lookahead, batch_rule=batch_rule,
+        mode = DejaVu(sparsity, predictor, granularity, lookahead=lookahead, batch_rule=batch_rule,
                       predictor_dtype=predictor_dtype)
-    return ShadowLLM(sparsity, predictor, policy or "global", granularity, batch_rule=batch_rule,
-                     predictor_dtype=predictor_dtype)
+    else:
+        mode = ShadowLLM(sparsity, predictor, policy or "global", granularity, batch_rule=batch_rule,
+                         predictor_dtype=predictor_dtype)
+    if name != "dense":
+        mode.set_budgets(head_sparsity, neuron_sparsity)
+    return mode.set_kv_rule(kv_rule)

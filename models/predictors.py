@@ -121,17 +121,16 @@ def random_predictor(kind: str, cfg: DecoderConfig, *, hidden: int | None = None
 
 def load_predictor(path, cfg: DecoderConfig, *, dtype=torch.float16, device="cpu") -> _Predictor:
     """Load a predictor file and check that it fits ``cfg``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from .files import read_header, read_tensors
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"predictor file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("shadowbench")
+    raw = read_header(path, "shadowbench", "predictor file")
     if raw is None:
         raise ValueError(f"{path} is not a shadowbench predictor file (no 'shadowbench' header)")
-    head = json.loads(raw)
+    try:
+        head = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its 'shadowbench' header is not valid JSON ({err})") from None
     kind = head.get("kind")
     if kind not in KINDS:
         raise ValueError(f"{path}: predictor kind {kind!r} is not one of {KINDS}")
@@ -145,7 +144,7 @@ def load_predictor(path, cfg: DecoderConfig, *, dtype=torch.float16, device="cpu
     else:
         pred = DejaVuPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device,
                                lookahead=head.get("lookahead", False))
-    state = load_file(str(path))
+    state = read_tensors(path, "predictor file")
     expected = {k: tuple(v.shape) for k, v in pred.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:

@@ -8,10 +8,12 @@ perplexity or accuracy run costs a prefill per sequence rather than a decode ste
 
 - position t >= ``sparse_from`` of a sparse layer computes only the heads and neurons its plan keeps;
 - a key-value group whose heads are all skipped at t leaves no key/value at t (later positions do not
-  see t in that group), as the decode kernels do;
+  see t in that group), as the decode kernels do; with the mode's ``kv_rule`` ``always``, every group's key and
+  value are computed and cached at every position and only the skipped heads' queries and outputs are dropped;
 - the plan of position t comes from t's own predictor input (granularity ``token``: layer 0's attention
   output for ShadowLLM, the layer's input for DejaVu) or, for granularity ``prompt``, from position
-  ``sparse_from - 1``, the last prefilled one; ``static`` has one plan for all.
+  ``sparse_from - 1``, the last prefilled one; ``static`` has one plan for all; ``oracle`` takes each
+  position's plan from a dense pass over the same tokens first (head output L2 norms, |activations|).
 
 Selection is the one of :class:`~models.plan.PlanBuffers` (top-k per layer, or over all sparse layers
 for the global policy). The test suite checks that these logits equal those of the decode path.
@@ -23,7 +25,7 @@ import torch
 
 from shadow_kernels import fused_predictor_ref, topk_mask
 
-from .modes import DejaVu, Dense, Mode, ShadowLLM, Static
+from .modes import DejaVu, Dense, Mode, Oracle, ShadowLLM, Static
 
 
 def _select(scores: torch.Tensor, k: int, policy: str) -> torch.Tensor:
@@ -32,6 +34,16 @@ def _select(scores: torch.Tensor, k: int, policy: str) -> torch.Tensor:
         return topk_mask(scores, k, dim=-1, validate=False)
     flat = scores.flatten(-2)
     return topk_mask(flat, k, dim=-1, validate=False).view(scores.shape)
+
+
+def _select_stable(scores: torch.Tensor, k: int, policy: str) -> torch.Tensor:
+    """As :func:`_select`, with ties taken by the lowest index (layer-major when global): the oracle's scores hold
+    exact ties (every ReLU neuron that is zero in the dense pass), and which of them a position keeps matters once
+    the earlier layers are sparse."""
+    flat = scores if policy == "local" else scores.flatten(-2)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :k]
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True)
+    return mask.view(scores.shape)
 
 
 class PositionPlans:
@@ -65,7 +77,7 @@ class PositionPlans:
                     nm = torch.zeros(cfg.ffn, dtype=torch.bool, device=hm.device)
                     nm[plan.neurons[: int(plan.neuron_count)].long()] = True
                     self._store(i, hm[None, None], nm[None, None])
-        elif not isinstance(mode, (Dense, DejaVu, ShadowLLM)):
+        elif not isinstance(mode, (Dense, DejaVu, ShadowLLM, Oracle)):
             raise TypeError(f"no per-position semantics for mode {type(mode).__name__}")
 
     # ---------------------------------------------------------------- masks
@@ -108,10 +120,21 @@ class PositionPlans:
         for j in range(b.n_sparse):
             self._store(b.first + j, hm[:, :, j], nm[:, :, j])
 
+    def set_oracle(self, heads: dict, neurons: dict) -> None:
+        """The oracle's plans from a dense pass's scores: ``heads[i]`` [B, P, H] head output L2 norms and
+        ``neurons[i]`` [B, P, F] |activations| of every sparse layer i."""
+        b = self.mode.buffers
+        layers = [b.first + j for j in range(b.n_sparse)]
+        hs = torch.stack([heads[i] for i in layers], 2)  # [B, P, L_s, H]
+        ns = torch.stack([neurons[i] for i in layers], 2)
+        hm, nm = _select_stable(hs, b.k_heads, b.policy), _select_stable(ns, b.k_neurons, b.policy)
+        for j, i in enumerate(layers):
+            self._store(i, hm[:, :, j], nm[:, :, j])
+
     def hooks(self) -> dict:
         def kv_live(i):
             hm = self.head_masks.get(i)
-            if hm is None:
+            if hm is None or self.mode.kv_rule == "always":
                 return None
             B, P, H = hm.shape
             return hm.view(B, P, self.kvh, H // self.kvh).any(dim=3).transpose(1, 2)
@@ -134,5 +157,26 @@ def sparse_logits(model, tokens: torch.Tensor, mode: Mode, sparse_from) -> torch
     positions before ``sparse_from`` (an int, or one per sequence) prefilled densely (see the module
     docstring). Right padding is harmless: positions only see earlier ones."""
     plans = PositionPlans(model, mode, sparse_from, tokens.shape[1], tokens.shape[0])
+    if isinstance(mode, Oracle):
+        heads, neurons = oracle_scores(model, tokens)
+        plans.set_oracle(heads, neurons)
     return model.prefill(tokens, all_logits=True, hooks=plans.hooks())
+
+
+@torch.no_grad()
+def oracle_scores(model, tokens: torch.Tensor) -> tuple[dict, dict]:
+    """Per layer, the L2 norm of every head's attention output [B, P, H] and |activation| of every neuron
+    [B, P, F] at every position, from a dense prefill of ``tokens`` (fp32)."""
+    heads, neurons = {}, {}
+
+    def on_heads(i, h):  # [B, H, P, D]
+        heads[i] = h.float().norm(dim=-1).transpose(1, 2)
+        return h
+
+    def on_neurons(i, f):  # [B, P, F]
+        neurons[i] = f.float().abs()
+        return f
+
+    model.prefill(tokens, all_logits=True, hooks={"heads": on_heads, "neurons": on_neurons})
+    return heads, neurons
 

@@ -25,13 +25,15 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from bench.results import complete_rows, parse_rows
+
 MODE_ORDER = {"dense": 0, "static": 1, "dejavu": 2, "shadowllm": 3, "hf": 4}
 
 
 def read_rows(paths) -> list[dict]:
-    """Result rows (status ok) of the given files or folders (every .jsonl below). Lines without a
-    ``kind`` are not rows of the bench schema (a probe's records, say): they are left out, with a
-    warning naming the file."""
+    """Result rows (status ok) of the given files or folders (every .jsonl below). Lines without a ``kind``, a
+    ``metric`` and a ``value`` are not rows of the bench schema: they are left out, with a warning naming the file,
+    as are a torn last line and the rows of an unfinished case (``bench.results``)."""
     rows = []
     for p in paths:
         p = Path(p)
@@ -41,20 +43,21 @@ def read_rows(paths) -> list[dict]:
         for f in files:
             if not f.is_file():
                 raise ValueError(f"results file {str(f)!r} does not exist")
+            parsed, torn = parse_rows(f, f.read_text())
+            if torn:
+                warnings.warn(f"{f}: its last line was cut off mid-write (a run was killed); left out", stacklevel=2)
+            kept = complete_rows(parsed)
+            if len(kept) < len(parsed):
+                warnings.warn(f"{f}: {len(parsed) - len(kept)} row(s) of an unfinished case left out", stacklevel=2)
             foreign = 0
-            for n, line in enumerate(f.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{n}: not valid JSON ({e.msg})") from None
-                if isinstance(row, dict) and "kind" in row:
+            for row in kept:
+                if isinstance(row, dict) and "kind" in row and "metric" in row and "value" in row:
                     rows.append(row)
                 else:
                     foreign += 1
             if foreign:
-                warnings.warn(f"{f}: {foreign} line(s) without a 'kind' are not result rows; left out", stacklevel=2)
+                warnings.warn(f"{f}: {foreign} line(s) without 'kind', 'metric' and 'value' are not result rows; left "
+                              "out", stacklevel=2)
     return [r for r in rows if r.get("status", "ok") == "ok"]
 
 
@@ -332,10 +335,30 @@ FIGURES = (("latency-vs-model", fig_latency_vs_model), ("generation-time", fig_g
            ("accuracy", fig_accuracy), ("spearman", fig_spearman))
 
 
+def output_path(paths, out) -> Path:
+    """Where the report goes: ``out``, or ``out/report.html`` for a folder. Never one of the inputs (a results file
+    overwritten by HTML is lost), never a .jsonl file."""
+    out = Path(out)
+    if out.is_dir():
+        out = out / "report.html"
+    inputs = set()
+    for p in map(Path, paths):
+        inputs |= {f.resolve() for f in p.rglob("*.jsonl")} if p.is_dir() else {p.resolve()}
+    if out.resolve() in inputs or out.suffix == ".jsonl":
+        raise ValueError(f"-o {str(out)!r} is a results file (an input, or .jsonl): the report would overwrite it; "
+                         "give an .html path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the report's folder {str(out.parent)!r}: {err.strerror or err}") from None
+    return out
+
+
 def build_report(paths, out, title="shadowbench report") -> tuple[Path, dict]:
     """Write the report; returns its path and, per figure, the number of rows drawn (0: no rows)."""
     from plotly.offline import get_plotlyjs
 
+    out = output_path(paths, out)
     rows = read_rows(paths)
     if not rows:
         raise ValueError(f"no ok rows in {[str(p) for p in paths]}")
@@ -378,9 +401,10 @@ Promise.all(Array.from(figs).map(div => {{
   document.body.dataset.done = "1";
 }});
 </script></body></html>"""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"cannot write the report to {str(out)!r}: {err.strerror or err}") from None
     return out, drawn
 
 

@@ -253,7 +253,7 @@ def _rows_gemv_kernel(
         bias = tl.load(bias_ptr + src, mask=live, other=0.0).to(tl.float32)
         out += bias[None, :]
     if RELU:
-        out = tl.maximum(out, 0.0)
+        out = tl.where(out < 0.0, 0.0, out)  # NaN stays NaN, as torch.relu leaves it (tl.maximum would give 0)
     if GATED:
         out = out / (1.0 + tl.exp(-out)) * out_u  # silu(gate) * up
     out = tl.where(live[None, :], out, 0.0)

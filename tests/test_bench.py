@@ -67,7 +67,7 @@ def test_torn_last_line_is_redone_but_damage_elsewhere_is_an_error(tmp_path):
         fh.write('{"kind": "kern')  # killed mid-write
     assert len(writer.existing()) == 1
     path.write_text('{"broken\n' + json.dumps(make_row(metric="x")) + "\n")
-    with pytest.raises(ValueError, match="rows.jsonl:1 is not valid JSON"):
+    with pytest.raises(ValueError, match="rows.jsonl:1: not valid JSON"):
         writer.existing()
 
 

@@ -146,7 +146,12 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
 
 def test_demo_without_any_task_data_says_where_it_looked(tmp_path):
     missing = tmp_path / "no-data-here"
-    with pytest.raises(ValueError, match=r"no evaluation task has its data here .*no-data-here.*--data-dir"):
+    with pytest.raises(SystemExit, match=r"--data-dir .*no-data-here.* is not a folder"):
         cli.main(["demo", "--model", TINY_RANDOM, "--out", str(tmp_path / "demo"), "--data-dir", str(missing),
+                  "--no-progress"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=r"no evaluation task has its data here .*empty.*--data-dir"):
+        cli.main(["demo", "--model", TINY_RANDOM, "--out", str(tmp_path / "demo"), "--data-dir", str(empty),
                   "--no-progress"])
     assert not (tmp_path / "demo" / "criteria").exists()  # it stopped before collecting anything

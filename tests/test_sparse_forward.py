@@ -70,3 +70,122 @@ def test_bad_arguments():
         sparse_logits(model, tokens, mode, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="unknown hook sites"):
         model.prefill(tokens, hooks={"nope": lambda i, x: x})
+
+
+def _brute_force_oracle(model, tokens, start, sparsity, policy, kv_rule, first=1):
+    """The oracle by hand: a dense pass records every head's output and every activation; per position, python
+    loops keep the units of largest norm (ties to the lower index); a masked pass applies the choices."""
+    from models.plan import kept_units
+
+    cfg = model.cfg
+    H, F, L = cfg.n_heads, cfg.ffn, cfg.n_layers
+    heads, acts = {}, {}
+
+    def rec_h(i, h):
+        heads[i] = h.clone()
+        return h
+
+    def rec_f(i, f):
+        acts[i] = f.clone()
+        return f
+
+    model.prefill(tokens, all_logits=True, hooks={"heads": rec_h, "neurons": rec_f})
+    B, P = tokens.shape
+    hmask = {i: torch.ones(B, P, H, dtype=torch.bool) for i in range(L)}
+    nmask = {i: torch.ones(B, P, F, dtype=torch.bool) for i in range(L)}
+    layers = list(range(first, L))
+    kh, kn = kept_units(H, sparsity), kept_units(F, sparsity)
+    for b in range(B):
+        for t in range(start, P):
+            hs = {i: [float(heads[i][b, j, t].norm()) for j in range(H)] for i in layers}
+            ns = {i: [float(acts[i][b, t, j].abs()) for j in range(F)] for i in layers}
+            for scores, mask, k in ((hs, hmask, kh), (ns, nmask, kn)):
+                if policy == "local":
+                    for i in layers:
+                        keep = sorted(range(len(scores[i])), key=lambda j: (-scores[i][j], j))[:k]
+                        mask[i][b, t] = False
+                        mask[i][b, t, keep] = True
+                else:
+                    units = [(i, j) for i in layers for j in range(len(scores[i]))]
+                    keep = sorted(units, key=lambda u: (-scores[u[0]][u[1]], u))[: k * len(layers)]
+                    for i in layers:
+                        mask[i][b, t] = False
+                    for i, j in keep:
+                        mask[i][b, t, j] = True
+    kvh = model.plan_kv_heads or H
+
+    def kv_live(i):
+        if kv_rule == "always":
+            return None
+        m = hmask[i]
+        return m.view(B, P, kvh, H // kvh).any(dim=3).transpose(1, 2)
+
+    hooks = {"heads": lambda i, h: h * hmask[i].transpose(1, 2)[..., None].to(h.dtype),
+             "neurons": lambda i, f: f * nmask[i].to(f.dtype), "kv_live": kv_live}
+    return model.prefill(tokens, all_logits=True, hooks=hooks), hmask
+
+
+@pytest.mark.parametrize("policy", ["local", "global"])
+@pytest.mark.parametrize("kv_rule", ["skip", "always"])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_oracle_equals_a_brute_force_masked_forward(family, policy, kv_rule):
+    from models.modes import make_mode
+
+    model = tiny(family)
+    tokens = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    mode = make_mode("oracle", sparsity=0.5, policy=policy, kv_rule=kv_rule).bind(model)
+    got = sparse_logits(model, tokens, mode, 4)
+    want, hmask = _brute_force_oracle(model, tokens, 4, 0.5, policy, kv_rule)
+    assert rel(got, want) <= 1e-5
+    assert rel(got[:, 4:], model.prefill(tokens, all_logits=True)[:, 4:]) > 1e-3  # it is not the dense forward
+    if policy == "global":  # a global budget lets layers keep different numbers of heads
+        kept = torch.stack([hmask[i][:, 4:].sum(-1) for i in range(1, model.cfg.n_layers)])
+        assert kept.sum(0).eq(kept.sum(0)[0, 0]).all()
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_kv_rule_always_keeps_every_key_and_value(family):
+    """With kv_rule 'always' a skipped head still leaves its key and value, so later positions that compute it see
+    more context than under 'skip' and the logits differ (per-token plans: a static plan skips a head at every
+    position, where the rule cannot matter); for a dense mode the rule changes nothing."""
+    from models.modes import make_mode
+
+    model = tiny(family)
+    tokens = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(6))
+    skip = make_mode("oracle", sparsity=0.6, policy="local").bind(model)
+    always = make_mode("oracle", sparsity=0.6, policy="local", kv_rule="always").bind(model)
+    assert rel(sparse_logits(model, tokens, skip, 3), sparse_logits(model, tokens, always, 3)) > 1e-4
+    dense = make_mode("dense", kv_rule="always").bind(model)
+    assert torch.equal(sparse_logits(model, tokens, dense, 3), sparse_logits(model, tokens, Dense().bind(model), 3))
+
+
+def test_separate_head_and_neuron_budgets():
+    from models.modes import make_mode
+    from models.plan import kept_units
+
+    model = tiny("llama")
+    cfg = model.cfg
+    mode = make_mode("shadowllm", sparsity=0.5, predictor="random", policy="local", head_sparsity=0.0,
+                     neuron_sparsity=0.75).bind(model)
+    assert mode.buffers.k_heads == cfg.n_heads and mode.buffers.k_neurons == kept_units(cfg.ffn, 0.75)
+    assert mode.budgets() == {"head_sparsity": 0.0, "neuron_sparsity": 0.75, "kv_rule": "skip"}
+    tokens = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(1))
+    heads_only = make_mode("shadowllm", sparsity=0.5, predictor=mode.predictor, policy="local",
+                           neuron_sparsity=0.0).bind(model)
+    neurons_only = make_mode("shadowllm", sparsity=0.5, predictor=mode.predictor, policy="local",
+                             head_sparsity=0.0).bind(model)
+    a, b = sparse_logits(model, tokens, heads_only, 3), sparse_logits(model, tokens, neurons_only, 3)
+    assert rel(a, b) > 1e-3
+    with pytest.raises(ValueError, match="sparsity must be a number in"):
+        make_mode("static", importance=random_importance(cfg), head_sparsity=1.0)
+
+
+def test_the_oracle_and_kv_rule_always_have_no_decode_step():
+    from models.modes import make_mode
+
+    model = tiny("opt")
+    with pytest.raises(ValueError, match="has no decode step"):
+        Generator(model, make_mode("oracle", sparsity=0.5), max_len=8, backend="torch")
+    with pytest.raises(ValueError, match="runs in quality evaluation"):
+        Generator(model, make_mode("static", sparsity=0.5, importance=random_importance(model.cfg),
+                                   kv_rule="always"), max_len=8, backend="torch")
