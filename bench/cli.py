@@ -203,19 +203,37 @@ def _load_lm(args):
 def _collect(args) -> int:
     from models.criteria import CRITERIA
 
-    from .collect import collect
+    from .collect import TOKEN_CRITERIA, collect, collect_tokens
     from .tasks import TASKS, check_tasks
 
     _data_dir(args.data_dir)
-    bad = [c for c in _names(args.criteria) if c not in CRITERIA]
+    known = TOKEN_CRITERIA if args.per_token else CRITERIA
+    bad = [c for c in _names(args.criteria) if c not in known]
     if bad:
-        raise SystemExit(f"unknown criteria {bad}; known: {', '.join(CRITERIA)}")
+        raise SystemExit(f"unknown criteria {bad}; known{' per token' if args.per_token else ''}: {', '.join(known)}")
     if args.tasks:
         try:
             check_tasks(_names(args.tasks))
         except ValueError as err:
             raise SystemExit(str(err)) from None
     model, tok = _load_lm(args)
+    if args.per_token:
+        out = args.out or f"runs/criteria-tokens/{args.model}"
+        try:
+            path = collect_tokens(model, tok, tasks=_names(args.tasks) if args.tasks is not None else list(TASKS),
+                                  shots=args.shots, per_task=args.per_task, wikitext_tokens=args.wikitext_tokens,
+                                  context=args.context, criteria=_names(args.criteria), batch_size=args.batch,
+                                  data_dir=args.data_dir, out_dir=out, model_name=args.model,
+                                  progress=not args.no_progress)
+        except ValueError as err:
+            raise SystemExit(f"collect: {err}") from None
+        import json
+
+        meta = json.loads((path / "meta.json").read_text())
+        print(f"{meta['rows']} positions of {meta['sequences']} sequences ({', '.join(meta['sources'])}; missing: "
+              f"{sorted(meta['missing_tasks']) or 'none'}) in {meta['seconds']} s")
+        print(path)
+        return 0
     out = args.out or f"runs/criteria/{args.model}"
     try:
         path = collect(model, tok, tasks=_names(args.tasks) if args.tasks else list(TASKS), shots=args.shots,
@@ -261,8 +279,9 @@ def _train(args) -> int:
             try:
                 t = train_case(kind, crit, data=args.data, tensors=tensors, meta=meta, cfg=cfg, out_dir=out,
                                writer=writer, hidden=args.hidden, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                               val_fraction=args.val_fraction, normalisation=args.normalisation, log=args.log,
-                               device=device, progress=bar, force=args.force)
+                               val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                               normalisation=args.normalisation, log=args.log, device=device, progress=bar,
+                               force=args.force)
             except ValueError as err:
                 print(f"train {kind}/{crit}: {err}", file=sys.stderr)
                 status = 1
@@ -271,7 +290,11 @@ def _train(args) -> int:
                 if bar is not None:
                     bar.close()
             rho = {r["metric"]: r["value"] for r in t.rows}
+            base = rho.get("spearman_local_neurons_unit_mean"), rho.get("spearman_local_neurons_source_mean")
             head = "trained" if t.fresh else "up to date (same data and settings; --force retrains)"
+            if base[0] is not None:
+                head = (f"baselines neurons local: unit mean {base[0]:.3f}"
+                        + (f", source mean {base[1]:.3f}" if base[1] is not None else "") + f"; {head}")
             print(f"{kind:<9} {crit:<9} rho heads local/global {rho.get('spearman_local_heads', float('nan')):.3f}/"
                   f"{rho.get('spearman_global_heads', float('nan')):.3f}  neurons "
                   f"{rho.get('spearman_local_neurons', float('nan')):.3f}/"
@@ -309,7 +332,8 @@ def _quality(args) -> int:
                        sparsities=args.sparsity, policies=_names(args.policy), granularity=args.granularity,
                        tasks=tasks, shots=args.shots, limit=args.limit, ppl=not args.no_ppl,
                        ppl_tokens=args.ppl_tokens, context=args.context, stride=args.stride,
-                       sparse_prefix=args.sparse_prefix, criteria_dir=args.criteria_dir,
+                       sparse_prefix={"default": None, "sparse": True, "dense": False}[args.context_mode],
+                       criteria_dir=args.criteria_dir,
                        predictors_dir=args.predictors_dir, data_dir=args.data_dir, out_path=args.out,
                        predictor_dtype=args.predictor_dtype, head_sparsity=args.head_sparsity,
                        neuron_sparsity=args.neuron_sparsity, kv_rule=args.kv_rule,
@@ -440,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="examples per task and shot count (0: all)")
     col.add_argument("--batch", type=_int_at_least(1, "--batch"), default=8, help="examples per forward+backward")
     col.add_argument("--neuron-site", choices=["weight", "activation"], default="weight")
+    col.add_argument("--per-token", action="store_true",
+                     help="every position is a row: per-token l2norm / plainact and that position's predictor inputs, "
+                          "over WikiText-2 validation text and the tasks' predictor prompts (what a predictor used per "
+                          "token should learn)")
+    col.add_argument("--wikitext-tokens", type=_int_at_least(0, "--wikitext-tokens"), default=32768,
+                     help="--per-token: tokens of WikiText-2 validation (0: none)")
+    col.add_argument("--context", type=_int_at_least(2, "--context"), default=512,
+                     help="--per-token: sequence length (WikiText-2 windows; longer prompts keep their end)")
     col.add_argument("--out", help="output directory (default runs/criteria/MODEL)")
     col.set_defaults(func=_collect)
 
@@ -452,8 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=100)
     tr.add_argument("--batch", type=_int_at_least(1, "--batch"), default=32)
     tr.add_argument("--lr", type=_positive_float("--lr"), default=1e-3)
-    tr.add_argument("--val-fraction", type=_fraction("--val-fraction"), default=0.2)
-    tr.add_argument("--normalisation", choices=["global", "layer"], default="global")
+    tr.add_argument("--val-fraction", type=_fraction("--val-fraction"), default=0.2,
+                    help="held-out share that chooses the best epoch")
+    tr.add_argument("--test-fraction", type=_fraction("--test-fraction", low_open=False), default=0.2,
+                    help="held-out share that Spearman rho and its baselines are reported on (0: the validation "
+                         "split, which also chose the epoch)")
+    tr.add_argument("--normalisation", choices=["global", "layer"], default="layer",
+                    help="targets z-scored per layer (default: global top-k then compares units by their standing "
+                         "in their own layer; one z-score over all layers let loud layers take the whole budget) or "
+                         "once over all layers (keeps the criterion's cross-layer order)")
     tr.add_argument("--log", action="store_true", help="log-transform the scores before normalising")
     tr.add_argument("--out", help="predictor directory (default runs/predictors/MODEL)")
     tr.add_argument("--results", default="runs/train.jsonl", help="JSON Lines file for Spearman rho rows")
@@ -483,7 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--context", type=_int_at_least(1, "--context"), default=512, help="perplexity window")
     q.add_argument("--stride", type=_int_at_least(1, "--stride"), default=256,
                    help="perplexity window step (tokens scored per window)")
-    q.add_argument("--sparse-prefix", action="store_true", help="decode the context too (every position sparse)")
+    q.add_argument("--context-mode", choices=["default", "sparse", "dense"], default="default",
+                   help="default: accuracy decodes each prompt's context sparsely (every position sparse, the paper's "
+                        "setting) and perplexity keeps each window's prefix dense (its prefill); sparse / dense set "
+                        "both; rows record which (sparse_prefix), tables mark dense-context accuracy")
     q.add_argument("--criteria-dir", help="importance files (default runs/criteria/MODEL)")
     q.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
                    help="the predictors' second layer as stored (default) or quantised to float8 e4m3")

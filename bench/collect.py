@@ -146,3 +146,142 @@ def load_dataset(path) -> tuple[dict, dict]:
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "model" not in meta:
         raise ValueError(f"{path / 'meta.json'} lacks 'config' and 'model' (not written by `shadowbench collect`)")
     return read_tensors(path / "criteria.safetensors", "criteria file"), meta
+
+
+# ---------------------------------------------------------------- per-token targets (shadowbench collect --per-token)
+TOKEN_CRITERIA = ("l2norm", "plainact")
+
+
+def token_sequences(tokenizer, *, tasks, shots=(0,), per_task=40, wikitext_tokens=32768, context=512, data_dir=None,
+                    seed=0) -> tuple[list, list, dict]:
+    """The sequences whose every position is a training row: WikiText-2 *validation* text in windows of
+    ``context`` tokens (the first ``wikitext_tokens``), and each task's predictor-split examples with ``shots``
+    solved examples before them, context and gold continuation (cut to ``context`` tokens from the left). Returns
+    ``(sources, [(source index, ids)], missing tasks)``."""
+    from .tasks import wikitext2_valid_text
+
+    sources, seqs = [], []
+    if wikitext_tokens:
+        ids = tokenizer.encode(wikitext2_valid_text(data_dir), special=False)[:wikitext_tokens]
+        sources.append("wikitext2-valid")
+        seqs += [(0, ids[i: i + context]) for i in range(0, len(ids) - 1, context) if len(ids[i: i + context]) > 1]
+    missing = {}
+    if tasks:
+        examples, _, missing = _examples(tasks, shots, per_task, data_dir, seed)
+        for task, _, _, ctx, cont in examples:
+            if task not in sources:
+                sources.append(task)
+            c_ids, t_ids = encode_pair(tokenizer, ctx, cont)
+            seqs.append((sources.index(task), (c_ids + t_ids)[-context:]))
+    if not seqs:
+        raise ValueError("no sequences: give --wikitext-tokens > 0 or tasks with data here")
+    return sources, seqs, missing
+
+
+def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikitext_tokens=32768, context=512,
+                   criteria=TOKEN_CRITERIA, batch_size=4, data_dir=None, out_dir="runs/criteria-tokens", seed=0,
+                   model_name=None, with_inputs=True, progress=True) -> Path:
+    """Per-token importance targets: every position of every sequence of :func:`token_sequences` is one row.
+
+    One forward and backward per batch (the loss: every next-token NLL of the batch) gives, per position,
+    ``l2norm`` (a head's output L2 norm, a neuron's |activation|) and ``plainact`` (``|A * dL/dA|`` summed over a
+    head's output, or of one neuron's activation; the gradient of the whole sequence's loss), with the predictor
+    inputs of that position: layer 0's attention output (``attn0``) and each layer's input (``inputs``). Written
+    like :func:`collect`'s datasets (fp16), so ``shadowbench train`` takes it, plus ``row_group`` (the sequence of
+    each row: splits keep a sequence on one side) and ``row_source`` (index into ``meta["sources"]``)."""
+    from models.criteria import _Probes
+
+    bad = [c for c in criteria if c not in TOKEN_CRITERIA]
+    if bad:
+        raise ValueError(f"per-token criteria are {TOKEN_CRITERIA}; got {bad}")
+    if context < 2 or context > model.cfg.max_positions:
+        raise ValueError(f"context must be in [2, {model.cfg.max_positions}], got {context}")
+    sources, seqs, missing = token_sequences(tokenizer, tasks=tasks, shots=shots, per_task=per_task,
+                                             wikitext_tokens=wikitext_tokens, context=context, data_dir=data_dir,
+                                             seed=seed)
+    need_grad = "plainact" in criteria
+    store = {f"{c}.{k}": [] for c in criteria for k in ("heads", "neurons")}
+    attn0, inputs, group, source, position = [], [], [], [], []
+    L = model.cfg.n_layers
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(ids) for _, ids in seqs), desc="collect tokens", unit="tok")
+    t0 = time.time()
+    # longest first: batches of similar lengths waste little padding
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][1]))
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0: b0 + batch_size]
+        P = max(len(seqs[i][1]) for i in idx)
+        tokens = torch.zeros((len(idx), P), dtype=torch.long)
+        for r, i in enumerate(idx):
+            tokens[r, : len(seqs[i][1])] = torch.tensor(seqs[i][1])
+        lengths = torch.tensor([len(seqs[i][1]) for i in idx])
+        valid = torch.arange(P)[None, :] < lengths[:, None]  # [B, P]
+        tokens, valid_d = tokens.to(model.device), valid.to(model.device)
+        probes = _Probes(need_grad, "activation", with_inputs)
+        with torch.enable_grad():
+            logits = model.prefill(tokens, all_logits=True, hooks=probes.hooks())
+            if need_grad:
+                from models.decoder import token_nll
+
+                nll = token_nll(logits, tokens)  # [B, P - 1]
+                loss = (nll * valid_d[:, 1:]).sum()
+                keys = list(probes.probes)
+                grads = dict(zip(keys, torch.autograd.grad(loss, [probes.probes[k] for k in keys]), strict=True))
+        sel = valid_d.reshape(-1)
+        with torch.no_grad():
+            for c in criteria:
+                hs, ns = [], []
+                for i in range(L):
+                    h, f = probes.heads[i].float(), probes.neurons[i].float()  # [B, H, P, D], [B, P, F]
+                    if c == "l2norm":
+                        hs.append(h.norm(dim=-1).transpose(1, 2))
+                        ns.append(f.abs())
+                    else:
+                        gh, gf = grads[("heads", i)].float(), grads[("neurons", i)].float()
+                        hs.append((h * gh).abs().sum(-1).transpose(1, 2))
+                        ns.append((f * gf).abs())
+                store[f"{c}.heads"].append(torch.stack(hs, 2).flatten(0, 1)[sel].half().cpu())
+                store[f"{c}.neurons"].append(torch.stack(ns, 2).flatten(0, 1)[sel].half().cpu())
+            attn0.append(probes.attn0.flatten(0, 1)[sel].half().cpu())
+            if with_inputs:
+                inputs.append(torch.stack([probes.inputs[i] for i in range(L)], 2).flatten(0, 1)[sel].half().cpu())
+        for i in idx:
+            n = len(seqs[i][1])
+            group.append(torch.full((n,), i, dtype=torch.int32))
+            source.append(torch.full((n,), seqs[i][0], dtype=torch.int32))
+            position.append(torch.arange(n, dtype=torch.int32))
+        if bar is not None:
+            bar.update(int(lengths.sum()))
+    if bar is not None:
+        bar.close()
+    tensors = {k: torch.cat(v) for k, v in store.items()}
+    tensors.update(attn0=torch.cat(attn0), row_group=torch.cat(group), row_source=torch.cat(source),
+                   row_position=torch.cat(position))
+    if with_inputs:
+        tensors["inputs"] = torch.cat(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out_dir / "criteria.safetensors"))
+    for c in criteria:  # the per-unit means over every position: static mode's importance from the same data
+        imp = {k: tensors[f"{c}.{k}"].float().mean(0).contiguous() for k in ("heads", "neurons")}
+        save_file(imp, str(out_dir / f"importance-{c}.safetensors"))
+    cfg = model.cfg
+    meta = {
+        "model": model_name or cfg.name, "config": dataclasses.asdict(cfg), "family": cfg.family,
+        "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "ffn": cfg.ffn,
+        "hidden": cfg.hidden, "dtype": str(model.dtype), "tokenizer": getattr(tokenizer, "name", None),
+        "criteria": list(criteria), "aggregate_only": [], "granularity": "token", "rows": len(tensors["attn0"]),
+        "sequences": len(seqs), "sources": sources, "context": context, "wikitext_tokens": wikitext_tokens,
+        "tasks": list(tasks), "shots": [int(s) for s in shots], "per_task": per_task, "missing_tasks": missing,
+        "seed": seed, "neuron_site": "activation",
+        "split": "WikiText-2 validation; the tasks' predictor splits (never eval, never WikiText-2 test)",
+        "predictor_input_position": "every position (its own)", "commit": git_commit(),
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return out_dir

@@ -276,7 +276,7 @@ def check_quality_args(*, limit=None, shots=0, ppl_tokens=4096, context=512, str
 
 def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsities, policies=("global",),
                 granularity="token", tasks=(), shots=0, limit=None, ppl=True, ppl_tokens=4096, context=512,
-                stride=256, sparse_prefix=False, criteria_dir=None, predictors_dir=None, data_dir=None,
+                stride=256, sparse_prefix=None, criteria_dir=None, predictors_dir=None, data_dir=None,
                 out_path="runs/quality.jsonl", batch=8, progress=True, predictor_dtype="model", head_sparsity=None,
                 neuron_sparsity=None, kv_rule="skip") -> QualityRun:
     """Perplexity and accuracy rows for every case; resumes ``out_path`` and records failed cases.
@@ -284,7 +284,10 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
     A case is done when the file holds its rows with the same settings: the model, mode, criterion, policy,
     sparsity, evaluation and shots, and also the dtype, granularity, sparse context, example limit, perplexity
     tokens, window and stride, predictor dtype, and the sha256 of the predictor or importance file. A changed
-    setting is a new case; the settings are recorded in each row (``extra.settings``)."""
+    setting is a new case; the settings are recorded in each row (``extra.settings``).
+
+    ``sparse_prefix``: None (default) decodes accuracy contexts sparsely (the paper's setting: every position
+    sparse) and keeps perplexity windows' prefixes dense (a prefill, as in decoding); True or False sets both."""
     import traceback
 
     from .results import RowWriter, device_name, file_digest, git_commit, make_row, settings_key
@@ -303,7 +306,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
             have.setdefault(key, []).append(r)
     dtype = str(model.dtype).replace("torch.", "")
     base = dict(kind="quality", model=model_name, batch=1, device=device_name(model.device), dtype=dtype,
-                git_commit=git_commit(), granularity=granularity, sparse_prefix=sparse_prefix,
+                git_commit=git_commit(), granularity=granularity,
                 predictor_dtype=predictor_dtype)
     evals = []
     if ppl:
@@ -341,9 +344,10 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 bar.update(len(evals))
             continue
         for name, data in evals:
+            sparse_ctx = (name != "wikitext2") if sparse_prefix is None else bool(sparse_prefix)
             settings = {"model": model_name, "mode": case.mode, "criterion": case.criterion, "policy": case.policy,
                         "sparsity": case.sparsity, "eval": name, "dtype": dtype, "granularity": granularity,
-                        "sparse_prefix": bool(sparse_prefix), "predictor_dtype": predictor_dtype,
+                        "sparse_prefix": sparse_ctx, "predictor_dtype": predictor_dtype,
                         "source_sha256": digest, **mode.budgets()}
             if name == "wikitext2":
                 settings.update(ppl_tokens=ppl_tokens, context=context, stride=stride)
@@ -355,15 +359,15 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 if bar is not None:
                     bar.update(1)
                 continue
-            stamp = dict(common, source=source, settings=settings, case_key=key)
+            stamp = dict(common, source=source, settings=settings, case_key=key, sparse_prefix=sparse_ctx)
             try:
                 if name == "wikitext2":
-                    r = perplexity(model, mode, data, context=context, stride=stride, sparse_prefix=sparse_prefix,
+                    r = perplexity(model, mode, data, context=context, stride=stride, sparse_prefix=sparse_ctx,
                                    batch=max(1, batch // 2))
                     out = [make_row(**stamp, metric="perplexity", value=r.ppl, unit="ppl", eval=name, tokens=r.tokens,
                                     windows=r.windows, context=context, stride=stride)]
                 else:
-                    r = accuracy(model, mode, tokenizer, data, batch=batch, sparse_prefix=sparse_prefix)
+                    r = accuracy(model, mode, tokenizer, data, batch=batch, sparse_prefix=sparse_ctx)
                     out = [make_row(**stamp, metric=m, value=v, unit="fraction", eval=name, examples=r.n, shots=shots)
                            for m, v in (("acc", r.acc), ("acc_norm", r.acc_norm))]
             except Exception as err:  # noqa: BLE001
@@ -390,6 +394,8 @@ def quality_table(rows) -> str:
         hs, ns = e.get("head_sparsity", r["sparsity"]), e.get("neuron_sparsity", r["sparsity"])
         s_txt = f"{r['sparsity']:.2f}" if hs == ns else f"{hs:.2f}/{ns:.2f}"
         mode = r["mode"] + (" kv:always" if e.get("kv_rule") == "always" else "")
+        if e.get("eval") != "wikitext2" and e.get("sparse_prefix") is False and r["mode"] != "dense":
+            mode += " dense-ctx"
         key = (r["model"], mode, r["criterion"] or "-", r["policy"] or "-", s_txt)
         cases.setdefault(key, {})[e["eval"]] = r["value"]
     evals = sorted({e for v in cases.values() for e in v}, key=lambda e: (e != "wikitext2", e))

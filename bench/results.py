@@ -77,11 +77,15 @@ def predictor_rows(res, *, model: str, kind: str, criterion: str, device, path, 
     """Rows of one trained predictor (a ``models.train.TrainResult``): Spearman rho per scope and unit,
     and the best validation MSE with the loss history."""
     common = dict(kind="predictor", model=model, mode=kind, criterion=criterion, device=str(device),
-                  dtype="float32", git_commit=git_commit(), n_train=res.n_train, n_val=res.n_val,
+                  dtype="float32", git_commit=git_commit(), n_train=res.n_train, n_val=res.n_val, n_test=res.n_test,
+                  rho_split="test" if res.n_test else "validation",
                   best_epoch=res.best_epoch, hidden=res.predictor.hidden, path=str(path),
                   **res.normaliser.describe(), **extra)
     rows = [make_row(**common, metric=f"spearman_{scope}_{unit}", value=v, unit="rho")
             for unit, d in res.quality.items() for scope, v in d.items()]
+    # the baselines on the same rows: per-unit mean (static's order) and per-source mean (the prompt's task)
+    rows += [make_row(**common, metric=f"spearman_{scope}_{unit}_{name}", value=v, unit="rho", baseline=name)
+             for name, q in res.baselines.items() for unit, d in q.items() for scope, v in d.items()]
     rows.append(make_row(**common, metric="val_mse", value=min(h["val_loss"] for h in res.history), unit="",
                          history=res.history))
     return rows

@@ -332,3 +332,20 @@ def wikitext2_text(data_dir_path=None) -> str:
     if not any(rows):
         raise DataError(f"{path} holds no text")
     return "\n\n".join(rows)
+
+
+_DETOKENIZE = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
+               (" : ", ": "), (" 's", "'s"), (" n't", "n't"), ("( ", "("), (" )", ")")]
+
+
+def wikitext2_valid_text(data_dir_path=None) -> str:
+    """WikiText-2's validation split, the only validation text here (its tokenized form: ``<unk>`` kept, the
+    word-level tokenization's spacing undone for the common cases). For predictor training data only: the test
+    split stays for evaluation."""
+    path = _need(data_dir(data_dir_path) / "wikitext2" / "tokenized" / "valid.txt")
+    text = path.read_text(encoding="utf-8")
+    for a, b in _DETOKENIZE:
+        text = text.replace(a, b)
+    if not text.strip():
+        raise DataError(f"{path} holds no text")
+    return text

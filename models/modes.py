@@ -141,14 +141,32 @@ class _Sparse(Mode):
         return self.buffers.counts()
 
 
+STATIC_NORMALISATIONS = ("layer", "none")
+
+
+def layer_zscore(x: torch.Tensor) -> torch.Tensor:
+    """A z-score per layer (row) of [L, U] scores: the order within a layer is kept, and layers whose scores differ
+    in scale by orders of magnitude compete on equal terms under a global budget."""
+    return (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True).clamp(min=1e-12)
+
+
 class Static(_Sparse):
     """One fixed plan from aggregated importance scores: ``heads`` [L, H] and ``neurons`` [L, F]
-    (a dict, or a safetensors/torch file with those keys; rows of dense layers are ignored)."""
+    (a dict, or a safetensors/torch file with those keys; rows of dense layers are ignored).
+
+    ``normalise``: under the global policy the scores are z-scored per layer first (``layer``, the default there):
+    raw criteria differ by orders of magnitude between layers, and one budget over raw scores left whole layers with
+    no head at all on SmolLM2. ``none`` selects on the raw scores."""
 
     name = "static"
 
-    def __init__(self, importance, sparsity: float, policy: str = "local", first_sparse: int = 1):
+    def __init__(self, importance, sparsity: float, policy: str = "local", first_sparse: int = 1,
+                 normalise: str | None = None):
         super().__init__(sparsity, policy, first_sparse)
+        normalise = normalise or ("layer" if self.policy == "global" else "none")
+        if normalise not in STATIC_NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {STATIC_NORMALISATIONS}, got {normalise!r}")
+        self.normalise = normalise
         self.source = str(importance) if isinstance(importance, (str, Path)) else "tensors"
         self.importance = load_importance(importance) if isinstance(importance, (str, Path)) else importance
 
@@ -167,11 +185,13 @@ class Static(_Sparse):
         for key, t in (("heads", heads), ("neurons", neurons)):
             if not torch.isfinite(t).all():
                 raise ValueError(f"static importance {key!r} holds NaN or infinite values")
+        if self.normalise == "layer":
+            heads, neurons = layer_zscore(heads), layer_zscore(neurons)
         self.buffers.fill(self.first_sparse, heads, neurons)
         return self
 
     def describe(self):
-        return {**super().describe(), "importance": self.source}
+        return {**super().describe(), "importance": self.source, "normalise": self.normalise}
 
 
 class Oracle(_Sparse):

@@ -46,23 +46,40 @@ class Normaliser:
     scheme: str
     log: bool
     stats: dict = field(default_factory=dict)  # kind -> (mean, std) broadcastable to [L_s, U]
+    eps: dict = field(default_factory=dict)  # kind -> the log's offset, fixed at fit time
 
-    def _pre(self, t):
+    def _pre(self, t, kind):
         if not self.log:
             return t
-        return torch.log(t.clamp(min=0) + 1e-6 * t.abs().mean().clamp(min=1e-30))
+        return torch.log(t.clamp(min=0) + self.eps[kind])
 
-    def fit(self, t: Targets) -> Normaliser:
+    def fit(self, t: Targets, rows=None, chunk: int = 4096) -> Normaliser:
+        """Statistics of the rows ``rows`` (default all) of ``t``, read ``chunk`` rows at a time in float64 (the
+        targets may be fp16 and larger than memory allows as fp32)."""
         for kind in ("heads", "neurons"):
-            x = self._pre(getattr(t, kind))
+            x = getattr(t, kind)
+            idx = torch.arange(x.shape[0]) if rows is None else rows
+            if self.log:
+                tot = sum(float(x[idx[i: i + chunk]].double().abs().sum()) for i in range(0, len(idx), chunk))
+                self.eps[kind] = 1e-6 * max(tot / (len(idx) * x[0].numel()), 1e-30)
             dims = (0, 1, 2) if self.scheme == "global" else (0, 2)
-            mean, std = x.mean(dim=dims, keepdim=True)[0], x.std(dim=dims, keepdim=True)[0]
-            self.stats[kind] = (mean, std.clamp(min=1e-12))
+            s1 = s2 = 0.0
+            for i in range(0, len(idx), chunk):
+                y = self._pre(x[idx[i: i + chunk]].double(), kind)
+                s1 = s1 + y.sum(dim=dims, keepdim=True)[0]
+                s2 = s2 + (y * y).sum(dim=dims, keepdim=True)[0]
+            n = len(idx) * (x.shape[1] * x.shape[2] if self.scheme == "global" else x.shape[2])
+            mean = s1 / n
+            var = (s2 / n - mean * mean) * n / max(1, n - 1)
+            self.stats[kind] = (mean.float(), var.clamp(min=0).sqrt().float().clamp(min=1e-12))
         return self
 
+    def apply_kind(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        mean, std = self.stats[kind]
+        return (self._pre(x.float(), kind) - mean.to(x.device)) / std.to(x.device)
+
     def apply(self, t: Targets) -> Targets:
-        return Targets(*[(self._pre(getattr(t, k)) - self.stats[k][0]) / self.stats[k][1]
-                         for k in ("heads", "neurons")])
+        return Targets(*[self.apply_kind(getattr(t, k), k) for k in ("heads", "neurons")])
 
     def describe(self) -> dict:
         return {"normalisation": self.scheme, "log": self.log}
@@ -77,7 +94,7 @@ def targets_from(tensors: dict, criterion: str, first_sparse: int = 1) -> Target
     if heads.dim() != 3:
         raise ValueError(f"criterion {criterion!r} is aggregate-only (one value per unit); predictors need "
                          "per-example scores")
-    return Targets(heads[:, first_sparse:].float(), neurons[:, first_sparse:].float())
+    return Targets(heads[:, first_sparse:], neurons[:, first_sparse:])  # as stored (fp16 for per-token data)
 
 
 def spearman(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
@@ -105,54 +122,130 @@ def rank_quality(pred: Targets, true: Targets) -> dict:
 class TrainResult:
     predictor: object
     history: list[dict]
-    quality: dict  # rank_quality on the validation split
+    quality: dict  # rank_quality on the test split (never the split that chose the epoch)
     best_epoch: int
     n_train: int
     n_val: int
     normaliser: Normaliser
+    n_test: int = 0
+    baselines: dict = field(default_factory=dict)  # name -> rank_quality of a baseline on the test split
 
 
-def _split(n: int, val_fraction: float, seed: int):
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n_val = max(1, int(round(n * val_fraction)))
-    if n - n_val < 1:
-        raise ValueError(f"{n} examples are too few to hold out {val_fraction:.0%} and still train")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:], perm[:n_val]
+def _split(n: int, val_fraction: float, seed: int, groups: torch.Tensor | None = None, test_fraction: float = 0.0):
+    """Train, validation (chooses the epoch) and test (rho is reported on it) row indices. With ``groups`` (the
+    sequence of each row of a per-token dataset) whole groups go to one side, so no sequence is both trained on
+    and held out."""
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= f < 1.0 or (name == "val_fraction" and f == 0.0):
+            raise ValueError(f"{name} must be in {'(0, 1)' if name == 'val_fraction' else '[0, 1)'}, got {f}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    if groups is None:
+        units, of_row = n, None
+    else:
+        ids, of_row = torch.unique(groups, return_inverse=True)
+        units = len(ids)
+    n_val = max(1, int(round(units * val_fraction)))
+    n_test = int(round(units * test_fraction)) if test_fraction else 0
+    if test_fraction and n_test == 0:
+        n_test = 1
+    if units - n_val - n_test < 1:
+        what = "sequences" if groups is not None else "examples"
+        raise ValueError(f"{units} {what} are too few to hold out {val_fraction:.0%} + {test_fraction:.0%} and still "
+                         "train")
+    perm = torch.randperm(units, generator=gen)
+    parts = perm[n_val + n_test:], perm[:n_val], perm[n_val: n_val + n_test]
+    if of_row is None:
+        return parts
+    side = torch.full((units,), 0, dtype=torch.long)
+    side[parts[1]], side[parts[2]] = 1, 2
+    rs = side[of_row]
+    return tuple(torch.nonzero(rs == k).flatten() for k in range(3))
+
+
+def _group_means(y_rows, labels, rows, n_labels, chunk=4096):
+    """Mean of ``y_rows(idx)`` [b, L, U] over ``rows`` per label (and over all rows: the last entry)."""
+    sums, counts = None, torch.zeros(n_labels + 1, dtype=torch.float64)
+    for i in range(0, len(rows), chunk):
+        idx = rows[i: i + chunk]
+        y = y_rows(idx).double().cpu()
+        if sums is None:
+            sums = torch.zeros((n_labels + 1, *y.shape[1:]), dtype=torch.float64)
+        lab = labels[idx]
+        sums.index_add_(0, lab, y)
+        sums[n_labels] += y.sum(0)
+        counts.index_add_(0, lab, torch.ones(len(idx), dtype=torch.float64))
+        counts[n_labels] += len(idx)
+    means = sums / counts.clamp(min=1)[:, None, None]
+    means[:n_labels][counts[:n_labels] == 0] = means[n_labels]  # an unseen label falls back to the overall mean
+    return means.float()
+
+
+def rank_quality_rows(predict, true_rows, rows, chunk: int = 2048) -> dict:
+    """rank_quality over ``rows``, ``chunk`` rows at a time: ``predict(idx)`` and ``true_rows(idx)`` give
+    (heads, neurons) of those rows."""
+    acc = {k: {"local": 0.0, "global": 0.0} for k in ("heads", "neurons")}
+    for i in range(0, len(rows), chunk):
+        idx = rows[i: i + chunk]
+        q = rank_quality(Targets(*[t.float().cpu() for t in predict(idx)]),
+                         Targets(*[t.float().cpu() for t in true_rows(idx)]))
+        for k in acc:
+            for scope in acc[k]:
+                acc[k][scope] += q[k][scope] * len(idx)
+    return {k: {scope: v / max(1, len(rows)) for scope, v in d.items()} for k, d in acc.items()}
 
 
 def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str, *, hidden: int | None = None,
                     epochs: int = 100, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01,
-                    val_fraction: float = 0.2, normalisation: str = "global", log: bool = False,
-                    first_sparse: int = 1, seed: int = 0, device="cpu", progress=None) -> TrainResult:
-    """Train a ``shadowllm`` or ``dejavu`` predictor on one criterion of a criteria dataset."""
+                    val_fraction: float = 0.2, test_fraction: float = 0.2, normalisation: str = "global",
+                    log: bool = False, first_sparse: int = 1, seed: int = 0, device="cpu", progress=None,
+                    sources: torch.Tensor | None = None) -> TrainResult:
+    """Train a ``shadowllm`` or ``dejavu`` predictor on one criterion of a criteria dataset.
+
+    Three splits: the epoch with the lowest loss on ``val_fraction`` of the data is kept, and Spearman rho is
+    reported on a separate ``test_fraction`` (0: on the validation split, as a selection-biased figure), beside two
+    baselines on the same rows: the per-unit mean of the training targets (what ``static`` uses) and the per-source
+    mean (the task of a prompt, or WikiText-2; ``sources``, default the dataset's ``row_source``). Per-token datasets
+    (``row_group``) are split by sequence. Targets stay in their stored dtype and are normalised a batch at a time, so
+    fp16 datasets larger than fp32 memory train."""
     if kind not in ("shadowllm", "dejavu"):
         raise ValueError(f"kind must be 'shadowllm' or 'dejavu', got {kind!r}")
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
+        raise ValueError(f"hidden must be a positive int or None, got {hidden!r}")
     tg = targets_from(tensors, criterion, first_sparse)
     N = tg.heads.shape[0]
     L_s = cfg.n_layers - first_sparse
     if tg.heads.shape[1:] != (L_s, cfg.n_heads) or tg.neurons.shape[1:] != (L_s, cfg.ffn):
         raise ValueError(f"dataset scores {tuple(tg.heads.shape)} / {tuple(tg.neurons.shape)} do not fit the model "
                          f"({L_s} sparse layers, {cfg.n_heads} heads, {cfg.ffn} neurons)")
-    if kind == "shadowllm":
-        x = tensors["attn0"].float()  # [N, E]
-    else:
-        x = tensors["inputs"].float()[:, first_sparse:]  # [N, L_s, E]
-    tr, va = _split(N, val_fraction, seed)
-    norm = Normaliser(normalisation, log).fit(Targets(tg.heads[tr], tg.neurons[tr]))
-    y = norm.apply(tg)
+    x_all = tensors["attn0"] if kind == "shadowllm" else tensors["inputs"][:, first_sparse:]  # [N, E] / [N, L_s, E]
+    if torch.device(device).type == "cuda":  # batches gathered on the GPU when the data fits beside the predictor
+        need = sum(t.numel() * t.element_size() for t in (x_all, tg.heads, tg.neurons))
+        if need < 0.5 * torch.cuda.get_device_properties(device).total_memory:
+            x_all, tg = x_all.to(device), Targets(tg.heads.to(device), tg.neurons.to(device))
+    groups = tensors.get("row_group")
+    tr, va, te = _split(N, val_fraction, seed, groups, test_fraction)
+    norm = Normaliser(normalisation, log).fit(tg, tr)
     torch.manual_seed(seed)
     if kind == "shadowllm":
         pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device)
     else:
         pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device)
     pred.requires_grad_(True)
-    x, yh, yn = x.to(device), y.heads.to(device), y.neurons.to(device)
+
+    def batch_of(idx):
+        idx = idx.to(x_all.device)
+        x = x_all[idx].to(device).float()
+        yh = norm.apply_kind(tg.heads[idx].to(device), "heads")
+        yn = norm.apply_kind(tg.neurons[idx].to(device), "neurons")
+        return x, yh, yn
 
     def forward(xb):
         if kind == "shadowllm":
@@ -161,20 +254,25 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
         return torch.stack([h for h, _ in outs], 1), torch.stack([n for _, n in outs], 1)
 
     def loss_of(idx):
-        h, n = forward(x[idx])
+        x, yh, yn = batch_of(idx)
+        h, n = forward(x)
         # every output counts once: heads and neurons together, as one MSE over all outputs
-        sq = (h - yh[idx]).pow(2).sum() + (n - yn[idx]).pow(2).sum()
+        sq = (h - yh).pow(2).sum() + (n - yn).pow(2).sum()
         return sq / (idx.numel() * (yh.shape[1] * yh.shape[2] + yn.shape[1] * yn.shape[2]))
+
+    def mean_loss(rows, chunk=1024):
+        with torch.no_grad():
+            return sum(float(loss_of(rows[i: i + chunk])) * len(rows[i: i + chunk])
+                       for i in range(0, len(rows), chunk)) / len(rows)
 
     opt = torch.optim.AdamW(pred.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(tr) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed + 1)
     history, best, best_state, best_epoch = [], float("inf"), None, 0
-    tr_d, va_d = tr.to(device), va.to(device)
     for epoch in range(epochs):
         pred.train()
-        order = tr_d[torch.randperm(len(tr), generator=gen).to(device)]
+        order = tr[torch.randperm(len(tr), generator=gen)]
         total = 0.0
         for i in range(0, len(order), batch_size):
             idx = order[i: i + batch_size]
@@ -184,8 +282,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
             opt.step()
             sched.step()
             total += float(loss.detach()) * idx.numel()
-        with torch.no_grad():
-            val = float(loss_of(va_d))
+        val = mean_loss(va)
         history.append({"epoch": epoch + 1, "train_loss": total / len(tr), "val_loss": val})
         if val < best:
             best, best_epoch = val, epoch + 1
@@ -195,10 +292,33 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
             progress.set_postfix(val=f"{val:.4f}")
     pred.load_state_dict(best_state)
     pred.requires_grad_(False).eval()
-    with torch.no_grad():
-        h, n = forward(x[va_d])
-    quality = rank_quality(Targets(h.cpu(), n.cpu()), Targets(tg.heads[va], tg.neurons[va]))
+    report = te if len(te) else va
+
+    def predict(idx):
+        with torch.no_grad():
+            return forward(x_all[idx.to(x_all.device)].to(device).float())
+
+    def truth(idx):
+        idx = idx.to(tg.heads.device)
+        return tg.heads[idx], tg.neurons[idx]
+
+    quality = rank_quality_rows(predict, truth, report)
+    # baselines on the same rows: per-unit and per-source means of the training targets (normalised; rho only
+    # sees their order, which the increasing normalisation keeps)
+    src = sources if sources is not None else tensors.get("row_source")
+    baselines = {}
+    if len(tr):
+        labels = (src.long() if src is not None else torch.zeros(N, dtype=torch.long))
+        n_lab = int(labels.max()) + 1
+        dev_t = tg.heads.device
+        mh = _group_means(lambda idx: norm.apply_kind(tg.heads[idx.to(dev_t)], "heads"), labels, tr, n_lab)
+        mn = _group_means(lambda idx: norm.apply_kind(tg.neurons[idx.to(dev_t)], "neurons"), labels, tr, n_lab)
+        baselines["unit_mean"] = rank_quality_rows(
+            lambda idx: (mh[n_lab].expand(len(idx), -1, -1), mn[n_lab].expand(len(idx), -1, -1)), truth, report)
+        if src is not None:
+            baselines["source_mean"] = rank_quality_rows(lambda idx: (mh[labels[idx]], mn[labels[idx]]), truth, report)
     pred.meta.update({"source": "trained", "criterion": criterion, **norm.describe(), "best_epoch": best_epoch,
-                      "epochs": epochs, "n_train": len(tr), "n_val": len(va), "val_loss": best,
-                      "spearman": quality})
-    return TrainResult(pred, history, quality, best_epoch, len(tr), len(va), norm)
+                      "epochs": epochs, "n_train": len(tr), "n_val": len(va), "n_test": len(te), "val_loss": best,
+                      "spearman": quality, "rho_split": "test" if len(te) else "validation",
+                      "spearman_baselines": baselines})
+    return TrainResult(pred, history, quality, best_epoch, len(tr), len(va), norm, len(te), baselines)

@@ -170,7 +170,7 @@ def test_quality_reruns_a_case_whose_settings_changed(tmp_path, capsys):
     assert cli.main(quality(tmp_path, "--limit", "3")) == 0  # the same settings: found done, nothing appended
     assert "0 rows appended" in capsys.readouterr().out
     assert len(lines_of(tmp_path / "q.jsonl")) == 4
-    assert cli.main(quality(tmp_path, "--limit", "3", "--sparse-prefix")) == 0
+    assert cli.main(quality(tmp_path, "--limit", "3", "--context-mode", "dense")) == 0
     assert len(lines_of(tmp_path / "q.jsonl")) == 6
 
 

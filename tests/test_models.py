@@ -14,7 +14,13 @@ from models.opt import OPTDecoder
 from models.plan import kept_units
 from models.predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
 
-from helpers import check_decode_against_masked_reference, constant_predictor, plan_masks_checked, random_importance
+from helpers import (
+    check_decode_against_masked_reference,
+    constant_predictor,
+    plan_masks_checked,
+    random_importance,
+    tiny_decoder,
+)
 
 V = 97
 # The Triton backend on CPU tensors needs the interpreter; on a GPU machine test_gpu_models covers it.
@@ -471,3 +477,23 @@ def test_fp8_predictor_mode_decodes_like_its_masked_reference(name):
         make(0.5, "random", hidden=16, predictor_dtype="fp8", sparse_hidden=True).bind(model, TORCH)
     with pytest.raises(ValueError, match="predictor_dtype must be one of"):
         make(0.5, "random", predictor_dtype="int4")
+
+
+def test_global_static_budget_keeps_every_layer_in_its_share_when_scales_differ_a_thousandfold():
+    """Importance whose layers differ in scale by 1000x: on raw scores a global budget goes to the loud layers and
+    leaves others empty; under the default per-layer normalisation every layer keeps close to its local share."""
+    model = tiny_decoder("opt")
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(3)
+    scale = torch.logspace(0, 3, cfg.n_layers)[:, None]
+    imp = {"heads": torch.rand(cfg.n_layers, cfg.n_heads, generator=g) * scale,
+           "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g) * scale}
+    normalised = Static(imp, 0.5, "global").bind(model)
+    counts = normalised.live_counts()
+    share = cfg.ffn // 2
+    assert all(abs(c - share) <= 0.25 * share for c in counts["neurons"]), counts
+    assert all(c >= 1 for c in counts["heads"]), counts
+    raw = Static(imp, 0.5, "global", normalise="none").bind(model).live_counts()
+    assert min(raw["neurons"]) == 0  # what the normalisation prevents
+    with pytest.raises(ValueError, match="normalise must be one of"):
+        Static(imp, 0.5, "global", normalise="zscore")

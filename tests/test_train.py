@@ -45,7 +45,11 @@ def test_shadowllm_learns_a_learnable_target_and_val_loss_falls():
     q = res.quality
     assert q["heads"]["global"] > 0.9 and q["neurons"]["global"] > 0.9, q
     assert q["neurons"]["local"] > 0.8, q
-    assert res.n_train + res.n_val == 384 and res.n_val == 77
+    assert res.n_train + res.n_val + res.n_test == 384 and res.n_val == 77 and res.n_test == 77
+    # rho is reported on the test split, beside the per-unit mean of the training targets; the synthetic targets
+    # depend on the input, so the predictor ranks neurons within a layer far better than any constant order
+    assert res.predictor.meta["rho_split"] == "test"
+    assert q["neurons"]["local"] > res.baselines["unit_mean"]["neurons"]["local"] + 0.3, res.baselines
 
 
 def test_dejavu_learns_per_layer_targets(tmp_path):
@@ -84,3 +88,36 @@ def test_bad_arguments():
     bigger = DecoderConfig(**{**c.__dict__, "ffn": 32})
     with pytest.raises(ValueError, match="do not fit the model"):
         train_predictor("shadowllm", bigger, t, "plainact", epochs=1)
+
+
+def test_splits_keep_a_sequence_on_one_side_and_refuse_too_little_data():
+    from models.train import _split
+
+    groups = torch.repeat_interleave(torch.arange(20), 7)  # 20 sequences of 7 positions
+    tr, va, te = _split(len(groups), 0.2, 0, groups, 0.2)
+    sides = [set(groups[p].tolist()) for p in (tr, va, te)]
+    assert len(tr) + len(va) + len(te) == 140 and not (sides[0] & sides[1]) and not (sides[0] & sides[2])
+    assert len(sides[1]) == 4 and len(sides[2]) == 4
+    with pytest.raises(ValueError, match="too few to hold out"):
+        _split(2, 0.5, 0, None, 0.4)
+    with pytest.raises(ValueError, match="must be below 1"):
+        _split(100, 0.6, 0, None, 0.5)
+
+
+def test_per_token_dataset_trains_in_fp16_with_source_baselines(tmp_path):
+    """collect --per-token on the tiny model, then training reads fp16 targets a batch at a time, splits by
+    sequence and reports rho on held-out sequences beside the per-unit and per-source means."""
+    from bench.collect import collect_tokens, load_dataset
+    from models.loading import TINY_RANDOM, load_model
+    from models.tokenizer import load_tokenizer
+
+    model = load_model(TINY_RANDOM, dtype="float32")
+    path = collect_tokens(model, load_tokenizer(TINY_RANDOM), tasks=["copa"], per_task=6, wikitext_tokens=1200,
+                          context=64, out_dir=tmp_path / "ct", progress=False)
+    tensors, meta = load_dataset(path)
+    assert tensors["plainact.neurons"].dtype == torch.float16 and meta["sources"] == ["wikitext2-valid", "copa"]
+    assert len(tensors["attn0"]) == meta["rows"] == len(tensors["row_group"]) > 1000
+    res = train_predictor("shadowllm", model.cfg, tensors, "l2norm", hidden=32, epochs=2, batch_size=64)
+    assert res.n_test > 0 and set(res.baselines) == {"unit_mean", "source_mean"}
+    for b in res.baselines.values():
+        assert -1.0 <= b["neurons"]["local"] <= 1.0
