@@ -97,14 +97,26 @@ def settings_key(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, default=str)
 
 
+_SAMPLED = 256 << 20  # files above this are identified by their size and their first and last 64 MB
+
+
 def file_digest(path) -> str | None:
-    """sha256 of a file (first 16 hex digits): the identity of a predictor or importance file in a case key."""
+    """sha256 of a file (first 16 hex digits): the identity of a predictor, importance or criteria file in a case
+    key. A file over 256 MB (a per-token criteria dataset runs to tens of GB) is hashed by its size and its first and
+    last 64 MB, which any rewrite of it changes."""
     if path is None:
         return None
     h = hashlib.sha256()
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        if size <= _SAMPLED:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(64 << 20))
+            f.seek(size - (64 << 20))
+            h.update(f.read(64 << 20))
     return h.hexdigest()[:16]
 
 
