@@ -280,7 +280,8 @@ def _train(args) -> int:
                 t = train_case(kind, crit, data=args.data, tensors=tensors, meta=meta, cfg=cfg, out_dir=out,
                                writer=writer, hidden=args.hidden, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                               normalisation=args.normalisation, log=args.log, device=device, progress=bar,
+                               normalisation=args.normalisation, log="log1p" if args.log1p else args.log,
+                               device=device, progress=bar,
                                force=args.force)
             except ValueError as err:
                 print(f"train {kind}/{crit}: {err}", file=sys.stderr)
@@ -493,7 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="targets z-scored per layer (default: global top-k then compares units by their standing "
                          "in their own layer; one z-score over all layers let loud layers take the whole budget) or "
                          "once over all layers (keeps the criterion's cross-layer order)")
-    tr.add_argument("--log", action="store_true", help="log-transform the scores before normalising")
+    tr.add_argument("--log", action="store_true", help="log-transform the scores before normalising: log(s + 1e-6 * "
+                    "mean)")
+    tr.add_argument("--log1p", action="store_true", help="log(1 + s) before normalising (compresses large scores, "
+                    "keeps near-zero ones near zero)")
     tr.add_argument("--out", help="predictor directory (default runs/predictors/MODEL)")
     tr.add_argument("--results", default="runs/train.jsonl", help="JSON Lines file for Spearman rho rows")
     tr.add_argument("--force", action="store_true", help="train again even where the predictor and its rows are up "

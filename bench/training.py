@@ -43,7 +43,7 @@ def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cf
     settings = {"dataset_sha256": file_digest(data / "criteria.safetensors"), "kind": kind, "criterion": criterion,
                 "hidden": hidden, "epochs": epochs, "batch": batch, "lr": lr, "val_fraction": val_fraction,
                 "test_fraction": test_fraction,
-                "normalisation": normalisation, "log": bool(log)}
+                "normalisation": normalisation, "log": log if log == "log1p" else bool(log)}
     key = settings_key(settings)
     path = Path(out_dir) / f"{kind}-{criterion}.safetensors"
     found = [r for r in writer.resume() if r.get("kind") == "predictor" and r.get("status") == "ok"

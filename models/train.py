@@ -11,7 +11,8 @@ Target normalisation, explicit because global top-k compares scores across layer
   ordering, within a layer and across layers, is the criterion's own: what global top-k needs.
 - ``layer``: a z-score per layer and kind. Orderings within a layer are kept, across layers they are
   not: the per-layer ("local") scheme of the paper's figure 6, for local top-k.
-- ``log`` (with either) first takes log(score + 1e-6 * mean) for heavy-tailed criteria (increasing, so
+- ``log`` (with either) first takes log(score + 1e-6 * mean) for heavy-tailed criteria, or with ``log="log1p"``
+  log(1 + score), which compresses the large scores and leaves the near-zero ones near zero (both increasing, so
   orderings are kept too).
 
 Training: AdamW (lr 1e-3), cosine schedule over all epochs, MSE on the normalised targets, batch 32, up to
@@ -44,13 +45,15 @@ class Targets:
 @dataclass
 class Normaliser:
     scheme: str
-    log: bool
+    log: bool | str  # False, True (log with a tiny offset) or "log1p"
     stats: dict = field(default_factory=dict)  # kind -> (mean, std) broadcastable to [L_s, U]
     eps: dict = field(default_factory=dict)  # kind -> the log's offset, fixed at fit time
 
     def _pre(self, t, kind):
         if not self.log:
             return t
+        if self.log == "log1p":
+            return torch.log1p(t.clamp(min=0))
         return torch.log(t.clamp(min=0) + self.eps[kind])
 
     def fit(self, t: Targets, rows=None, chunk: int = 4096) -> Normaliser:
@@ -59,7 +62,7 @@ class Normaliser:
         for kind in ("heads", "neurons"):
             x = getattr(t, kind)
             idx = torch.arange(x.shape[0]) if rows is None else rows
-            if self.log:
+            if self.log and self.log != "log1p":
                 tot = sum(float(x[idx[i: i + chunk]].double().abs().sum()) for i in range(0, len(idx), chunk))
                 self.eps[kind] = 1e-6 * max(tot / (len(idx) * x[0].numel()), 1e-30)
             dims = (0, 1, 2) if self.scheme == "global" else (0, 2)
@@ -213,6 +216,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
         raise ValueError(f"kind must be 'shadowllm' or 'dejavu', got {kind!r}")
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    if log not in (False, True, "log1p"):
+        raise ValueError(f"log must be False, True or 'log1p', got {log!r}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not isinstance(batch_size, int) or batch_size < 1:

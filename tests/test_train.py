@@ -121,3 +121,13 @@ def test_per_token_dataset_trains_in_fp16_with_source_baselines(tmp_path):
     assert res.n_test > 0 and set(res.baselines) == {"unit_mean", "source_mean"}
     for b in res.baselines.values():
         assert -1.0 <= b["neurons"]["local"] <= 1.0
+
+
+def test_log1p_normaliser_keeps_orders_and_needs_no_offset():
+    t = Targets(torch.rand(50, 3, 4) * torch.logspace(0, 4, 3)[None, :, None],
+                torch.rand(50, 3, 6) * torch.logspace(0, 4, 3)[None, :, None])
+    y = Normaliser("layer", "log1p").fit(t).apply(t)
+    assert torch.equal(y.neurons.argsort(-1), t.neurons.argsort(-1))
+    assert y.heads.mean(dim=(0, 2)).abs().max() < 1e-4  # z-scored per layer
+    with pytest.raises(ValueError, match="log must be"):
+        train_predictor("shadowllm", cfg(), synthetic(cfg()), "plainact", epochs=1, log="sqrt")
