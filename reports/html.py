@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 
 from bench.results import complete_rows, parse_rows
 
-MODE_ORDER = {"dense": 0, "static": 1, "dejavu": 2, "shadowllm": 3, "hf": 4}
+MODE_ORDER = {"dense": 0, "oracle": 1, "static": 2, "dejavu": 3, "shadowllm": 4, "hf": 5}
 
 
 def read_rows(paths) -> list[dict]:
@@ -104,6 +104,16 @@ def _base_label(r) -> str:
         parts.append("own-GEMV")
     if ex.get("shots"):
         parts.append(f"{ex['shots']}-shot")
+    hs, ns = ex.get("head_sparsity"), ex.get("neuron_sparsity")
+    if hs is not None and ns is not None and hs != ns:
+        parts.append("neurons-only" if hs == 0 else "heads-only" if ns == 0 else f"heads {hs:g}/neurons {ns:g}")
+    if ex.get("kv_rule") == "always":
+        parts.append("kv:always")
+    if r.get("kind") == "quality" and ex.get("eval") != "wikitext2" and ex.get("sparse_prefix") is False \
+            and r.get("mode") != "dense":
+        parts.append("dense-context")
+    if r.get("kind") == "predictor" and ex.get("baseline"):
+        parts.append(f"baseline:{ex['baseline']}")
     return " ".join(parts)
 
 
@@ -132,7 +142,8 @@ def prepare_rows(rows: list[dict]) -> list[dict]:
         r = {**r, "extra": ex}
         key = (r.get("kind"), r.get("model"), label, r.get("sparsity"), r.get("metric"), r.get("gen_len"),
                r.get("batch"), r.get("prompt_len"), r.get("dtype"), r.get("device"), ex.get("eval"), ex.get("op"),
-               ex.get("variant"), ex.get("normalisation"), ex.get("log"))
+               ex.get("variant"), ex.get("normalisation"), ex.get("log"), ex.get("head_sparsity"),
+               ex.get("neuron_sparsity"), ex.get("kv_rule"), ex.get("sparse_prefix"), ex.get("baseline"))
         if key not in newest or str(r.get("time") or "") >= str(newest[key].get("time") or ""):
             newest[key] = r
     return list(newest.values())
@@ -250,9 +261,14 @@ def fig_perplexity(rows):
         if name.split()[1] == "dense":
             continue
         xs = sorted(pts)
-        fig.add_trace(go.Scatter(x=xs, y=[pts[x] for x in xs], mode="lines+markers", name=name))
-    for model, v in dense.items():
-        fig.add_hline(y=v, line=dict(dash="dash", color="gray"), annotation_text=f"{model} dense {v:.2f}")
+        oracle = name.split()[1] == "oracle"  # the contextual ceiling: what a perfect predictor would reach
+        fig.add_trace(go.Scatter(x=xs, y=[pts[x] for x in xs], mode="lines+markers",
+                                 name=f"{name} (ceiling)" if oracle else name,
+                                 line=dict(dash="dot", color="black") if oracle else None))
+    xs_all = sorted({r["sparsity"] for r in q} - {0.0}) or [0.0]
+    for model, v in dense.items():  # a trace in data units (a log axis reads an hline annotation's y as log10)
+        fig.add_trace(go.Scatter(x=[min(xs_all), max(xs_all)], y=[v, v], mode="lines",
+                                 line=dict(dash="dash", color="gray"), name=f"{model} dense {v:.2f}"))
     fig.update_yaxes(type="log")
     tokens = sorted({(r.get("extra") or {}).get("tokens") for r in q} - {None})
     return _layout(fig, f"WikiText-2 perplexity vs sparsity ({', '.join(map(str, tokens))} tokens scored)",
