@@ -85,14 +85,17 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
     for kind, hidden in (("shadowllm", 512), ("dejavu", 128)):
         for crit in ("plainact", "l2norm"):
             t = train_case(kind, crit, data=crit_dir, tensors=tensors, meta=meta, cfg=cfg, out_dir=pred_dir,
-                           writer=writer, hidden=hidden, epochs=epochs, log=True, device=device)
+                           writer=writer, hidden=hidden, epochs=epochs, log=True, normalisation="layer",
+                           device=device)
             rho = {r["metric"]: r["value"] for r in t.rows}
             n_val = next((r["extra"].get("n_val") for r in t.rows), "?")
             step(f"train {kind}/{crit}: Spearman rho neurons local {rho['spearman_local_neurons']:.3f}, "
                  f"global {rho['spearman_global_neurons']:.3f} on {n_val} held-out prompts"
                  + ("" if t.fresh else " (up to date: same data and settings)"))
     step(f"quality: WikiText-2 ({ppl_tokens} tokens) and {eval_examples} examples per task, s={list(sparsities)}")
-    run = run_quality(model, tok, model_name=model_name, modes=["dense", "static", "dejavu", "shadowllm"],
+    step("the predictors above are a smoke test of the pipeline (a few prompts, few epochs): their rows say that "
+         "the code runs, not what trained predictors reach; perf/smollm2_per_token.sh trains them at scale")
+    run = run_quality(model, tok, model_name=model_name, modes=["dense", "oracle", "static", "dejavu", "shadowllm"],
                 criteria=["plainact", "l2norm"], sparsities=list(sparsities), policies=("global",), tasks=tasks,
                 limit=eval_examples, ppl_tokens=ppl_tokens, context=512, stride=256, criteria_dir=crit_dir,
                 predictors_dir=pred_dir, data_dir=data_dir, out_path=out / "quality.jsonl", progress=progress)
