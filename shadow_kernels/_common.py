@@ -176,17 +176,11 @@ def configs_for_platform(configs: list[triton.Config]) -> list[triton.Config]:
     return configs if AUTOTUNE and not INTERPRET else configs[:1]
 
 
-# Configs are timed on cold data (see autotune_bench); SHADOWBENCH_AUTOTUNE_COLD=0 or
-# set_autotune_cold(False) times them on data that stays in L2 when it fits.
-_COLD = {"on": os.environ.get("SHADOWBENCH_AUTOTUNE_COLD", "1") != "0"}
+# Configs are timed on cold data (see autotune_bench); SHADOWBENCH_AUTOTUNE_COLD=0 times them on data that stays
+# in L2 when it fits.
+AUTOTUNE_COLD = os.environ.get("SHADOWBENCH_AUTOTUNE_COLD", "1") != "0"
 SCRUB_BYTES = 128 << 20  # read between timed calls: over twice the H100's 50 MB L2
 _SCRUB: dict = {}
-
-
-def set_autotune_cold(on: bool) -> bool:
-    """Time autotuning configs with the L2 scrubbed before every call (default) or not; returns the
-    previous setting. Configs already chosen stay chosen."""
-    return set_switch(_COLD, on, "set_autotune_cold")
 
 
 def autotune_bench(kernel_call, quantiles):
@@ -197,7 +191,7 @@ def autotune_bench(kernel_call, quantiles):
     call (the launch behind the timing event, the write-back of the flushed lines), and the autotuner then
     picked different configs from run to run (notes/kernels.md)."""
     if torch.cuda.is_available() and not INTERPRET:
-        if _COLD["on"]:
+        if AUTOTUNE_COLD:
             return _bench_in_graph(kernel_call, quantiles, rep_ms=10.0, cold=True)
         return _bench_in_graph(kernel_call, quantiles)
     return triton.testing.do_bench(kernel_call, warmup=10, rep=50, quantiles=quantiles)
