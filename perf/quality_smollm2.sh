@@ -11,18 +11,18 @@ $sb quality $common --predictors-dir runs/predictors/smollm2 --modes dense,stati
     --criteria plainact,l2norm --sparsity 0.1,0.3,0.5,0.7,0.9 --policy global,local --tasks "" \
     --ppl-tokens 2048 --context 512 --stride 256 --out "$out/quality.jsonl" || true
 $sb quality $common --predictors-dir runs/predictors/smollm2 --modes dense,static,dejavu,shadowllm \
-    --criteria plainact,l2norm --sparsity 0.5 --policy global --no-ppl --limit 100 \
+    --criteria plainact,l2norm --sparsity 0.5 --policy global --no-ppl --limit 100 --context-mode dense \
     --out "$out/quality.jsonl" || true
 # ShadowLLM with a z-score per layer (the paper's normalisation for global selection)
 [ -f runs/predictors/smollm2-layer/shadowllm-l2norm.safetensors ] || \
     $sb train --data runs/criteria/smollm2 --kind shadowllm --criterion plainact,l2norm --hidden 512 --log \
-        --normalisation layer --out runs/predictors/smollm2-layer --results "$out/training.jsonl" \
+        --normalisation layer --test-fraction 0 --out runs/predictors/smollm2-layer --results "$out/training.jsonl" \
         --no-progress
 $sb quality $common --predictors-dir runs/predictors/smollm2-layer --modes shadowllm --criteria plainact,l2norm \
     --sparsity 0.1,0.3,0.5 --policy global,local --tasks "" --ppl-tokens 2048 --context 512 --stride 256 \
     --out "$out/quality.jsonl" || true
 $sb quality $common --predictors-dir runs/predictors/smollm2-layer --modes shadowllm --criteria plainact,l2norm \
-    --sparsity 0.5 --policy global --no-ppl --limit 100 --out "$out/quality.jsonl" || true
+    --sparsity 0.5 --policy global --no-ppl --limit 100 --context-mode dense --out "$out/quality.jsonl" || true
 $sb quality $common --modes static --criteria l2norm,gradnorm,plainact,fisher,snip,nwot,grasp,jacov,epenas \
     --sparsity 0.3,0.5,0.7 --policy global,local --tasks "" --ppl-tokens 2048 --context 512 --stride 256 \
     --out "$out/quality.jsonl" || true
