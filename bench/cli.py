@@ -20,15 +20,15 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _ints(what: str):
-    """An argparse type: comma-separated integers >= 1, the error naming ``what`` they are."""
+def _ints(what: str, low: int = 1):
+    """An argparse type: comma-separated integers >= ``low``, the error naming ``what`` they are."""
     def parse(text: str) -> list[int]:
         try:
             values = [int(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-        if not values or any(v < 1 for v in values):
-            raise argparse.ArgumentTypeError(f"{what} must be >= 1, got {text!r}")
+        if not values or any(v < low for v in values):
+            raise argparse.ArgumentTypeError(f"{what} must be >= {low}, got {text!r}")
         return values
     return parse
 
@@ -170,16 +170,6 @@ def _latency(args) -> int:
     return 1 if bad else 0
 
 
-def _shots(text: str) -> list[int]:  # collect: several shot counts
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"shot counts must be >= 0, got {text!r}")
-    return values
-
-
 def _load_lm(args):
     """Model and tokenizer of ``--model`` on the GPU when there is one (fp16 there, fp32 on the CPU)."""
     import torch
@@ -217,36 +207,25 @@ def _collect(args) -> int:
         except ValueError as err:
             raise SystemExit(str(err)) from None
     model, tok = _load_lm(args)
-    if args.per_token:
-        out = args.out or f"runs/criteria-tokens/{args.model}"
-        try:
-            path = collect_tokens(model, tok, tasks=_names(args.tasks) if args.tasks is not None else list(TASKS),
-                                  shots=args.shots, per_task=args.per_task, wikitext_tokens=args.wikitext_tokens,
-                                  context=args.context, criteria=_names(args.criteria), batch_size=args.batch,
-                                  data_dir=args.data_dir, out_dir=out, model_name=args.model,
-                                  progress=not args.no_progress)
-        except ValueError as err:
-            raise SystemExit(f"collect: {err}") from None
-        import json
-
-        meta = json.loads((path / "meta.json").read_text())
-        print(f"{meta['rows']} positions of {meta['sequences']} sequences ({', '.join(meta['sources'])}; missing: "
-              f"{sorted(meta['missing_tasks']) or 'none'}) in {meta['seconds']} s")
-        print(path)
-        return 0
-    out = args.out or f"runs/criteria/{args.model}"
+    tasks = _names(args.tasks) if args.tasks else list(TASKS)
+    common = dict(shots=args.shots, per_task=args.per_task, criteria=_names(args.criteria), batch_size=args.batch,
+                  data_dir=args.data_dir, model_name=args.model, progress=not args.no_progress)
     try:
-        path = collect(model, tok, tasks=_names(args.tasks) if args.tasks else list(TASKS), shots=args.shots,
-                       criteria=_names(args.criteria), per_task=args.per_task, batch_size=args.batch,
-                       neuron_site=args.neuron_site, data_dir=args.data_dir, out_dir=out, model_name=args.model,
-                       progress=not args.no_progress)
+        if args.per_token:
+            path = collect_tokens(model, tok, tasks=[] if args.tasks == "" else tasks,
+                                  wikitext_tokens=args.wikitext_tokens, context=args.context,
+                                  out_dir=args.out or f"runs/criteria-tokens/{args.model}", **common)
+        else:
+            path = collect(model, tok, tasks=tasks, neuron_site=args.neuron_site,
+                           out_dir=args.out or f"runs/criteria/{args.model}", **common)
     except ValueError as err:
         raise SystemExit(f"collect: {err}") from None
     import json
 
     meta = json.loads((path / "meta.json").read_text())
-    print(f"{meta['n_examples']} examples ({meta['tasks']}; missing: {sorted(meta['missing_tasks']) or 'none'}) "
-          f"in {meta['seconds']} s")
+    what = (f"{meta['rows']} positions of {meta['sequences']} sequences ({', '.join(meta['sources'])}"
+            if args.per_token else f"{meta['n_examples']} examples ({meta['tasks']}")
+    print(f"{what}; missing: {sorted(meta['missing_tasks']) or 'none'}) in {meta['seconds']} s")
     print(path)
     return 0
 
@@ -458,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     col = sub.add_parser("collect", help="pruning criteria and predictor inputs for task prompts")
     model_args(col)
     col.add_argument("--tasks", help="comma-separated (default: all seven; missing ones are reported)")
-    col.add_argument("--shots", type=_shots, default=[0], help="comma-separated shot counts, e.g. 0,3,5")
+    col.add_argument("--shots", type=_ints("shot counts", 0), default=[0], help="comma-separated shot counts, e.g. 0,3,5")
     col.add_argument("--criteria", default="plainact,l2norm", help="comma-separated: l2norm, gradnorm, plainact, "
                      "fisher, grasp, snip, nwot, jacov, epenas")
     col.add_argument("--per-task", type=_int_at_least(0, "--per-task"), default=50,
