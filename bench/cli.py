@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     col = sub.add_parser("collect", help="pruning criteria and predictor inputs for task prompts")
     model_args(col)
     col.add_argument("--tasks", help="comma-separated (default: all seven; missing ones are reported)")
-    col.add_argument("--shots", type=_ints("shot counts", 0), default=[0], help="comma-separated shot counts, e.g. 0,3,5")
+    col.add_argument("--shots", type=_ints("shot counts", 0), default=[0],
+                     help="comma-separated shot counts, e.g. 0,3,5")
     col.add_argument("--criteria", default="plainact,l2norm", help="comma-separated: l2norm, gradnorm, plainact, "
                      "fisher, grasp, snip, nwot, jacov, epenas")
     col.add_argument("--per-task", type=_int_at_least(0, "--per-task"), default=50,
