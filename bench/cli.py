@@ -127,9 +127,11 @@ def _latency(args) -> int:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     modes = _names(args.modes)
-    if "oracle" in modes:
-        raise SystemExit("mode 'oracle' has no latency: it computes every head and neuron to choose which to keep "
-                         "(the quality ceiling of `shadowbench quality`)")
+    from models.modes import Oracle, Threshold
+
+    for cls in (Oracle, Threshold):
+        if cls.name in modes:
+            raise SystemExit(f"mode {cls.name!r} has no latency: {cls.no_decode}")
     bad = [m for m in modes if m not in latency.LATENCY_MODES]
     if bad:
         raise SystemExit(f"unknown mode(s) {bad}; known: {', '.join(latency.LATENCY_MODES)}")
@@ -317,6 +319,7 @@ def _quality(args) -> int:
                        predictors_dir=args.predictors_dir, data_dir=args.data_dir, out_path=args.out,
                        predictor_dtype=args.predictor_dtype, head_sparsity=args.head_sparsity,
                        neuron_sparsity=args.neuron_sparsity, kv_rule=args.kv_rule,
+                       thresholds=args.thresholds or f"runs/thresholds/{args.model}.safetensors",
                        batch=args.batch, progress=not args.no_progress)
     print(quality_table(run.rows))
     bad = [r for r in run.new if r["status"] != "ok"]
@@ -325,6 +328,30 @@ def _quality(args) -> int:
     print(f"\n{len(run.new)} rows appended to {args.out} ({len(run.rows) - len(run.new)} found done with the same "
           f"settings)" + (f"; {len(bad)} failed (see status)" if bad else ""))
     return 1 if bad else 0
+
+
+def _calibrate(args) -> int:
+    from models.threshold import calibrate, save_thresholds
+
+    from .results import git_commit
+    from .tasks import wikitext2_valid_text
+
+    _data_dir(args.data_dir)
+    model, tok = _load_lm(args)
+    try:
+        ids = tok.encode(wikitext2_valid_text(args.data_dir), special=False)[: args.tokens]
+    except ValueError as err:
+        raise SystemExit(f"calibrate: {err}") from None
+    windows = [ids[i: i + args.context] for i in range(0, len(ids) - 1, args.context) if len(ids[i: i + args.context])
+               > 1]
+    table = calibrate(model, windows, args.sparsity)
+    out = args.out or f"runs/thresholds/{args.model}.safetensors"
+    save_thresholds(out, table, {"model": args.model, "tokens": len(ids), "context": args.context,
+                                 "text": "WikiText-2 validation", "commit": git_commit()})
+    for s, sites in table.items():
+        print(f"s={s:g}: " + ", ".join(f"{site} {t.mean():.3g}" for site, t in sites.items()) + " (mean threshold)")
+    print(out)
+    return 0
 
 
 def _report(args) -> int:
@@ -490,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modes", default="dense,oracle,static,dejavu,shadowllm",
                    help="comma-separated: dense, oracle (the contextual ceiling: per position, the heads and neurons "
                         "of largest output norm / |activation| in a dense pass; quality only), static, dejavu, "
-                        "shadowllm")
+                        "shadowllm, threshold (training-free: each projection drops input entries below a calibrated "
+                        "per-layer magnitude; `shadowbench calibrate` first)")
     q.add_argument("--criteria", default="plainact,l2norm", help="criteria of the importance files / predictors")
     q.add_argument("--sparsity", type=_floats, default=[0.5], help="comma-separated, each in [0, 1): heads and "
                    "neurons alike unless --head-sparsity / --neuron-sparsity set one")
@@ -514,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
                    help="the predictors' second layer as stored (default) or quantised to float8 e4m3")
     q.add_argument("--predictors-dir", help="predictor files (default runs/predictors/MODEL)")
+    q.add_argument("--thresholds", help="the threshold mode's calibrated thresholds (default "
+                                        "runs/thresholds/MODEL.safetensors; `shadowbench calibrate`)")
     q.add_argument("--batch", type=_int_at_least(1, "--batch"), default=8)
     q.add_argument("--out", default="runs/quality.jsonl")
     q.set_defaults(func=_quality)
@@ -538,6 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "without timing")
     tu.add_argument("--no-progress", action="store_true", help="do not print each row")
     tu.set_defaults(func=_tune)
+
+    cal = sub.add_parser("calibrate", help="per-layer input-magnitude thresholds for the threshold mode, on "
+                                           "WikiText-2 validation text")
+    model_args(cal)
+    cal.add_argument("--sparsity", type=_floats, default=[0.3, 0.5], help="target sparsities (default 0.3,0.5)")
+    cal.add_argument("--tokens", type=_int_at_least(2, "--tokens"), default=16384, help="calibration tokens")
+    cal.add_argument("--context", type=_int_at_least(2, "--context"), default=512, help="window length")
+    cal.add_argument("--out", help="thresholds file (default runs/thresholds/MODEL.safetensors)")
+    cal.set_defaults(func=_calibrate)
 
     rep = sub.add_parser("report", help="one self-contained HTML report (plotly inline) from results rows")
     rep.add_argument("results", nargs="+", help="JSON Lines files, or directories searched for *.jsonl")

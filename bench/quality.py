@@ -164,9 +164,11 @@ def accuracy(model, mode, tokenizer, examples: list[Example], *, batch: int = 8,
 
 
 # ------------------------------------------------------------------ sweeps (shadowbench quality)
-QUALITY_MODES = ("dense", "static", "dejavu", "shadowllm", "oracle")
+QUALITY_MODES = ("dense", "static", "dejavu", "shadowllm", "oracle", "threshold")
 # The oracle's criterion: the head output L2 norm and |activation| of a dense pass (models.modes.Oracle).
 ORACLE_CRITERION = "l2norm"
+# The threshold mode's: each input entry's magnitude against a calibrated per-layer threshold (models.threshold).
+THRESHOLD_CRITERION = "magnitude"
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,8 @@ def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
         if mode == "dense":
             out.append(QualityCase("dense", None, None, 0.0))
             continue
-        for crit in ([ORACLE_CRITERION] if mode == "oracle" else criteria):
+        fixed = {"oracle": ORACLE_CRITERION, "threshold": THRESHOLD_CRITERION}
+        for crit in ([fixed[mode]] if mode in fixed else criteria):
             for s in sparsities:
                 if s == 0.0:
                     continue
@@ -200,7 +203,7 @@ def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
 
 
 def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="token", predictor_dtype="model",
-            head_sparsity=None, neuron_sparsity=None, kv_rule="skip"):
+            head_sparsity=None, neuron_sparsity=None, kv_rule="skip", thresholds=None):
     """The mode of a case (``models.modes.make_mode``) with its importance file (static) or trained predictor
     (dejavu, shadowllm), and that file's path."""
     from pathlib import Path
@@ -214,6 +217,11 @@ def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="tok
             raise FileNotFoundError(f"static mode needs {path} (make it with `shadowbench collect --criteria "
                                     f"{case.criterion}`)")
         source = importance = str(path)
+    elif case.mode == "threshold":
+        if thresholds is None or not Path(thresholds).is_file():
+            raise FileNotFoundError(f"threshold mode needs the thresholds file {thresholds} (make it with "
+                                    f"`shadowbench calibrate --sparsity {case.sparsity:g}`)")
+        source = importance = str(thresholds)
     elif case.mode not in ("dense", "oracle"):
         path = Path(predictors_dir or ".") / f"{case.mode}-{case.criterion}.safetensors"
         if not path.is_file():
@@ -278,7 +286,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 granularity="token", tasks=(), shots=0, limit=None, ppl=True, ppl_tokens=4096, context=512,
                 stride=256, sparse_prefix=None, criteria_dir=None, predictors_dir=None, data_dir=None,
                 out_path="runs/quality.jsonl", batch=8, progress=True, predictor_dtype="model", head_sparsity=None,
-                neuron_sparsity=None, kv_rule="skip") -> QualityRun:
+                neuron_sparsity=None, kv_rule="skip", thresholds=None) -> QualityRun:
     """Perplexity and accuracy rows for every case; resumes ``out_path`` and records failed cases.
 
     A case is done when the file holds its rows with the same settings: the model, mode, criterion, policy,
@@ -327,7 +335,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
         try:
             mode, source = mode_of(case, criteria_dir=criteria_dir, predictors_dir=predictors_dir,
                                    granularity=granularity, predictor_dtype=predictor_dtype,
-                                   head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule)
+                                   head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule,
+                                   thresholds=thresholds)
             common = dict(common, **mode.budgets())
             digest = file_digest(source)
             mode.bind(model)

@@ -58,7 +58,7 @@ class StateReader:
             param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
-HOOK_SITES = ("input", "kv_live", "heads", "attn_out", "ffn_in", "ffn_pre", "neurons")
+HOOK_SITES = ("input", "qkv_in", "kv_live", "heads", "attn_out", "ffn_in", "fc1_in", "ffn_pre", "neurons")
 
 
 def check_hooks(hooks) -> dict:
@@ -104,10 +104,12 @@ class DecoderBase(nn.Module):
     forward of :mod:`models.sparse_forward`):
 
     - ``input(i, x)``: the layer's input [B, P, E] (observe only);
+    - ``qkv_in(i, a)`` -> a: the Q/K/V projection's input after its norm [B, P, E];
     - ``kv_live(i)`` -> [B, KVH, P] bool or None: positions whose key/value each group keeps;
     - ``heads(i, heads)`` -> heads: the heads' outputs [B, H, P, D] before the output projection;
     - ``attn_out(i, o)``: the attention block's output [B, P, E] (observe only);
     - ``ffn_in(i, a)``: the MLP's input after its norm [B, P, E] (observe only);
+    - ``fc1_in(i, a)`` -> a: what fc1 (Llama: gate and up) reads, by default ``ffn_in``'s value;
     - ``ffn_pre(i, pre)`` -> pre: the neurons' pre-activations, fc1's [B, P, F] (OPT) or the pair
       (gate, up) (Llama);
     - ``neurons(i, f)`` -> f: the neurons' activations [B, P, F] (after ReLU; silu(gate) * up).

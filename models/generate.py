@@ -38,8 +38,8 @@ class Generator:
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         if mode.name not in DECODE_MODES:
-            raise ValueError(f"mode {mode.name!r} has no decode step: it computes every head and neuron to choose "
-                             f"(quality runs only); decode modes: {', '.join(DECODE_MODES)}")
+            raise ValueError(f"mode {mode.name!r} has no decode step: {getattr(mode, 'no_decode', 'quality only')}; "
+                             f"decode modes: {', '.join(DECODE_MODES)}")
         if mode.kv_rule != "skip":
             raise ValueError(f"kv_rule {mode.kv_rule!r} runs in quality evaluation; the decode kernels write the "
                              "keys and values of computed heads only (kv_rule 'skip')")

@@ -182,7 +182,7 @@ class LlamaDecoder(DecoderBase):
                 if mode is not None:
                     mode.observe(i, "input", x[:, -1])
                 hook("input", i, x)
-                q, k, v = self._split_qkv(layer, self._rms(x, layer.ln1_w))  # [B, P, H|KVH, D]
+                q, k, v = self._split_qkv(layer, hook("qkv_in", i, self._rms(x, layer.ln1_w)))  # [B, P, H|KVH, D]
                 q = self._rope(q.transpose(1, 2), positions)
                 k = self._rope(k.transpose(1, 2), positions)
                 v = v.transpose(1, 2)
@@ -199,6 +199,7 @@ class LlamaDecoder(DecoderBase):
                 x = x + o
                 a = self._rms(x, layer.ln2_w)
                 hook("ffn_in", i, a)
+                a = hook("fc1_in", i, a)
                 gate, up = hook("ffn_pre", i, (F.linear(a, layer.gate_w), F.linear(a, layer.up_w)))
                 f = hook("neurons", i, F.silu(gate) * up)
                 x = x + torch.matmul(f, layer.down_wt)

@@ -31,7 +31,7 @@ from .ops import Ops, get_ops
 from .plan import LayerPlan, PlanBuffers, check_batch_rule, check_policy, check_sparsity
 from .predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
 
-MODES = ("dense", "static", "dejavu", "shadowllm", "oracle")
+MODES = ("dense", "static", "dejavu", "shadowllm", "oracle", "threshold")
 # Modes whose plans a decode step can run (the oracle computes every head and neuron to choose: quality only).
 DECODE_MODES = ("dense", "static", "dejavu", "shadowllm")
 # What a token's skipped heads leave in the key/value cache: "skip" (nothing: later tokens that compute the head
@@ -203,9 +203,45 @@ class Oracle(_Sparse):
 
     name = "oracle"
     granularity = "token"
+    no_decode = "it computes every head and neuron to choose (quality runs only)"
 
     def __init__(self, sparsity: float, policy: str = "local", first_sparse: int = 1):
         super().__init__(sparsity, policy, first_sparse)
+
+
+class Threshold(Mode):
+    """Training-free input sparsity (:mod:`models.threshold`): in every layer from ``first_sparse`` on, each
+    projection drops the entries of its input whose magnitude is below that layer's calibrated threshold. The
+    decode kernels for it (thresholds to indices inside the step) are not written yet: quality runs only."""
+
+    name = "threshold"
+    granularity = "token"
+    no_decode = "its decode kernels (thresholds to indices inside the step) are not written yet (quality runs only)"
+
+    def __init__(self, sparsity: float, thresholds, first_sparse: int = 1):
+        self.sparsity = check_sparsity(sparsity)
+        self.thresholds_arg = thresholds
+        if not isinstance(first_sparse, int) or first_sparse < 0:
+            raise ValueError(f"first_sparse must be a non-negative int, got {first_sparse!r}")
+        self.first_sparse = first_sparse
+
+    def bind(self, model, ops=None):
+        super().bind(model, ops)
+        from .threshold import SITES, load_thresholds
+
+        arg = self.thresholds_arg
+        if arg is None:
+            raise ValueError("mode 'threshold' needs a thresholds file (make it with `shadowbench calibrate`)")
+        table = (load_thresholds(arg, self.sparsity, model.cfg.n_layers) if isinstance(arg, (str, Path))
+                 else {k: torch.as_tensor(v, dtype=torch.float32) for k, v in arg.items()})
+        if set(table) != set(SITES):
+            raise ValueError(f"thresholds must hold {SITES}, got {sorted(table)}")
+        self.source = str(arg) if isinstance(arg, (str, Path)) else "tensors"
+        self.thresholds = {k: v.to(model.device) for k, v in table.items()}
+        return self
+
+    def budgets(self) -> dict:
+        return {"head_sparsity": None, "neuron_sparsity": None, "kv_rule": "skip", "input_sparsity": self.sparsity}
 
 
 def load_importance(path) -> dict:
@@ -401,6 +437,8 @@ def mode_variants(name: str, *, policies=("global",), granularities=("token",), 
         return [(p, g) for p in policies for g in granularities]
     if name == "oracle":
         return [(p, None) for p in policies]
+    if name == "threshold":
+        return [("local", None)]
     raise ValueError(f"mode must be one of {MODES}, got {name!r}")
 
 
@@ -417,7 +455,8 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
               neuron_sparsity: float | None = None, kv_rule: str = "skip") -> Mode:
     """Build a mode by name: the one factory of the CLI, latency, quality, profile and tune.
 
-    ``importance``: static's scores (a file or a dict with ``heads`` [L, H] and ``neurons`` [L, F]); ``predictor``:
+    ``importance``: static's scores (a file or a dict with ``heads`` [L, H] and ``neurons`` [L, F]), or the
+    threshold mode's calibrated thresholds (a file of ``shadowbench calibrate``, or ``{site: [L]}``); ``predictor``:
     a trained predictor file, or ``"random"`` (random weights of the trained shape, for latency work).
     ``head_sparsity`` / ``neuron_sparsity`` override ``sparsity`` for one kind of unit; ``kv_rule`` says what
     skipped heads leave in the cache (:data:`KV_RULES`)."""
@@ -431,6 +470,10 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
         mode = Static(importance, sparsity, policy or "global")
     elif name == "oracle":
         mode = Oracle(sparsity, policy or "local")
+    elif name == "threshold":
+        if policy not in (None, "local"):
+            raise ValueError(f"mode 'threshold' has a threshold per layer (policy 'local'), got policy {policy!r}")
+        return Threshold(sparsity, importance).set_kv_rule(kv_rule)
     elif name == "dejavu":
         if policy not in (None, "local"):
             raise ValueError(f"mode 'dejavu' selects per layer (policy 'local'), got policy {policy!r}")

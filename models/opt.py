@@ -253,7 +253,7 @@ class OPTDecoder(DecoderBase):
                     mode.observe(i, "input", x[:, -1])
                 hook("input", i, x)
                 res = x
-                a = self._ln(x, layer.ln1_w, layer.ln1_b) if cfg.pre_norm else x
+                a = hook("qkv_in", i, self._ln(x, layer.ln1_w, layer.ln1_b) if cfg.pre_norm else x)
                 qkv = F.linear(a, layer.qkv_w, layer.qkv_b).view(B, P, H, 3, D).permute(3, 0, 2, 1, 4)
                 q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
                 if cache is not None:
@@ -272,6 +272,7 @@ class OPTDecoder(DecoderBase):
                 res = x
                 a = self._ln(x, layer.ln2_w, layer.ln2_b) if cfg.pre_norm else x
                 hook("ffn_in", i, a)
+                a = hook("fc1_in", i, a)
                 f = hook("neurons", i, torch.relu(hook("ffn_pre", i, F.linear(a, layer.fc1_w, layer.fc1_b))))
                 x = res + torch.matmul(f, layer.fc2_wt) + layer.fc2_b
                 if not cfg.pre_norm:

@@ -25,7 +25,7 @@ import torch
 
 from shadow_kernels import fused_predictor_ref, topk_mask
 
-from .modes import DejaVu, Dense, Mode, Oracle, ShadowLLM, Static
+from .modes import DejaVu, Dense, Mode, Oracle, ShadowLLM, Static, Threshold
 
 
 def _select(scores: torch.Tensor, k: int, policy: str) -> torch.Tensor:
@@ -77,7 +77,7 @@ class PositionPlans:
                     nm = torch.zeros(cfg.ffn, dtype=torch.bool, device=hm.device)
                     nm[plan.neurons[: int(plan.neuron_count)].long()] = True
                     self._store(i, hm[None, None], nm[None, None])
-        elif not isinstance(mode, (Dense, DejaVu, ShadowLLM, Oracle)):
+        elif not isinstance(mode, (Dense, DejaVu, ShadowLLM, Oracle, Threshold)):
             raise TypeError(f"no per-position semantics for mode {type(mode).__name__}")
 
     # ---------------------------------------------------------------- masks
@@ -131,7 +131,27 @@ class PositionPlans:
         for j, i in enumerate(layers):
             self._store(i, hm[:, :, j], nm[:, :, j])
 
+    def _threshold_hooks(self) -> dict:
+        """Input sparsity: entries below the layer's threshold dropped at the sparse positions of sparse layers."""
+        mode = self.mode
+        P = self.P
+
+        def drop(site, i, t, pos_dim):
+            if i < mode.first_sparse:
+                return t
+            keep = t.abs() > mode.thresholds[site][i]  # an exact zero (a ReLU) is always dropped
+            sparse_pos = torch.arange(P, device=t.device)[None, :] >= self.start[:, None]  # [B, P]
+            shape = [t.shape[0]] + [1] * (t.dim() - 1)
+            shape[pos_dim] = P
+            return t * (keep | ~sparse_pos.view(shape)).to(t.dtype)
+
+        return {"qkv_in": lambda i, a: drop("qkv", i, a, 1), "heads": lambda i, h: drop("o", i, h, 2),
+                "fc1_in": lambda i, a: drop("fc1", i, a, 1), "neurons": lambda i, f: drop("fc2", i, f, 1)}
+
     def hooks(self) -> dict:
+        if isinstance(self.mode, Threshold):
+            return self._threshold_hooks()
+
         def kv_live(i):
             hm = self.head_masks.get(i)
             if hm is None or self.mode.kv_rule == "always":

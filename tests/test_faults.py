@@ -363,3 +363,21 @@ def test_make_row_keeps_case_stamps_in_extra(tmp_path):
                                                                                   value=2)])
     rows = lines_of(path)
     assert {r["extra"]["case_rows"] for r in rows} == {2} and len({r["extra"]["case_id"] for r in rows}) == 1
+
+
+def test_calibrate_then_quality_in_threshold_mode(tmp_path, capsys):
+    th = tmp_path / "th.safetensors"
+    assert cli.main(["calibrate", "--model", TINY_RANDOM, "--sparsity", "0.5", "--tokens", "400", "--context", "100",
+                     "--out", str(th), "--no-progress"]) == 0
+    argv = ["quality", "--model", TINY_RANDOM, "--modes", "dense,threshold", "--sparsity", "0.5", "--tasks", "",
+            "--ppl-tokens", "128", "--context", "64", "--stride", "32", "--thresholds", str(th),
+            "--out", str(tmp_path / "q.jsonl"), "--no-progress"]
+    assert cli.main(argv) == 0
+    rows = {r["mode"]: r for r in lines_of(tmp_path / "q.jsonl")}
+    assert rows["threshold"]["criterion"] == "magnitude" and rows["threshold"]["extra"]["input_sparsity"] == 0.5
+    assert rows["threshold"]["value"] != rows["dense"]["value"]
+    assert cli.main([*argv[:6], "0.3", *argv[7:]]) == 1  # no thresholds calibrated for 0.3: a failed case, said
+    err = [r for r in lines_of(tmp_path / "q.jsonl") if r["status"] == "error"]
+    assert "no thresholds for sparsity 0.3" in err[0]["extra"]["error"]
+    with pytest.raises(SystemExit, match="has no latency"):
+        cli.main(["latency", "--modes", "threshold"])

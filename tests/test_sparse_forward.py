@@ -189,3 +189,41 @@ def test_the_oracle_and_kv_rule_always_have_no_decode_step():
     with pytest.raises(ValueError, match="runs in quality evaluation"):
         Generator(model, make_mode("static", sparsity=0.5, importance=random_importance(model.cfg),
                                    kv_rule="always"), max_len=8, backend="torch")
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_threshold_mode_equals_a_masked_dense_forward(family):
+    """Each projection of a sparse layer drops the input entries below its layer's threshold, at sparse positions
+    only; checked against masks written out here, and against the calibrated sparsity on the calibration text."""
+    from models.modes import make_mode
+    from models.threshold import SITES, calibrate
+
+    model = tiny(family)
+    cfg = model.cfg
+    tokens = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(8))
+    table = calibrate(model, tokens.tolist(), [0.4])[0.4]
+    assert set(table) == set(SITES) and all(t.shape == (cfg.n_layers,) for t in table.values())
+    mode = make_mode("threshold", sparsity=0.4, importance=table).bind(model)
+    got = sparse_logits(model, tokens, mode, 3)
+    dropped = {s: [] for s in SITES}
+
+    def cut(site, dim):
+        def hook(i, t):
+            if i < 1:
+                return t
+            keep = t.abs() > table[site][i]
+            pos = torch.arange(t.shape[dim]) >= 3
+            view = [1] * t.dim()
+            view[dim] = t.shape[dim]
+            dropped[site].append(float((~keep).float().mean()))
+            return torch.where(keep | ~pos.view(view), t, torch.zeros_like(t))
+        return hook
+
+    hooks = {"qkv_in": cut("qkv", 1), "heads": cut("o", 2), "fc1_in": cut("fc1", 1), "neurons": cut("fc2", 1)}
+    want = model.prefill(tokens, all_logits=True, hooks=hooks)
+    assert rel(got, want) <= 1e-5
+    assert rel(got[:, 3:], model.prefill(tokens, all_logits=True)[:, 3:]) > 1e-3
+    # on the text it was calibrated on, about 40% of each site's entries fall below the threshold
+    assert all(0.2 < sum(v) / len(v) < 0.7 for v in dropped.values()), dropped
+    with pytest.raises(ValueError, match="no decode step: its decode kernels"):
+        Generator(model, make_mode("threshold", sparsity=0.4, importance=table), max_len=8, backend="torch")
