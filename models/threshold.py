@@ -11,8 +11,8 @@ that fraction of its entries falls:
 - ``fc2``: fc2's input (Llama: down), the neurons' activations.
 
 At use (:class:`models.modes.Threshold`) an entry of a position is kept when its magnitude is above the layer's
-threshold (an exact zero, as ReLU gives, is always dropped): no predictor, nothing trained. A file holds the thresholds of several sparsities
-(``{sparsity}.{site}`` -> [L] fp32).
+threshold (an exact zero, as ReLU gives, is always dropped): no predictor, nothing trained. A file holds the
+thresholds of several sparsities (``{sparsity}.{site}`` -> [L] fp32).
 """
 
 from __future__ import annotations
