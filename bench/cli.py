@@ -354,6 +354,37 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _pareto(args) -> int:
+    from .pareto import join, pareto_table, run_pareto
+    from .quality import check_quality_args
+    from .results import RowWriter
+    from .tasks import check_tasks
+
+    _data_dir(args.data_dir)
+    try:
+        check_quality_args(limit=args.limit, sparsities=args.sparsity, policies=_names(args.policy),
+                           modes=_names(args.modes), head_sparsity=args.head_sparsity,
+                           neuron_sparsity=args.neuron_sparsity)
+        tasks = check_tasks(_names(args.tasks)) if args.tasks else []
+        RowWriter(args.quality_out)
+        RowWriter(args.latency_out)
+    except ValueError as err:
+        raise SystemExit(f"pareto: {err}") from None
+    model, tok = _load_lm(args)
+    out = run_pareto(model, tok, model_name=args.model, modes=_names(args.modes), criteria=_names(args.criteria),
+                     sparsities=args.sparsity, policies=_names(args.policy), tasks=tasks, limit=args.limit,
+                     ppl_tokens=args.ppl_tokens, criteria_dir=args.criteria_dir or f"runs/criteria/{args.model}",
+                     predictors_dir=args.predictors_dir or f"runs/predictors/{args.model}",
+                     thresholds=args.thresholds or f"runs/thresholds/{args.model}.safetensors",
+                     data_dir=args.data_dir, head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity,
+                     prompt_len=args.prompt, gen_len=args.gen, quality_out=args.quality_out,
+                     latency_out=args.latency_out, progress=not args.no_progress)
+    rows = [r for p in (args.quality_out, args.latency_out) for r in RowWriter(p).existing()]
+    keys = {(r.get("extra") or {}).get("config_key") for r in out["quality"] + out["latency"]}
+    print(pareto_table([o for o in join(rows) if o]) if keys else "no configuration ran")
+    return 0
+
+
 def _report(args) -> int:
     from reports.html import build_report
 
@@ -577,6 +608,25 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--context", type=_int_at_least(2, "--context"), default=512, help="window length")
     cal.add_argument("--out", help="thresholds file (default runs/thresholds/MODEL.safetensors)")
     cal.set_defaults(func=_calibrate)
+
+    par = sub.add_parser("pareto", help="quality and decode latency of the same configurations, joined by one key")
+    model_args(par)
+    par.add_argument("--modes", default="dense,oracle,static,dejavu,shadowllm,threshold")
+    par.add_argument("--criteria", default="l2norm", help="criteria of the importance files / predictors")
+    par.add_argument("--sparsity", type=_floats, default=[0.3, 0.5])
+    budgets(par, kv=False)
+    par.add_argument("--policy", default="local")
+    par.add_argument("--tasks", default="", help="tasks for accuracy (default none: perplexity only)")
+    par.add_argument("--limit", type=_int_at_least(1, "--limit"), help="examples per task")
+    par.add_argument("--ppl-tokens", type=_int_at_least(2, "--ppl-tokens"), default=2048)
+    par.add_argument("--criteria-dir")
+    par.add_argument("--predictors-dir")
+    par.add_argument("--thresholds")
+    par.add_argument("--prompt", type=_int_at_least(1, "--prompt"), default=128, help="latency: prompt length")
+    par.add_argument("--gen", type=_int_at_least(1, "--gen"), default=128, help="latency: tokens generated")
+    par.add_argument("--quality-out", default="runs/quality.jsonl")
+    par.add_argument("--latency-out", default="runs/latency.jsonl")
+    par.set_defaults(func=_pareto)
 
     rep = sub.add_parser("report", help="one self-contained HTML report (plotly inline) from results rows")
     rep.add_argument("results", nargs="+", help="JSON Lines files, or directories searched for *.jsonl")

@@ -116,10 +116,13 @@ def _predictor_ms(mode, model, batch, device) -> float | None:
     return time_op(fn, device)["median_us"] / 1e3
 
 
-def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base, seed=0) -> list[dict]:
+def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base, seed=0, mode=None) -> list[dict]:
+    """The rows of one case. ``mode``: a mode to time instead of the case's random one (the Pareto sweep times the
+    trained predictors and importance files that its quality rows used)."""
     device = model.device
-    mode = mode_of(case, model.cfg, seed, base["extra"].get("batch_rule", "mean"),
-                      base["extra"].get("predictor_dtype", "model"))
+    if mode is None:
+        mode = mode_of(case, model.cfg, seed, base["extra"].get("batch_rule", "mean"),
+                       base["extra"].get("predictor_dtype", "model"))
     ops = get_ops(None, device)
     if not base["extra"].get("norm_fold", True):
         ops = unfused_norms(ops)

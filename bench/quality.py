@@ -286,7 +286,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 granularity="token", tasks=(), shots=0, limit=None, ppl=True, ppl_tokens=4096, context=512,
                 stride=256, sparse_prefix=None, criteria_dir=None, predictors_dir=None, data_dir=None,
                 out_path="runs/quality.jsonl", batch=8, progress=True, predictor_dtype="model", head_sparsity=None,
-                neuron_sparsity=None, kv_rule="skip", thresholds=None) -> QualityRun:
+                neuron_sparsity=None, kv_rule="skip", thresholds=None, config_key=None) -> QualityRun:
     """Perplexity and accuracy rows for every case; resumes ``out_path`` and records failed cases.
 
     A case is done when the file holds its rows with the same settings: the model, mode, criterion, policy,
@@ -338,6 +338,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                                    head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule,
                                    thresholds=thresholds)
             common = dict(common, **mode.budgets())
+            if config_key is not None:  # the Pareto sweep's join key (bench.pareto)
+                common = dict(common, config_key=config_key(case, mode, source))
             digest = file_digest(source)
             mode.bind(model)
             meta = getattr(getattr(mode, "predictor", None), "meta", None) or {}

@@ -346,6 +346,55 @@ def table2(rows, sparsity=0.5) -> tuple[str, list]:
             f"<table><tr><th>mode</th>{head}</tr>{''.join(body)}</table>"), lat + acc
 
 
+LOSS_LEVELS = (0.05, 0.10, 0.25)
+
+
+def fig_pareto(rows):
+    """Speedup over dense against perplexity, one curve per mode, for configurations whose quality and latency were
+    measured together (``shadowbench pareto``: rows joined by ``extra.config_key``); the oracle's perplexity as
+    reference lines (it has no latency); and a table of the best speedup each mode reaches within 5, 10 and 25% of
+    dense perplexity."""
+    from bench.pareto import join
+
+    recs = [o for o in join(rows) if o.get("perplexity")]
+    timed = [o for o in recs if o.get("speedup")]
+    if not timed:
+        return None, [], ""
+    fig = go.Figure()
+    series = defaultdict(list)
+    for o in timed:
+        series[(o["model"], o["mode"], o["criterion"], o["policy"])].append(o)
+    for (model, mode, crit, pol), pts in sorted(series.items(), key=lambda kv: (MODE_ORDER.get(kv[0][1], 9), kv[0])):
+        pts = sorted(pts, key=lambda o: o["sparsity"])
+        name = " ".join(str(x) for x in (model, mode, crit, pol) if x)
+        fig.add_trace(go.Scatter(x=[o["perplexity"] for o in pts], y=[o["speedup"] for o in pts],
+                                 mode="markers" if mode == "dense" else "lines+markers", name=name,
+                                 text=[f"s={o['sparsity']:g}" for o in pts]))
+    for o in recs:
+        if o["mode"] == "oracle":
+            fig.add_trace(go.Scatter(x=[o["perplexity"]] * 2, y=[0.9, max(p["speedup"] for p in timed)],
+                                     mode="lines", line=dict(dash="dot", color="black"),
+                                     name=f"{o['model']} oracle {o['policy']} s={o['sparsity']:g} (ceiling)"))
+    fig.update_xaxes(type="log")
+    rows_used = [r for r in rows if (r.get("extra") or {}).get("config_key")]
+    dense = {o["model"]: o["perplexity"] for o in recs if o["mode"] == "dense"}
+    head = "".join(f"<th>ppl loss &le; {int(x * 100)}%</th>" for x in LOSS_LEVELS)
+    body = []
+    for (model, mode, crit, pol), pts in sorted(series.items(), key=lambda kv: (MODE_ORDER.get(kv[0][1], 9), kv[0])):
+        if mode == "dense" or model not in dense:
+            continue
+        cells = []
+        for x in LOSS_LEVELS:
+            ok = [o["speedup"] for o in pts if o["perplexity"] <= dense[model] * (1 + x)]
+            cells.append(f"<td>{max(ok):.2f}x</td>" if ok else "<td>-</td>")
+        body.append(f"<tr><td>{html.escape(' '.join(str(v) for v in (model, mode, crit, pol) if v))}</td>"
+                    + "".join(cells) + "</tr>")
+    table = (f"<h3>Best speedup over dense within a perplexity loss</h3><table><tr><th>configuration</th>{head}</tr>"
+             + "".join(body) + "</table>") if body else ""
+    return (_layout(fig, "Speedup over dense vs perplexity (quality and latency of the same configurations)",
+                    "WikiText-2 perplexity (log scale)", "speedup per token over dense", rows_used), rows_used, table)
+
+
 FIGURES = (("latency-vs-model", fig_latency_vs_model), ("generation-time", fig_generation_time),
            ("latency-vs-sparsity", fig_latency_vs_sparsity), ("perplexity", fig_perplexity),
            ("accuracy", fig_accuracy), ("spearman", fig_spearman))
@@ -389,6 +438,12 @@ def build_report(paths, out, title="shadowbench report") -> tuple[Path, dict]:
         payload = json.dumps(fig.to_plotly_json(), default=_json_default).replace("</", "<\\/")
         parts.append(f"<div class='fig' id='{name}'></div><script type='application/json' id='{name}-spec'>"
                      f"{payload}</script>")
+    fig, used, pareto_table = fig_pareto(rows)
+    if fig is not None:  # only where quality and latency rows of the same configurations exist
+        drawn["pareto"] = len(used)
+        payload = json.dumps(fig.to_plotly_json(), default=_json_default).replace("</", "<\\/")
+        parts.insert(0, f"<div class='fig' id='pareto'></div><script type='application/json' id='pareto-spec'>"
+                        f"{payload}</script>{pareto_table}")
     table, used = table2(rows)
     drawn["table2"] = len(used)
     sources = ", ".join(html.escape(str(p)) for p in paths)

@@ -1,0 +1,146 @@
+"""``shadowbench pareto``: the quality and the decode latency of the same configurations, joined by one key.
+
+For a real model (a checkpoint, SmolLM2 by default) and every configuration (mode x sparsity x policy x criterion,
+with the trained predictors, importance files or thresholds that exist for it), the sweep
+
+1. scores it: WikiText-2 perplexity and task accuracy through :func:`bench.quality.run_quality` (rows of kind
+   ``quality``, appended to the quality table);
+2. times it: per-token decode latency of that configuration, with the same predictor files at their real widths and
+   dtypes (rows of kind ``latency`` with ``weights: trained``, appended to the latency table). The oracle and the
+   threshold mode have no decode step, so no latency: their rows say so (status ``skipped``);
+3. stamps both with ``extra.config_key`` (model, mode, criterion, policy, head and neuron sparsity, granularity,
+   key/value rule, predictor dtype, and the sha256 of the file the mode reads), which :func:`join` and the report
+   use to put each configuration's quality beside its speed.
+
+Both parts resume: a configuration whose rows are there with the same settings is not run again. On a CPU the
+latency is the PyTorch reference path's, not GPU speed (rows say the device).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+import torch
+
+from .quality import QualityCase, mode_of, quality_cases, run_quality
+from .results import RowWriter, environment, file_digest, git_commit, make_row, settings_key
+
+
+def config_key(model: str, case: QualityCase, mode, *, granularity: str, predictor_dtype: str, source) -> str:
+    b = mode.budgets()
+    return settings_key({"model": model, "mode": case.mode, "criterion": case.criterion, "policy": case.policy,
+                         "sparsity": case.sparsity, "head_sparsity": b.get("head_sparsity"),
+                         "neuron_sparsity": b.get("neuron_sparsity"), "kv_rule": b.get("kv_rule"),
+                         "granularity": granularity if case.mode in ("dejavu", "shadowllm") else None,
+                         "predictor_dtype": predictor_dtype if case.mode in ("dejavu", "shadowllm") else None,
+                         "source_sha256": file_digest(source)})
+
+
+def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, policies=("local",), granularity="token",
+               tasks=(), limit=None, ppl=True, ppl_tokens=2048, context=512, stride=256, criteria_dir=None,
+               predictors_dir=None, thresholds=None, data_dir=None, predictor_dtype="model", head_sparsity=None,
+               neuron_sparsity=None, prompt_len=128, gen_len=128, quality_out="runs/quality.jsonl",
+               latency_out="runs/latency.jsonl", progress=True) -> dict:
+    """Quality and latency rows of every configuration, each stamped with its ``config_key``."""
+    from .latency import LatencyCase, run_mode_case
+    from .timing import copy_bandwidth
+
+    lat_writer = RowWriter(latency_out)
+    files = dict(criteria_dir=criteria_dir, predictors_dir=predictors_dir, granularity=granularity,
+                 predictor_dtype=predictor_dtype, head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity,
+                 thresholds=thresholds)
+    qrun = run_quality(model, tokenizer, model_name=model_name, modes=modes, criteria=criteria, sparsities=sparsities,
+                       policies=policies, tasks=tasks, limit=limit, ppl=ppl, ppl_tokens=ppl_tokens, context=context,
+                       stride=stride, data_dir=data_dir, out_path=quality_out, progress=progress,
+                       config_key=lambda case, mode, source: config_key(model_name, case, mode, granularity=granularity,
+                                                                       predictor_dtype=predictor_dtype, source=source),
+                       **{k: v for k, v in files.items() if k not in ("granularity", "predictor_dtype")},
+                       granularity=granularity, predictor_dtype=predictor_dtype)
+    device = model.device
+    env = environment(device)
+    done = {(r.get("extra") or {}).get("config_key") for r in lat_writer.resume()
+            if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
+    bw = copy_bandwidth(device)["copy_gbps"]
+    base = dict(kind="latency", device=env["device"], dtype=str(model.dtype).replace("torch.", ""), batch=1,
+                prompt_len=prompt_len, git_commit=git_commit(), weights="trained",
+                extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw, "batch_rule": "mean",
+                       "predictor_dtype": predictor_dtype, "dense_gemv": "cublas", "norm_fold": True})
+    new = []
+    for case in quality_cases(modes, criteria, sparsities, policies):
+        try:
+            mode, source = mode_of(case, **files)
+            key = config_key(model_name, case, mode, granularity=granularity, predictor_dtype=predictor_dtype,
+                             source=source)
+        except Exception as err:  # noqa: BLE001 - its quality row says why; nothing to time
+            new.append(make_row(**base, model=model_name, mode=case.mode, criterion=case.criterion,
+                                policy=case.policy, sparsity=case.sparsity, gen_len=gen_len, metric="error",
+                                value=None, unit=None, status="error", error=f"{type(err).__name__}: {err}"))
+            lat_writer.write(new[-1:])
+            continue
+        if key in done:
+            continue
+        common = dict(base, model=model_name, mode=case.mode, criterion=case.criterion, policy=case.policy,
+                      sparsity=case.sparsity, gen_len=gen_len, config_key=key, source=source)
+        if getattr(mode, "no_decode", None):
+            rows = [make_row(**common, metric="token_ms", value=None, unit="ms", status="skipped",
+                             why=f"no decode step: {mode.no_decode}")]
+        else:
+            lcase = LatencyCase(model_name, case.mode, case.sparsity, case.policy,
+                                granularity if case.mode in ("dejavu", "shadowllm") else None, gen_len,
+                                head_sparsity, neuron_sparsity)
+            try:
+                rows = run_mode_case(model, lcase, prompt_len=prompt_len, batch=1, copy_gbps=bw,
+                                     base=dict(common, criterion=case.criterion), mode=mode)
+            except Exception as err:  # noqa: BLE001 - recorded; the sweep goes on
+                rows = [make_row(**common, metric="error", value=None, unit=None, status="error",
+                                 error=f"{type(err).__name__}: {err}")]
+            for r in rows:
+                r["extra"]["config_key"] = key
+                r["criterion"] = case.criterion
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        lat_writer.write(rows)
+        new += rows
+    return {"quality": qrun.rows, "latency": new}
+
+
+def join(rows) -> list[dict]:
+    """One record per configuration key: its perplexity, mean task accuracy, ms per token and speedup over the dense
+    configuration of the same model and device."""
+    by = defaultdict(dict)
+    for r in rows:
+        e = r.get("extra") or {}
+        key = e.get("config_key")
+        if not key or r.get("status") != "ok":
+            continue
+        rec = by[key]
+        rec.update(model=r["model"], mode=r["mode"], criterion=r["criterion"], policy=r["policy"],
+                   sparsity=r["sparsity"], kv_rule=e.get("kv_rule"), head_sparsity=e.get("head_sparsity"),
+                   neuron_sparsity=e.get("neuron_sparsity"))
+        if r["kind"] == "quality" and r["metric"] == "perplexity":
+            rec["perplexity"] = r["value"]
+        elif r["kind"] == "quality" and r["metric"] == "acc":
+            rec.setdefault("acc", {})[e.get("eval")] = r["value"]
+        elif r["kind"] == "latency" and r["metric"] == "token_ms":
+            rec["token_ms"], rec["device"] = r["value"], r["device"]
+    out = list(by.values())
+    dense = {(o["model"], o.get("device")): o.get("token_ms") for o in out if o["mode"] == "dense"}
+    for o in out:
+        if "acc" in o:
+            o["acc_mean"] = statistics.fmean(o["acc"].values())
+        d = dense.get((o["model"], o.get("device")))
+        if d and o.get("token_ms"):
+            o["speedup"] = d / o["token_ms"]
+    return out
+
+
+def pareto_table(records) -> str:
+    lines = [f"{'mode':<10} {'crit':<9} {'policy':<7} {'s':>5} {'ppl':>9} {'acc':>6} {'ms/tok':>8} {'speedup':>8}"]
+    fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
+    for o in sorted(records, key=lambda o: (o["mode"] != "dense", o["mode"], str(o["criterion"]), str(o["policy"]),
+                                            o["sparsity"])):
+        lines.append(f"{o['mode']:<10} {str(o['criterion'] or '-'):<9} {str(o['policy'] or '-'):<7} "
+                     f"{o['sparsity']:>5.2f} {fmt(o.get('perplexity'), '9.2f')} {fmt(o.get('acc_mean'), '6.3f')} "
+                     f"{fmt(o.get('token_ms'), '8.3f')} {fmt(o.get('speedup'), '8.2f')}")
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""``shadowbench pareto``: every configuration's quality and latency rows carry one key and join."""
+
+import json
+
+from bench import cli
+from bench.pareto import join
+from models.loading import TINY_RANDOM
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, capsys):
+    crit, pred, th = tmp_path / "crit", tmp_path / "pred", tmp_path / "th.safetensors"
+    assert cli.main(["collect", "--model", TINY_RANDOM, "--tasks", "copa", "--per-task", "8", "--criteria", "l2norm",
+                     "--out", str(crit), "--no-progress"]) == 0
+    assert cli.main(["train", "--data", str(crit), "--kind", "shadowllm,dejavu", "--criterion", "l2norm", "--epochs",
+                     "2", "--hidden", "16", "--out", str(pred), "--results", str(tmp_path / "t.jsonl"),
+                     "--no-progress"]) == 0
+    assert cli.main(["calibrate", "--model", TINY_RANDOM, "--sparsity", "0.5", "--tokens", "300", "--context", "100",
+                     "--out", str(th), "--no-progress"]) == 0
+    q, lat = tmp_path / "q.jsonl", tmp_path / "l.jsonl"
+    argv = ["pareto", "--model", TINY_RANDOM, "--modes", "dense,oracle,static,shadowllm,dejavu,threshold",
+            "--sparsity", "0.5", "--ppl-tokens", "96", "--criteria-dir", str(crit), "--predictors-dir", str(pred),
+            "--thresholds", str(th), "--prompt", "6", "--gen", "4", "--quality-out", str(q), "--latency-out",
+            str(lat), "--no-progress"]
+    assert cli.main(argv) == 0
+    qr, lr = rows(q), rows(lat)
+    assert all(r["extra"].get("config_key") for r in qr + lr)
+    recs = {o["mode"]: o for o in join(qr + lr)}
+    assert set(recs) == {"dense", "oracle", "static", "shadowllm", "dejavu", "threshold"}
+    for m in ("static", "shadowllm", "dejavu"):  # scored and timed with the same files
+        assert recs[m]["perplexity"] > 0 and recs[m]["token_ms"] > 0 and recs[m]["speedup"] > 0
+    assert "token_ms" not in recs["oracle"] and "token_ms" not in recs["threshold"]  # no decode step: no latency
+    skipped = [r for r in lr if r["status"] == "skipped"]
+    assert {r["mode"] for r in skipped} == {"oracle", "threshold"} and all("no decode step" in r["extra"]["why"]
+                                                                           for r in skipped)
+    trained = [r for r in lr if r["mode"] == "shadowllm" and r["metric"] == "token_ms"]
+    assert trained[0]["extra"]["weights"] == "trained" and "shadowllm-l2norm" in trained[0]["extra"]["source"]
+    n = len(qr), len(lr)
+    assert cli.main(argv) == 0  # resumed: nothing new
+    assert (len(rows(q)), len(rows(lat))) == n
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_report_draws_the_pareto_figure_and_speedup_table(tmp_path):
+    from reports.html import build_report
+
+    def row(kind, mode, metric, value, key, s=0.5, **extra):
+        return {"kind": kind, "model": "m", "mode": mode, "criterion": None if mode == "dense" else "l2norm",
+                "policy": None if mode == "dense" else "local", "sparsity": 0.0 if mode == "dense" else s,
+                "metric": metric, "value": value, "unit": "", "device": "dev", "dtype": "fp32", "git_commit": "c",
+                "status": "ok", "batch": 1, "prompt_len": 8, "gen_len": 4,
+                "extra": {"config_key": key, "eval": "wikitext2", **extra}}
+
+    rs = [row("quality", "dense", "perplexity", 20.0, "d"), row("latency", "dense", "token_ms", 10.0, "d"),
+          row("quality", "shadowllm", "perplexity", 21.0, "a", 0.3), row("latency", "shadowllm", "token_ms", 8.0, "a",
+                                                                         0.3),
+          row("quality", "shadowllm", "perplexity", 24.0, "b"), row("latency", "shadowllm", "token_ms", 5.0, "b"),
+          row("quality", "oracle", "perplexity", 20.5, "o")]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rs))
+    out, drawn = build_report([path], tmp_path / "r.html")
+    page = out.read_text()
+    assert drawn["pareto"] == len(rs)
+    # within 5% of dense ppl (<= 21): 10/8 = 1.25x; within 25% (<= 25): 10/5 = 2x
+    assert "<td>1.25x</td><td>1.25x</td><td>2.00x</td>" in page
+    assert "oracle local s=0.5 (ceiling)" in page
