@@ -75,12 +75,83 @@ def _model_size(rows_by_model, model: str) -> float:
 
 
 def _caption(rows) -> str:
+    """Devices, dtypes and models of the rows; their commits as a count with the newest (a list of thirty commits
+    ran off the figure)."""
     def vals(key):
         return sorted({str(r.get(key)) for r in rows if r.get(key) is not None})
 
-    return (f"device: {', '.join(vals('device')) or '-'} | dtype: {', '.join(vals('dtype')) or '-'} | "
-            f"model: {', '.join(vals('model')) or '-'} | commit: {', '.join(vals('git_commit')) or '-'} | "
-            f"{len(rows)} rows")
+    def short(v, n=4):
+        return ", ".join(v[:n]) + (f" +{len(v) - n} more" if len(v) > n else "") if v else "-"
+
+    newest = max(rows, key=lambda r: str(r.get("time") or ""), default={}).get("git_commit")
+    commits = vals("git_commit")
+    commit = f"{len(commits)} commits, newest {newest}" if len(commits) > 1 else (commits[0] if commits else "-")
+    return (f"device: {short(vals('device'), 2)} | dtype: {short(vals('dtype'), 3)} | model: {short(vals('model'))} | "
+            f"commit: {commit} | {len(rows)} rows")
+
+
+# Words a label carries when its row is not the canonical setting (batch 1, prompt 128, 128 tokens, default flags,
+# predictors of the default folder): each names a group of traces that the figure's menu shows instead.
+VARIANT_MARKERS = ("fp8-predictor", "no-PDL", "own-GEMV", "batch-union", "per-prompt", "kv:always", "heads-only",
+                   "neurons-only", "dense-context", "-shot", "heads ", "[")
+MAX_LEGEND = 12
+
+
+def _variant_of(name: str) -> str | None:
+    """The variant group of a trace name, None for the canonical setting."""
+    for m in VARIANT_MARKERS:
+        if m in name:
+            if m == "[":
+                return "predictor folder " + name[name.index("["):name.index("]") + 1]
+            if m == "-shot":
+                return next(w for w in name.split() if w.endswith("-shot"))
+            return m.strip()
+    for w in name.split():
+        if w.startswith("gen") and w[3:].isdigit() and w != "gen128":
+            return w
+    return None
+
+
+def variants_menu(fig) -> None:
+    """Show the canonical traces and put every variant group one click away: traces are grouped by their variant
+    (see VARIANT_MARKERS), each group split into pages of at most 12, the first page shown and a dropdown choosing
+    any other. Reference traces (dense, floors, the oracle) stay in every view."""
+    groups: dict = {}
+    floors: dict = {}
+    for i, t in enumerate(fig.data):
+        name = t.name or ""
+        if name.endswith(" floor"):  # drawn with its series, out of the legend (the title says what dotted is)
+            t.showlegend = False
+            floors.setdefault(name[: -len(" floor")], []).append(i)
+            continue
+        ref = name.endswith("(reference)") or name.endswith("(ceiling)")
+        groups.setdefault("reference" if ref else (_variant_of(name) or "canonical"), []).append(i)
+    ref = groups.pop("reference", [])
+    if len(groups.get("canonical", [])) < 2 and len(groups) > 1:  # a lone canonical trace (dense) joins every view
+        ref += groups.pop("canonical", [])
+    order = (["canonical"] if "canonical" in groups else []) + sorted(g for g in groups if g != "canonical")
+    room = max(1, MAX_LEGEND - min(len(ref), MAX_LEGEND // 2))
+    pages = []
+    for g in order:
+        idx = [i for i in groups[g] if fig.data[i].showlegend is not False]
+        for k in range(0, len(idx), room):
+            part = idx[k: k + room]
+            part += [j for i in part for j in floors.get(fig.data[i].name, [])]
+            label = g if len(idx) <= room else f"{g} ({k // room + 1}/{-(-len(idx) // room)})"
+            pages.append((label, part))
+    if not pages:
+        return
+    shown_ref = ref[: MAX_LEGEND - len(pages[0][1])]
+    for i, t in enumerate(fig.data):
+        t.visible = i in pages[0][1] or i in shown_ref
+    if len(pages) > 1:
+        def visible(part):
+            shown = set(part) | set(ref[: MAX_LEGEND - len(part)])
+            return [i in shown for i in range(len(fig.data))]
+
+        buttons = [dict(label=label, method="update", args=[{"visible": visible(part)}]) for label, part in pages]
+        fig.update_layout(updatemenus=[dict(buttons=buttons, direction="down", x=1.02, xanchor="left", y=1.16,
+                                            yanchor="top", showactive=True)])
 
 
 def _base_label(r) -> str:
@@ -238,8 +309,12 @@ def fig_latency_vs_sparsity(rows):
             fx = sorted(floors[name])
             fig.add_trace(go.Scatter(x=fx, y=[floors[name][x] for x in fx], mode="lines", name=f"{name} floor",
                                      line=dict(dash="dot", width=1), legendgroup="floors"))
-    for name, v in dense.items():
-        fig.add_hline(y=v, line=dict(dash="dash", color="gray"), annotation_text=f"{name.split()[0]} dense")
+    shown = {(n.split()[0], n.split()[-1]) for n in series if n.split()[1] != "dense" and len(series[n]) >= 2}
+    xs_all = sorted(sparsities)
+    for name, v in sorted(dense.items()):  # the dense time of each model drawn, as a trace in data units
+        if (name.split()[0], name.split()[-1]) in shown:
+            fig.add_trace(go.Scatter(x=[xs_all[0], xs_all[-1]], y=[v, v], mode="lines", name=f"{name} (reference)",
+                                     line=dict(dash="dash", color="gray", width=1)))
     used = [r for r in lat if r["metric"] == "token_ms"]
     return _layout(fig, "Per-token latency vs sparsity (dotted: floor; dashed: dense)", "sparsity",
                    "ms / token (median)", used), used
@@ -268,7 +343,7 @@ def fig_perplexity(rows):
     xs_all = sorted({r["sparsity"] for r in q} - {0.0}) or [0.0]
     for model, v in dense.items():  # a trace in data units (a log axis reads an hline annotation's y as log10)
         fig.add_trace(go.Scatter(x=[min(xs_all), max(xs_all)], y=[v, v], mode="lines",
-                                 line=dict(dash="dash", color="gray"), name=f"{model} dense {v:.2f}"))
+                                 line=dict(dash="dash", color="gray"), name=f"{model} dense {v:.2f} (reference)"))
     fig.update_yaxes(type="log")
     tokens = sorted({(r.get("extra") or {}).get("tokens") for r in q} - {None})
     return _layout(fig, f"WikiText-2 perplexity vs sparsity ({', '.join(map(str, tokens))} tokens scored)",
@@ -432,6 +507,8 @@ def build_report(paths, out, title="shadowbench report") -> tuple[Path, dict]:
     for name, fn in FIGURES:
         fig, used = fn(rows)
         drawn[name] = len(used) if fig is not None else 0
+        if fig is not None:
+            variants_menu(fig)
         if fig is None:
             parts.append(f"<div class='missing' id='{name}'>{name}: no rows for this figure in these results</div>")
             continue
@@ -466,7 +543,10 @@ td:first-child{{text-align:left}} .missing{{color:#a00;margin:16px 0}}</style></
 const figs = document.querySelectorAll("div.fig");
 Promise.all(Array.from(figs).map(div => {{
   const spec = JSON.parse(document.getElementById(div.id + "-spec").textContent);
-  return Plotly.newPlot(div, spec.data, spec.layout, {{responsive: true}}).then(() => div.dataset.drawn = "1");
+  return Plotly.newPlot(div, spec.data, spec.layout, {{responsive: true}}).then(() => {{
+    div.dataset.drawn = "1";
+    div.dataset.legend = div.querySelectorAll(".legend .traces").length;
+  }});
 }})).catch(e => window.__errors.push(String(e))).finally(() => {{
   document.getElementById("report-errors").textContent = window.__errors.join("\\n");
   document.body.dataset.done = "1";

@@ -131,3 +131,26 @@ def test_report_from_the_committed_results(tmp_path):
     path, drawn = build_report([results], tmp_path / "r.html")
     assert path.stat().st_size > 100_000
     assert all(n > 0 for n in drawn.values()), drawn
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_committed_results_draw_with_at_most_12_legend_entries_per_figure(tmp_path):
+    """The README's report as a browser shows it: every figure drawn, no script error, at most 12 legend entries in
+    each figure's first view (the variants behind its menu), and a screenshot that is not blank."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parent.parent / "results"
+    out, drawn = build_report([results], tmp_path / "r.html")
+    flags = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000"]
+    dom = subprocess.run([*flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=240).stdout
+    assert 'data-done="1"' in dom
+    figures = [n for n in drawn if n != "table2"]
+    assert dom.count('data-drawn="1"') == len(figures)
+    legends = [int(x.split('"')[1]) for x in dom.split("data-legend=")[1:]]
+    assert len(legends) == len(figures) and all(1 <= n <= 12 for n in legends), legends
+    errors = dom.split('<pre id="report-errors">')[1].split("</pre>")[0]
+    assert errors == "", errors
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, "--hide-scrollbars", "--window-size=1300,1400", f"--screenshot={shot}", out.as_uri()],
+                   capture_output=True, timeout=240, check=True)
+    assert shot.stat().st_size > 50_000 and _png_is_not_blank(shot.read_bytes())
