@@ -264,10 +264,16 @@ def _bench_in_graph(kernel_call, quantiles, rep_ms: float = 20.0, cold: bool = F
     return [times[min(len(times) - 1, round(q * (len(times) - 1)))] for q in quantiles]
 
 
+_SM_COUNT: dict = {}  # device index -> SMs (asked once: launchers call this for every config of every call)
+
+
 def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
 
 
 @triton.jit

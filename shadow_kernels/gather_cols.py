@@ -272,6 +272,7 @@ def settings() -> dict:
             "configs": "default" if default else "custom"}
 
 
+_MAX_SPLIT: dict = {}
 # Rows of the selected list one program should at least stream before splitting further pays off.
 _MIN_ROWS_PER_SPLIT = 64
 
@@ -303,7 +304,15 @@ def _launch_cols(weight_t, h2d, idx, bias, count, deterministic: bool, split: in
     def split_of(kw) -> int:  # a config's kwargs (or a launch's meta)
         return split or choose_split(n_sel, M, kw["BLOCK_M"], dev, kw.get("OCC", 4))
 
-    max_split = max(split_of(c.kwargs) for c in kernel.configs)
+    # The largest split any config can use sizes the workspace: computed once per config list and shape. The key
+    # holds the list itself (a tuner restricted to other configs has another list), so its id cannot be reused.
+    key = (id(kernel.configs), n_sel, M, split, dev.index)
+    hit = _MAX_SPLIT.get(key)
+    if hit is not None and hit[0] is kernel.configs:
+        max_split = hit[1]
+    else:
+        max_split = max(split_of(c.kwargs) for c in kernel.configs)
+        _MAX_SPLIT[key] = (kernel.configs, max_split)
     if max_split == 1:
         mode, out = 0, y
     elif deterministic:

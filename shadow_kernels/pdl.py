@@ -52,5 +52,13 @@ def pdl_kwargs(device: torch.device, pdl: bool | None = None) -> dict:
     return {"USE_PDL": on, "launch_pdl": on} if on else {"USE_PDL": False}
 
 
+_CAPABLE: dict = {}  # device index -> compute capability >= 9 (asked once: a launch path must not query the driver)
+
+
 def _capable(device: torch.device) -> bool:
-    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    if INTERPRET or device.type != "cuda":
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _CAPABLE:
+        _CAPABLE[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    return _CAPABLE[i]

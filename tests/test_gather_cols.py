@@ -158,3 +158,22 @@ def test_both_single_token_loops(family, dtype):
         count = torch.tensor([90], dtype=torch.int32, device=DEVICE)
         for kw in ({}, {"count": count}, {"split": 3}):
             assert_close_rel(gather_cols_gemv(wt, h, idx, b, **kw), gather_cols_gemv_ref(wt, h, idx, b, **kw), dtype)
+
+
+def test_workspace_size_follows_a_changed_config_list():
+    """The largest split is cached per config list and shape: restricting the autotuner to another config (as
+    ``shadowbench tune`` does) must size the workspace for that config, not reuse the cached figure."""
+    import triton
+
+    from shadow_kernels import gather_cols
+
+    gen = torch.Generator().manual_seed(5)
+    wt = randn(4096, 64, dtype=torch.float32, gen=gen)
+    idx = torch.randperm(4096, generator=gen)[:3000].to(DEVICE, torch.int32)
+    h = randn(3000, dtype=torch.float32, gen=gen)
+    want = gather_cols_gemv_ref(wt, h, idx)
+    small = triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 1}, num_warps=2, num_stages=1)
+    large = triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "PREFETCH": 1, "OCC": 16}, num_warps=2, num_stages=1)
+    for cfg in (small, large, small):
+        with only_configs(gather_cols._cols_single, [cfg]):
+            assert_close_rel(gather_cols_gemv(wt, h, idx), want, torch.float32)
