@@ -421,6 +421,62 @@ def table2(rows, sparsity=0.5) -> tuple[str, list]:
             f"<table><tr><th>mode</th>{head}</tr>{''.join(body)}</table>"), lat + acc
 
 
+CANONICAL = {"batch": 1, "prompt_len": 128, "gen_len": 128}
+
+
+def summary(rows) -> tuple[str, list]:
+    """The first screen: for the canonical setting (batch 1, prompt 128, 128 tokens, default flags), per model the
+    dense ms/token and its weight-read floor ratio, and each mode's speedup over dense at each sparsity, beside the
+    perplexity of the same configuration where the model also has quality rows. CPU rows are said not to be GPU
+    speed."""
+    lat = [r for r in rows if r.get("kind") == "latency" and r["metric"] in ("token_ms", "floor_ratio")
+           and all(r.get(k) == v for k, v in CANONICAL.items()) and _variant_of(_label(r)) is None
+           and r["mode"] != "hf"]
+    if not any(r["metric"] == "token_ms" for r in lat):
+        return "", []
+    same = {"smollm2": "smollm2-135m"}  # the loader's name of a registry model
+    ppl = {}
+    # the newest l2norm row of each configuration, from any predictor folder (budgets, kv rule: other settings)
+    for r in sorted((r for r in rows if r.get("kind") == "quality" and r["metric"] == "perplexity"
+                     and r.get("criterion") in (None, "l2norm")
+                     and (_variant_of(_label(r)) or "predictor folder").startswith("predictor folder")),
+                    key=lambda r: str(r.get("time") or "")):
+        ppl[(same.get(r["model"], r["model"]), r["mode"], r.get("policy"), r["sparsity"])] = (
+            r["value"], r.get("criterion"))
+    tok = {(r["model"], _label(r), r["sparsity"]): r for r in lat if r["metric"] == "token_ms"}
+    floor = {(r["model"], _label(r), r["sparsity"]): r["value"] for r in lat if r["metric"] == "floor_ratio"}
+    models = sorted({k[0] for k in tok}, key=lambda m: _model_size({m: [r for r in rows if r.get("model") == m
+                                                                         and r.get("kind") == "latency"]}, m))
+    cols = sorted({(k[1], k[2]) for k in tok if not k[1].startswith("dense")},
+                  key=lambda c: (MODE_ORDER.get(c[0].split()[0], 9), c))
+    head = "".join(f"<th>{html.escape(lab)}<br>s={s:g}</th>" for lab, s in cols)
+    body = []
+    for m in models:
+        d = tok.get((m, "dense", 0.0))
+        if d is None:
+            continue
+        cpu = str(d["device"]).startswith("cpu")
+        cells = []
+        for lab, s in cols:
+            r = tok.get((m, lab, s))
+            if r is None:
+                cells.append("-")
+                continue
+            q = ppl.get((m, r["mode"], r.get("policy"), s))
+            cells.append(f"{d['value'] / r['value']:.2f}x"
+                         + (f"<br><span class='cap'>ppl {q[0]:.1f} ({q[1]})</span>" if q else ""))
+        fr = floor.get((m, "dense", 0.0))
+        dq = (ppl.get((m, "dense", None, 0.0)) or (None,))[0]
+        body.append(f"<tr><td>{html.escape(m)}{' (CPU: not GPU speed)' if cpu else ''}</td>"
+                    f"<td>{d['value']:.3f}{f'<br><span class=cap>ppl {dq:.1f}</span>' if dq else ''}</td>"
+                    f"<td>{f'{fr:.2f}x' if fr else '-'}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    used = list(tok.values())
+    return (f"<h2>At a glance: speedup over dense per token</h2><p class='cap'>batch 1, prompt 128, 128 tokens, "
+            f"default flags; {html.escape(_caption(used))}. Perplexity where the same model and configuration was "
+            "scored.</p><table><tr><th>model</th><th>dense ms/token</th><th>x floor</th>" + head + "</tr>"
+            + "".join(body) + "</table>"), used
+
+
 LOSS_LEVELS = (0.05, 0.10, 0.25)
 
 
@@ -523,6 +579,9 @@ def build_report(paths, out, title="shadowbench report") -> tuple[Path, dict]:
                         f"{payload}</script>{pareto_table}")
     table, used = table2(rows)
     drawn["table2"] = len(used)
+    glance, used = summary(rows)
+    if glance:
+        drawn["summary"] = len(used)
     sources = ", ".join(html.escape(str(p)) for p in paths)
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -536,6 +595,7 @@ const _err = console.error; console.error = (...a) => {{ window.__errors.push(a.
 table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child{{text-align:left}} .missing{{color:#a00;margin:16px 0}}</style></head>
 <body><h1>{html.escape(title)}</h1><p class="cap">from {sources}; {len(rows)} ok rows</p>
+{glance}
 {''.join(parts)}
 {table}
 <pre id="report-errors"></pre>
