@@ -5,9 +5,9 @@
 2. train: a ShadowLLM predictor and DejaVu-style predictors on each criterion (small, few epochs);
 3. quality: WikiText-2 perplexity (first tokens of the test split) and zero-shot accuracy (a few examples
    per task) for dense, static, dejavu and shadowllm, through the decoder's sparse semantics;
-4. latency: per-token decode latency of every mode on this machine (on a GPU: the SmolLM2 shape with the
-   Triton kernels and CUDA graphs; on a CPU: a tiny random model with the PyTorch references, which shows
-   that everything runs, not GPU speed);
+4. latency: per-token decode latency of the same configurations with the same model and files (``bench.pareto``;
+   on a GPU the Triton kernels and CUDA graphs, on a CPU the PyTorch references, which shows that everything runs,
+   not GPU speed);
 5. report: one HTML file; its path is the last line printed.
 
 Every size here is small on purpose (minutes on a 2-core CPU); ``--examples`` and friends scale it up. The
@@ -26,9 +26,9 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
              eval_examples=10, ppl_tokens=512, sparsities=(0.5,), data_dir=None, progress=True) -> Path:
     import torch
 
-    from bench import latency
     from bench.collect import collect
-    from bench.quality import quality_table, run_quality
+    from bench.pareto import join, pareto_table, run_pareto
+    from bench.quality import quality_table
     from bench.results import RowWriter
     from bench.tasks import TASKS, available_tasks
     from bench.training import train_case
@@ -92,19 +92,22 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
             step(f"train {kind}/{crit}: Spearman rho neurons local {rho['spearman_local_neurons']:.3f}, "
                  f"global {rho['spearman_global_neurons']:.3f} on {n_val} held-out prompts"
                  + ("" if t.fresh else " (up to date: same data and settings)"))
-    step(f"quality: WikiText-2 ({ppl_tokens} tokens) and {eval_examples} examples per task, s={list(sparsities)}")
     step("the predictors above are a smoke test of the pipeline (a few prompts, few epochs): their rows say that "
          "the code runs, not what trained predictors reach; perf/smollm2_per_token.sh trains them at scale")
-    run = run_quality(model, tok, model_name=model_name, modes=["dense", "oracle", "static", "dejavu", "shadowllm"],
-                criteria=["plainact", "l2norm"], sparsities=list(sparsities), policies=("global",), tasks=tasks,
-                limit=eval_examples, ppl_tokens=ppl_tokens, context=512, stride=256, criteria_dir=crit_dir,
-                predictors_dir=pred_dir, data_dir=data_dir, out_path=out / "quality.jsonl", progress=progress)
-    print(quality_table(run.rows))
-    lat_model = "smollm2-135m" if device == "cuda" else "tiny-llama"
-    step(f"latency: {lat_model}, every mode at s=0.5 on {device}")
-    latency.run_latency([lat_model], ["dense", "static", "dejavu", "shadowllm"], [0.5], [32 if device == "cpu"
-                        else 128], ["token"], prompt_len=16 if device == "cpu" else 128,
-                        out_path=out / "latency.jsonl", shadowllm_policies=("global",), progress=progress)
+    prompt_len, gen_len = (128, 128) if device == "cuda" else (32, 16)
+    step(f"pareto: WikiText-2 ({ppl_tokens} tokens) and {eval_examples} examples per task, s={list(sparsities)}, and "
+         f"the decode latency of the same configurations on {device} (prompt {prompt_len}, {gen_len} tokens"
+         + ("; the CPU runs the PyTorch references: not GPU speed)" if device == "cpu" else ")"))
+    res = run_pareto(model, tok, model_name=model_name, modes=["dense", "oracle", "static", "dejavu", "shadowllm"],
+                     criteria=["plainact", "l2norm"], sparsities=list(sparsities), policies=("global",), tasks=tasks,
+                     limit=eval_examples, ppl_tokens=ppl_tokens, context=512, stride=256, criteria_dir=crit_dir,
+                     predictors_dir=pred_dir, data_dir=data_dir, prompt_len=prompt_len, gen_len=gen_len,
+                     quality_out=out / "quality.jsonl", latency_out=out / "latency.jsonl", progress=progress)
+    print(quality_table(res["quality"]))
+    keys = {(r.get("extra") or {}).get("config_key") for r in res["quality"]}
+    lat_rows = [r for r in RowWriter(out / "latency.jsonl").existing() if (r.get("extra") or {}).get("config_key")
+                in keys]
+    print(pareto_table(join(res["quality"] + lat_rows)))
     path, drawn = build_report([out], report, title=f"shadowbench demo: {model_name}")
     step(f"report figures: {drawn}")
     return path

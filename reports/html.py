@@ -241,6 +241,8 @@ def fig_latency_vs_model(rows, sparsity=0.5):
     for r in lat:
         by_model[r["model"]].append(r)
     models = sorted(by_model, key=lambda m: _model_size(by_model, m))
+    if len(models) < 2:  # one model is one x value: the first screen and the other figures say more
+        return None, []
     fig = go.Figure()
     series = defaultdict(dict)
     floors = defaultdict(dict)
@@ -528,7 +530,10 @@ def fig_pareto(rows):
                     + "".join(cells) + "</tr>")
     table = (f"<h3>Best speedup over dense within a perplexity loss</h3><table><tr><th>configuration</th>{head}</tr>"
              + "".join(body) + "</table>") if body else ""
-    return (_layout(fig, "Speedup over dense vs perplexity (quality and latency of the same configurations)",
+    cpu = any(str(o.get("device", "")).startswith("cpu") for o in timed)
+    title = ("Speedup over dense vs perplexity (quality and latency of the same configurations"
+             + ("; CPU latency: the PyTorch references, not GPU speed)" if cpu else ")"))
+    return (_layout(fig, title,
                     "WikiText-2 perplexity (log scale)", "speedup per token over dense", rows_used), rows_used, table)
 
 

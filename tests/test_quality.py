@@ -140,8 +140,10 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert code == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "demo.html")
     page = (tmp_path / "demo.html").read_text()
-    for fig in ("latency-vs-model", "perplexity", "accuracy", "spearman"):
+    for fig in ("pareto", "perplexity", "accuracy", "spearman"):  # latency and quality of the same model
         assert f"<div class='fig' id='{fig}'>" in page, fig
+    assert "CPU latency: the PyTorch references, not GPU speed" in page
+    assert "tiny-llama" not in page
 
 
 def test_demo_without_any_task_data_says_where_it_looked(tmp_path):
