@@ -2,7 +2,7 @@
 # Per-token predictors on SmolLM2-135M, the paper's data scale, one stage per call (GPU: minutes; CPU: hours):
 #   perf/smollm2_per_token.sh collect   # every position of 96k tokens of WikiText-2 validation and the 7 tasks'
 #                                       # predictor prompts (40 each, 0 and 3 shots): l2norm and plainact per token
-#   perf/smollm2_per_token.sh train     # ShadowLLM (l2norm, plainact) and DejaVu (l2norm), targets z-scored per layer
+#   perf/smollm2_per_token.sh train     # ShadowLLM (l2norm, plainact) and DejaVu (l2norm), log(1 + s) z-scored per layer
 #   perf/smollm2_per_token.sh quality   # WikiText-2 test perplexity (first 2048 tokens, window 512, stride 256):
 #                                       # dense, the oracle (both key/value rules), static, ShadowLLM, DejaVu
 #   perf/smollm2_per_token.sh accuracy  # 7-task accuracy at s=0.3, sparse context, up to 500 examples per task
@@ -22,9 +22,9 @@ collect)
   $sb collect --model smollm2 $f32 --per-token --criteria l2norm,plainact --wikitext-tokens 98304 --tasks $tasks \
       --per-task 40 --shots 0,3 --context 512 --batch 8 --out "$out/criteria" --no-progress ;;
 train)
-  $sb train --data "$out/criteria" --kind shadowllm --criterion l2norm,plainact --epochs 20 --batch 256 --log \
+  $sb train --data "$out/criteria" --kind shadowllm --criterion l2norm,plainact --epochs 20 --batch 256 --log1p \
       --out "$out/predictors" --results "$rows/training.jsonl" --no-progress
-  $sb train --data "$out/criteria" --kind dejavu --criterion l2norm --epochs 20 --batch 256 --log \
+  $sb train --data "$out/criteria" --kind dejavu --criterion l2norm --epochs 20 --batch 256 --log1p \
       --out "$out/predictors" --results "$rows/training.jsonl" --no-progress ;;
 quality)
   eval $sb quality --model smollm2 $f32 --modes dense,oracle --policy local,global --sparsity 0.3,0.5 $ppl \
