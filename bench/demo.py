@@ -99,7 +99,8 @@ def run_demo(out_dir="runs/demo", report="reports/demo.html", *, model_name="smo
          f"the decode latency of the same configurations on {device} (prompt {prompt_len}, {gen_len} tokens"
          + ("; the CPU runs the PyTorch references: not GPU speed)" if device == "cpu" else ")"))
     res = run_pareto(model, tok, model_name=model_name, modes=["dense", "oracle", "static", "dejavu", "shadowllm"],
-                     criteria=["plainact", "l2norm"], sparsities=list(sparsities), policies=("global",), tasks=tasks,
+                     criteria=["plainact", "l2norm"], sparsities=list(sparsities), policies=("global", "local"),
+                     tasks=tasks,
                      limit=eval_examples, ppl_tokens=ppl_tokens, context=512, stride=256, criteria_dir=crit_dir,
                      predictors_dir=pred_dir, data_dir=data_dir, prompt_len=prompt_len, gen_len=gen_len,
                      quality_out=out / "quality.jsonl", latency_out=out / "latency.jsonl", progress=progress)
