@@ -438,11 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch", type=_ints("batch sizes"), help="comma-separated batch sizes (GPU default: 1,8)")
     k.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     k.add_argument("--out", default="runs/kernels.jsonl", help="JSON Lines file; rows are appended, done cases skipped")
-    k.add_argument("--timer", choices=["steady", "stream", "single"], default="steady",
+    k.add_argument("--timer", choices=["steady", "stream", "single", "eager", "cold", "host"], default="steady",
                    help="steady (default): each variant runs back to back on copies of its data inside CUDA graphs, "
                         "once over and twice over, per call = the difference over the copies (what a replay pays "
                         "once cancels); stream: one such graph divided by its calls; single: one call per "
-                        "graph replay after an L2 flush")
+                        "graph replay after an L2 flush; eager: each call from Python after an L2 flush, CUDA events "
+                        "around it (as a user of the library sees it); cold: a graph of flush+call pairs minus the "
+                        "flushes; host: wall time to enqueue 200 calls without synchronising, per call")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.set_defaults(func=_kernels)
 

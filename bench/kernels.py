@@ -22,7 +22,7 @@ from models.registry import ModelSpec, get_spec
 from shadow_kernels import tuned
 
 from .results import RowWriter, environment, git_commit, make_row
-from .timing import copy_bandwidth, time_steady, time_stream
+from .timing import copy_bandwidth, host_cost, time_cold_graph, time_eager, time_steady, time_stream
 
 GEMV_OPS = ("fc1", "fc2", "qkv", "out_proj")
 LLAMA_OPS = ("swiglu",)  # fused gate+up gather GEMV (Llama models only)
@@ -258,11 +258,12 @@ def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
 # one replay reads at least this many bytes (five times the H100's L2), between MIN and MAX copies.
 STREAM_BYTES = 256 << 20
 MIN_COPIES, MAX_COPIES = 4, 256
-TIMERS = ("steady", "stream", "single")
+TIMERS = ("steady", "stream", "single", "eager", "cold", "host")
+SINGLE_CALL_TIMERS = ("single", "eager", "cold", "host")  # one copy of the data, one call at a time
 
 
 def n_copies(bytes_moved: int, timer: str) -> int:
-    if timer == "single":
+    if timer in SINGLE_CALL_TIMERS:
         return 1
     return max(MIN_COPIES, min(MAX_COPIES, -(-STREAM_BYTES // max(1, bytes_moved))))
 
@@ -272,7 +273,12 @@ def _timed_with_configs(fns, device, timer: str = "steady") -> dict:
     tuners = tuned.autotuners()
     for tuner in tuners.values():
         tuner.best_config = None
-    t = time_steady(fns, device) if timer == "steady" else time_stream(fns, device)
+    if timer == "steady":
+        t = time_steady(fns, device)
+    elif timer in ("eager", "cold", "host"):
+        t = {"eager": time_eager, "cold": time_cold_graph, "host": host_cost}[timer](fns[0], device)
+    else:
+        t = time_stream(fns, device)
     t["configs"] = {name: str(tuner.best_config) for name, tuner in tuners.items()
                     if getattr(tuner, "best_config", None) is not None}
     return t

@@ -157,3 +157,97 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
     eager = moved / (eager_ms * 1e-3) / 1e9
     graph = moved / (graph_us * 1e-6) / 1e9
     return {"copy_gbps": max(eager, graph), "copy_gbps_eager": eager, "copy_gbps_graph": graph, "copy_bytes": moved}
+
+
+def _wall(fn, reps: int = 3) -> list[float]:
+    fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return sorted(out)
+
+
+def _summary(samples: list[float], timer: str, **extra) -> dict:
+    samples = sorted(samples)
+    return {"median_us": statistics.median(samples), "p20_us": percentile(samples, 0.2),
+            "p80_us": percentile(samples, 0.8), "reps": len(samples), "timer": timer, **extra}
+
+
+def time_eager(fn: Callable[[], object], device: torch.device, reps: int = 100) -> dict:
+    """The op as a Python caller sees it (``triton.testing.do_bench``'s way): each call launched from Python after
+    an L2 flush, timed by CUDA events recorded around it, so the launch path's host cost shows wherever it exceeds
+    the kernel's own time. On the CPU: wall clock of a few calls (a smoke test)."""
+    if device.type != "cuda":
+        return _summary(_wall(fn), "eager, wall clock (CPU)")
+    for _ in range(3):
+        fn()
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in pairs:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return _summary([s.elapsed_time(e) * 1e3 for s, e in pairs], "eager: events around each Python call, L2 flushed")
+
+
+def time_cold_graph(fn: Callable[[], object], device: torch.device, n: int = 20) -> dict:
+    """The kernel's own time on cold data: a CUDA graph of ``n`` (L2 flush, call) pairs minus a graph of the ``n``
+    flushes alone, per call, over several replays. What the eager timer should come close to once the launch path is
+    cheap. On the CPU: wall clock."""
+    if device.type != "cuda":
+        return _summary(_wall(fn), "cold graph, wall clock (CPU)")
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    with_calls, flushes = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(with_calls):
+        for _ in range(n):
+            flush.zero_()
+            fn()
+    with torch.cuda.graph(flushes):
+        for _ in range(n):
+            flush.zero_()
+
+    def replay(graph) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) * 1e3
+
+    samples = []
+    for _ in range(15):
+        samples.append((replay(with_calls) - replay(flushes)) / n)
+    return _summary(samples, f"cold graph: (graph of {n} flush+call - graph of {n} flushes) / {n}")
+
+
+def host_cost(fn: Callable[[], object], device: torch.device, n: int = 200) -> dict:
+    """Host time of one call: the wall time to enqueue ``n`` calls back to back without synchronising, divided by
+    ``n`` (after warm-up and a synchronisation, so autotuning and compilation are not counted; the GPU's queue is deep
+    enough that it does not throttle 200 launches). Five repeats."""
+    if device.type != "cuda":  # the interpreter runs each call to its end: a few calls say as much
+        n = min(n, 3)
+    for _ in range(3 if device.type == "cuda" else 1):
+        fn()
+    samples = []
+    for _ in range(5 if device.type == "cuda" else 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - t0) * 1e6 / n)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return _summary(samples, f"host: wall time to enqueue {n} calls without synchronising / {n}"
+                    + (" (CPU: the call runs to the end)" if device.type != "cuda" else ""))

@@ -144,3 +144,25 @@ def test_steady_timer_cancels_what_a_replay_pays_once(monkeypatch):
     assert t["median_us"] == pytest.approx(3.0)
     assert t["calls_per_replay"] == 4 and t["replay_twice_us"] - t["replay_once_us"] == pytest.approx(12.0)
     assert "steady" in t["timer"]
+
+
+@pytest.mark.parametrize("timer", ["eager", "cold", "host"])
+def test_user_side_timers_write_rows_that_say_their_timer(tmp_path, timer):
+    """The eager (as a Python caller sees an op), cold-graph and host-cost timers run every variant once per call on
+    one copy of the data, and each row names its timer (on the CPU, wall clock: not GPU speed)."""
+    rows = kernels.run_sweep([kernels.TINY], ["fc1"], [0.5], [1], "fp16", tmp_path / "k.jsonl", progress=False,
+                             timer=timer)
+    times = [r for r in rows if r["metric"] == "time_us"]
+    assert times and all(r["value"] > 0 and r["extra"]["timer_kind"] == timer for r in times)
+    assert all(r["extra"]["timer"].startswith(timer.replace("cold", "cold graph")) for r in times)
+    assert kernels.run_sweep([kernels.TINY], ["fc1"], [0.5], [1], "fp16", tmp_path / "k.jsonl", progress=False,
+                             timer=timer) == []
+
+
+def test_host_cost_counts_the_enqueue_of_each_call():
+    import time as _time
+
+    from bench.timing import host_cost
+
+    t = host_cost(lambda: _time.sleep(0.001), torch.device("cpu"), n=10)
+    assert 900 <= t["median_us"] <= 5000 and "enqueue 3 calls" in t["timer"]  # a CPU takes few calls
