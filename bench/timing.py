@@ -24,6 +24,17 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
 
 
+def warm_for_capture(fn: Callable[[], object], device: torch.device) -> None:
+    """Compile, autotune and allocate outside a capture, on a side stream as capture requires."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+
+
 def time_op(fn: Callable[[], object], device: torch.device) -> dict:
     """Median and 20th/80th percentile time of ``fn`` in microseconds (see the module docstring).
 
@@ -41,14 +52,7 @@ def time_op(fn: Callable[[], object], device: torch.device) -> dict:
         return {"median_us": samples[1], "p20_us": samples[0], "p80_us": samples[2], "reps": 3,
                 "timer": "wall clock (CPU)"}
 
-    # Compile, autotune and allocate outside the capture, on a side stream as capture requires.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
+    warm_for_capture(fn, device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
@@ -201,13 +205,7 @@ def time_cold_graph(fn: Callable[[], object], device: torch.device, n: int = 20)
     if device.type != "cuda":
         return _summary(_wall(fn), "cold graph, wall clock (CPU)")
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
+    warm_for_capture(fn, device)
     with_calls, flushes = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     with torch.cuda.graph(with_calls):
         for _ in range(n):
