@@ -46,28 +46,27 @@ def _int_at_least(low: int, what: str):
     return parse
 
 
-def _fraction(what: str, low_open=True):
+def _number(what: str, ok, expected: str):
+    """An argparse type: one number for which ``ok(value)`` holds; the error names ``what`` and ``expected``."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
-        if not (0.0 < value < 1.0) if low_open else not (0.0 <= value < 1.0):
-            raise argparse.ArgumentTypeError(f"{what} must be in {'(0, 1)' if low_open else '[0, 1)'}, got {value}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{what} must be {expected}, got {value}")
         return value
     return parse
+
+
+def _fraction(what: str, low_open=True):
+    if low_open:
+        return _number(what, lambda v: 0.0 < v < 1.0, "in (0, 1)")
+    return _number(what, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
 def _positive_float(what: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{what} must be > 0, got {value}")
-        return value
-    return parse
+    return _number(what, lambda v: v > 0, "> 0")
 
 
 def _data_dir(path: str | None) -> None:
@@ -127,11 +126,11 @@ def _latency(args) -> int:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     modes = _names(args.modes)
-    from models.modes import Oracle, Threshold
+    from models.modes import NO_DECODE
 
-    for cls in (Oracle, Threshold):
-        if cls.name in modes:
-            raise SystemExit(f"mode {cls.name!r} has no latency: {cls.no_decode}")
+    for m in modes:
+        if m in NO_DECODE:
+            raise SystemExit(f"mode {m!r} has no latency: {NO_DECODE[m]}")
     bad = [m for m in modes if m not in latency.LATENCY_MODES]
     if bad:
         raise SystemExit(f"unknown mode(s) {bad}; known: {', '.join(latency.LATENCY_MODES)}")

@@ -21,7 +21,7 @@ import torch
 from models.config import DecoderConfig
 from models.generate import Generator
 from models.loading import random_model
-from models.modes import DECODE_MODES, MODES, ShadowLLM, make_mode, mode_variants, random_importance
+from models.modes import MODES, NO_DECODE, ShadowLLM, make_mode, mode_variants, random_importance
 from models.ops import get_ops, unfused_norms
 from models.opt import OPTDecoder
 from shadow_kernels import tuned
@@ -74,9 +74,9 @@ def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: st
     """The mode of a latency case: random static scores or random predictors of the trained shapes."""
     if case.mode not in MODES:
         raise ValueError(f"mode must be one of {LATENCY_MODES}, got {case.mode!r}")
-    if case.mode not in DECODE_MODES:
-        raise ValueError(f"mode {case.mode!r} has no latency: it computes every head and neuron to choose (a quality "
-                         f"ceiling); timed modes: {', '.join(LATENCY_MODES)}")
+    if case.mode in NO_DECODE:
+        raise ValueError(f"mode {case.mode!r} has no latency: {NO_DECODE[case.mode]}; timed modes: "
+                         f"{', '.join(LATENCY_MODES)}")
     return make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=case.granularity or "token",
                      predictor="random", importance=random_importance(cfg, seed) if case.mode == "static" else None,
                      batch_rule=batch_rule, predictor_dtype=predictor_dtype, head_sparsity=case.head_sparsity,

@@ -55,8 +55,7 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
                        stride=stride, data_dir=data_dir, out_path=quality_out, progress=progress,
                        config_key=lambda case, mode, source: config_key(model_name, case, mode, granularity=granularity,
                                                                        predictor_dtype=predictor_dtype, source=source),
-                       **{k: v for k, v in files.items() if k not in ("granularity", "predictor_dtype")},
-                       granularity=granularity, predictor_dtype=predictor_dtype)
+                       **files)
     device = model.device
     env = environment(device)
     done = {(r.get("extra") or {}).get("config_key") for r in lat_writer.resume()
@@ -82,7 +81,7 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
             continue
         common = dict(base, model=model_name, mode=case.mode, criterion=case.criterion, policy=case.policy,
                       sparsity=case.sparsity, gen_len=gen_len, config_key=key, source=source)
-        if getattr(mode, "no_decode", None):
+        if mode.no_decode:
             rows = [make_row(**common, metric="token_ms", value=None, unit="ms", status="skipped",
                              why=f"no decode step: {mode.no_decode}")]
         else:

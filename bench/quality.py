@@ -246,6 +246,7 @@ def check_quality_args(*, limit=None, shots=0, ppl_tokens=4096, context=512, str
                        policies=("global",), granularity="token", modes=(), predictor_dtype="model",
                        head_sparsity=None, neuron_sparsity=None, kv_rule="skip") -> None:
     """Every value that would otherwise fail after the model is loaded, checked first (ValueError naming it)."""
+    from models.modes import GRANULARITIES, KV_RULES, PREDICTOR_DTYPES
     from models.plan import POLICIES
 
     bad = [m for m in modes if m not in QUALITY_MODES]
@@ -269,12 +270,10 @@ def check_quality_args(*, limit=None, shots=0, ppl_tokens=4096, context=512, str
     bad = [p for p in policies if p not in POLICIES]
     if bad:
         raise ValueError(f"unknown policy {bad}; known: {', '.join(POLICIES)}")
-    if granularity not in ("token", "prompt"):
-        raise ValueError(f"granularity must be 'token' or 'prompt', got {granularity!r}")
-    if predictor_dtype not in ("model", "fp8"):
-        raise ValueError(f"predictor_dtype must be 'model' or 'fp8', got {predictor_dtype!r}")
-    from models.modes import KV_RULES
-
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if predictor_dtype not in PREDICTOR_DTYPES:
+        raise ValueError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
     for name, v in (("head_sparsity", head_sparsity), ("neuron_sparsity", neuron_sparsity)):
         if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
             raise ValueError(f"{name} must be in [0, 1) or None, got {v!r}")

@@ -130,12 +130,12 @@ def _case_of(row) -> tuple[str | None, int | None]:
 def complete_rows(rows: list[dict]) -> list[dict]:
     """``rows`` less those of a case whose rows were not all written (a run killed between them; only a file's last
     case can be one). Rows written without a case stamp count as complete."""
+    cases = [_case_of(r) for r in rows]
     counts: dict = {}
-    for r in rows:
-        cid, _ = _case_of(r)
+    for cid, _ in cases:
         if cid is not None:
             counts[cid] = counts.get(cid, 0) + 1
-    return [r for r in rows if _case_of(r)[0] is None or counts[_case_of(r)[0]] >= (_case_of(r)[1] or 1)]
+    return [r for r, (cid, want) in zip(rows, cases, strict=True) if cid is None or counts[cid] >= (want or 1)]
 
 
 def parse_rows(path, text: str) -> tuple[list[dict], bool]:

@@ -42,15 +42,7 @@ def time_op(fn: Callable[[], object], device: torch.device) -> dict:
     speed claim.
     """
     if device.type != "cuda":
-        fn()
-        samples = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-        samples.sort()
-        return {"median_us": samples[1], "p20_us": samples[0], "p80_us": samples[2], "reps": 3,
-                "timer": "wall clock (CPU)"}
+        return _summary(_wall(fn), "wall clock (CPU)")
 
     warm_for_capture(fn, device)
     graph = torch.cuda.CUDAGraph()

@@ -32,6 +32,7 @@ import zlib
 from pathlib import Path
 
 import torch
+import triton
 
 import shadow_kernels as sk
 from models.generate import Generator
@@ -160,9 +161,7 @@ def merge_table(path, table: dict) -> dict:
 
 def _role_keys(cfg) -> dict:
     """Each dense GEMV of an OPT layer (and the LM head) as (K, ROWS_BUCKET, NORM) of the rows kernel's key."""
-    def next_pow2(n: int) -> int:
-        return 1 << (n - 1).bit_length()
-
+    next_pow2 = triton.next_power_of_2  # the bucket of the kernel's ROWS_BUCKET key
     E, F, V = cfg.hidden, cfg.ffn, cfg.vocab
     return {"out_proj": (E, next_pow2(E), 0), "fc1": (E, F, 1), "fc2": (F, next_pow2(E), 0), "qkv": (E, 3 * E, 1),
             "lm_head": (E, V, 1)}

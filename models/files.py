@@ -7,33 +7,35 @@ import json
 from pathlib import Path
 
 
-def read_tensors(path, what: str) -> dict:
-    """The tensors of a safetensors file; ``what`` says what the file should be (for the error)."""
-    from safetensors.torch import load_file
-
+def _safetensors(path, what: str, read):
+    """``read(path_str)`` of an existing safetensors file, its damage reported as one ValueError naming the file;
+    ``what`` says what the file should be."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{what} {str(path)!r} does not exist")
     try:
-        return load_file(str(path))
+        return read(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
         raise ValueError(f"{what} {str(path)!r} is not a readable safetensors file ({type(err).__name__}: {err}); "
                          "it may be truncated: make it again") from None
+
+
+def read_tensors(path, what: str) -> dict:
+    """The tensors of a safetensors file."""
+    from safetensors.torch import load_file
+
+    return _safetensors(path, what, load_file)
 
 
 def read_header(path, key: str, what: str) -> str | None:
     """The metadata entry ``key`` of a safetensors file (None when absent)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
+    def header(p):
+        with safe_open(p, framework="pt") as f:
             return (f.metadata() or {}).get(key)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{what} {str(path)!r} is not a readable safetensors file ({type(err).__name__}: {err}); "
-                         "it may be truncated: make it again") from None
+
+    return _safetensors(path, what, header)
 
 
 def read_json(path, what: str):

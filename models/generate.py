@@ -37,9 +37,9 @@ class Generator:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        if mode.name not in DECODE_MODES:
-            raise ValueError(f"mode {mode.name!r} has no decode step: {getattr(mode, 'no_decode', 'quality only')}; "
-                             f"decode modes: {', '.join(DECODE_MODES)}")
+        if mode.no_decode:
+            raise ValueError(f"mode {mode.name!r} has no decode step: {mode.no_decode}; decode modes: "
+                             f"{', '.join(DECODE_MODES)}")
         if mode.kv_rule != "skip":
             raise ValueError(f"kv_rule {mode.kv_rule!r} runs in quality evaluation; the decode kernels write the "
                              "keys and values of computed heads only (kv_rule 'skip')")

@@ -32,8 +32,11 @@ from .plan import LayerPlan, PlanBuffers, check_batch_rule, check_policy, check_
 from .predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
 
 MODES = ("dense", "static", "dejavu", "shadowllm", "oracle", "threshold")
-# Modes whose plans a decode step can run (the oracle computes every head and neuron to choose: quality only).
-DECODE_MODES = ("dense", "static", "dejavu", "shadowllm")
+# Modes with no decode step, and why: they run in quality evaluation only (models.sparse_forward).
+NO_DECODE = {"oracle": "it computes every head and neuron to choose (quality runs only)",
+             "threshold": "its decode kernels (thresholds to indices inside the step) are not written yet (quality "
+                          "runs only)"}
+DECODE_MODES = tuple(m for m in MODES if m not in NO_DECODE)
 # What a token's skipped heads leave in the key/value cache: "skip" (nothing: later tokens that compute the head
 # attend only to positions where it was computed) or "always" (keys and values of every head are computed and
 # cached; only its query, attention and output are skipped). "always" runs in quality evaluation.
@@ -60,6 +63,7 @@ class Mode:
     neuron_sparsity: float | None = None
     kv_rule = "skip"
     first_sparse = 1
+    no_decode: str | None = None  # why a decode step cannot run this mode (NO_DECODE), None where it can
 
     def bind(self, model, ops: Ops | None = None) -> Mode:
         """Allocate the plan buffers for ``model`` (once, before prefill or graph capture)."""
@@ -110,15 +114,19 @@ class Dense(Mode):
     name = "dense"
 
 
+def check_first_sparse(first_sparse) -> int:
+    if not isinstance(first_sparse, int) or first_sparse < 0:
+        raise ValueError(f"first_sparse must be a non-negative int, got {first_sparse!r}")
+    return first_sparse
+
+
 class _Sparse(Mode):
     batch_rule = "mean"
 
     def __init__(self, sparsity: float, policy: str = "local", first_sparse: int = 1):
         self.sparsity = check_sparsity(sparsity)
         self.policy = check_policy(policy)
-        if not isinstance(first_sparse, int) or first_sparse < 0:
-            raise ValueError(f"first_sparse must be a non-negative int, got {first_sparse!r}")
-        self.first_sparse = first_sparse
+        self.first_sparse = check_first_sparse(first_sparse)
 
     def bind(self, model, ops=None):
         super().bind(model, ops)
@@ -203,10 +211,7 @@ class Oracle(_Sparse):
 
     name = "oracle"
     granularity = "token"
-    no_decode = "it computes every head and neuron to choose (quality runs only)"
-
-    def __init__(self, sparsity: float, policy: str = "local", first_sparse: int = 1):
-        super().__init__(sparsity, policy, first_sparse)
+    no_decode = NO_DECODE["oracle"]
 
 
 class Threshold(Mode):
@@ -216,14 +221,12 @@ class Threshold(Mode):
 
     name = "threshold"
     granularity = "token"
-    no_decode = "its decode kernels (thresholds to indices inside the step) are not written yet (quality runs only)"
+    no_decode = NO_DECODE["threshold"]
 
     def __init__(self, sparsity: float, thresholds, first_sparse: int = 1):
         self.sparsity = check_sparsity(sparsity)
         self.thresholds_arg = thresholds
-        if not isinstance(first_sparse, int) or first_sparse < 0:
-            raise ValueError(f"first_sparse must be a non-negative int, got {first_sparse!r}")
-        self.first_sparse = first_sparse
+        self.first_sparse = check_first_sparse(first_sparse)
 
     def bind(self, model, ops=None):
         super().bind(model, ops)
