@@ -111,6 +111,23 @@ def _kernels(args) -> int:
     return 1 if bad else 0
 
 
+def _tp_group(args):
+    """This process's tensor-parallel rank under ``--tp N`` (launched by torchrun), or None for one process."""
+    from models.tp import init_from_env
+
+    try:
+        return init_from_env(args.tp, plan=args.tp_plan)
+    except ValueError as err:
+        raise SystemExit(f"{args.command}: {err}") from None
+
+
+def _say(tp, *lines, file=None) -> None:
+    """Print on one process only (rank 0 of a tensor-parallel group)."""
+    if tp is None or tp.rank == 0:
+        for line in lines:
+            print(line, file=file or sys.stdout)
+
+
 def _latency(args) -> int:
     import torch
 
@@ -157,17 +174,18 @@ def _latency(args) -> int:
         from shadow_kernels.pdl import set_pdl
 
         set_pdl(False)
+    tp = _tp_group(args)
     rows = latency.run_latency(models, modes, args.sparsity, args.gen, granularities, prompt_len=args.prompt,
                                batch=args.batch, dtype_name=args.dtype, out_path=args.out,
                                shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress,
                                batch_rule=args.batch_rule, predictor_dtype=args.predictor_dtype,
                                dense_gemv=args.dense_gemv, norm_fold=not args.no_norm_fold,
-                               head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity)
-    print(latency.summary_table(rows))
+                               head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity, tp=tp)
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
-    for r in bad[:5]:
-        print(f"error: {r['model']} {r['mode']} s={r['sparsity']}: {r['extra'].get('error')}", file=sys.stderr)
-    print(f"\n{len(rows)} rows appended to {args.out}" + (f"; {len(bad)} not ok (see status)" if bad else ""))
+    _say(tp, latency.summary_table(rows))
+    _say(tp, *[f"error: {r['model']} {r['mode']} s={r['sparsity']}: {r['extra'].get('error')}" for r in bad[:5]],
+         file=sys.stderr)
+    _say(tp, f"\n{len(rows)} rows appended to {args.out}" + (f"; {len(bad)} not ok (see status)" if bad else ""))
     return 1 if bad else 0
 
 
@@ -308,7 +326,15 @@ def _quality(args) -> int:
         for t in [t for t in tasks if status[t] is not None]:
             print(f"task {t} is missing here and skipped: {status[t]}", file=sys.stderr)
         tasks = [t for t in tasks if status[t] is None]
+    tp = _tp_group(args)
     model, tok = _load_lm(args)
+    if tp is not None:
+        from models.tp import shard_decoder
+
+        try:
+            model = shard_decoder(model, tp)
+        except ValueError as err:
+            raise SystemExit(f"quality: --tp {tp.world}: {err}") from None
     run = run_quality(model, tok, model_name=args.model, modes=_names(args.modes), criteria=_names(args.criteria),
                        sparsities=args.sparsity, policies=_names(args.policy), granularity=args.granularity,
                        tasks=tasks, shots=args.shots, limit=args.limit, ppl=not args.no_ppl,
@@ -320,12 +346,12 @@ def _quality(args) -> int:
                        neuron_sparsity=args.neuron_sparsity, kv_rule=args.kv_rule,
                        thresholds=args.thresholds or f"runs/thresholds/{args.model}.safetensors",
                        batch=args.batch, progress=not args.no_progress)
-    print(quality_table(run.rows))
     bad = [r for r in run.new if r["status"] != "ok"]
-    for r in bad[:5]:
-        print(f"error: {r['mode']} {r['criterion']} s={r['sparsity']}: {r['extra'].get('error')}", file=sys.stderr)
-    print(f"\n{len(run.new)} rows appended to {args.out} ({len(run.rows) - len(run.new)} found done with the same "
-          f"settings)" + (f"; {len(bad)} failed (see status)" if bad else ""))
+    _say(tp, quality_table(run.rows))
+    _say(tp, *[f"error: {r['mode']} {r['criterion']} s={r['sparsity']}: {r['extra'].get('error')}" for r in bad[:5]],
+         file=sys.stderr)
+    _say(tp, f"\n{len(run.new)} rows appended to {args.out} ({len(run.rows) - len(run.new)} found done with the "
+         f"same settings)" + (f"; {len(bad)} failed (see status)" if bad else ""))
     return 1 if bad else 0
 
 
@@ -429,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="what a skipped head leaves in the key/value cache: skip (nothing; as the decode "
                                 "kernels do) or always (keys and values of every head computed and cached)")
 
+    def tp_args(p):
+        p.add_argument("--tp", type=_int_at_least(1, "--tp"), default=1,
+                       help="tensor-parallel ranks (models.tp): launch with `torchrun --nproc-per-node N -m bench.cli "
+                            "... --tp N`; NCCL on GPUs, gloo on CPUs; rank 0 writes the rows (default 1)")
+        p.add_argument("--tp-plan", choices=["exact", "shard"], default="exact",
+                       help="how a rank plans its shard: exact (the one-process selection, its shard's part; "
+                            "default) or shard (its own top-k of 1/N of the budget: balanced ranks)")
+
     k = sub.add_parser("kernels", help="check every kernel against its reference and time it on this machine")
     k.add_argument("--models", help=f"comma-separated registry names (GPU default: {DEFAULT_GPU_MODELS}; "
                                     "CPU default: a tiny shape)")
@@ -481,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pre-norm layers run each norm as its own kernel before qkv and fc1 "
                           "instead of folding it into them (shadow_kernels.norm_gemv): to measure the fold")
     lat.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tp_args(lat)
     lat.set_defaults(func=_latency)
 
     def model_args(p):
@@ -578,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "runs/thresholds/MODEL.safetensors; `shadowbench calibrate`)")
     q.add_argument("--batch", type=_int_at_least(1, "--batch"), default=8)
     q.add_argument("--out", default="runs/quality.jsonl")
+    tp_args(q)
     q.set_defaults(func=_quality)
 
     tu = sub.add_parser("tune", help="choose the kernels' configs on this GPU and write a pinned-config table")
@@ -656,7 +692,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "quality":
         args.criteria_dir = args.criteria_dir or f"runs/criteria/{args.model}"
         args.predictors_dir = args.predictors_dir or f"runs/predictors/{args.model}"
+    if getattr(args, "tp", 1) > 1:
+        return _run_rank(args)
     return args.func(args)
+
+
+def _run_rank(args) -> int:
+    """One rank of ``--tp N``: its failure is said with its rank and ends this process with status 1 (torchrun then
+    stops the other ranks, which would otherwise wait at the next collective)."""
+    import os
+
+    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    try:
+        status = args.func(args)
+    except SystemExit as err:
+        if err.code in (None, 0):
+            raise
+        message = err.code if isinstance(err.code, str) else f"exit status {err.code}"
+        print(f"shadowbench {args.command}: rank {rank} of {world} failed: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
+    except BaseException as err:  # noqa: BLE001 - any failure of one rank stops the group
+        import traceback
+
+        traceback.print_exc()
+        print(f"shadowbench {args.command}: rank {rank} of {world} failed: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return status
 
 
 if __name__ == "__main__":

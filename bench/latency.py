@@ -27,7 +27,7 @@ from models.opt import OPTDecoder
 from shadow_kernels import tuned
 
 from .kernels import DTYPES
-from .results import RowWriter, environment, git_commit, make_row
+from .results import environment, git_commit, make_row, row_writer
 from .timing import copy_bandwidth, percentile, time_op
 
 LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "hf")
@@ -121,7 +121,7 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     trained predictors and importance files that its quality rows used)."""
     device = model.device
     if mode is None:
-        mode = mode_of(case, model.cfg, seed, base["extra"].get("batch_rule", "mean"),
+        mode = mode_of(case, model.full_cfg, seed, base["extra"].get("batch_rule", "mean"),
                        base["extra"].get("predictor_dtype", "model"))
     ops = get_ops(None, device)
     if not base["extra"].get("norm_fold", True):
@@ -203,25 +203,35 @@ def _done_keys(rows) -> set:
              r["extra"].get("head_sparsity", r["sparsity"]), r["extra"].get("neuron_sparsity", r["sparsity"]),
              r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False),
              r["extra"].get("batch_rule", "mean"), r["extra"].get("predictor_dtype", "model"),
-             r["extra"].get("dense_gemv", "cublas"), r["extra"].get("norm_fold", True))
+             r["extra"].get("dense_gemv", "cublas"), r["extra"].get("norm_fold", True), r["extra"].get("tp", 1),
+             r["extra"].get("tp_plan"))
             for r in rows if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
 
 
-def build_model(name: str, dtype, device, seed=0):
-    """A registry shape (tiny ones included) with random weights."""
-    return random_model(DecoderConfig.from_spec(name), dtype=dtype, device=device, seed=seed)
+def build_model(name: str, dtype, device, seed=0, tp=None):
+    """A registry shape (tiny ones included) with random weights; with ``tp``, this rank's shard of it, made at its
+    size (:func:`models.tp.random_shard`)."""
+    cfg = DecoderConfig.from_spec(name)
+    if tp is not None:
+        from models.tp import random_shard
+
+        return random_shard(cfg, tp, dtype=dtype, device=device, seed=seed)
+    return random_model(cfg, dtype=dtype, device=device, seed=seed)
 
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
                 batch_rule="mean", predictor_dtype="model", dense_gemv="cublas", norm_fold=True,
-                head_sparsity=None, neuron_sparsity=None) -> list[dict]:
+                head_sparsity=None, neuron_sparsity=None, tp=None) -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
     ``dense_gemv``: ``cublas`` or ``triton``, what dense layers run their projections with
     (``OPTDecoder.set_dense_gemv``; OPT models only). ``norm_fold=False``: pre-norm layers run each norm as its
-    own kernel before the GEMV (``models.ops.unfused_norms``), to measure the fold against it."""
+    own kernel before the GEMV (``models.ops.unfused_norms``), to measure the fold against it. ``tp``: this
+    rank's :class:`models.tp.TensorParallel` (every rank runs the sweep, rank 0 writes; rows say the world size and
+    plan rule; a failing case stops the group instead of becoming an error row, since the other ranks could not
+    know of it)."""
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
@@ -237,7 +247,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
 
     dtype = DTYPES[dtype_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    writer = RowWriter(out_path)
+    writer = row_writer(out_path, tp)
     env = environment(device)
     bw = copy_bandwidth(device)
     pdl = pdl_enabled(device)  # programmatic dependent launch of our kernels (shadow_kernels.pdl)
@@ -247,25 +257,30 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                        "batch_rule": batch_rule, "predictor_dtype": predictor_dtype, "dense_gemv": dense_gemv,
                        "norm_fold": bool(norm_fold), "cols": gather_cols.settings(),
                        "attn": decode_attention.settings()})
+    if tp is not None:
+        base["extra"].update(tp=tp.world, tp_plan=tp.plan)
     done = _done_keys(writer.resume())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies,
                                      head_sparsity, neuron_sparsity)
             if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,
-                dense_gemv, bool(norm_fold)) not in done]
+                dense_gemv, bool(norm_fold), 1 if tp is None else tp.world, None if tp is None else tp.plan)
+            not in done]
     new_rows: list[dict] = []
     by_model: dict[str, list[LatencyCase]] = {}
     for c in todo:
         by_model.setdefault(c.model, []).append(c)
-    bar = tqdm(total=len(todo), desc="latency", disable=not progress)
+    bar = tqdm(total=len(todo), desc="latency", disable=not progress or (tp is not None and tp.rank > 0))
     for name, cases in by_model.items():
         try:
-            model = build_model(name, dtype, device)
+            model = build_model(name, dtype, device, tp=tp)
             if dense_gemv != "cublas":
                 if not hasattr(model, "set_dense_gemv"):
                     raise ValueError(f"dense_gemv {dense_gemv!r} is built for OPT models; {name} is "
                                      f"{model.cfg.family}")
                 model.set_dense_gemv(dense_gemv)
         except Exception as err:  # e.g. out of memory: record every case of this model as failed
+            if tp is not None:
+                raise
             rows = [_error_row(base, c, f"building the model: {type(err).__name__}: {err}") for c in cases]
             writer.write(rows)
             new_rows += rows
@@ -276,6 +291,8 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
             try:
                 rows = run(model, case, prompt_len=prompt_len, batch=batch, copy_gbps=bw["copy_gbps"], base=base)
             except Exception as err:  # one failing case must not lose the sweep
+                if tp is not None:
+                    raise
                 rows = [_error_row(base, case, f"{type(err).__name__}: {err}",
                                    traceback=traceback.format_exc(limit=4))]
             finally:

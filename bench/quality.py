@@ -297,7 +297,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
     sparse) and keeps perplexity windows' prefixes dense (a prefill, as in decoding); True or False sets both."""
     import traceback
 
-    from .results import RowWriter, device_name, file_digest, git_commit, make_row, settings_key
+    from .results import device_name, file_digest, git_commit, make_row, row_writer, settings_key
     from .tasks import load_task, wikitext2_text
 
     check_quality_args(limit=limit, shots=shots, ppl_tokens=ppl_tokens, context=context, stride=stride, batch=batch,
@@ -305,7 +305,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                        predictor_dtype=predictor_dtype, head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity,
                        kv_rule=kv_rule)
     cases = quality_cases(modes, criteria, sparsities, policies)
-    writer = RowWriter(out_path)
+    tp = model.tp  # a tensor-parallel rank (models.tp): rank 0 writes; a failure stops the group (no error rows)
+    writer = row_writer(out_path, tp)
     have: dict[str, list] = {}
     for r in writer.resume():
         key = (r.get("extra") or {}).get("case_key")
@@ -315,6 +316,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
     base = dict(kind="quality", model=model_name, batch=1, device=device_name(model.device), dtype=dtype,
                 git_commit=git_commit(), granularity=granularity,
                 predictor_dtype=predictor_dtype)
+    if tp is not None:
+        base.update(tp=tp.world, tp_plan=tp.plan)
     evals = []
     if ppl:
         ids = tokenizer.encode(wikitext2_text(data_dir), special=False)[:ppl_tokens]
@@ -324,7 +327,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
         exs = load_task(task, "eval", data_dir, limit)
         evals.append((task, [with_shots(e, pool, shots) for e in exs] if shots else exs))
     bar = None
-    if progress:
+    if progress and (tp is None or tp.rank == 0):
         from tqdm import tqdm
 
         bar = tqdm(total=len(cases) * len(evals), desc="quality", unit="eval")
@@ -345,6 +348,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
             if "normalisation" in meta:  # how the predictor's targets were normalised when it was trained
                 common = dict(common, predictor_normalisation=meta["normalisation"], predictor_log=meta.get("log"))
         except Exception as err:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
+            if tp is not None:
+                raise
             row = make_row(**common, metric="error", value=None, unit=None, status="error",
                            error=f"{type(err).__name__}: {err}")
             writer.write([row])
@@ -359,6 +364,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                         "sparsity": case.sparsity, "eval": name, "dtype": dtype, "granularity": granularity,
                         "sparse_prefix": sparse_ctx, "predictor_dtype": predictor_dtype,
                         "source_sha256": digest, **mode.budgets()}
+            if tp is not None:
+                settings.update(tp=tp.world, tp_plan=tp.plan)
             if name == "wikitext2":
                 settings.update(ppl_tokens=ppl_tokens, context=context, stride=stride)
             else:
@@ -381,6 +388,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                     out = [make_row(**stamp, metric=m, value=v, unit="fraction", eval=name, examples=r.n, shots=shots)
                            for m, v in (("acc", r.acc), ("acc_norm", r.acc_norm))]
             except Exception as err:  # noqa: BLE001
+                if tp is not None:
+                    raise
                 out = [make_row(**stamp, metric="error", value=None, unit=None, status="error", eval=name,
                                 error=f"{type(err).__name__}: {err}", trace=traceback.format_exc(limit=3))]
             writer.write(out)

@@ -236,3 +236,36 @@ class RowWriter:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+class GroupWriter:
+    """A :class:`RowWriter` shared by the ranks of a tensor-parallel group (:mod:`models.tp`): rank 0 writes and
+    repairs the file; :meth:`resume` and :meth:`existing` hand every rank rank 0's rows (a broadcast), so all ranks
+    skip the same done cases and meet at the same collectives; the other ranks' ``write`` does nothing."""
+
+    def __init__(self, path: str | os.PathLike, tp):
+        self.tp = tp
+        self.path = Path(path)
+        self.inner = RowWriter(path) if tp.rank == 0 else None
+
+    def _shared(self, read) -> list[dict]:
+        import torch.distributed as dist
+
+        box = [read() if self.inner is not None else None]
+        dist.broadcast_object_list(box, src=0, group=self.tp.group)
+        return box[0]
+
+    def existing(self) -> list[dict]:
+        return self._shared(lambda: self.inner.existing())
+
+    def resume(self) -> list[dict]:
+        return self._shared(lambda: self.inner.resume())
+
+    def write(self, rows: Iterable[dict]) -> None:
+        if self.inner is not None:
+            self.inner.write(rows)
+
+
+def row_writer(path: str | os.PathLike, tp=None):
+    """The writer of a sweep: a :class:`RowWriter`, or a :class:`GroupWriter` for a tensor-parallel rank."""
+    return RowWriter(path) if tp is None else GroupWriter(path, tp)

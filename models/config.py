@@ -28,16 +28,20 @@ class DecoderConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0  # Llama
     name: str = "custom"
+    # Tensor parallelism (models.tp): this config is one of ``tp_size`` shards of a model whose n_heads, n_kv_heads
+    # and ffn are tp_size times the ones here (every rank holds a contiguous share of the heads, key-value groups
+    # and neurons); hidden, vocab and layers are whole. 1: the whole model.
+    tp_size: int = 1
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        for field in ("vocab", "hidden", "ffn", "n_layers", "n_heads", "n_kv_heads", "max_positions"):
+        for field in ("vocab", "hidden", "ffn", "n_layers", "n_heads", "n_kv_heads", "max_positions", "tp_size"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be a positive int, got {value!r}")
-        if self.hidden % self.n_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
+        if self.hidden % (self.n_heads * self.tp_size):
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads * self.tp_size})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.activation != ACTIVATIONS[self.family]:
@@ -46,7 +50,32 @@ class DecoderConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.n_heads
+        return self.hidden // (self.n_heads * self.tp_size)
+
+    @property
+    def attn_width(self) -> int:
+        """Query rows of the Q/K/V projection and inputs of the output projection: n_heads * head_dim (= hidden
+        unless sharded)."""
+        return self.n_heads * self.head_dim
+
+    def shard(self, world: int) -> DecoderConfig:
+        """One rank's config of ``world``-way tensor parallelism (Megatron's layout: heads, key-value groups and
+        neurons split into ``world`` contiguous equal shares)."""
+        if self.tp_size != 1:
+            raise ValueError(f"config is already one of {self.tp_size} shards")
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+            raise ValueError(f"tensor-parallel world size must be a positive int, got {world!r}")
+        for field in ("n_heads", "n_kv_heads", "ffn"):
+            if getattr(self, field) % world:
+                raise ValueError(f"{self.name}: {field} = {getattr(self, field)} does not split over {world} ranks "
+                                 f"(it must be a multiple of the world size)")
+        return replace(self, n_heads=self.n_heads // world, n_kv_heads=self.n_kv_heads // world,
+                       ffn=self.ffn // world, tp_size=world)
+
+    def full(self) -> DecoderConfig:
+        """The whole model's config of a shard (itself when not sharded)."""
+        t = self.tp_size
+        return replace(self, n_heads=self.n_heads * t, n_kv_heads=self.n_kv_heads * t, ffn=self.ffn * t, tp_size=1)
 
     @property
     def embed_dim(self) -> int:
@@ -120,6 +149,8 @@ class DecoderConfig:
 
     def hf_dict(self) -> dict:
         """The ``transformers`` config keyword arguments of this architecture (OPTConfig or LlamaConfig)."""
+        if self.tp_size != 1:
+            raise ValueError(f"a tensor-parallel shard (1 of {self.tp_size}) has no Hugging Face config; use full()")
         if self.family == "llama":
             return dict(
                 vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.ffn,

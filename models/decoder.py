@@ -118,6 +118,22 @@ class DecoderBase(nn.Module):
     NORM_WEIGHTS: tuple[str, ...] = ()  # parameter-name suffixes that random weights set to 1
     plan_kv_heads: int | None = None  # grouped-query plan layout (models.plan) when set
     FAMILY = ""
+    # Tensor parallelism (models.tp.shard_decoder sets it): this rank's place in the group. The output projection
+    # and fc2 (down) each produce a partial sum of the block's output on every rank; ``reduce`` all-reduces it.
+    tp = None
+    # models.tp: the dimension along which each parameter (by its last name) is split over the ranks, and the
+    # parameters (the output projection's and fc2's biases) that only rank 0 adds; the others are replicated.
+    TP_SPLIT: dict[str, int] = {}
+    TP_ONCE: tuple[str, ...] = ()
+
+    @property
+    def full_cfg(self) -> DecoderConfig:
+        """The whole model's config: what modes, predictors and importance files are shaped by."""
+        return self.cfg.full()
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over the tensor-parallel group of a block output's partial sums (``t`` itself on one rank)."""
+        return t if self.tp is None else self.tp.all_reduce(t)
 
     def _init_common(self, cfg: DecoderConfig, device) -> None:
         if cfg.family != self.FAMILY:

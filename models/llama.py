@@ -56,6 +56,9 @@ class LlamaLayer(nn.Module):
 class LlamaDecoder(DecoderBase):
     FAMILY = "llama"
     NORM_WEIGHTS = ("ln1_w", "ln2_w", "norm_w")
+    # group-major Q/K/V rows by key-value groups (each with its query heads), o_proj's columns by heads; gate, up
+    # and the transposed down by neurons
+    TP_SPLIT = {"qkv_w": 0, "o_w": 1, "gate_w": 0, "up_w": 0, "down_wt": 0}
 
     def __init__(self, cfg: DecoderConfig, dtype=torch.float16, device="cpu"):
         super().__init__()
@@ -192,7 +195,7 @@ class LlamaDecoder(DecoderBase):
                     cache.valid[i, :, :, :P] = 1
                 kv_live = hooks["kv_live"](i) if "kv_live" in hooks else None
                 heads = hook("heads", i, attend(q, k, v, kv_live, self.scale))
-                o = F.linear(heads.transpose(1, 2).reshape(B, P, -1), layer.o_w)
+                o = self.reduce(F.linear(heads.transpose(1, 2).reshape(B, P, -1), layer.o_w))
                 if mode is not None:
                     mode.observe(i, "attn_out", o[:, -1])
                 hook("attn_out", i, o)
@@ -202,7 +205,7 @@ class LlamaDecoder(DecoderBase):
                 a = hook("fc1_in", i, a)
                 gate, up = hook("ffn_pre", i, (F.linear(a, layer.gate_w), F.linear(a, layer.up_w)))
                 f = hook("neurons", i, F.silu(gate) * up)
-                x = x + torch.matmul(f, layer.down_wt)
+                x = x + self.reduce(torch.matmul(f, layer.down_wt))
             x = self._rms(x if all_logits else x[:, -1], self.norm_w)
             return F.linear(x, self.lm_head)
 
@@ -243,6 +246,7 @@ class LlamaDecoder(DecoderBase):
                                               self.rope_sin, self.scale, plan.q_unit, plan.kv_unit, plan.head_slot)
                     o = ops.gather_segments(layer.o_w, heads[:, : plan.out_rows.shape[0]], plan.out_rows,
                                             count=plan.out_count, segment=self.cfg.head_dim, validate=False)
+                o = self.reduce(o)
             if predict:
                 mode.observe(i, "attn_out", o)
             with nvtx_range(f"layer{i}.mlp"):
@@ -254,5 +258,6 @@ class LlamaDecoder(DecoderBase):
                                            fold_norm(layer.gate_w, layer.ln2_w, kind="rms", eps=eps), o,
                                            plan.neuron_count, validate=False)
                     o = ops.gather_cols(layer.down_wt, f, plan.neurons, count=plan.neuron_count, validate=False)
+                o = self.reduce(o)
         _, a = ops.add_rms(x, o, self.norm_w, eps)
         return F.linear(a, self.lm_head)

@@ -106,8 +106,12 @@ class Mode:
                 "kv_rule": self.kv_rule}
 
     def describe(self) -> dict:
-        return {"mode": self.name, "sparsity": self.sparsity, "policy": self.policy,
-                "granularity": self.granularity, "first_sparse": self.first_sparse, **self.budgets()}
+        tp = getattr(getattr(self, "model", None), "tp", None)
+        out = {"mode": self.name, "sparsity": self.sparsity, "policy": self.policy,
+               "granularity": self.granularity, "first_sparse": self.first_sparse, **self.budgets()}
+        if tp is not None:
+            out.update(tp=tp.world, tp_plan=tp.plan)
+        return out
 
 
 class Dense(Mode):
@@ -130,14 +134,18 @@ class _Sparse(Mode):
 
     def bind(self, model, ops=None):
         super().bind(model, ops)
-        cfg = model.cfg
+        cfg = model.full_cfg  # scores cover the whole model; a tensor-parallel rank plans its shard (models.tp)
         if self.first_sparse >= cfg.n_layers:
             raise ValueError(f"first_sparse {self.first_sparse} leaves no sparse layer in a {cfg.n_layers}-layer model")
+        tp = model.tp
         self.buffers = PlanBuffers(n_layers=cfg.n_layers, first=self.first_sparse, n_heads=cfg.n_heads,
                                    head_dim=cfg.head_dim, ffn=cfg.ffn, sparsity=self.sparsity, policy=self.policy,
-                                   device=model.device, ops=self.ops, n_kv_heads=model.plan_kv_heads,
+                                   device=model.device, ops=self.ops,
+                                   n_kv_heads=None if model.plan_kv_heads is None else cfg.n_kv_heads,
                                    batch_rule=self.batch_rule, head_sparsity=self.head_sparsity,
-                                   neuron_sparsity=self.neuron_sparsity)
+                                   neuron_sparsity=self.neuron_sparsity,
+                                   shard=(0, 1) if tp is None else (tp.rank, tp.world),
+                                   tp_plan="exact" if tp is None else tp.plan)
         self._plans = [self.buffers.layer(i) if self.buffers.is_sparse(i) else self._dense
                        for i in range(cfg.n_layers)]
         return self
@@ -180,7 +188,7 @@ class Static(_Sparse):
 
     def bind(self, model, ops=None):
         super().bind(model, ops)
-        cfg = model.cfg
+        cfg = model.full_cfg
         imp = self.importance
         if not isinstance(imp, dict) or "heads" not in imp or "neurons" not in imp:
             raise ValueError("static importance must hold 'heads' [L, H] and 'neurons' [L, F] tensors")
@@ -262,9 +270,9 @@ def load_importance(path) -> dict:
 
 def _resolve_predictor(predictor, kind, model, **random_kw):
     if predictor is None or predictor == "random":
-        return random_predictor(kind, model.cfg, dtype=model.dtype, device=model.device, **random_kw)
+        return random_predictor(kind, model.full_cfg, dtype=model.dtype, device=model.device, **random_kw)
     if isinstance(predictor, (str, Path)):
-        pred = load_predictor(predictor, model.cfg, dtype=model.dtype, device=model.device)
+        pred = load_predictor(predictor, model.full_cfg, dtype=model.dtype, device=model.device)
     else:
         pred = predictor.to(device=model.device, dtype=model.dtype)
     if pred.kind != kind:
@@ -368,7 +376,7 @@ class DejaVu(_Predicting):
             raise ValueError(f"predictor covers layers from {self.predictor.first_sparse}, the mode sparsifies "
                              f"from {self.first_sparse}")
         self.lookahead = self.predictor.lookahead
-        self._setup_predictor(range(self.first_sparse, model.cfg.n_layers))
+        self._setup_predictor(range(self.first_sparse, model.full_cfg.n_layers))
         return self
 
     observed_sites = ("input",)

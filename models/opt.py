@@ -44,11 +44,11 @@ def _versions(*tensors) -> tuple:
 class OPTLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, dtype, device):
         super().__init__()
-        E, Fd = cfg.hidden, cfg.ffn
+        E, Fd, A = cfg.hidden, cfg.ffn, cfg.attn_width
         p = param_factory(dtype, device)
         self.ln1_w, self.ln1_b = p(E), p(E)
-        self.qkv_w, self.qkv_b = p(3 * E, E), p(3 * E)
-        self.out_w, self.out_b = p(E, E), p(E)
+        self.qkv_w, self.qkv_b = p(3 * A, E), p(3 * A)
+        self.out_w, self.out_b = p(E, A), p(E)
         self.ln2_w, self.ln2_b = p(E), p(E)
         self.fc1_w, self.fc1_b = p(Fd, E), p(Fd)
         self.fc2_wt, self.fc2_b = p(Fd, E), p(E)
@@ -82,6 +82,9 @@ class OPTDecoder(DecoderBase):
 
     # ---------------------------------------------------------------- construction
     NORM_WEIGHTS = ("ln1_w", "ln2_w", "final_ln_w")
+    # head-major Q/K/V rows and out_proj's columns by heads; fc1 rows and the transposed fc2's rows by neurons
+    TP_SPLIT = {"qkv_w": 0, "qkv_b": 0, "out_w": 1, "fc1_w": 0, "fc1_b": 0, "fc2_wt": 0}
+    TP_ONCE = ("out_b", "fc2_b")
 
     def load_hf_state_dict(self, sd: dict) -> None:
         cfg = self.cfg
@@ -262,7 +265,7 @@ class OPTDecoder(DecoderBase):
                     cache.valid[i, :, :, :P] = 1
                 kv_live = hooks["kv_live"](i) if "kv_live" in hooks else None
                 heads = hook("heads", i, attend(q, k, v, kv_live, 1.0))  # [B, H, P, D]
-                o = F.linear(heads.transpose(1, 2).reshape(B, P, H * D), layer.out_w, layer.out_b)
+                o = self.reduce(F.linear(heads.transpose(1, 2).reshape(B, P, H * D), layer.out_w, layer.out_b))
                 if mode is not None:
                     mode.observe(i, "attn_out", o[:, -1])
                 hook("attn_out", i, o)
@@ -274,7 +277,7 @@ class OPTDecoder(DecoderBase):
                 hook("ffn_in", i, a)
                 a = hook("fc1_in", i, a)
                 f = hook("neurons", i, torch.relu(hook("ffn_pre", i, F.linear(a, layer.fc1_w, layer.fc1_b))))
-                x = res + torch.matmul(f, layer.fc2_wt) + layer.fc2_b
+                x = res + self.reduce(torch.matmul(f, layer.fc2_wt) + layer.fc2_b)
                 if not cfg.pre_norm:
                     x = self._ln(x, layer.ln2_w, layer.ln2_b)
             return self._logits(x if all_logits else x[:, -1])
@@ -336,6 +339,7 @@ class OPTDecoder(DecoderBase):
                 else:
                     o = ops.gather_segments(layer.out_w, heads, plan.out_rows, layer.out_b, count=plan.out_count,
                                             segment=cfg.head_dim, validate=False)
+                o = self.reduce(o)
             if predict:
                 mode.observe(i, "attn_out", o)
             with nvtx_range(f"layer{i}.mlp"):
@@ -357,6 +361,7 @@ class OPTDecoder(DecoderBase):
                 else:
                     o = ops.gather_cols(layer.fc2_wt, f, plan.neurons, layer.fc2_b, count=plan.neuron_count,
                                         validate=False)
+                o = self.reduce(o)
             if not pre:
                 _, x = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
                 o = None

@@ -35,6 +35,15 @@ from shadow_kernels.topk import topk_mask
 from .ops import Ops
 
 POLICIES = ("local", "global")
+# How a tensor-parallel rank (models.tp) turns the whole model's scores into the plan of its shard of heads and
+# neurons. Every rank holds the same scores (the predictors are replicated and read the replicated residual
+# stream), so neither rule communicates:
+# - "exact": every rank selects as one process does (the same top-k over all units) and keeps the units of its
+#   shard: the same tokens as one process, but a rank's share of the budget varies with the token, and the slowest
+#   rank sets the step's time;
+# - "shard": every rank selects the top-k of its own shard with 1/world of the budget: balanced work, a different
+#   (more constrained) selection.
+TP_PLANS = ("exact", "shard")
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,30 @@ def check_policy(policy) -> str:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     return policy
+
+
+def check_tp_plan(rule) -> str:
+    if rule not in TP_PLANS:
+        raise ValueError(f"tp_plan must be one of {TP_PLANS}, got {rule!r}")
+    return rule
+
+
+def select_mask(scores: torch.Tensor, k: int, policy: str, *, shards: int = 1, stable: bool = False) -> torch.Tensor:
+    """Boolean masks [..., n, U] of the units that scores [..., n, U] keep: the ``k`` best of each layer (``local``)
+    or over all n layers together (``global``). ``shards`` > 1 splits the U units into that many contiguous equal
+    blocks, each with its own budget ``k`` (the ``shard`` rule of tensor-parallel plans). ``stable``: ties go to
+    the lowest index (layer-major when global)."""
+    if shards > 1:
+        *lead, n, U = scores.shape
+        blocks = scores.reshape(*lead, n, shards, U // shards).movedim(-2, -3)  # [..., shards, n, U / shards]
+        return select_mask(blocks, k, policy, stable=stable).movedim(-3, -2).reshape(scores.shape)
+    flat = scores if policy == "local" else scores.flatten(-2)
+    if stable:
+        order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :k]
+        mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True)
+    else:
+        mask = topk_mask(flat, k, dim=-1, validate=False)
+    return mask.view(scores.shape)
 
 
 def kept_units(n: int, sparsity: float) -> int:
@@ -89,15 +122,29 @@ class PlanBuffers:
 
     def __init__(self, *, n_layers: int, first: int, n_heads: int, head_dim: int, ffn: int, sparsity: float,
                  policy: str, device, ops: Ops, n_kv_heads: int | None = None, batch_rule: str = "mean",
-                 head_sparsity: float | None = None, neuron_sparsity: float | None = None):
+                 head_sparsity: float | None = None, neuron_sparsity: float | None = None,
+                 shard: tuple[int, int] = (0, 1), tp_plan: str = "exact"):
         """``sparsity`` sets both budgets; ``head_sparsity`` / ``neuron_sparsity`` set one each instead (heads and
         neurons cost quality very differently: at s=0.5 on SmolLM2 the oracle loses 4% with neurons only, 40% with
-        heads only)."""
+        heads only).
+
+        ``n_heads``, ``ffn`` and ``n_kv_heads`` are the whole model's, and scores cover all its units. ``shard`` =
+        (rank, world) under tensor parallelism: the buffers then hold the plan of that rank's contiguous share of
+        the heads, groups and neurons, made by ``tp_plan`` (:data:`TP_PLANS`)."""
         self.first, self.n_layers = first, n_layers
         self.gqa = n_kv_heads is not None
         if self.gqa and (n_kv_heads < 1 or n_heads % n_kv_heads):
             raise ValueError(f"n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}")
-        self.KVH = n_kv_heads if self.gqa else n_heads
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+        kvh = n_kv_heads if self.gqa else n_heads
+        if n_heads % world or ffn % world or kvh % world:
+            raise ValueError(f"{n_heads} heads, {kvh} key-value groups and {ffn} neurons do not split over {world} "
+                             "ranks")
+        self.rank, self.world, self.tp_plan = rank, world, check_tp_plan(tp_plan)
+        self.H_all, self.F_all = n_heads, ffn
+        n_heads, ffn, self.KVH = n_heads // world, ffn // world, kvh // world  # this rank's units
         self.H, self.D, self.F = n_heads, head_dim, ffn
         self.sparsity, self.policy, self.ops = check_sparsity(sparsity), check_policy(policy), ops
         self.head_sparsity = self.sparsity if head_sparsity is None else check_sparsity(head_sparsity)
@@ -105,24 +152,28 @@ class PlanBuffers:
         self.batch_rule = check_batch_rule(batch_rule)
         n = n_layers - first
         self.n_sparse = n
-        self.k_heads = kept_units(n_heads, self.head_sparsity)
-        self.k_neurons = kept_units(ffn, self.neuron_sparsity)
+        # the whole model's budgets, and what one selection keeps (a shard's under tp_plan "shard")
+        self.k_heads = kept_units(self.H_all, self.head_sparsity)
+        self.k_neurons = kept_units(self.F_all, self.neuron_sparsity)
+        self.k_sel_heads = kept_units(n_heads, self.head_sparsity) if self.shards > 1 else self.k_heads
+        self.k_sel_neurons = kept_units(ffn, self.neuron_sparsity) if self.shards > 1 else self.k_neurons
         if policy == "global":  # one budget over all sparse layers
             self.k_heads, self.k_neurons = self.k_heads * n, self.k_neurons * n
+            self.k_sel_heads, self.k_sel_neurons = self.k_sel_heads * n, self.k_sel_neurons * n
         if batch_rule == "union":  # a union can hold every unit of a layer
             s_h, s_f = n_heads, ffn
         else:  # the width of the top-k index lists: k, or with a global budget min(units, k)
-            s_h, s_f = min(n_heads, self.k_heads), min(ffn, self.k_neurons)
+            s_h, s_f = min(n_heads, self.k_sel_heads), min(ffn, self.k_sel_neurons)
         self.slots_heads, self.slots_neurons = s_h, s_f
         i32 = dict(dtype=torch.int32, device=device)
         self.head_slot = torch.full((n, n_heads + 1), -1, **i32)
         if self.gqa:
-            G = n_heads // n_kv_heads
-            self.G, self.U = G, n_kv_heads * (G + 2)
-            s_units = min(self.U, s_h + 2 * min(n_kv_heads, s_h))  # kept queries + keys/values of their groups
+            G = n_heads // self.KVH
+            self.G, self.U = G, self.KVH * (G + 2)
+            s_units = min(self.U, s_h + 2 * min(self.KVH, s_h))  # kept queries + keys/values of their groups
             self.qkv_rows = torch.zeros((n, s_units * head_dim), **i32)
             self.q_unit = torch.full((n, n_heads), -1, **i32)
-            self.kv_unit = torch.full((n, n_kv_heads), -1, **i32)
+            self.kv_unit = torch.full((n, self.KVH), -1, **i32)
             self._unit_ids = torch.arange(self.U, **i32)
             self._s_units = s_units
         else:
@@ -136,18 +187,51 @@ class PlanBuffers:
         self._rows3 = torch.arange(3 * head_dim, **i32)
         self._rows1 = torch.arange(head_dim, **i32)
 
+    @property
+    def shards(self) -> int:
+        """Blocks of units that select apart: the world size under tp_plan "shard", else 1."""
+        return self.world if self.tp_plan == "shard" else 1
+
     def is_sparse(self, layer: int) -> bool:
         return self.first <= layer < self.n_layers
 
+    def select(self, scores: torch.Tensor, kind: str, *, stable: bool = False) -> torch.Tensor:
+        """Masks [..., n, U] of the whole model's units that scores [..., n, U] keep under this plan's budgets
+        (``kind``: ``heads`` or ``neurons``): what :mod:`models.sparse_forward` selects with."""
+        k = self.k_sel_heads if kind == "heads" else self.k_sel_neurons
+        return select_mask(scores, k, self.policy, shards=self.shards, stable=stable)
+
+    def local(self, mask: torch.Tensor, kind: str) -> torch.Tensor:
+        """The columns of this rank's shard of a whole-model mask [..., U]."""
+        if self.world == 1:
+            return mask
+        units = self.H if kind == "heads" else self.F
+        return mask[..., self.rank * units:(self.rank + 1) * units]
+
+    def _indices(self, scores: torch.Tensor, kind: str):
+        """This rank's index lists from the whole model's scores [n, U]."""
+        heads = kind == "heads"
+        k = self.k_sel_heads if heads else self.k_sel_neurons
+        if self.world == 1:
+            return self.ops.topk(scores, k, self.policy, validate=False)
+        if self.tp_plan == "shard":
+            return self.ops.topk(self.local(scores, kind).contiguous(), k, self.policy, validate=False)
+        U = scores.shape[1]
+        full = self.ops.topk(scores, k, self.policy, validate=False)
+        live = torch.arange(full.idx.shape[1], device=scores.device)[None, :] < full.count[:, None]
+        mask = torch.zeros((scores.shape[0], U + 1), dtype=torch.bool, device=scores.device)
+        mask.scatter_(1, torch.where(live, full.idx, U).long(), True)
+        return self.ops.mask_to_indices(self.local(mask[:, :U], kind).contiguous(),
+                                        self.slots_heads if heads else self.slots_neurons, validate=False)
+
     def fill(self, layer: int, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> None:
-        """Select from scores of layers ``layer .. layer + n - 1``: heads [n, H], neurons [n, F].
+        """Select from scores of layers ``layer .. layer + n - 1``: heads [n, H], neurons [n, F] (the whole
+        model's units).
 
         Global top-k needs the scores of every sparse layer in one call.
         """
         self._check_layers(head_scores.shape[0])
-        heads = self.ops.topk(head_scores, self.k_heads, self.policy, validate=False)
-        neurons = self.ops.topk(neuron_scores, self.k_neurons, self.policy, validate=False)
-        self._write(layer, heads, neurons)
+        self._write(layer, self._indices(head_scores, "heads"), self._indices(neuron_scores, "neurons"))
 
     def fill_batch(self, layer: int, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> None:
         """:meth:`fill` from a batch's scores, heads [B, n, H] and neurons [B, n, F], by ``batch_rule``."""
@@ -158,17 +242,15 @@ class PlanBuffers:
             self.fill(layer, head_scores.mean(dim=0), neuron_scores.mean(dim=0))
             return
         self._check_layers(head_scores.shape[1])
-        heads = self.ops.mask_to_indices(self._union(head_scores, self.k_heads), self.slots_heads, validate=False)
-        neurons = self.ops.mask_to_indices(self._union(neuron_scores, self.k_neurons), self.slots_neurons,
+        heads = self.ops.mask_to_indices(self._union(head_scores, "heads"), self.slots_heads, validate=False)
+        neurons = self.ops.mask_to_indices(self._union(neuron_scores, "neurons"), self.slots_neurons,
                                            validate=False)
         self._write(layer, heads, neurons)
 
-    def _union(self, scores: torch.Tensor, k: int) -> torch.Tensor:
-        """[B, n, units] -> [n, units] bool: the union over the batch of each sequence's top-k (per layer,
-        or over all layers of a sequence with the global policy)."""
-        B, n, units = scores.shape
-        flat = scores.reshape(B, n * units) if self.policy == "global" else scores.reshape(B * n, units)
-        return topk_mask(flat, k, dim=-1, validate=False).view(B, n, units).any(dim=0)
+    def _union(self, scores: torch.Tensor, kind: str) -> torch.Tensor:
+        """[B, n, units] -> [n, units of this rank] bool: the union over the batch of each sequence's top-k (per
+        layer, or over all layers of a sequence with the global policy)."""
+        return self.local(self.select(scores, kind).any(dim=0), kind).contiguous()
 
     def _check_layers(self, n: int) -> None:
         if self.policy == "global" and n != self.n_sparse:

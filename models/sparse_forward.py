@@ -23,27 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from shadow_kernels import fused_predictor_ref, topk_mask
+from shadow_kernels import fused_predictor_ref
 
 from .modes import DejaVu, Dense, Mode, Oracle, ShadowLLM, Static, Threshold
-
-
-def _select(scores: torch.Tensor, k: int, policy: str) -> torch.Tensor:
-    """Boolean masks [..., n, U] from scores [..., n, U]: ``k`` per layer (local) or over all n layers."""
-    if policy == "local":
-        return topk_mask(scores, k, dim=-1, validate=False)
-    flat = scores.flatten(-2)
-    return topk_mask(flat, k, dim=-1, validate=False).view(scores.shape)
-
-
-def _select_stable(scores: torch.Tensor, k: int, policy: str) -> torch.Tensor:
-    """As :func:`_select`, with ties taken by the lowest index (layer-major when global): the oracle's scores hold
-    exact ties (every ReLU neuron that is zero in the dense pass), and which of them a position keeps matters once
-    the earlier layers are sparse."""
-    flat = scores if policy == "local" else scores.flatten(-2)
-    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :k]
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True)
-    return mask.view(scores.shape)
 
 
 class PositionPlans:
@@ -74,15 +56,20 @@ class PositionPlans:
                 if mode.buffers.is_sparse(i):
                     plan = mode.plan(i)
                     hm = plan.head_slot >= 0
-                    nm = torch.zeros(cfg.ffn, dtype=torch.bool, device=hm.device)
+                    nm = torch.zeros(cfg.ffn, dtype=torch.bool, device=hm.device)  # this rank's neurons
                     nm[plan.neurons[: int(plan.neuron_count)].long()] = True
                     self._store(i, hm[None, None], nm[None, None])
         elif not isinstance(mode, (Dense, DejaVu, ShadowLLM, Oracle, Threshold)):
             raise TypeError(f"no per-position semantics for mode {type(mode).__name__}")
 
     # ---------------------------------------------------------------- masks
+    def _store_selected(self, layer, hm, nm):
+        """:meth:`_store` from masks over the whole model's units (this rank's shard kept)."""
+        b = self.mode.buffers
+        self._store(layer, b.local(hm, "heads"), b.local(nm, "neurons"))
+
     def _store(self, layer, hm, nm):
-        """Masks of the sparse positions, [B or 1, P or 1, units]; dense positions are added here."""
+        """Masks of the sparse positions, [B or 1, P or 1, units of this rank]; dense positions are added here."""
         B = self.start.shape[0]
         dense_rows = (torch.arange(self.P, device=hm.device)[None, :] < self.start[:, None])[:, :, None]
         self.head_masks[layer] = hm.expand(B, self.P, -1) | dense_rows
@@ -108,7 +95,7 @@ class PositionPlans:
             return
         heads, neurons = mode.predictor.split(self._scores(self._sources(x), target))
         b = mode.buffers
-        self._store(target, _select(heads, b.k_heads, "local"), _select(neurons, b.k_neurons, "local"))
+        self._store_selected(target, b.select(heads, "heads"), b.select(neurons, "neurons"))
 
     def _on_attn_out(self, i, o):
         mode = self.mode
@@ -116,20 +103,22 @@ class PositionPlans:
             return
         heads, neurons = mode.predictor.split(self._scores(self._sources(o), None))  # [B, P', L_s, U]
         b = mode.buffers
-        hm, nm = _select(heads, b.k_heads, b.policy), _select(neurons, b.k_neurons, b.policy)
+        hm, nm = b.select(heads, "heads"), b.select(neurons, "neurons")
         for j in range(b.n_sparse):
-            self._store(b.first + j, hm[:, :, j], nm[:, :, j])
+            self._store_selected(b.first + j, hm[:, :, j], nm[:, :, j])
 
     def set_oracle(self, heads: dict, neurons: dict) -> None:
         """The oracle's plans from a dense pass's scores: ``heads[i]`` [B, P, H] head output L2 norms and
-        ``neurons[i]`` [B, P, F] |activations| of every sparse layer i."""
+        ``neurons[i]`` [B, P, F] |activations| of every sparse layer i (the whole model's units). Ties go to the
+        lowest index (layer-major when global): the oracle's scores hold exact ties (every ReLU neuron that is zero
+        in the dense pass), and which of them a position keeps matters once the earlier layers are sparse."""
         b = self.mode.buffers
         layers = [b.first + j for j in range(b.n_sparse)]
         hs = torch.stack([heads[i] for i in layers], 2)  # [B, P, L_s, H]
         ns = torch.stack([neurons[i] for i in layers], 2)
-        hm, nm = _select_stable(hs, b.k_heads, b.policy), _select_stable(ns, b.k_neurons, b.policy)
+        hm, nm = b.select(hs, "heads", stable=True), b.select(ns, "neurons", stable=True)
         for j, i in enumerate(layers):
-            self._store(i, hm[:, :, j], nm[:, :, j])
+            self._store_selected(i, hm[:, :, j], nm[:, :, j])
 
     def _threshold_hooks(self) -> dict:
         """Input sparsity: entries below the layer's threshold dropped at the sparse positions of sparse layers."""
@@ -179,6 +168,9 @@ def sparse_logits(model, tokens: torch.Tensor, mode: Mode, sparse_from) -> torch
     plans = PositionPlans(model, mode, sparse_from, tokens.shape[1], tokens.shape[0])
     if isinstance(mode, Oracle):
         heads, neurons = oracle_scores(model, tokens)
+        if model.tp is not None:  # each rank scored its own shard; every rank selects from all of them
+            heads = {i: model.tp.all_gather(t, dim=-1) for i, t in heads.items()}
+            neurons = {i: model.tp.all_gather(t, dim=-1) for i, t in neurons.items()}
         plans.set_oracle(heads, neurons)
     return model.prefill(tokens, all_logits=True, hooks=plans.hooks())
 
