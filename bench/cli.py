@@ -174,13 +174,21 @@ def _latency(args) -> int:
         from shadow_kernels.pdl import set_pdl
 
         set_pdl(False)
+    if args.kv_rule == "always":
+        from models.registry import get_spec
+
+        opt = [m for m in models if get_spec(m).family == "opt"]
+        if opt:
+            raise SystemExit(f"latency: --kv-rule always decodes on grouped-query models (Llama); {opt} are OPT, "
+                             "whose decode step writes the keys and values of computed heads only")
     tp = _tp_group(args)
     rows = latency.run_latency(models, modes, args.sparsity, args.gen, granularities, prompt_len=args.prompt,
                                batch=args.batch, dtype_name=args.dtype, out_path=args.out,
                                shadowllm_policies=tuple(_names(args.policy)), progress=not args.no_progress,
                                batch_rule=args.batch_rule, predictor_dtype=args.predictor_dtype,
                                dense_gemv=args.dense_gemv, norm_fold=not args.no_norm_fold,
-                               head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity, tp=tp)
+                               head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity, tp=tp,
+                               kv_rule=args.kv_rule)
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     _say(tp, latency.summary_table(rows))
     _say(tp, *[f"error: {r['model']} {r['mode']} s={r['sparsity']}: {r['extra'].get('error')}" for r in bad[:5]],
@@ -452,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sparsity of the FFN neurons (default: --sparsity)")
         if kv:
             p.add_argument("--kv-rule", choices=["skip", "always"], default="skip",
-                           help="what a skipped head leaves in the key/value cache: skip (nothing; as the decode "
-                                "kernels do) or always (keys and values of every head computed and cached)")
+                           help="what a skipped head leaves in the key/value cache: skip (nothing, default) or always "
+                                "(keys and values of every head computed and cached; decodes on grouped-query "
+                                "models, Llama; OPT decodes with skip only)")
 
     def tp_args(p):
         p.add_argument("--tp", type=_int_at_least(1, "--tp"), default=1,
@@ -488,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated: dense, static, dejavu, shadowllm, hf (transformers generate)")
     lat.add_argument("--sparsity", type=_floats, default=[0.5], help="comma-separated, each in [0, 1) (default 0.5): "
                      "heads and neurons alike unless --head-sparsity / --neuron-sparsity set one")
-    budgets(lat, kv=False)
+    budgets(lat)
     lat.add_argument("--gen", type=_ints("generation lengths"), default=[128], help="generation lengths (default 128)")
     lat.add_argument("--prompt", type=_int_at_least(1, "--prompt"), default=128, help="prompt length (default 128)")
     lat.add_argument("--batch", type=_int_at_least(1, "--batch"), default=1)

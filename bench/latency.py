@@ -70,8 +70,9 @@ def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_poli
 
 
 def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean",
-               predictor_dtype: str = "model"):
-    """The mode of a latency case: random static scores or random predictors of the trained shapes."""
+               predictor_dtype: str = "model", kv_rule: str = "skip"):
+    """The mode of a latency case: random static scores or random predictors of the trained shapes. ``kv_rule``
+    applies to the sparse modes (a dense step computes every key and value)."""
     if case.mode not in MODES:
         raise ValueError(f"mode must be one of {LATENCY_MODES}, got {case.mode!r}")
     if case.mode in NO_DECODE:
@@ -80,7 +81,7 @@ def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: st
     return make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=case.granularity or "token",
                      predictor="random", importance=random_importance(cfg, seed) if case.mode == "static" else None,
                      batch_rule=batch_rule, predictor_dtype=predictor_dtype, head_sparsity=case.head_sparsity,
-                     neuron_sparsity=case.neuron_sparsity)
+                     neuron_sparsity=case.neuron_sparsity, kv_rule="skip" if case.mode == "dense" else kv_rule)
 
 
 def _stats(ms: list[float]) -> dict:
@@ -122,7 +123,7 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     device = model.device
     if mode is None:
         mode = mode_of(case, model.full_cfg, seed, base["extra"].get("batch_rule", "mean"),
-                       base["extra"].get("predictor_dtype", "model"))
+                       base["extra"].get("predictor_dtype", "model"), base["extra"].get("kv_rule", "skip"))
     ops = get_ops(None, device)
     if not base["extra"].get("norm_fold", True):
         ops = unfused_norms(ops)
@@ -204,7 +205,7 @@ def _done_keys(rows) -> set:
              r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False),
              r["extra"].get("batch_rule", "mean"), r["extra"].get("predictor_dtype", "model"),
              r["extra"].get("dense_gemv", "cublas"), r["extra"].get("norm_fold", True), r["extra"].get("tp", 1),
-             r["extra"].get("tp_plan"))
+             r["extra"].get("tp_plan"), r["extra"].get("kv_rule", "skip"))
             for r in rows if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
 
 
@@ -222,7 +223,7 @@ def build_model(name: str, dtype, device, seed=0, tp=None):
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
                 batch_rule="mean", predictor_dtype="model", dense_gemv="cublas", norm_fold=True,
-                head_sparsity=None, neuron_sparsity=None, tp=None) -> list[dict]:
+                head_sparsity=None, neuron_sparsity=None, tp=None, kv_rule="skip") -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
@@ -231,7 +232,8 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     own kernel before the GEMV (``models.ops.unfused_norms``), to measure the fold against it. ``tp``: this
     rank's :class:`models.tp.TensorParallel` (every rank runs the sweep, rank 0 writes; rows say the world size and
     plan rule; a failing case stops the group instead of becoming an error row, since the other ranks could not
-    know of it)."""
+    know of it). ``kv_rule``: what the sparse modes' skipped heads leave in the cache (``always``: grouped-query
+    models only, every group's key and value rows read and cached each step)."""
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
@@ -259,11 +261,14 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                        "attn": decode_attention.settings()})
     if tp is not None:
         base["extra"].update(tp=tp.world, tp_plan=tp.plan)
+    if kv_rule != "skip":
+        base["extra"]["kv_rule"] = kv_rule
     done = _done_keys(writer.resume())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies,
                                      head_sparsity, neuron_sparsity)
             if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,
-                dense_gemv, bool(norm_fold), 1 if tp is None else tp.world, None if tp is None else tp.plan)
+                dense_gemv, bool(norm_fold), 1 if tp is None else tp.world, None if tp is None else tp.plan,
+                "skip" if c.mode in ("dense", "hf") else kv_rule)
             not in done]
     new_rows: list[dict] = []
     by_model: dict[str, list[LatencyCase]] = {}

@@ -40,9 +40,10 @@ class Generator:
         if mode.no_decode:
             raise ValueError(f"mode {mode.name!r} has no decode step: {mode.no_decode}; decode modes: "
                              f"{', '.join(DECODE_MODES)}")
-        if mode.kv_rule != "skip":
-            raise ValueError(f"kv_rule {mode.kv_rule!r} runs in quality evaluation; the decode kernels write the "
-                             "keys and values of computed heads only (kv_rule 'skip')")
+        if mode.kv_rule != "skip" and model.plan_kv_heads is None:
+            raise ValueError(f"kv_rule {mode.kv_rule!r} decodes on grouped-query models (Llama); {model.FAMILY} "
+                             "decoding writes the keys and values of computed heads only (kv_rule 'skip'); quality "
+                             "evaluation runs either rule")
         mode.bind(model, self.ops)
         self.cache = model.new_cache(batch, max_len)
         self.tok = torch.zeros(batch, dtype=torch.long, device=self.device)

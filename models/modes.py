@@ -39,7 +39,8 @@ NO_DECODE = {"oracle": "it computes every head and neuron to choose (quality run
 DECODE_MODES = tuple(m for m in MODES if m not in NO_DECODE)
 # What a token's skipped heads leave in the key/value cache: "skip" (nothing: later tokens that compute the head
 # attend only to positions where it was computed) or "always" (keys and values of every head are computed and
-# cached; only its query, attention and output are skipped). "always" runs in quality evaluation.
+# cached; only its query, attention and output are skipped). "always" decodes on grouped-query models (Llama: every
+# group's key and value rows join the step's Q/K/V gather); OPT's decode step has "skip" only.
 KV_RULES = ("skip", "always")
 GRANULARITIES = ("prompt", "token")
 
@@ -145,7 +146,7 @@ class _Sparse(Mode):
                                    batch_rule=self.batch_rule, head_sparsity=self.head_sparsity,
                                    neuron_sparsity=self.neuron_sparsity,
                                    shard=(0, 1) if tp is None else (tp.rank, tp.world),
-                                   tp_plan="exact" if tp is None else tp.plan)
+                                   tp_plan="exact" if tp is None else tp.plan, kv_rule=self.kv_rule)
         self._plans = [self.buffers.layer(i) if self.buffers.is_sparse(i) else self._dense
                        for i in range(cfg.n_layers)]
         return self

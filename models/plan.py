@@ -123,16 +123,24 @@ class PlanBuffers:
     def __init__(self, *, n_layers: int, first: int, n_heads: int, head_dim: int, ffn: int, sparsity: float,
                  policy: str, device, ops: Ops, n_kv_heads: int | None = None, batch_rule: str = "mean",
                  head_sparsity: float | None = None, neuron_sparsity: float | None = None,
-                 shard: tuple[int, int] = (0, 1), tp_plan: str = "exact"):
+                 shard: tuple[int, int] = (0, 1), tp_plan: str = "exact", kv_rule: str = "skip"):
         """``sparsity`` sets both budgets; ``head_sparsity`` / ``neuron_sparsity`` set one each instead (heads and
         neurons cost quality very differently: at s=0.5 on SmolLM2 the oracle loses 4% with neurons only, 40% with
         heads only).
 
         ``n_heads``, ``ffn`` and ``n_kv_heads`` are the whole model's, and scores cover all its units. ``shard`` =
         (rank, world) under tensor parallelism: the buffers then hold the plan of that rank's contiguous share of
-        the heads, groups and neurons, made by ``tp_plan`` (:data:`TP_PLANS`)."""
+        the heads, groups and neurons, made by ``tp_plan`` (:data:`TP_PLANS`).
+
+        ``kv_rule`` ``always`` (grouped-query layout): every key-value group's key and value rows are computed and
+        cached at every step, whatever heads are kept; only the skipped heads' queries, attention and outputs are
+        left out. ``skip``: a group whose heads are all skipped leaves nothing. (Without the grouped-query layout,
+        OPT, the rule changes nothing here: OPT's decode step has ``skip`` only.)"""
         self.first, self.n_layers = first, n_layers
         self.gqa = n_kv_heads is not None
+        if kv_rule not in ("skip", "always"):
+            raise ValueError(f"kv_rule must be 'skip' or 'always', got {kv_rule!r}")
+        self.kv_always = kv_rule == "always" and self.gqa
         if self.gqa and (n_kv_heads < 1 or n_heads % n_kv_heads):
             raise ValueError(f"n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}")
         rank, world = shard
@@ -170,7 +178,8 @@ class PlanBuffers:
         if self.gqa:
             G = n_heads // self.KVH
             self.G, self.U = G, self.KVH * (G + 2)
-            s_units = min(self.U, s_h + 2 * min(self.KVH, s_h))  # kept queries + keys/values of their groups
+            # kept queries + keys/values of their groups (of every group under kv_rule "always")
+            s_units = min(self.U, s_h + 2 * (self.KVH if self.kv_always else min(self.KVH, s_h)))
             self.qkv_rows = torch.zeros((n, s_units * head_dim), **i32)
             self.q_unit = torch.full((n, n_heads), -1, **i32)
             self.kv_unit = torch.full((n, self.KVH), -1, **i32)
@@ -281,7 +290,7 @@ class PlanBuffers:
         one of its queries is; live units are numbered group by group in the dense unit order."""
         KVH, G, D = self.KVH, self.G, self.D
         hl = head_live.view(n, KVH, G)
-        group_live = hl.any(dim=2, keepdim=True)
+        group_live = torch.ones_like(hl[:, :, :1]) if self.kv_always else hl.any(dim=2, keepdim=True)
         unit_live = torch.cat([hl, group_live, group_live], dim=2).view(n, self.U)
         offs = torch.cumsum(unit_live, dim=1, dtype=torch.int32) - 1
         unit_at = torch.where(unit_live, offs, -1).view(n, KVH, G + 2)

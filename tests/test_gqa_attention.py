@@ -49,15 +49,16 @@ def test_bad_inputs():
         gqa_decode_attention(torch.zeros(1, 2 * 3 * 8, device=DEVICE), kc, kc.clone(), valid, pos, cos[:, :4], sin)
 
 
-def compact(qkv, keep, KVH, G, D):
+def compact(qkv, keep, KVH, G, D, always=False):
     """Maps and compacted units for the kept heads ``keep`` [H] bool, written with loops (independent of
-    models.plan): per group with a kept head, its kept queries, then its key and value."""
+    models.plan): per group with a kept head (every group when ``always``: the key/value rule that caches every
+    group), its kept queries, then its key and value."""
     units, q_unit, kv_unit, out_slot = [], [-1] * (KVH * G), [-1] * KVH, [-1] * (KVH * G)
     dense = qkv.view(qkv.shape[0], KVH, G + 2, D)
     rank = 0
     for g in range(KVH):
         kept = [j for j in range(G) if keep[g * G + j]]
-        if not kept:
+        if not kept and not always:
             continue
         for j in kept:
             q_unit[g * G + j] = len(units)
@@ -71,6 +72,7 @@ def compact(qkv, keep, KVH, G, D):
     return packed.contiguous(), i32(q_unit), i32(kv_unit), i32(out_slot)
 
 
+@pytest.mark.parametrize("always", [False, True])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("KVH,G,keep", [
     (2, 3, [1, 0, 1, 0, 0, 0]),  # group 1 dead
@@ -78,7 +80,7 @@ def compact(qkv, keep, KVH, G, D):
     (4, 1, [1, 0, 0, 1]),  # multi-head attention
     (1, 4, [0, 0, 1, 0]),
 ])
-def test_sparse_heads_equal_dense_on_kept_heads(backend, KVH, G, keep):
+def test_sparse_heads_equal_dense_on_kept_heads(backend, KVH, G, keep, always):
     torch.manual_seed(0)
     B, T, D, pos = 2, 40, 16, 23
     kc = torch.randn(B, KVH, T, D, device=DEVICE)
@@ -90,12 +92,12 @@ def test_sparse_heads_equal_dense_on_kept_heads(backend, KVH, G, keep):
     fn = gqa_decode_attention if backend == "triton" else gqa_decode_attention_ref
     dense = [kc.clone(), vc.clone(), valid.clone()]
     want = gqa_decode_attention_ref(qkv, *dense, p, cos, sin).view(B, KVH * G, D)
-    packed, q_unit, kv_unit, out_slot = compact(qkv, keep, KVH, G, D)
+    packed, q_unit, kv_unit, out_slot = compact(qkv, keep, KVH, G, D, always)
     sparse = [kc.clone(), vc.clone(), valid.clone()]
     got = fn(packed, *sparse, p, cos, sin, None, q_unit, kv_unit, out_slot).view(B, KVH * G, D)
     kept = torch.tensor(keep, dtype=torch.bool)
     assert rel_err(got[:, : int(kept.sum())], want[:, kept]) <= 1e-5
-    live = torch.tensor([any(keep[g * G:(g + 1) * G]) for g in range(KVH)], device=DEVICE)
+    live = torch.tensor([always or any(keep[g * G:(g + 1) * G]) for g in range(KVH)], device=DEVICE)
     assert torch.equal(sparse[2][:, :, pos], live.to(torch.uint8).expand(B, KVH))
     for c in (0, 1):  # live groups cache the new key/value; dead groups leave the cache as it was
         assert rel_err(sparse[c][:, live, pos], dense[c][:, live, pos]) <= 1e-6

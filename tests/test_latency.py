@@ -69,6 +69,23 @@ def test_llama_runs_every_mode(tmp_path):
     assert sb["static"] < sb["dense"]
 
 
+def test_kv_rule_always_reads_every_groups_keys_and_values(tmp_path, capsys):
+    """Llama under kv_rule "always": the sparse modes' steps read the key/value rows of every group (more bytes than
+    "skip" at the same budget); the rule is in each row and in the resume key; OPT refuses it in one line."""
+    out = tmp_path / "l.jsonl"
+    common = dict(prompt_len=5, out_path=out, progress=False, shadowllm_policies=("local",))
+    skip = latency.run_latency(["tiny-llama"], ["dense", "static"], [0.75], [4], ["token"], **common)
+    always = latency.run_latency(["tiny-llama"], ["dense", "static"], [0.75], [4], ["token"], kv_rule="always",
+                                 **common)
+    assert {r["mode"] for r in always} == {"static"}  # dense is the same step under either rule: done
+    sb = lambda rows: next(r for r in rows if r["metric"] == "step_bytes" and r["mode"] == "static")
+    assert sb(always)["extra"]["kv_rule"] == "always" and sb(skip)["extra"]["kv_rule"] == "skip"
+    assert sb(always)["value"] > sb(skip)["value"]
+    assert latency.run_latency(["tiny-llama"], ["static"], [0.75], [4], ["token"], kv_rule="always", **common) == []
+    with pytest.raises(SystemExit, match="--kv-rule always decodes on grouped-query models"):
+        cli.main(["latency", "--models", "tiny", "--kv-rule", "always", "--out", str(out)])
+
+
 def test_batch_union_reads_more_than_one_sequences_plan(tmp_path):
     """Batch 3 with the union rule: the rows say so, the step reads at least the mean rule's bytes (the
     union holds k or more units a layer), and the two rules are separate cases of one results file."""

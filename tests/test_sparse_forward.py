@@ -25,6 +25,10 @@ CASES = {
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.7, "random", "local", "prompt", hidden=16),
     "shadowllm-fp8-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16, predictor_dtype="fp8"),
     "dejavu-fp8-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, predictor_dtype="fp8"),
+    # every group's key and value computed and cached (decodes on grouped-query models only)
+    "static-global-kv-always": lambda cfg: Static(random_importance(cfg), 0.7, "global").set_kv_rule("always"),
+    "shadowllm-local-token-kv-always": lambda cfg: ShadowLLM(0.7, "random", "local", "token",
+                                                             hidden=16).set_kv_rule("always"),
 }
 
 
@@ -35,6 +39,8 @@ def rel(a, b):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_equals_teacher_forced_decoding(family, case):
+    if family == "opt" and case.endswith("kv-always"):
+        pytest.skip("OPT decodes with kv_rule 'skip' only")
     model = tiny(family)
     mode = CASES[case](model.cfg)
     tokens = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(2))
@@ -186,9 +192,34 @@ def test_the_oracle_and_kv_rule_always_have_no_decode_step():
     model = tiny("opt")
     with pytest.raises(ValueError, match="has no decode step"):
         Generator(model, make_mode("oracle", sparsity=0.5), max_len=8, backend="torch")
-    with pytest.raises(ValueError, match="runs in quality evaluation"):
+    with pytest.raises(ValueError, match="decodes on grouped-query models"):
         Generator(model, make_mode("static", sparsity=0.5, importance=random_importance(model.cfg),
                                    kv_rule="always"), max_len=8, backend="torch")
+
+
+def test_kv_rule_always_keeps_every_group_in_the_decode_plan():
+    """Llama: under "always" every group's key and value rows are in the Q/K/V gather and every group is cached at
+    each step, while the kept queries are those of "skip"; the step reads the extra key/value rows."""
+    from models.modes import make_mode
+
+    model = tiny("llama")  # 4 heads in 2 groups
+    imp = random_importance(model.cfg)
+    imp["heads"][1:] = torch.tensor([1.0, 0.9, 0.0, 0.1])  # keep both heads of group 0, none of group 1
+    plans = {}
+    for rule in ("skip", "always"):
+        mode = make_mode("static", sparsity=0.5, policy="local", importance=imp, kv_rule=rule)
+        gen = Generator(model, mode, max_len=12, backend="torch")
+        gen.generate(torch.tensor([[5, 6, 7]]), 4)
+        plans[rule] = (mode.plan(2), mode.live_counts(), gen.cache.valid[2, 0, :, 3:6].clone())
+    skip, always = plans["skip"], plans["always"]
+    assert torch.equal(skip[0].q_unit >= 0, always[0].q_unit >= 0)
+    assert (skip[0].kv_unit >= 0).tolist() == [True, False] and (always[0].kv_unit >= 0).tolist() == [True, True]
+    assert int(always[0].qkv_count) == int(skip[0].qkv_count) + 2 * model.cfg.head_dim
+    assert skip[2][1].tolist() == [0, 0, 0] and always[2][1].tolist() == [1, 1, 1]  # group 1 cached each step
+    groups = lambda c: c["kv_groups"]
+    assert groups(always[1]) == [2, 2, 2] and groups(skip[1]) == [1, 1, 1]
+    bytes_ = lambda c: model.step_weight_bytes(c["heads"], c["neurons"], 1, c["kv_groups"])
+    assert bytes_(always[1]) - bytes_(skip[1]) == 3 * 2 * model.cfg.head_dim * model.cfg.hidden * 4
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
