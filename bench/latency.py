@@ -30,7 +30,7 @@ from .kernels import DTYPES
 from .results import environment, git_commit, make_row, row_writer
 from .timing import copy_bandwidth, percentile, time_op
 
-LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "hf")
+LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "threshold", "hf")
 DENSE_GEMVS = OPTDecoder.DENSE_GEMVS  # what --dense-gemv takes (OPT models only)
 
 
@@ -70,18 +70,31 @@ def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_poli
 
 
 def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean",
-               predictor_dtype: str = "model", kv_rule: str = "skip"):
-    """The mode of a latency case: random static scores or random predictors of the trained shapes. ``kv_rule``
-    applies to the sparse modes (a dense step computes every key and value)."""
+               predictor_dtype: str = "model", kv_rule: str = "skip", thresholds=None):
+    """The mode of a latency case: random static scores or random predictors of the trained shapes, or the threshold
+    mode's ``thresholds`` (:func:`random_thresholds`). ``kv_rule`` applies to the sparse modes (a dense step
+    computes every key and value)."""
     if case.mode not in MODES:
         raise ValueError(f"mode must be one of {LATENCY_MODES}, got {case.mode!r}")
     if case.mode in NO_DECODE:
         raise ValueError(f"mode {case.mode!r} has no latency: {NO_DECODE[case.mode]}; timed modes: "
                          f"{', '.join(LATENCY_MODES)}")
     return make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=case.granularity or "token",
-                     predictor="random", importance=random_importance(cfg, seed) if case.mode == "static" else None,
+                     predictor="random",
+                     importance=random_importance(cfg, seed) if case.mode == "static" else thresholds,
                      batch_rule=batch_rule, predictor_dtype=predictor_dtype, head_sparsity=case.head_sparsity,
                      neuron_sparsity=case.neuron_sparsity, kv_rule="skip" if case.mode == "dense" else kv_rule)
+
+
+def random_thresholds(model, sparsity: float, seed: int = 0, tokens: int = 256) -> dict:
+    """The threshold mode's thresholds for a model with random weights: calibrated (:func:`models.threshold.calibrate`)
+    on a dense pass over random tokens, so each input keeps about 1 - ``sparsity`` of its entries, as calibrated
+    thresholds do on text."""
+    from models.threshold import calibrate
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.cfg.vocab, (min(tokens, model.cfg.max_positions),), generator=g).tolist()
+    return calibrate(model, [ids], [sparsity])[float(sparsity)]
 
 
 def _stats(ms: list[float]) -> dict:
@@ -121,9 +134,11 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     """The rows of one case. ``mode``: a mode to time instead of the case's random one (the Pareto sweep times the
     trained predictors and importance files that its quality rows used)."""
     device = model.device
+    given = mode is not None
     if mode is None:
+        thresholds = random_thresholds(model, case.sparsity, seed) if case.mode == "threshold" else None
         mode = mode_of(case, model.full_cfg, seed, base["extra"].get("batch_rule", "mean"),
-                       base["extra"].get("predictor_dtype", "model"), base["extra"].get("kv_rule", "skip"))
+                       base["extra"].get("predictor_dtype", "model"), base["extra"].get("kv_rule", "skip"), thresholds)
     ops = get_ops(None, device)
     if not base["extra"].get("norm_fold", True):
         ops = unfused_norms(ops)
@@ -134,8 +149,13 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     st = _stats(result.token_ms)
     counts = mode.live_counts()
     per_token_pred = mode.granularity == "token"
-    weight_bytes = model.step_weight_bytes(counts["heads"] if counts else None, counts["neurons"] if counts else None,
-                                           mode.first_sparse, counts["kv_groups"] if counts else None)
+    if hasattr(mode, "step_weight_bytes"):  # input sparsity (threshold mode): the last step's rows
+        weight_bytes = mode.step_weight_bytes()
+        counts = None
+    else:
+        weight_bytes = model.step_weight_bytes(counts["heads"] if counts else None,
+                                               counts["neurons"] if counts else None, mode.first_sparse,
+                                               counts["kv_groups"] if counts else None)
     predictor_bytes = mode.predictor_bytes()
     step_bytes = weight_bytes + (predictor_bytes if per_token_pred else 0)
     pred_ms = _predictor_ms(mode, model, batch, device)
@@ -146,6 +166,8 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
                   pinned=[u["role"] for u in tuned.used()],  # pinned configs used so far (shadow_kernels.tuned)
                   live_heads=sum(counts["heads"]) if counts else None,
                   live_neurons=sum(counts["neurons"]) if counts else None, **mode.budgets())
+    if case.mode == "threshold":
+        common["thresholds"] = getattr(mode, "source", None) if given else "calibrated on random tokens"
     rows = [make_row(**common, metric="token_ms", value=st["median"], unit="ms",
                      **{f"token_ms_{k}": v for k, v in st.items() if k != "median"}),
             make_row(**common, metric="prefill_ms", value=result.prefill_ms, unit="ms"),

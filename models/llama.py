@@ -154,6 +154,27 @@ class LlamaDecoder(DecoderBase):
             total += 2 * E + (h + 2 * g) * D * E + h * D * E + 3 * f * E
         return total * self.dtype.itemsize
 
+    def transposed_weights(self, i: int) -> dict:
+        """Layer ``i``'s projections with rows = inputs, by input site (``models.threshold.SITES``); gate and up
+        share their input, so ``fc1`` is the two side by side [E, 2F] (one input-sparse GEMV)."""
+        layer = self.layers[i]
+        return {"qkv": layer.qkv_w.detach().T.contiguous(), "o": layer.o_w.detach().T.contiguous(),
+                "fc1": torch.cat([layer.gate_w.detach(), layer.up_w.detach()]).T.contiguous(),
+                "fc2": layer.down_wt.detach()}
+
+    def _input_sparse_layer(self, i, layer, x, o, sparse, cache, pos, ops):
+        """One layer of the threshold mode's decode step (see OPTDecoder._input_sparse_layer); returns ``(x, o)``."""
+        eps = self.cfg.norm_eps
+        x, a = ops.add_rms(x, o, layer.ln1_w, eps)
+        qkv = sparse.project(ops, "qkv", a)
+        heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos, self.rope_sin,
+                                  self.scale, self._dense_q_unit, self._dense_kv_unit, self._dense_slots)
+        o = self.reduce(sparse.project(ops, "o", heads))
+        x, a = ops.add_rms(x, o, layer.ln2_w, eps)
+        gate, up = sparse.project(ops, "fc1", a).chunk(2, dim=-1)
+        o = self.reduce(sparse.project(ops, "fc2", F.silu(gate) * up))
+        return x, o
+
     # ---------------------------------------------------------------- running
     def _rms(self, x, w):
         return rms_norm(x, w, self.cfg.norm_eps)
@@ -230,6 +251,10 @@ class LlamaDecoder(DecoderBase):
                     x, o = x + o, None
                 mode.observe(i, "input", x)
             plan: LayerPlan = mode.plan(i)
+            if plan.input_sparse is not None:
+                with nvtx_range(f"layer{i}.input_sparse"):
+                    x, o = self._input_sparse_layer(i, layer, x, o, plan.input_sparse, cache, pos, ops)
+                continue
             with nvtx_range(f"layer{i}.attn"):
                 if plan.qkv_rows is None:
                     x, a = ops.add_rms(x, o, layer.ln1_w, eps)

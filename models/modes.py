@@ -33,9 +33,7 @@ from .predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, ran
 
 MODES = ("dense", "static", "dejavu", "shadowllm", "oracle", "threshold")
 # Modes with no decode step, and why: they run in quality evaluation only (models.sparse_forward).
-NO_DECODE = {"oracle": "it computes every head and neuron to choose (quality runs only)",
-             "threshold": "its decode kernels (thresholds to indices inside the step) are not written yet (quality "
-                          "runs only)"}
+NO_DECODE = {"oracle": "it computes every head and neuron to choose (quality runs only)"}
 DECODE_MODES = tuple(m for m in MODES if m not in NO_DECODE)
 # What a token's skipped heads leave in the key/value cache: "skip" (nothing: later tokens that compute the head
 # attend only to positions where it was computed) or "always" (keys and values of every head are computed and
@@ -225,12 +223,18 @@ class Oracle(_Sparse):
 
 class Threshold(Mode):
     """Training-free input sparsity (:mod:`models.threshold`): in every layer from ``first_sparse`` on, each
-    projection drops the entries of its input whose magnitude is below that layer's calibrated threshold. The
-    decode kernels for it (thresholds to indices inside the step) are not written yet: quality runs only."""
+    projection drops the entries of its input whose magnitude is below that layer's calibrated threshold.
+
+    Decoding, each projection of a sparse layer reads only the weight rows of the kept input entries: the
+    thresholds become index lists on the device inside the step (capturable in a CUDA graph), and the gather-columns
+    GEMV reads the projection's transposed weight (:class:`models.threshold.InputSparseLayer`). The transposed
+    copies of Q/K/V, the output projection and fc1 (gate and up) are made when the first decode step asks for the
+    plans, so the mode holds those weights twice in memory (fc2 / down is stored transposed already); quality runs
+    need no copy. A batch keeps the union of its sequences' entries."""
 
     name = "threshold"
     granularity = "token"
-    no_decode = NO_DECODE["threshold"]
+    observed_sites = ()
 
     def __init__(self, sparsity: float, thresholds, first_sparse: int = 1):
         self.sparsity = check_sparsity(sparsity)
@@ -250,7 +254,38 @@ class Threshold(Mode):
             raise ValueError(f"thresholds must hold {SITES}, got {sorted(table)}")
         self.source = str(arg) if isinstance(arg, (str, Path)) else "tensors"
         self.thresholds = {k: v.to(model.device) for k, v in table.items()}
+        self._plans = None
         return self
+
+    def plan(self, layer):
+        if self._plans is None:  # the transposed weights, once, at the first decode step
+            from .threshold import InputSparseLayer
+
+            L = self.model.cfg.n_layers
+            self._plans = [self._dense if i < self.first_sparse else LayerPlan(
+                head_slot=self._dense.head_slot,
+                input_sparse=InputSparseLayer(self.model.transposed_weights(i),
+                                              {site: t[i] for site, t in self.thresholds.items()}))
+                for i in range(L)]
+        return self._plans[layer]
+
+    def live_counts(self):
+        """Inputs each projection of each sparse layer read in the last decode step (reads the device)."""
+        if self._plans is None:
+            return None
+        return {"inputs": [p.input_sparse.live_inputs() for p in self._plans if p.input_sparse is not None]}
+
+    def step_weight_bytes(self) -> int | None:
+        """Weight bytes of the last decode step: the dense step's less the rows of the dropped inputs."""
+        if self._plans is None:
+            return None
+        total = self.model.step_weight_bytes()
+        for p in self._plans:
+            if p.input_sparse is None:
+                continue
+            for site, wt in p.input_sparse.weights_t.items():
+                total -= (wt.shape[0] - int(p.input_sparse.counts[site])) * wt.shape[1] * wt.element_size()
+        return total
 
     def budgets(self) -> dict:
         return {"head_sparsity": None, "neuron_sparsity": None, "kv_rule": "skip", "input_sparsity": self.sparsity}

@@ -219,6 +219,37 @@ class OPTDecoder(DecoderBase):
             self._folds_key = key
         return self._folds
 
+    def transposed_weights(self, i: int) -> dict:
+        """Layer ``i``'s projections with rows = inputs, by input site (``models.threshold.SITES``): what the
+        threshold mode's input-sparse GEMVs read (copies, except fc2, stored that way)."""
+        layer = self.layers[i]
+        return {"qkv": layer.qkv_w.detach().T.contiguous(), "o": layer.out_w.detach().T.contiguous(),
+                "fc1": layer.fc1_w.detach().T.contiguous(), "fc2": layer.fc2_wt.detach()}
+
+    def _input_sparse_layer(self, i, layer, x, o, sparse, cache, pos, ops):
+        """One layer of the threshold mode's decode step: each projection reads the weight rows of its input entries
+        above the layer's threshold (models.threshold.InputSparseLayer); every head and neuron is computed. Returns
+        ``(x, o)`` as the loop of :meth:`decode_step` carries them (pre-LN: ``o`` not yet added)."""
+        eps = self.cfg.norm_eps
+        if self.cfg.pre_norm:
+            x, a = ops.add_norm(x, o, layer.ln1_w, layer.ln1_b, eps)
+        else:
+            a = x
+        qkv = sparse.project(ops, "qkv", a, layer.qkv_b)
+        heads = ops.attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self._dense_slots, self.scale)
+        o = self.reduce(sparse.project(ops, "o", heads, layer.out_b))
+        if self.cfg.pre_norm:
+            x, a = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
+        else:
+            _, x = ops.add_norm(x, o, layer.ln1_w, layer.ln1_b, eps)
+            a = x
+        f = torch.relu_(sparse.project(ops, "fc1", a, layer.fc1_b))
+        o = self.reduce(sparse.project(ops, "fc2", f, layer.fc2_b))
+        if self.cfg.pre_norm:
+            return x, o
+        _, x = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
+        return x, None
+
     # ---------------------------------------------------------------- running
     def _ln(self, x, w, b):
         return F.layer_norm(x, (x.shape[-1],), w, b, self.cfg.norm_eps)
@@ -325,6 +356,10 @@ class OPTDecoder(DecoderBase):
                     x, o = x + o, None
                 mode.observe(i, "input", x)
             plan: LayerPlan = mode.plan(i)
+            if plan.input_sparse is not None:
+                with nvtx_range(f"layer{i}.input_sparse"):
+                    x, o = self._input_sparse_layer(i, layer, x, o, plan.input_sparse, cache, pos, ops)
+                continue
             with nvtx_range(f"layer{i}.attn"):
                 if pre:
                     qkv, x = norm_gemv(layer.qkv_w, x, o, folds[i][0], plan.qkv_rows, plan.qkv_count, False)

@@ -57,6 +57,9 @@ class LayerPlan:
     neuron_count: torch.Tensor | None = None
     q_unit: torch.Tensor | None = None  # grouped-query attention only
     kv_unit: torch.Tensor | None = None
+    # input sparsity (the threshold mode, models.threshold.InputSparseLayer): every head and neuron is computed, each
+    # projection reading only the weight rows of its input entries above a threshold
+    input_sparse: object | None = None
 
 
 def check_sparsity(sparsity) -> float:

@@ -95,3 +95,30 @@ def load_thresholds(path, sparsity: float, n_layers: int) -> dict:
             raise ValueError(f"{path}: thresholds {key}.{site} have shape {tuple(t.shape)}; the model has {n_layers} "
                              "layers")
     return out
+
+
+class InputSparseLayer:
+    """One layer's decode-step state of the threshold mode: each projection's weight transposed (rows = inputs, the
+    layout :func:`shadow_kernels.gather_cols_gemv` reads) and its input threshold.
+
+    :meth:`project` keeps the input entries above the threshold (a batch keeps the union of its sequences' entries,
+    as the kernels take one index list), turns them into an index list and a count on the device
+    (``ops.mask_to_indices``, no host read: the step stays capturable in a CUDA graph) and reads only those rows.
+    The last counts stay in ``counts`` (device tensors) for the step's byte count."""
+
+    def __init__(self, weights_t: dict, thresholds: dict):
+        self.weights_t = weights_t  # site -> [inputs, outputs]
+        self.thresholds = thresholds  # site -> 0-d fp32 tensor
+        self.counts: dict = {}
+
+    def project(self, ops, site: str, a: torch.Tensor, bias=None) -> torch.Tensor:
+        wt = self.weights_t[site]
+        keep = (a.abs() > self.thresholds[site].to(a.dtype)).any(dim=0, keepdim=True)  # [1, inputs]
+        sel = ops.mask_to_indices(keep, wt.shape[0], validate=False)
+        idx = sel.idx[0]
+        self.counts[site] = sel.count
+        return ops.gather_cols(wt, a.index_select(1, idx.long()), idx, bias, count=sel.count, validate=False)
+
+    def live_inputs(self) -> dict:
+        """Inputs each projection read in the last step (reads the device)."""
+        return {site: int(c) for site, c in self.counts.items()}

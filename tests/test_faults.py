@@ -380,4 +380,4 @@ def test_calibrate_then_quality_in_threshold_mode(tmp_path, capsys):
     err = [r for r in lines_of(tmp_path / "q.jsonl") if r["status"] == "error"]
     assert "no thresholds for sparsity 0.3" in err[0]["extra"]["error"]
     with pytest.raises(SystemExit, match="has no latency"):
-        cli.main(["latency", "--modes", "threshold"])
+        cli.main(["latency", "--modes", "oracle"])

@@ -13,6 +13,7 @@ def rows(path):
 
 def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, capsys):
     crit, pred, th = tmp_path / "crit", tmp_path / "pred", tmp_path / "th.safetensors"
+    th_file = th
     assert cli.main(["collect", "--model", TINY_RANDOM, "--tasks", "copa", "--per-task", "8", "--criteria", "l2norm",
                      "--out", str(crit), "--no-progress"]) == 0
     assert cli.main(["train", "--data", str(crit), "--kind", "shadowllm,dejavu", "--criterion", "l2norm", "--epochs",
@@ -30,12 +31,14 @@ def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, ca
     assert all(r["extra"].get("config_key") for r in qr + lr)
     recs = {o["mode"]: o for o in join(qr + lr)}
     assert set(recs) == {"dense", "oracle", "static", "shadowllm", "dejavu", "threshold"}
-    for m in ("static", "shadowllm", "dejavu"):  # scored and timed with the same files
+    for m in ("static", "shadowllm", "dejavu", "threshold"):  # scored and timed with the same files
         assert recs[m]["perplexity"] > 0 and recs[m]["token_ms"] > 0 and recs[m]["speedup"] > 0
-    assert "token_ms" not in recs["oracle"] and "token_ms" not in recs["threshold"]  # no decode step: no latency
+    assert "token_ms" not in recs["oracle"]  # no decode step: no latency
     skipped = [r for r in lr if r["status"] == "skipped"]
-    assert {r["mode"] for r in skipped} == {"oracle", "threshold"} and all("no decode step" in r["extra"]["why"]
-                                                                           for r in skipped)
+    assert {r["mode"] for r in skipped} == {"oracle"} and all("no decode step" in r["extra"]["why"] for r in skipped)
+    th = next(r for r in lr if r["mode"] == "threshold" and r["metric"] == "step_bytes")
+    dense = next(r for r in lr if r["mode"] == "dense" and r["metric"] == "step_bytes")
+    assert th["extra"]["thresholds"] == str(th_file) and th["value"] < dense["value"]
     trained = [r for r in lr if r["mode"] == "shadowllm" and r["metric"] == "token_ms"]
     assert trained[0]["extra"]["weights"] == "trained" and "shadowllm-l2norm" in trained[0]["extra"]["source"]
     n = len(qr), len(lr)
