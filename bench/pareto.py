@@ -6,8 +6,8 @@ with the trained predictors, importance files or thresholds that exist for it), 
 1. scores it: WikiText-2 perplexity and task accuracy through :func:`bench.quality.run_quality` (rows of kind
    ``quality``, appended to the quality table);
 2. times it: per-token decode latency of that configuration, with the same predictor files at their real widths and
-   dtypes (rows of kind ``latency`` with ``weights: trained``, appended to the latency table). The oracle and the
-   threshold mode have no decode step, so no latency: their rows say so (status ``skipped``);
+   dtypes (rows of kind ``latency`` with ``weights: trained``, appended to the latency table), timing the very mode
+   object that was scored. The oracle has no decode step, so no latency: its rows say so (status ``skipped``);
 3. stamps both with ``extra.config_key`` (model, mode, criterion, policy, head and neuron sparsity, granularity,
    key/value rule, predictor dtype, and the sha256 of the file the mode reads), which :func:`join` and the report
    use to put each configuration's quality beside its speed.
@@ -50,12 +50,13 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
     files = dict(criteria_dir=criteria_dir, predictors_dir=predictors_dir, granularity=granularity,
                  predictor_dtype=predictor_dtype, head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity,
                  thresholds=thresholds)
+    built = {}  # the modes the quality part bound: timed as they are (their files are loaded and hashed once)
     qrun = run_quality(model, tokenizer, model_name=model_name, modes=modes, criteria=criteria, sparsities=sparsities,
                        policies=policies, tasks=tasks, limit=limit, ppl=ppl, ppl_tokens=ppl_tokens, context=context,
                        stride=stride, data_dir=data_dir, out_path=quality_out, progress=progress,
                        config_key=lambda case, mode, source: config_key(model_name, case, mode, granularity=granularity,
                                                                        predictor_dtype=predictor_dtype, source=source),
-                       **files)
+                       on_mode=lambda case, mode, source: built.__setitem__(case, (mode, source)), **files)
     device = model.device
     env = environment(device)
     done = {(r.get("extra") or {}).get("config_key") for r in lat_writer.resume()
@@ -68,7 +69,7 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
     new = []
     for case in quality_cases(modes, criteria, sparsities, policies):
         try:
-            mode, source = mode_of(case, **files)
+            mode, source = built[case] if case in built else mode_of(case, **files)
             key = config_key(model_name, case, mode, granularity=granularity, predictor_dtype=predictor_dtype,
                              source=source)
         except Exception as err:  # noqa: BLE001 - its quality row says why; nothing to time

@@ -285,7 +285,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 granularity="token", tasks=(), shots=0, limit=None, ppl=True, ppl_tokens=4096, context=512,
                 stride=256, sparse_prefix=None, criteria_dir=None, predictors_dir=None, data_dir=None,
                 out_path="runs/quality.jsonl", batch=8, progress=True, predictor_dtype="model", head_sparsity=None,
-                neuron_sparsity=None, kv_rule="skip", thresholds=None, config_key=None) -> QualityRun:
+                neuron_sparsity=None, kv_rule="skip", thresholds=None, config_key=None, on_mode=None) -> QualityRun:
     """Perplexity and accuracy rows for every case; resumes ``out_path`` and records failed cases.
 
     A case is done when the file holds its rows with the same settings: the model, mode, criterion, policy,
@@ -294,7 +294,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
     setting is a new case; the settings are recorded in each row (``extra.settings``).
 
     ``sparse_prefix``: None (default) decodes accuracy contexts sparsely (the paper's setting: every position
-    sparse) and keeps perplexity windows' prefixes dense (a prefill, as in decoding); True or False sets both."""
+    sparse) and keeps perplexity windows' prefixes dense (a prefill, as in decoding); True or False sets both.
+    ``on_mode(case, mode, source)``: called with each case's bound mode (the Pareto sweep times the same object)."""
     import traceback
 
     from .results import device_name, file_digest, git_commit, make_row, row_writer, settings_key
@@ -344,6 +345,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 common = dict(common, config_key=config_key(case, mode, source))
             digest = file_digest(source)
             mode.bind(model)
+            if on_mode is not None:
+                on_mode(case, mode, source)
             meta = getattr(getattr(mode, "predictor", None), "meta", None) or {}
             if "normalisation" in meta:  # how the predictor's targets were normalised when it was trained
                 common = dict(common, predictor_normalisation=meta["normalisation"], predictor_log=meta.get("log"))

@@ -100,12 +100,23 @@ def settings_key(settings: dict) -> str:
 _SAMPLED = 256 << 20  # files above this are identified by their size and their first and last 64 MB
 
 
+_DIGESTS: dict = {}  # (path, size, mtime) -> digest: a sweep keys every case of one file without rereading it
+
+
 def file_digest(path) -> str | None:
     """sha256 of a file (first 16 hex digits): the identity of a predictor, importance or criteria file in a case
     key. A file over 256 MB (a per-token criteria dataset runs to tens of GB) is hashed by its size and its first and
-    last 64 MB, which any rewrite of it changes."""
+    last 64 MB, which any rewrite of it changes. Remembered per path, size and modification time."""
     if path is None:
         return None
+    st = os.stat(path)
+    memo = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        _DIGESTS[memo] = _sha256(path)
+    return _DIGESTS[memo]
+
+
+def _sha256(path) -> str:
     h = hashlib.sha256()
     size = os.path.getsize(path)
     with open(path, "rb") as f:

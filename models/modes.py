@@ -304,7 +304,19 @@ def load_importance(path) -> dict:
     return read_pickled_state_dict(path)
 
 
-def _resolve_predictor(predictor, kind, model, **random_kw):
+def _resolve_predictor(predictor, kind, model, mode=None, **random_kw):
+    """The predictor a mode binds: a file loaded (or random weights made) for ``model``; a ``mode`` bound again to the
+    same model keeps the one it has (a Pareto sweep scores and then times one mode)."""
+    held = getattr(mode, "predictor", None)
+    if held is not None and getattr(mode, "_predictor_for", None) == (id(model), model.dtype, model.device):
+        return held
+    pred = _load_predictor(predictor, kind, model, **random_kw)
+    if mode is not None:
+        mode._predictor_for = (id(model), model.dtype, model.device)
+    return pred
+
+
+def _load_predictor(predictor, kind, model, **random_kw):
     if predictor is None or predictor == "random":
         return random_predictor(kind, model.full_cfg, dtype=model.dtype, device=model.device, **random_kw)
     if isinstance(predictor, (str, Path)):
@@ -406,7 +418,7 @@ class DejaVu(_Predicting):
     def bind(self, model, ops=None):
         super().bind(model, ops)
         self.predictor: DejaVuPredictor = _resolve_predictor(
-            self.predictor_arg, "dejavu", model, hidden=self.hidden, first_sparse=self.first_sparse,
+            self.predictor_arg, "dejavu", model, self, hidden=self.hidden, first_sparse=self.first_sparse,
             lookahead=self.lookahead)
         if self.predictor.first_sparse != self.first_sparse:
             raise ValueError(f"predictor covers layers from {self.predictor.first_sparse}, the mode sparsifies "
@@ -449,7 +461,7 @@ class ShadowLLM(_Predicting):
 
     def bind(self, model, ops=None):
         super().bind(model, ops)
-        self.predictor: ShadowLLMPredictor = _resolve_predictor(self.predictor_arg, "shadowllm", model,
+        self.predictor: ShadowLLMPredictor = _resolve_predictor(self.predictor_arg, "shadowllm", model, self,
                                                                 hidden=self.hidden, first_sparse=1)
         if self.predictor.first_sparse != 1:
             raise ValueError(f"a ShadowLLM predictor must cover layers from 1, got {self.predictor.first_sparse}")

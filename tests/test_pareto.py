@@ -11,7 +11,7 @@ def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, capsys):
+def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, capsys, monkeypatch):
     crit, pred, th = tmp_path / "crit", tmp_path / "pred", tmp_path / "th.safetensors"
     th_file = th
     assert cli.main(["collect", "--model", TINY_RANDOM, "--tasks", "copa", "--per-task", "8", "--criteria", "l2norm",
@@ -26,7 +26,13 @@ def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, ca
             "--sparsity", "0.5", "--ppl-tokens", "96", "--criteria-dir", str(crit), "--predictors-dir", str(pred),
             "--thresholds", str(th), "--prompt", "6", "--gen", "4", "--quality-out", str(q), "--latency-out",
             str(lat), "--no-progress"]
+    import models.modes
+
+    loads = []
+    real = models.modes.load_predictor
+    monkeypatch.setattr(models.modes, "load_predictor", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
     assert cli.main(argv) == 0
+    assert sorted(map(str, loads)) == sorted({str(p) for p in loads}) and len(loads) == 2  # each file loaded once
     qr, lr = rows(q), rows(lat)
     assert all(r["extra"].get("config_key") for r in qr + lr)
     recs = {o["mode"]: o for o in join(qr + lr)}
