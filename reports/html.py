@@ -93,7 +93,7 @@ def _caption(rows) -> str:
 # Words a label carries when its row is not the canonical setting (batch 1, prompt 128, 128 tokens, default flags,
 # predictors of the default folder): each names a group of traces that the figure's menu shows instead.
 VARIANT_MARKERS = ("fp8-predictor", "no-PDL", "own-GEMV", "batch-union", "per-prompt", "kv:always", "heads-only",
-                   "neurons-only", "dense-context", "-shot", "heads ", "[")
+                   "neurons-only", "dense-context", "-shot", "heads ", "TP", "[")
 MAX_LEGEND = 12
 
 
@@ -105,6 +105,8 @@ def _variant_of(name: str) -> str | None:
                 return "predictor folder " + name[name.index("["):name.index("]") + 1]
             if m == "-shot":
                 return next(w for w in name.split() if w.endswith("-shot"))
+            if m == "TP":
+                return next(w for w in name.split() if w.startswith("TP"))
             return m.strip()
     for w in name.split():
         if w.startswith("gen") and w[3:].isdigit() and w != "gen128":
@@ -180,6 +182,8 @@ def _base_label(r) -> str:
         parts.append("neurons-only" if hs == 0 else "heads-only" if ns == 0 else f"heads {hs:g}/neurons {ns:g}")
     if ex.get("kv_rule") == "always":
         parts.append("kv:always")
+    if (ex.get("tp") or 1) > 1:  # tensor-parallel rows: world size and plan rule (models.tp)
+        parts.append(f"TP{ex['tp']}-{ex.get('tp_plan') or 'exact'}")
     if r.get("kind") == "quality" and ex.get("eval") != "wikitext2" and ex.get("sparse_prefix") is False \
             and r.get("mode") != "dense":
         parts.append("dense-context")

@@ -125,6 +125,15 @@ def test_rows_of_variants_stay_apart_and_the_newest_measurement_wins():
     got = {_label(r): r["value"] for r in prepare_rows([old, new, layer, fp8])}
     assert got == {"shadowllm plainact global [smollm2]": 8.0, "shadowllm plainact global [smollm2-layer]": 7.0,
                    "shadowllm plainact global fp8-predictor": 8.5}
+    o = dict(c, mode="oracle", criterion="l2norm", policy="local")
+    one, exact, shard = (make_row(**o, value=v, **tp) for v, tp in
+                         ((38.5, {}), (38.5, {"tp": 3, "tp_plan": "exact"}), (69.8, {"tp": 3, "tp_plan": "shard"})))
+    got = {_label(r): r["value"] for r in prepare_rows([one, exact, shard])}
+    assert got == {"oracle l2norm local": 38.5, "oracle l2norm local TP3-exact": 38.5,
+                   "oracle l2norm local TP3-shard": 69.8}
+    from reports.html import _variant_of
+
+    assert _variant_of("oracle l2norm local TP3-shard") == "TP3-shard" and _variant_of("oracle l2norm local") is None
 
 
 def test_report_from_the_committed_results(tmp_path):
