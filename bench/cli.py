@@ -507,10 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
                      help="the predictors' second layer in the model's dtype (default) or float8 e4m3 with a scale "
                           "per output (half the bytes per prediction)")
-    lat.add_argument("--dense-gemv", choices=["cublas", "triton"], default="cublas",
-                     help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS (default) or our "
-                          "gather-rows kernel over natural-layout weights (OPT only; keeps a copy of fc2, more "
-                          "memory, see OPTDecoder.set_dense_gemv)")
+    lat.add_argument("--dense-gemv", choices=["auto", "cublas", "triton"], default="auto",
+                     help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS or our gather-rows "
+                          "kernel over natural-layout weights (OPT only; keeps a copy of fc2, more memory, see "
+                          "OPTDecoder.set_dense_gemv); auto (default): ours for OPT on a GPU where the copy fits, "
+                          "it was the faster on every OPT size measured; rows record the engine used")
     lat.add_argument("--granularity", default="token,prompt",
                      help="when predictors run: token (every decoded token), prompt (once, after prefill)")
     lat.add_argument("--policy", default="global,local", help="top-k policies for shadowllm (static: global, "

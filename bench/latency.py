@@ -24,6 +24,7 @@ from models.loading import random_model
 from models.modes import MODES, NO_DECODE, ShadowLLM, make_mode, mode_variants, random_importance
 from models.ops import get_ops, unfused_norms
 from models.opt import OPTDecoder
+from models.registry import get_spec
 from shadow_kernels import tuned
 
 from .kernels import DTYPES
@@ -31,7 +32,27 @@ from .results import environment, git_commit, make_row, row_writer
 from .timing import copy_bandwidth, percentile, time_op
 
 LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "threshold", "hf")
-DENSE_GEMVS = OPTDecoder.DENSE_GEMVS  # what --dense-gemv takes (OPT models only)
+DENSE_GEMVS = OPTDecoder.DENSE_GEMVS + ("auto",)  # what --dense-gemv takes (triton: OPT models only)
+
+
+def resolve_dense_gemv(choice: str, name: str, dtype: torch.dtype, device, world: int = 1) -> str:
+    """The dense GEMV engine of one model: ``choice`` itself, or for ``auto`` the faster one that fits. Our GEMV
+    (``triton``) ran OPT's dense layers faster than cuBLAS on the H100 at every size measured (dense OPT-1.3B 1.11
+    against 1.60 ms per token, 6.7B 4.88 against 5.45, 13B 9.16 against 9.96; ``notes/models.md``), but it keeps a
+    natural-layout copy of fc2 (E x F per layer): ``auto`` takes it for OPT on a GPU where the weights, the copy
+    and a tenth of the memory (at least 4 GiB) for the cache and workspaces fit (OPT-30B in fp16 does not on 80
+    GB), else cuBLAS; Llama and the CPU always take ``cublas``."""
+    if choice != "auto":
+        return choice
+    spec = get_spec(name)
+    device = torch.device(device)
+    if spec.family != "opt" or device.type != "cuda":
+        return "cublas"
+    el = torch.empty((), dtype=dtype).element_size()
+    weights = (spec.layer_weight_params() * spec.n_layers + (spec.vocab + spec.max_positions) * spec.hidden) * el
+    copy = spec.hidden * spec.ffn * spec.n_layers * el
+    total = torch.cuda.get_device_properties(device).total_memory
+    return "triton" if (weights + copy) / world + max(4 << 30, total // 10) <= total else "cublas"
 
 
 @dataclass(frozen=True)
@@ -244,13 +265,14 @@ def build_model(name: str, dtype, device, seed=0, tp=None):
 
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
-                batch_rule="mean", predictor_dtype="model", dense_gemv="cublas", norm_fold=True,
+                batch_rule="mean", predictor_dtype="model", dense_gemv="auto", norm_fold=True,
                 head_sparsity=None, neuron_sparsity=None, tp=None, kv_rule="skip") -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
-    ``dense_gemv``: ``cublas`` or ``triton``, what dense layers run their projections with
-    (``OPTDecoder.set_dense_gemv``; OPT models only). ``norm_fold=False``: pre-norm layers run each norm as its
+    ``dense_gemv``: ``cublas``, ``triton`` or ``auto`` (the default: :func:`resolve_dense_gemv`), what dense layers
+    run their projections with (``OPTDecoder.set_dense_gemv``; triton: OPT models only; rows record the engine
+    used). ``norm_fold=False``: pre-norm layers run each norm as its
     own kernel before the GEMV (``models.ops.unfused_norms``), to measure the fold against it. ``tp``: this
     rank's :class:`models.tp.TensorParallel` (every rank runs the sweep, rank 0 writes; rows say the world size and
     plan rule; a failing case stops the group instead of becoming an error row, since the other ranks could not
@@ -278,18 +300,19 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     base = dict(kind="latency", device=env["device"], dtype=dtype_name, batch=batch, prompt_len=prompt_len,
                 git_commit=git_commit(), weights="random",
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw["copy_gbps"], "pdl": pdl,
-                       "batch_rule": batch_rule, "predictor_dtype": predictor_dtype, "dense_gemv": dense_gemv,
+                       "batch_rule": batch_rule, "predictor_dtype": predictor_dtype,
                        "norm_fold": bool(norm_fold), "cols": gather_cols.settings(),
                        "attn": decode_attention.settings()})
     if tp is not None:
         base["extra"].update(tp=tp.world, tp_plan=tp.plan)
     if kv_rule != "skip":
         base["extra"]["kv_rule"] = kv_rule
+    engines = {m: resolve_dense_gemv(dense_gemv, m, dtype, device, 1 if tp is None else tp.world) for m in models}
     done = _done_keys(writer.resume())
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies,
                                      head_sparsity, neuron_sparsity)
             if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,
-                dense_gemv, bool(norm_fold), 1 if tp is None else tp.world, None if tp is None else tp.plan,
+                engines[c.model], bool(norm_fold), 1 if tp is None else tp.world, None if tp is None else tp.plan,
                 "skip" if c.mode in ("dense", "hf") else kv_rule)
             not in done]
     new_rows: list[dict] = []
@@ -298,17 +321,19 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
         by_model.setdefault(c.model, []).append(c)
     bar = tqdm(total=len(todo), desc="latency", disable=not progress or (tp is not None and tp.rank > 0))
     for name, cases in by_model.items():
+        engine = engines[name]
+        mbase = dict(base, extra={**base["extra"], "dense_gemv": engine})
         try:
             model = build_model(name, dtype, device, tp=tp)
-            if dense_gemv != "cublas":
+            if engine != "cublas":
                 if not hasattr(model, "set_dense_gemv"):
-                    raise ValueError(f"dense_gemv {dense_gemv!r} is built for OPT models; {name} is "
+                    raise ValueError(f"dense_gemv {engine!r} is built for OPT models; {name} is "
                                      f"{model.cfg.family}")
-                model.set_dense_gemv(dense_gemv)
+                model.set_dense_gemv(engine)
         except Exception as err:  # e.g. out of memory: record every case of this model as failed
             if tp is not None:
                 raise
-            rows = [_error_row(base, c, f"building the model: {type(err).__name__}: {err}") for c in cases]
+            rows = [_error_row(mbase, c, f"building the model: {type(err).__name__}: {err}") for c in cases]
             writer.write(rows)
             new_rows += rows
             bar.update(len(cases))
@@ -316,11 +341,11 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
         for case in cases:
             run = run_hf_case if case.mode == "hf" else run_mode_case
             try:
-                rows = run(model, case, prompt_len=prompt_len, batch=batch, copy_gbps=bw["copy_gbps"], base=base)
+                rows = run(model, case, prompt_len=prompt_len, batch=batch, copy_gbps=bw["copy_gbps"], base=mbase)
             except Exception as err:  # one failing case must not lose the sweep
                 if tp is not None:
                     raise
-                rows = [_error_row(base, case, f"{type(err).__name__}: {err}",
+                rows = [_error_row(mbase, case, f"{type(err).__name__}: {err}",
                                    traceback=traceback.format_exc(limit=4))]
             finally:
                 if device.type == "cuda":

@@ -187,3 +187,21 @@ def test_unfused_norm_ops_decode_like_the_fold(family):
     logits = [teacher_forced(Generator(model, Static(random_importance(model.cfg), 0.5, "global"), batch=2,
                                        max_len=12, backend=ops), tokens, 6) for ops in (TORCH, unfused_norms(TORCH))]
     assert float((logits[0] - logits[1]).norm() / logits[1].norm()) <= 1e-5
+
+
+def test_auto_dense_gemv_takes_the_own_gemv_where_the_fc2_copy_fits(monkeypatch):
+    """``auto`` (the default): our GEMV for OPT on a GPU when the weights and the natural-layout fc2 copy leave room
+    (OPT-13B on 80 GB yes, OPT-30B no, OPT-30B over two ranks yes), cuBLAS for Llama and on the CPU; rows of the
+    default record the engine used."""
+    import torch
+
+    props = type("Props", (), {"total_memory": 80 << 30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    fp16 = torch.float16
+    pick = lambda name, world=1: latency.resolve_dense_gemv("auto", name, fp16, "cuda", world)
+    assert pick("opt-13b") == "triton" and pick("opt-6.7b") == "triton"
+    assert pick("opt-30b") == "cublas" and pick("opt-30b", 2) == "triton"
+    assert pick("llama-2-7b") == "cublas"
+    assert latency.resolve_dense_gemv("auto", "opt-13b", fp16, "cpu") == "cublas"
+    assert latency.resolve_dense_gemv("triton", "opt-30b", fp16, "cuda") == "triton"  # asked for: taken as is
+    assert cli.build_parser().parse_args(["latency"]).dense_gemv == "auto"
