@@ -214,3 +214,23 @@ def test_dense_gemv_triton_matches_cublas_in_a_graph(name):
         assert torch.equal(outs[0], outs[1])
     finally:
         m.set_dense_gemv("cublas")
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_threshold_and_kv_always_graph_triton_equals_eager_torch(family):
+    """The threshold mode's decode step (index lists made on the device, input-sparse gather-columns GEMVs) and, on
+    Llama, the key/value rule "always", captured in a CUDA graph with the Triton kernels, against the eager PyTorch
+    references (fp32: an input entry at its threshold could otherwise fall either side in the two backends)."""
+    from bench.latency import random_thresholds
+    from models.modes import make_mode
+
+    m = model(torch.float32) if family == "opt" else llama_model(2, torch.float32)
+    cases = [("threshold", dict(importance=random_thresholds(m, 0.5, tokens=64)))]
+    if family == "llama":
+        cases.append(("static", dict(importance=random_importance(m.cfg), policy="local", kv_rule="always")))
+    tokens = torch.randint(0, V, (1, 30), device="cuda")
+    for name, kw in cases:
+        logits = [teacher_forced(Generator(m, make_mode(name, sparsity=0.5, **kw), batch=1, max_len=30,
+                                           backend=backend, cuda_graph=graph), tokens, 20)
+                  for backend, graph in (("triton", True), ("torch", False))]
+        assert rel(logits[0], logits[1]) <= 1e-3, name
