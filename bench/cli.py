@@ -7,6 +7,7 @@ import sys
 
 DEFAULT_GPU_MODELS = "opt-1.3b,opt-6.7b,opt-13b,opt-30b,opt-66b"
 DEFAULT_LATENCY_MODELS = "opt-1.3b,opt-6.7b,opt-13b,opt-30b"  # opt-66b (132 GB in fp16) does not fit 80 GB
+DEFAULT_LATENCY_MODES = "dense,static,dejavu,shadowllm,hf"
 
 
 def _floats(text: str) -> list[float]:
@@ -181,6 +182,11 @@ def _latency(args) -> int:
         if opt:
             raise SystemExit(f"latency: --kv-rule always decodes on grouped-query models (Llama); {opt} are OPT, "
                              "whose decode step writes the keys and values of computed heads only")
+    if args.tp > 1 and "hf" in modes:  # transformers' generate runs the whole model in one process
+        if args.modes != DEFAULT_LATENCY_MODES:
+            raise SystemExit(f"latency: mode 'hf' (transformers' generate) runs in one process; leave it out of "
+                             f"--modes with --tp {args.tp}")
+        modes = [m for m in modes if m != "hf"]
     tp = _tp_group(args)
     rows = latency.run_latency(models, modes, args.sparsity, args.gen, granularities, prompt_len=args.prompt,
                                batch=args.batch, dtype_name=args.dtype, out_path=args.out,
@@ -493,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat = sub.add_parser("latency", help="per-token decode latency of every mode, HF generate and the floor")
     lat.add_argument("--models", help=f"comma-separated registry names (GPU default: {DEFAULT_LATENCY_MODELS}; "
                                       "CPU default: tiny)")
-    lat.add_argument("--modes", default="dense,static,dejavu,shadowllm,hf",
+    lat.add_argument("--modes", default=DEFAULT_LATENCY_MODES,
                      help="comma-separated: dense, static, dejavu, shadowllm, hf (transformers generate)")
     lat.add_argument("--sparsity", type=_floats, default=[0.5], help="comma-separated, each in [0, 1) (default 0.5): "
                      "heads and neurons alike unless --head-sparsity / --neuron-sparsity set one")

@@ -229,6 +229,13 @@ def test_a_failing_rank_stops_the_group_with_its_error(tmp_path):
     assert not (tmp_path / "lat.jsonl").exists() or not (tmp_path / "lat.jsonl").read_text().strip()
 
 
+def test_hf_generate_is_left_out_of_tensor_parallel_latency():
+    from bench import cli
+
+    with pytest.raises(SystemExit, match="mode 'hf' .* runs in one process"):
+        cli._latency(cli.build_parser().parse_args(["latency", "--models", "tiny", "--modes", "dense,hf", "--tp", "2"]))
+
+
 def test_tp_flag_without_torchrun_is_one_line():
     with tempfile.TemporaryDirectory() as d:
         run = subprocess.run([sys.executable, "-m", "bench.cli", "latency", "--models", "tiny", "--tp", "2",
