@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--models", help=f"comma-separated registry names (GPU default: {DEFAULT_LATENCY_MODELS}; "
                                       "CPU default: tiny)")
     lat.add_argument("--modes", default=DEFAULT_LATENCY_MODES,
-                     help="comma-separated: dense, static, dejavu, shadowllm, hf (transformers generate)")
+                     help="comma-separated: dense, static, dejavu, shadowllm, threshold, hf (transformers generate)")
     lat.add_argument("--sparsity", type=_floats, default=[0.5], help="comma-separated, each in [0, 1) (default 0.5): "
                      "heads and neurons alike unless --head-sparsity / --neuron-sparsity set one")
     budgets(lat)
