@@ -38,10 +38,10 @@ DENSE_GEMVS = OPTDecoder.DENSE_GEMVS + ("auto",)  # what --dense-gemv takes (tri
 def resolve_dense_gemv(choice: str, name: str, dtype: torch.dtype, device, world: int = 1) -> str:
     """The dense GEMV engine of one model: ``choice`` itself, or for ``auto`` the faster one that fits. Our GEMV
     (``triton``) ran OPT's dense layers faster than cuBLAS on the H100 at every size measured (dense OPT-1.3B 1.11
-    against 1.60 ms per token, 6.7B 4.88 against 5.45, 13B 9.16 against 9.96; ``notes/models.md``), but it keeps a
-    natural-layout copy of fc2 (E x F per layer): ``auto`` takes it for OPT on a GPU where the weights, the copy
-    and a tenth of the memory (at least 4 GiB) for the cache and workspaces fit (OPT-30B in fp16 does not on 80
-    GB), else cuBLAS; Llama and the CPU always take ``cublas``."""
+    against 1.60 ms per token, 6.7B 4.88 against 5.45, 13B 9.16 against 9.96; sweeps at 49c02d5 and 2e8d454), but it
+    keeps a natural-layout copy of fc2 (E x F per layer): ``auto`` takes it for OPT on a GPU where the weights, the
+    copy and a tenth of the memory (at least 4 GiB) for the cache and workspaces fit (OPT-30B in fp16 does not on
+    80 GB), else cuBLAS; Llama and the CPU always take ``cublas``."""
     if choice != "auto":
         return choice
     spec = get_spec(name)
