@@ -168,15 +168,9 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     gen.generate(prompt, case.gen_len)  # compiles, autotunes, captures
     result = gen.generate(prompt, case.gen_len)
     st = _stats(result.token_ms)
-    counts = mode.live_counts()
+    counts = mode.live_counts() or {}  # heads and neurons of a head/neuron plan (the threshold mode counts inputs)
     per_token_pred = mode.granularity == "token"
-    if hasattr(mode, "step_weight_bytes"):  # input sparsity (threshold mode): the last step's rows
-        weight_bytes = mode.step_weight_bytes()
-        counts = None
-    else:
-        weight_bytes = model.step_weight_bytes(counts["heads"] if counts else None,
-                                               counts["neurons"] if counts else None, mode.first_sparse,
-                                               counts["kv_groups"] if counts else None)
+    weight_bytes = mode.step_weight_bytes()
     predictor_bytes = mode.predictor_bytes()
     step_bytes = weight_bytes + (predictor_bytes if per_token_pred else 0)
     pred_ms = _predictor_ms(mode, model, batch, device)
@@ -185,8 +179,8 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
                   gen_len=case.gen_len, granularity=case.granularity, cuda_graph=result.cuda_graph,
                   predictor=desc.get("predictor"), sparse_hidden=desc.get("sparse_hidden"),
                   pinned=[u["role"] for u in tuned.used()],  # pinned configs used so far (shadow_kernels.tuned)
-                  live_heads=sum(counts["heads"]) if counts else None,
-                  live_neurons=sum(counts["neurons"]) if counts else None, **mode.budgets())
+                  live_heads=sum(counts["heads"]) if "heads" in counts else None,
+                  live_neurons=sum(counts["neurons"]) if "neurons" in counts else None, **mode.budgets())
     if case.mode == "threshold":
         common["thresholds"] = getattr(mode, "source", None) if given else "calibrated on random tokens"
     rows = [make_row(**common, metric="token_ms", value=st["median"], unit="ms",

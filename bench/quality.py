@@ -246,8 +246,8 @@ def check_quality_args(*, limit=None, shots=0, ppl_tokens=4096, context=512, str
                        policies=("global",), granularity="token", modes=(), predictor_dtype="model",
                        head_sparsity=None, neuron_sparsity=None, kv_rule="skip") -> None:
     """Every value that would otherwise fail after the model is loaded, checked first (ValueError naming it)."""
-    from models.modes import GRANULARITIES, KV_RULES, PREDICTOR_DTYPES
-    from models.plan import POLICIES
+    from models.modes import GRANULARITIES, PREDICTOR_DTYPES
+    from models.plan import POLICIES, check_kv_rule
 
     bad = [m for m in modes if m not in QUALITY_MODES]
     if bad:
@@ -277,8 +277,7 @@ def check_quality_args(*, limit=None, shots=0, ppl_tokens=4096, context=512, str
     for name, v in (("head_sparsity", head_sparsity), ("neuron_sparsity", neuron_sparsity)):
         if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
             raise ValueError(f"{name} must be in [0, 1) or None, got {v!r}")
-    if kv_rule not in KV_RULES:
-        raise ValueError(f"kv_rule must be one of {KV_RULES}, got {kv_rule!r}")
+    check_kv_rule(kv_rule)
 
 
 def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsities, policies=("global",),

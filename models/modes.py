@@ -28,18 +28,13 @@ from shadow_kernels.fused_predictor import quantize_rows_fp8
 
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
-from .plan import LayerPlan, PlanBuffers, check_batch_rule, check_policy, check_sparsity
+from .plan import LayerPlan, PlanBuffers, check_batch_rule, check_kv_rule, check_policy, check_sparsity
 from .predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
 
 MODES = ("dense", "static", "dejavu", "shadowllm", "oracle", "threshold")
 # Modes with no decode step, and why: they run in quality evaluation only (models.sparse_forward).
 NO_DECODE = {"oracle": "it computes every head and neuron to choose (quality runs only)"}
 DECODE_MODES = tuple(m for m in MODES if m not in NO_DECODE)
-# What a token's skipped heads leave in the key/value cache: "skip" (nothing: later tokens that compute the head
-# attend only to positions where it was computed) or "always" (keys and values of every head are computed and
-# cached; only its query, attention and output are skipped). "always" decodes on grouped-query models (Llama: every
-# group's key and value rows join the step's Q/K/V gather); OPT's decode step has "skip" only.
-KV_RULES = ("skip", "always")
 GRANULARITIES = ("prompt", "token")
 
 
@@ -85,6 +80,14 @@ class Mode:
         """Live heads and neurons per sparse layer of the current plan (None: dense)."""
         return None
 
+    def step_weight_bytes(self) -> int | None:
+        """Weight bytes one decode step reads under the current plan (reads the device): the model's count at the
+        plan's live heads, key-value groups and neurons."""
+        c = self.live_counts()
+        if c is None:
+            return self.model.step_weight_bytes()
+        return self.model.step_weight_bytes(c["heads"], c["neurons"], self.first_sparse, c["kv_groups"])
+
     def set_budgets(self, head_sparsity: float | None = None, neuron_sparsity: float | None = None) -> Mode:
         """Separate head and neuron sparsities (each None: ``sparsity``); before ``bind``."""
         self.head_sparsity = None if head_sparsity is None else check_sparsity(head_sparsity)
@@ -92,9 +95,7 @@ class Mode:
         return self
 
     def set_kv_rule(self, rule: str) -> Mode:
-        if rule not in KV_RULES:
-            raise ValueError(f"kv_rule must be one of {KV_RULES}, got {rule!r}")
-        self.kv_rule = rule
+        self.kv_rule = check_kv_rule(rule)
         return self
 
     def budgets(self) -> dict:
@@ -276,7 +277,8 @@ class Threshold(Mode):
         return {"inputs": [p.input_sparse.live_inputs() for p in self._plans if p.input_sparse is not None]}
 
     def step_weight_bytes(self) -> int | None:
-        """Weight bytes of the last decode step: the dense step's less the rows of the dropped inputs."""
+        """Weight bytes of the last decode step: the dense step's less the rows of the dropped inputs (None before
+        the first step)."""
         if self._plans is None:
             return None
         total = self.model.step_weight_bytes()
@@ -518,7 +520,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
     threshold mode's calibrated thresholds (a file of ``shadowbench calibrate``, or ``{site: [L]}``); ``predictor``:
     a trained predictor file, or ``"random"`` (random weights of the trained shape, for latency work).
     ``head_sparsity`` / ``neuron_sparsity`` override ``sparsity`` for one kind of unit; ``kv_rule`` says what
-    skipped heads leave in the cache (:data:`KV_RULES`)."""
+    skipped heads leave in the cache (:data:`models.plan.KV_RULES`)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
     if name == "dense":

@@ -44,6 +44,11 @@ POLICIES = ("local", "global")
 # - "shard": every rank selects the top-k of its own shard with 1/world of the budget: balanced work, a different
 #   (more constrained) selection.
 TP_PLANS = ("exact", "shard")
+# What a token's skipped heads leave in the key/value cache: "skip" (nothing: later tokens that compute the head
+# attend only to positions where it was computed) or "always" (keys and values of every head are computed and
+# cached; only its query, attention and output are skipped). "always" decodes on grouped-query models (Llama: every
+# group's key and value rows join the step's Q/K/V gather); OPT's decode step has "skip" only.
+KV_RULES = ("skip", "always")
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,12 @@ def check_policy(policy) -> str:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     return policy
+
+
+def check_kv_rule(rule) -> str:
+    if rule not in KV_RULES:
+        raise ValueError(f"kv_rule must be one of {KV_RULES}, got {rule!r}")
+    return rule
 
 
 def check_tp_plan(rule) -> str:
@@ -141,9 +152,7 @@ class PlanBuffers:
         OPT, the rule changes nothing here: OPT's decode step has ``skip`` only.)"""
         self.first, self.n_layers = first, n_layers
         self.gqa = n_kv_heads is not None
-        if kv_rule not in ("skip", "always"):
-            raise ValueError(f"kv_rule must be 'skip' or 'always', got {kv_rule!r}")
-        self.kv_always = kv_rule == "always" and self.gqa
+        self.kv_always = check_kv_rule(kv_rule) == "always" and self.gqa
         if self.gqa and (n_kv_heads < 1 or n_heads % n_kv_heads):
             raise ValueError(f"n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}")
         rank, world = shard

@@ -108,12 +108,13 @@ class InputSparseLayer:
 
     def __init__(self, weights_t: dict, thresholds: dict):
         self.weights_t = weights_t  # site -> [inputs, outputs]
-        self.thresholds = thresholds  # site -> 0-d fp32 tensor
+        # site -> 0-d tensor in the weight's dtype (the inputs' dtype), converted once rather than every step
+        self.thresholds = {site: t.to(weights_t[site].dtype) for site, t in thresholds.items()}
         self.counts: dict = {}
 
     def project(self, ops, site: str, a: torch.Tensor, bias=None) -> torch.Tensor:
         wt = self.weights_t[site]
-        keep = (a.abs() > self.thresholds[site].to(a.dtype)).any(dim=0, keepdim=True)  # [1, inputs]
+        keep = (a.abs() > self.thresholds[site]).any(dim=0, keepdim=True)  # [1, inputs]
         sel = ops.mask_to_indices(keep, wt.shape[0], validate=False)
         idx = sel.idx[0]
         self.counts[site] = sel.count
