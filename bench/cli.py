@@ -293,8 +293,8 @@ def _train(args) -> int:
                                writer=writer, hidden=args.hidden, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                                normalisation=args.normalisation, log="log1p" if args.log1p else args.log,
-                               device=device, progress=bar,
-                               force=args.force)
+                               device=device, progress=bar, force=args.force, neuron_input=args.neuron_input,
+                               ffn_hidden=args.ffn_hidden)
             except ValueError as err:
                 print(f"train {kind}/{crit}: {err}", file=sys.stderr)
                 status = 1
@@ -572,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--criterion", default="plainact", help="comma-separated criteria of the dataset")
     tr.add_argument("--hidden", type=_int_at_least(1, "--hidden"), help="hidden width (default 2048 ShadowLLM, "
                     "1024 DejaVu)")
+    tr.add_argument("--neuron-input", choices=["mlp", "layer"], default="mlp",
+                    help="DejaVu: score each layer's neurons from its MLP input (default; one more net per layer, "
+                         "--ffn-hidden wide) or together with its heads from the layer input")
+    tr.add_argument("--ffn-hidden", type=_int_at_least(1, "--ffn-hidden"),
+                    help="DejaVu --neuron-input mlp: hidden width of the neuron nets (default --hidden)")
     tr.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=100)
     tr.add_argument("--batch", type=_int_at_least(1, "--batch"), default=32)
     tr.add_argument("--lr", type=_positive_float("--lr"), default=1e-3)

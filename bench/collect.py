@@ -4,13 +4,14 @@ For each task's *predictor* split (never its eval split, see :mod:`bench.tasks`)
 every example's context (with that many solved examples before it) is the prompt and its gold
 continuation the target. One forward and backward per batch (:func:`models.criteria.compute`) gives, per
 example, every per-example criterion of every head and neuron, layer 0's attention output at the last
-context position (the ShadowLLM predictor's input) and each layer's input there (DejaVu's).
+context position (the ShadowLLM predictor's input) and each layer's input and MLP input there (DejaVu's heads and
+neurons).
 
 Written to ``OUT/``:
 
 - ``criteria.safetensors``: ``{criterion}.heads`` [N, L, H] and ``{criterion}.neurons`` [N, L, F]
-  (fp32; aggregate-only criteria [L, H] / [L, F]), ``attn0`` [N, E] (fp32) and ``inputs`` [N, L, E]
-  (fp16);
+  (fp32; aggregate-only criteria [L, H] / [L, F]), ``attn0`` [N, E] (fp32), ``inputs`` [N, L, E] and
+  ``ffn_inputs`` [N, L, E] (fp16);
 - ``meta.json``: model, criteria, shots, neuron site, per-task counts, tasks missing here and why, the
   split rule, the examples (task, index, shots) in row order, the commit;
 - ``importance-{criterion}.safetensors``: the mean over examples (the aggregate for jacov/epenas), the
@@ -78,7 +79,7 @@ def collect(model, tokenizer, *, tasks, shots=(0,), criteria=("plainact", "l2nor
     store = {f"{c}.{k}": [] for c in per_example for k in ("heads", "neurons")}
     agg = {f"{c}.{k}": 0.0 for c in criteria if c in AGGREGATE for k in ("heads", "neurons")}
     n_agg = 0
-    attn0, inputs, losses = [], [], []
+    attn0, inputs, ffn_inputs, losses = [], [], [], []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -98,6 +99,7 @@ def collect(model, tokenizer, *, tasks, shots=(0,), criteria=("plainact", "l2nor
             n_agg += 1
         attn0.append(res["attn0"].float().cpu())
         inputs.append(res["inputs"].half().cpu())
+        ffn_inputs.append(res["ffn_inputs"].half().cpu())
         losses.append(res["loss"].float().cpu())
         if bar is not None:
             bar.update(batch.tokens.shape[0])
@@ -108,7 +110,8 @@ def collect(model, tokenizer, *, tasks, shots=(0,), criteria=("plainact", "l2nor
         if n_agg == 0:
             raise ValueError(f"{', '.join(c for c in criteria if c in AGGREGATE)} need batches of at least 2 examples")
         tensors.update({k: v / n_agg for k, v in agg.items()})
-    tensors.update(attn0=torch.cat(attn0), inputs=torch.cat(inputs), loss=torch.cat(losses))
+    tensors.update(attn0=torch.cat(attn0), inputs=torch.cat(inputs), ffn_inputs=torch.cat(ffn_inputs),
+                   loss=torch.cat(losses))
     from safetensors.torch import save_file
 
     save_file(tensors, str(out_dir / "criteria.safetensors"))
@@ -186,7 +189,8 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
     One forward and backward per batch (the loss: every next-token NLL of the batch) gives, per position,
     ``l2norm`` (a head's output L2 norm, a neuron's |activation|) and ``plainact`` (``|A * dL/dA|`` summed over a
     head's output, or of one neuron's activation; the gradient of the whole sequence's loss), with the predictor
-    inputs of that position: layer 0's attention output (``attn0``) and each layer's input (``inputs``). Written
+    inputs of that position: layer 0's attention output (``attn0``), each layer's input (``inputs``) and its MLP's
+    normalised input (``ffn_inputs``). Written
     like :func:`collect`'s datasets (fp16), so ``shadowbench train`` takes it, plus ``row_group`` (the sequence of
     each row: splits keep a sequence on one side) and ``row_source`` (index into ``meta["sources"]``)."""
     from models.criteria import _Probes
@@ -201,7 +205,7 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
                                              seed=seed)
     need_grad = "plainact" in criteria
     store = {f"{c}.{k}": [] for c in criteria for k in ("heads", "neurons")}
-    attn0, inputs, group, source, position = [], [], [], [], []
+    attn0, inputs, ffn_inputs, group, source, position = [], [], [], [], [], []
     L = model.cfg.n_layers
     bar = None
     if progress:
@@ -248,6 +252,7 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
             attn0.append(probes.attn0.flatten(0, 1)[sel].half().cpu())
             if with_inputs:
                 inputs.append(torch.stack([probes.inputs[i] for i in range(L)], 2).flatten(0, 1)[sel].half().cpu())
+                ffn_inputs.append(torch.stack([probes.ffn_in[i] for i in range(L)], 2).flatten(0, 1)[sel].half().cpu())
         for i in idx:
             n = len(seqs[i][1])
             group.append(torch.full((n,), i, dtype=torch.int32))
@@ -262,6 +267,7 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
                    row_position=torch.cat(position))
     if with_inputs:
         tensors["inputs"] = torch.cat(inputs)
+        tensors["ffn_inputs"] = torch.cat(ffn_inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file

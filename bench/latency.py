@@ -147,7 +147,7 @@ def _predictor_ms(mode, model, batch, device) -> float | None:
     if isinstance(mode, ShadowLLM):
         fn = lambda: mode.observe(0, "attn_out", x)
     else:
-        fn = lambda: [mode.observe(i, "input", x) for i in range(model.cfg.n_layers)]
+        fn = lambda: [mode.observe(i, site, x) for i in range(model.cfg.n_layers) for site in mode.observed_sites]
     return time_op(fn, device)["median_us"] / 1e3
 
 

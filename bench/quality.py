@@ -349,6 +349,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
             meta = getattr(getattr(mode, "predictor", None), "meta", None) or {}
             if "normalisation" in meta:  # how the predictor's targets were normalised when it was trained
                 common = dict(common, predictor_normalisation=meta["normalisation"], predictor_log=meta.get("log"))
+            if getattr(mode, "neuron_input", None):  # DejaVu: what its neurons were scored from
+                common = dict(common, neuron_input=mode.neuron_input)
         except Exception as err:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
             if tp is not None:
                 raise
@@ -414,18 +416,19 @@ def quality_table(rows) -> str:
         e = r["extra"]
         hs, ns = e.get("head_sparsity", r["sparsity"]), e.get("neuron_sparsity", r["sparsity"])
         s_txt = f"{r['sparsity']:.2f}" if hs == ns else f"{hs:.2f}/{ns:.2f}"
-        mode = r["mode"] + (" kv:always" if e.get("kv_rule") == "always" else "")
+        mode = r["mode"] + (f" {e['neuron_input']}-in" if e.get("neuron_input") else "")
+        mode += " kv:always" if e.get("kv_rule") == "always" else ""
         if e.get("eval") != "wikitext2" and e.get("sparse_prefix") is False and r["mode"] != "dense":
             mode += " dense-ctx"
         key = (r["model"], mode, r["criterion"] or "-", r["policy"] or "-", s_txt)
         cases.setdefault(key, {})[e["eval"]] = r["value"]
     evals = sorted({e for v in cases.values() for e in v}, key=lambda e: (e != "wikitext2", e))
-    head = f"{'model':<14} {'mode':<16} {'criterion':<9} {'policy':<7} {'s':>9} "
+    head = f"{'model':<14} {'mode':<26} {'criterion':<9} {'policy':<7} {'s':>9} "
     head += " ".join(f"{e[:10]:>10}" for e in evals)
     lines = [head]
     order = {"dense": 0, "oracle": 1}
     for key in sorted(cases, key=lambda k: (k[0], order.get(k[1].split()[0], 2), k[1], k[2], k[3], k[4])):
         vals = cases[key]
-        lines.append(f"{key[0][:14]:<14} {key[1]:<16} {key[2]:<9} {key[3]:<7} {key[4]:>9} " + " ".join(
+        lines.append(f"{key[0][:14]:<14} {key[1]:<26} {key[2]:<9} {key[3]:<7} {key[4]:>9} " + " ".join(
             f"{vals[e]:>10.4g}" if e in vals else f"{'-':>10}" for e in evals))
     return "\n".join(lines)

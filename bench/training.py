@@ -36,7 +36,7 @@ def _header_key(path: Path) -> str | None:
 
 def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cfg, out_dir, writer, hidden=None,
                epochs=100, batch=32, lr=1e-3, val_fraction=0.2, test_fraction=0.2, normalisation="global", log=False,
-               device="cpu", progress=None, force=False) -> Trained:
+               device="cpu", progress=None, force=False, neuron_input="mlp", ffn_hidden=None) -> Trained:
     from models.train import train_predictor
 
     data = Path(data)
@@ -44,6 +44,8 @@ def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cf
                 "hidden": hidden, "epochs": epochs, "batch": batch, "lr": lr, "val_fraction": val_fraction,
                 "test_fraction": test_fraction,
                 "normalisation": normalisation, "log": log if log == "log1p" else bool(log)}
+    if kind == "dejavu":  # the neuron nets' input and width (ShadowLLM has one net)
+        settings.update(neuron_input=neuron_input, ffn_hidden=ffn_hidden)
     key = settings_key(settings)
     path = Path(out_dir) / f"{kind}-{criterion}.safetensors"
     found = [r for r in writer.resume() if r.get("kind") == "predictor" and r.get("status") == "ok"
@@ -58,7 +60,8 @@ def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cf
         sources = torch.tensor([names.index(e[0]) for e in meta["examples"]])
     res = train_predictor(kind, cfg, tensors, criterion, hidden=hidden, epochs=epochs, batch_size=batch, lr=lr,
                           val_fraction=val_fraction, test_fraction=test_fraction, normalisation=normalisation,
-                          log=log, device=device, progress=progress, sources=sources)
+                          log=log, device=device, progress=progress, sources=sources, neuron_input=neuron_input,
+                          ffn_hidden=ffn_hidden)
     res.predictor.meta.update({"dataset": str(data), "dataset_model": meta["model"], "case_key": key})
     saved = res.predictor.save(path)
     rows = predictor_rows(res, model=meta["model"], kind=kind, criterion=criterion, device=device, path=saved,

@@ -145,8 +145,10 @@ class _Probes:
                 self.attn0 = o.detach()
 
         hooks = {"heads": heads, "neurons": neurons, "input": inp, "attn_out": attn_out}
+        if self.with_inputs or (self.site == "weight" and self.need_grad):  # MLP inputs: predictor inputs too
+            hooks["ffn_in"] = ffn_in
         if self.site == "weight" and self.need_grad:
-            hooks.update(ffn_in=ffn_in, ffn_pre=ffn_pre)
+            hooks["ffn_pre"] = ffn_pre
         return hooks
 
 
@@ -180,8 +182,8 @@ def _epenas_score(J: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 def compute(model, batch: Batch, criteria, *, neuron_site: str = "weight", with_inputs: bool = True) -> dict:
     """Criteria of one batch. Returns ``{name: {"heads": [B, L, H], "neurons": [B, L, F]}}`` (for the
     aggregate criteria [L, H] and [L, F], one value for the batch), ``"attn0"`` [B, E] (layer 0's
-    attention output at each example's last context position), ``"inputs"`` [B, L, E] (each layer's
-    input there; with ``with_inputs``) and ``"loss"`` [B]."""
+    attention output at each example's last context position), ``"inputs"`` [B, L, E] and ``"ffn_inputs"``
+    [B, L, E] (each layer's input and its MLP's normalised input there; with ``with_inputs``) and ``"loss"`` [B]."""
     criteria = check_criteria(criteria)
     if neuron_site not in NEURON_SITES:
         raise ValueError(f"neuron_site must be one of {NEURON_SITES}, got {neuron_site!r}")
@@ -216,6 +218,7 @@ def compute(model, batch: Batch, criteria, *, neuron_site: str = "weight", with_
     out["attn0"] = probes.attn0[rows, last]
     if with_inputs:
         out["inputs"] = torch.stack([probes.inputs[i][rows, last] for i in range(L)], dim=1)
+        out["ffn_inputs"] = torch.stack([probes.ffn_in[i][rows, last] for i in range(L)], dim=1)
 
     heads = {c: [] for c in criteria}
     neurons = {c: [] for c in criteria}

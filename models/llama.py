@@ -222,6 +222,8 @@ class LlamaDecoder(DecoderBase):
                 hook("attn_out", i, o)
                 x = x + o
                 a = self._rms(x, layer.ln2_w)
+                if mode is not None:
+                    mode.observe(i, "ffn_in", a[:, -1])
                 hook("ffn_in", i, a)
                 a = hook("fc1_in", i, a)
                 gate, up = hook("ffn_pre", i, (F.linear(a, layer.gate_w), F.linear(a, layer.up_w)))
@@ -237,12 +239,15 @@ class LlamaDecoder(DecoderBase):
         RMSNorm after it are folded into the GEMV that reads them (``ops.norm_gemv`` for qkv,
         ``ops.norm_swiglu`` for gate/up; :mod:`shadow_kernels.norm_gemv`), which also writes ``x + o`` back as
         the residual stream. A dense layer (cuBLAS) runs the add + norm as one kernel first (``ops.add_rms``).
-        The residual add is materialised before a layer whose input the mode observes (DejaVu).
+        The residual add is materialised before a layer whose input the mode observes (DejaVu), and the add and
+        norm before an MLP whose input it observes (DejaVu's MLP-input neuron predictor); the gate/up GEMV then
+        normalises the materialised sum again in its loop.
         """
         ops = ops or get_ops(None, self.device)
         eps = self.cfg.norm_eps
         layers = self.layers
         watch_input = predict and "input" in mode.observed_sites
+        watch_ffn = predict and "ffn_in" in mode.observed_sites
         x = F.embedding(tokens, self.embed_tokens)
         o = None  # the block output not yet added to x
         for i, layer in enumerate(layers):
@@ -274,6 +279,10 @@ class LlamaDecoder(DecoderBase):
                 o = self.reduce(o)
             if predict:
                 mode.observe(i, "attn_out", o)
+            if watch_ffn:
+                x, a = ops.add_rms(x, o, layer.ln2_w, eps)
+                o = None
+                mode.observe(i, "ffn_in", a)
             with nvtx_range(f"layer{i}.mlp"):
                 if plan.neurons is None:
                     x, a = ops.add_rms(x, o, layer.ln2_w, eps)

@@ -362,16 +362,20 @@ class _Predicting(_Sparse):
         if self.sparse_hidden and self.predictor_dtype == "fp8":
             raise ValueError("predictor_dtype 'fp8' quantises the second layer for the fused predictor; it does not "
                              "combine with sparse_hidden")
-        self._w2t = {i: self.predictor.weights(i)[2].T.contiguous() for i in layers} if self.sparse_hidden else {}
+        self._w2t = {i: self._net(i)[2].T.contiguous() for i in layers} if self.sparse_hidden else {}
         # fp8: the second (large) layer stored as float8 e4m3 with one scale per output, built once here
-        self._w2q = ({i: quantize_rows_fp8(self.predictor.weights(i)[2]) for i in layers}
+        self._w2q = ({i: quantize_rows_fp8(self._net(i)[2]) for i in layers}
                      if self.predictor_dtype == "fp8" else {})
         self._live = {}
 
+    def _net(self, key):
+        """A net's weights by key: a layer (or None: ShadowLLM's one net), or ``(layer, site)``."""
+        return self.predictor.weights(*key) if isinstance(key, tuple) else self.predictor.weights(key)
+
     def predictor_weights(self, layer):
-        """``(w1, b1, w2, b2, w2_scale)`` the mode predicts with: w2 in fp8 with its scales under
-        ``predictor_dtype="fp8"``, else the predictor's own w2 and ``None``."""
-        w1, b1, w2, b2 = self.predictor.weights(layer)
+        """``(w1, b1, w2, b2, w2_scale)`` the mode predicts with (``layer``: a key of :meth:`_net`): w2 in fp8 with
+        its scales under ``predictor_dtype="fp8"``, else the predictor's own w2 and ``None``."""
+        w1, b1, w2, b2 = self._net(layer)
         q, scale = self._w2q.get(layer, (w2, None))
         return w1, b1, q, b2, scale
 
@@ -387,9 +391,9 @@ class _Predicting(_Sparse):
         its scales in place of w2)."""
         total = self.predictor.nbytes()
         for layer, (q, scale) in self._w2q.items():
-            total += q.nbytes + scale.nbytes - self.predictor.weights(layer)[2].nbytes
+            total += q.nbytes + scale.nbytes - self._net(layer)[2].nbytes
         for layer, live in self._live.items():
-            w2 = self.predictor.weights(layer)[2]
+            w2 = self._net(layer)[2]
             total -= int(w2.nbytes * (1.0 - int(live) / w2.shape[1]))
         return total
 
@@ -400,50 +404,64 @@ class _Predicting(_Sparse):
 
 
 class DejaVu(_Predicting):
-    """A predictor per sparse layer on that layer's input; local top-k.
+    """Per-layer predictors; local top-k. Heads are scored from the layer's input; neurons from the layer's MLP input
+    (``neuron_input="mlp"``, the predictor's default: the mode then also observes site ``"ffn_in"``, and the decode
+    step materialises the residual add and norm before the MLP) or with the heads from the layer's input
+    (``"layer"``). Both come from the predictor file; ``neuron_input`` here sizes random predictors.
 
-    With ``lookahead``, layer l's input predicts layer l + 1 (DejaVu's asynchronous variant; here it
-    runs in line, so it changes which input is used, not the timing)."""
+    With ``lookahead`` (``neuron_input="layer"`` only), layer l's input predicts layer l + 1 (DejaVu's asynchronous
+    variant; here it runs in line, so it changes which input is used, not the timing)."""
 
     name = "dejavu"
 
     def __init__(self, sparsity: float, predictor=None, granularity: str = "token", first_sparse: int = 1,
                  lookahead: bool = False, hidden: int | None = None, sparse_hidden: bool | None = None,
-                 batch_rule: str = "mean", predictor_dtype: str = "model"):
+                 batch_rule: str = "mean", predictor_dtype: str = "model", neuron_input: str | None = None):
         super().__init__(sparsity, "local", first_sparse)
         self._set_batch_rule(batch_rule)
         self._set_predictor_dtype(predictor_dtype)
         self.granularity = _check_granularity(granularity)
         self.predictor_arg, self.lookahead, self.hidden = predictor, bool(lookahead), hidden
         self.sparse_hidden_arg = sparse_hidden
+        # random predictors: lookahead predicts from the layer input, so it implies neuron_input "layer"
+        self.neuron_input_arg = neuron_input or ("layer" if lookahead else "mlp")
 
     def bind(self, model, ops=None):
         super().bind(model, ops)
         self.predictor: DejaVuPredictor = _resolve_predictor(
             self.predictor_arg, "dejavu", model, self, hidden=self.hidden, first_sparse=self.first_sparse,
-            lookahead=self.lookahead)
+            lookahead=self.lookahead, neuron_input=self.neuron_input_arg)
         if self.predictor.first_sparse != self.first_sparse:
             raise ValueError(f"predictor covers layers from {self.predictor.first_sparse}, the mode sparsifies "
                              f"from {self.first_sparse}")
         self.lookahead = self.predictor.lookahead
-        self._setup_predictor(range(self.first_sparse, model.full_cfg.n_layers))
+        self.neuron_input = self.predictor.neuron_input
+        self.observed_sites = ("input", "ffn_in") if self.neuron_input == "mlp" else ("input",)
+        layers = list(range(self.first_sparse, model.full_cfg.n_layers))
+        self._setup_predictor(layers + ([(i, "ffn_in") for i in layers] if self.neuron_input == "mlp" else []))
         return self
 
     observed_sites = ("input",)
 
     def observe(self, layer, site, x):
+        if site == "ffn_in" and self.neuron_input == "mlp":
+            if not self.buffers.is_sparse(layer):
+                return
+            with nvtx_range("predictor"):
+                self.buffers.fill_batch(layer, None, self._scores(x, (layer, "ffn_in"))[:, None])
+            return
         if site != "input":
             return
         target = layer + 1 if self.lookahead else layer
         if not self.buffers.is_sparse(target):
             return
         with nvtx_range("predictor"):
-            scores = self._scores(x, target)  # [B, H + F] fp32
-            heads, neurons = self.predictor.split(scores)  # [B, H], [B, F]
-            self.buffers.fill_batch(target, heads[:, None], neurons[:, None])
+            scores = self._scores(x, target)  # [B, H + F] or [B, H] fp32
+            heads, neurons = self.predictor.split(scores)  # [B, H], [B, F] or None
+            self.buffers.fill_batch(target, heads[:, None], None if neurons is None else neurons[:, None])
 
     def describe(self):
-        return {**super().describe(), "lookahead": self.lookahead}
+        return {**super().describe(), "lookahead": self.lookahead, "neuron_input": self.neuron_input}
 
 
 class ShadowLLM(_Predicting):
@@ -513,14 +531,15 @@ def random_importance(cfg, seed: int = 0) -> dict:
 def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, granularity: str = "token",
               predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean",
               predictor_dtype: str = "model", head_sparsity: float | None = None,
-              neuron_sparsity: float | None = None, kv_rule: str = "skip") -> Mode:
+              neuron_sparsity: float | None = None, kv_rule: str = "skip", neuron_input: str | None = None) -> Mode:
     """Build a mode by name: the one factory of the CLI, latency, quality, profile and tune.
 
     ``importance``: static's scores (a file or a dict with ``heads`` [L, H] and ``neurons`` [L, F]), or the
     threshold mode's calibrated thresholds (a file of ``shadowbench calibrate``, or ``{site: [L]}``); ``predictor``:
     a trained predictor file, or ``"random"`` (random weights of the trained shape, for latency work).
     ``head_sparsity`` / ``neuron_sparsity`` override ``sparsity`` for one kind of unit; ``kv_rule`` says what
-    skipped heads leave in the cache (:data:`models.plan.KV_RULES`)."""
+    skipped heads leave in the cache (:data:`models.plan.KV_RULES`); ``neuron_input``: what a random DejaVu
+    predictor scores neurons from (:data:`models.predictors.NEURON_INPUTS`; a file says its own)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
     if name == "dense":
@@ -539,7 +558,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
         if policy not in (None, "local"):
             raise ValueError(f"mode 'dejavu' selects per layer (policy 'local'), got policy {policy!r}")
         mode = DejaVu(sparsity, predictor, granularity, lookahead=lookahead, batch_rule=batch_rule,
-                      predictor_dtype=predictor_dtype)
+                      predictor_dtype=predictor_dtype, neuron_input=neuron_input)
     else:
         mode = ShadowLLM(sparsity, predictor, policy or "global", granularity, batch_rule=batch_rule,
                          predictor_dtype=predictor_dtype)

@@ -305,6 +305,8 @@ class OPTDecoder(DecoderBase):
                     x = self._ln(x, layer.ln1_w, layer.ln1_b)
                 res = x
                 a = self._ln(x, layer.ln2_w, layer.ln2_b) if cfg.pre_norm else x
+                if mode is not None:
+                    mode.observe(i, "ffn_in", a[:, -1])
                 hook("ffn_in", i, a)
                 a = hook("fc1_in", i, a)
                 f = hook("neurons", i, torch.relu(hook("ffn_pre", i, F.linear(a, layer.fc1_w, layer.fc1_b))))
@@ -324,8 +326,9 @@ class OPTDecoder(DecoderBase):
         that reads them (``ops.norm_gemv``, :mod:`shadow_kernels.norm_gemv`): qkv takes ``x + o`` of the block
         before and normalises it in its loop, and writes ``x + o`` back as the residual stream; so does fc1. A
         dense projection on cuBLAS (``dense_gemv="cublas"``) keeps the norm as its own kernel (``ops.add_norm``).
-        The residual add is materialised before a layer whose input the mode observes (DejaVu). Post-LN: each
-        residual add is fused with the norm after it (``ops.add_norm``).
+        The residual add is materialised before a layer whose input the mode observes (DejaVu), and the add and
+        norm before an MLP whose input it observes (DejaVu's MLP-input neuron predictor; fc1's GEMV then normalises
+        the materialised sum again). Post-LN: each residual add is fused with the norm after it (``ops.add_norm``).
         """
         cfg = self.cfg
         ops = ops or get_ops(None, self.device)
@@ -336,6 +339,7 @@ class OPTDecoder(DecoderBase):
         pre = cfg.pre_norm
         folds = self.norm_folds() if pre else None
         watch_input = predict and "input" in mode.observed_sites
+        watch_ffn = predict and "ffn_in" in mode.observed_sites
 
         def norm_gemv(w, x, r, fold, rows, count, relu):
             """``(act(norm(x + r) @ w[rows].T + b), x + r)``: the fused kernel, or on cuBLAS the norm first."""
@@ -377,11 +381,17 @@ class OPTDecoder(DecoderBase):
                 o = self.reduce(o)
             if predict:
                 mode.observe(i, "attn_out", o)
+            if watch_ffn and pre:
+                x, a = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
+                o = None
+                mode.observe(i, "ffn_in", a)
             with nvtx_range(f"layer{i}.mlp"):
                 if pre:
                     f, x = norm_gemv(layer.fc1_w, x, o, folds[i][1], plan.neurons, plan.neuron_count, True)
                 else:
                     _, x = ops.add_norm(x, o, layer.ln1_w, layer.ln1_b, eps)
+                    if watch_ffn:  # post-LN: the MLP's input is the normalised sum itself
+                        mode.observe(i, "ffn_in", x)
                     if plan.neurons is not None:
                         f = ops.gather_rows(layer.fc1_w, x, plan.neurons, layer.fc1_b, "relu",
                                             count=plan.neuron_count, validate=False)

@@ -245,28 +245,36 @@ class PlanBuffers:
         return self.ops.mask_to_indices(self.local(mask[:, :U], kind).contiguous(),
                                         self.slots_heads if heads else self.slots_neurons, validate=False)
 
-    def fill(self, layer: int, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> None:
+    def fill(self, layer: int, head_scores: torch.Tensor | None, neuron_scores: torch.Tensor | None) -> None:
         """Select from scores of layers ``layer .. layer + n - 1``: heads [n, H], neurons [n, F] (the whole
-        model's units).
+        model's units). Either may be None: that kind's plan is left as it is (a predictor that scores heads and
+        neurons from different activations fills them apart).
 
         Global top-k needs the scores of every sparse layer in one call.
         """
-        self._check_layers(head_scores.shape[0])
-        self._write(layer, self._indices(head_scores, "heads"), self._indices(neuron_scores, "neurons"))
+        if head_scores is not None:
+            self._check_layers(head_scores.shape[0])
+            self._write_heads(layer, self._indices(head_scores, "heads"))
+        if neuron_scores is not None:
+            self._check_layers(neuron_scores.shape[0])
+            self._write_neurons(layer, self._indices(neuron_scores, "neurons"))
 
-    def fill_batch(self, layer: int, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> None:
-        """:meth:`fill` from a batch's scores, heads [B, n, H] and neurons [B, n, F], by ``batch_rule``."""
-        if head_scores.shape[0] == 1:  # one sequence: its own scores (no mean kernel in the decode step)
-            self.fill(layer, head_scores[0], neuron_scores[0])
-            return
-        if self.batch_rule == "mean":
-            self.fill(layer, head_scores.mean(dim=0), neuron_scores.mean(dim=0))
-            return
-        self._check_layers(head_scores.shape[1])
-        heads = self.ops.mask_to_indices(self._union(head_scores, "heads"), self.slots_heads, validate=False)
-        neurons = self.ops.mask_to_indices(self._union(neuron_scores, "neurons"), self.slots_neurons,
-                                           validate=False)
-        self._write(layer, heads, neurons)
+    def fill_batch(self, layer: int, head_scores: torch.Tensor | None, neuron_scores: torch.Tensor | None) -> None:
+        """:meth:`fill` from a batch's scores, heads [B, n, H] and neurons [B, n, F] (either may be None), by
+        ``batch_rule``."""
+        for kind, scores in (("heads", head_scores), ("neurons", neuron_scores)):
+            if scores is None:
+                continue
+            self._check_layers(scores.shape[1])
+            if scores.shape[0] == 1:  # one sequence: its own scores (no mean kernel in the decode step)
+                idx = self._indices(scores[0], kind)
+            elif self.batch_rule == "mean":
+                idx = self._indices(scores.mean(dim=0), kind)
+            else:
+                idx = self.ops.mask_to_indices(self._union(scores, kind),
+                                               self.slots_heads if kind == "heads" else self.slots_neurons,
+                                               validate=False)
+            (self._write_heads if kind == "heads" else self._write_neurons)(layer, idx)
 
     def _union(self, scores: torch.Tensor, kind: str) -> torch.Tensor:
         """[B, n, units] -> [n, units of this rank] bool: the union over the batch of each sequence's top-k (per
@@ -277,7 +285,7 @@ class PlanBuffers:
         if self.policy == "global" and n != self.n_sparse:
             raise ValueError(f"global top-k needs the scores of all {self.n_sparse} sparse layers, got {n}")
 
-    def _write(self, layer: int, heads, neurons) -> None:
+    def _write_heads(self, layer: int, heads) -> None:
         n = heads.idx.shape[0]
         sl = slice(layer - self.first, layer - self.first + n)
         S = self.slots_heads
@@ -294,6 +302,10 @@ class PlanBuffers:
             torch.mul(heads.count, 3 * self.D, out=self.qkv_count[sl])
         torch.add(self._rows1, heads.idx[:, :, None], alpha=self.D, out=self.out_rows[sl].view(n, S, self.D))
         torch.mul(heads.count, self.D, out=self.out_count[sl])
+
+    def _write_neurons(self, layer: int, neurons) -> None:
+        n = neurons.idx.shape[0]
+        sl = slice(layer - self.first, layer - self.first + n)
         self.neurons[sl].copy_(neurons.idx)
         self.neuron_count[sl].copy_(neurons.count)
 

@@ -3,8 +3,15 @@
 - :class:`ShadowLLMPredictor`: one MLP on layer 0's attention output (E) that scores every head and
   neuron of the sparse layers at once. Output layout: ``[heads of L_s layers (L_s * H), neurons of
   L_s layers (L_s * F)]``, layer-major.
-- :class:`DejaVuPredictor`: one MLP per sparse layer on that layer's input (or, with look-ahead, the
-  previous layer's input), scoring that layer's ``[H heads, F neurons]``.
+- :class:`DejaVuPredictor`: per sparse layer, MLPs on that layer's own activations. With ``neuron_input="mlp"``
+  (the default) two: one on the layer's input scoring its H heads, one on its MLP's input (the normalised residual
+  stream after attention, what fc1 / gate and up read) scoring its F neurons, as DejaVu predicts each block from
+  the block's own input. With ``neuron_input="layer"`` one MLP on the layer's input (or, with look-ahead, the
+  previous layer's input) scores ``[H heads, F neurons]`` together.
+
+  Why the default: at equal size (576 -> 128 -> 1536 per layer), SmolLM2's neurons predicted from the MLP input keep
+  perplexity far closer to the oracle than from the layer input (notes/quality.md); the MLP input already holds
+  this layer's attention output.
 
 Files are safetensors with the weights and a JSON header naming the kind and the model shape, so a
 predictor that does not fit a model is refused with the mismatch named.
@@ -21,6 +28,7 @@ from torch import nn
 from .config import DecoderConfig
 
 KINDS = ("shadowllm", "dejavu")
+NEURON_INPUTS = ("mlp", "layer")  # what a DejaVu predictor scores neurons from (see DejaVuPredictor)
 
 
 def _mlp(E: int, hidden: int, out: int, dtype, device) -> nn.Sequential:
@@ -86,27 +94,57 @@ class DejaVuPredictor(_Predictor):
     kind = "dejavu"
 
     def __init__(self, cfg: DecoderConfig, hidden: int = 1024, first_sparse: int = 1, dtype=torch.float16,
-                 device="cpu", lookahead: bool = False):
+                 device="cpu", lookahead: bool = False, neuron_input: str = "mlp", ffn_hidden: int | None = None):
         super().__init__(cfg, hidden, first_sparse, dtype, device)
+        if neuron_input not in NEURON_INPUTS:
+            raise ValueError(f"neuron_input must be one of {NEURON_INPUTS}, got {neuron_input!r}")
+        if ffn_hidden is not None and (not isinstance(ffn_hidden, int) or ffn_hidden < 1):
+            raise ValueError(f"ffn_hidden must be a positive int, got {ffn_hidden!r}")
+        if lookahead and neuron_input == "mlp":
+            raise ValueError("lookahead predicts layer l + 1 from layer l's input; it needs neuron_input 'layer' (the "
+                             "MLP input of layer l + 1 only exists inside that layer)")
         self.lookahead = bool(lookahead)
-        self.meta["lookahead"] = self.lookahead
-        self.n_out = cfg.n_heads + cfg.ffn
+        self.neuron_input = neuron_input
+        self.meta.update(lookahead=self.lookahead, neuron_input=neuron_input)
+        if neuron_input == "mlp":
+            self.ffn_hidden = ffn_hidden or hidden
+            self.meta["ffn_hidden"] = self.ffn_hidden
+            self.n_out = cfg.n_heads
+            self.ffn_nets = nn.ModuleList(_mlp(cfg.hidden, self.ffn_hidden, cfg.ffn, dtype, device)
+                                          for _ in range(self.n_sparse))
+        else:
+            if ffn_hidden is not None:
+                raise ValueError("ffn_hidden sizes the MLP-input neuron predictor; neuron_input 'layer' has none")
+            self.ffn_hidden = None
+            self.n_out = cfg.n_heads + cfg.ffn
         self.nets = nn.ModuleList(_mlp(cfg.hidden, hidden, self.n_out, dtype, device) for _ in range(self.n_sparse))
 
-    def weights(self, layer: int):
-        net = self.nets[layer - self.first_sparse]
+    def weights(self, layer: int, site: str = "input"):
+        """One net's ``(w1, b1, w2, b2)``: layer ``layer``'s net on its input (``site="input"``) or, with
+        ``neuron_input="mlp"``, on its MLP input (``site="ffn_in"``)."""
+        if site not in ("input", "ffn_in") or (site == "ffn_in" and self.neuron_input != "mlp"):
+            raise ValueError(f"a {self.neuron_input}-input DejaVu predictor has no net on site {site!r}")
+        net = (self.ffn_nets if site == "ffn_in" else self.nets)[layer - self.first_sparse]
         return net[0].weight, net[0].bias, net[2].weight, net[2].bias
 
-    def split(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[..., H + F] -> heads [..., H], neurons [..., F]."""
+    def split(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The input net's scores: [..., H + F] -> heads [..., H], neurons [..., F]; with ``neuron_input="mlp"``
+        [..., H] -> heads, None (its neurons come from :meth:`forward_ffn`)."""
+        if self.neuron_input == "mlp":
+            return scores, None
         return scores.split([self.cfg.n_heads, self.cfg.ffn], dim=-1)
 
     def forward(self, x, layer: int):
         return self.split(self.nets[layer - self.first_sparse](x))
 
+    def forward_ffn(self, a, layer: int):
+        """Neuron scores [..., F] of layer ``layer`` from its MLP input ``a`` (``neuron_input="mlp"``)."""
+        return self.ffn_nets[layer - self.first_sparse](a)
+
 
 def random_predictor(kind: str, cfg: DecoderConfig, *, hidden: int | None = None, first_sparse: int = 1,
-                     dtype=torch.float16, device="cpu", seed: int = 0, lookahead: bool = False) -> _Predictor:
+                     dtype=torch.float16, device="cpu", seed: int = 0, lookahead: bool = False,
+                     neuron_input: str = "mlp", ffn_hidden: int | None = None) -> _Predictor:
     """A randomly initialised predictor of the right shape (latency work; marked ``random`` in rows)."""
     if kind not in KINDS:
         raise ValueError(f"predictor kind must be one of {KINDS}, got {kind!r}")
@@ -114,7 +152,8 @@ def random_predictor(kind: str, cfg: DecoderConfig, *, hidden: int | None = None
     if kind == "shadowllm":
         pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, dtype, device)
     else:
-        pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, dtype, device, lookahead=lookahead)
+        pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, dtype, device, lookahead=lookahead,
+                               neuron_input=neuron_input, ffn_hidden=ffn_hidden)
     pred.meta["source"] = "random"
     return pred
 
@@ -142,8 +181,10 @@ def load_predictor(path, cfg: DecoderConfig, *, dtype=torch.float16, device="cpu
     if kind == "shadowllm":
         pred = ShadowLLMPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device)
     else:
+        # files written before the MLP-input variant hold one net per layer on the layer input
         pred = DejaVuPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device,
-                               lookahead=head.get("lookahead", False))
+                               lookahead=head.get("lookahead", False), neuron_input=head.get("neuron_input", "layer"),
+                               ffn_hidden=head.get("ffn_hidden"))
     state = read_tensors(path, "predictor file")
     expected = {k: tuple(v.shape) for k, v in pred.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}

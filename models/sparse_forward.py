@@ -11,7 +11,8 @@ perplexity or accuracy run costs a prefill per sequence rather than a decode ste
   see t in that group), as the decode kernels do; with the mode's ``kv_rule`` ``always``, every group's key and
   value are computed and cached at every position and only the skipped heads' queries and outputs are dropped;
 - the plan of position t comes from t's own predictor input (granularity ``token``: layer 0's attention
-  output for ShadowLLM, the layer's input for DejaVu) or, for granularity ``prompt``, from position
+  output for ShadowLLM, the layer's input for DejaVu's heads, and its MLP input, or layer input, for its
+  neurons) or, for granularity ``prompt``, from position
   ``sparse_from - 1``, the last prefilled one; ``static`` has one plan for all; ``oracle`` takes each
   position's plan from a dense pass over the same tokens first (head output L2 norms, |activations|).
 
@@ -66,14 +67,16 @@ class PositionPlans:
     def _store_selected(self, layer, hm, nm):
         """:meth:`_store` from masks over the whole model's units (this rank's shard kept)."""
         b = self.mode.buffers
-        self._store(layer, b.local(hm, "heads"), b.local(nm, "neurons"))
+        self._store(layer, None if hm is None else b.local(hm, "heads"), None if nm is None else b.local(nm, "neurons"))
 
     def _store(self, layer, hm, nm):
-        """Masks of the sparse positions, [B or 1, P or 1, units of this rank]; dense positions are added here."""
+        """Masks of the sparse positions, [B or 1, P or 1, units of this rank]; dense positions are added here.
+        A None mask leaves that kind's masks of ``layer`` as they are."""
         B = self.start.shape[0]
-        dense_rows = (torch.arange(self.P, device=hm.device)[None, :] < self.start[:, None])[:, :, None]
-        self.head_masks[layer] = hm.expand(B, self.P, -1) | dense_rows
-        self.neuron_masks[layer] = nm.expand(B, self.P, -1) | dense_rows
+        for m, masks in ((hm, self.head_masks), (nm, self.neuron_masks)):
+            if m is not None:
+                dense_rows = (torch.arange(self.P, device=m.device)[None, :] < self.start[:, None])[:, :, None]
+                masks[layer] = m.expand(B, self.P, -1) | dense_rows
 
     def _sources(self, x):
         """The predictor inputs the plans come from: every position (token) or the last prefilled one."""
@@ -95,7 +98,17 @@ class PositionPlans:
             return
         heads, neurons = mode.predictor.split(self._scores(self._sources(x), target))
         b = mode.buffers
-        self._store_selected(target, b.select(heads, "heads"), b.select(neurons, "neurons"))
+        nm = None if neurons is None else b.select(neurons, "neurons")
+        self._store_selected(target, b.select(heads, "heads"), nm)
+
+    def _on_ffn_in(self, i, a):
+        """DejaVu's MLP-input neuron predictor: layer i's neurons from its MLP input (after this position's sparse
+        attention, as the decode step sees it)."""
+        mode = self.mode
+        if not isinstance(mode, DejaVu) or mode.neuron_input != "mlp" or not mode.buffers.is_sparse(i):
+            return
+        neurons = self._scores(self._sources(a), (i, "ffn_in"))
+        self._store_selected(i, None, mode.buffers.select(neurons, "neurons"))
 
     def _on_attn_out(self, i, o):
         mode = self.mode
@@ -156,8 +169,8 @@ class PositionPlans:
             nm = self.neuron_masks.get(i)
             return f if nm is None else f * nm.to(f.dtype)
 
-        return {"input": self._on_input, "attn_out": self._on_attn_out, "kv_live": kv_live, "heads": heads,
-                "neurons": neurons}
+        return {"input": self._on_input, "attn_out": self._on_attn_out, "ffn_in": self._on_ffn_in, "kv_live": kv_live,
+                "heads": heads, "neurons": neurons}
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Predictor training (ShadowLLM table 3) and ranking quality (Spearman rho, figures 5 and 14).
 
 Inputs come from a criteria dataset (:mod:`bench.collect`): ``attn0`` [N, E] for the ShadowLLM
-predictor, ``inputs`` [N, L, E] for the DejaVu-style per-layer predictors; targets are one criterion's
+predictor, ``inputs`` [N, L, E] for the DejaVu-style per-layer predictors (and ``ffn_inputs`` [N, L, E], the MLPs'
+inputs, for their neuron nets under ``neuron_input="mlp"``); targets are one criterion's
 per-example scores of the sparse layers (layers ``first_sparse..L-1``).
 
 Target normalisation, explicit because global top-k compares scores across layers:
@@ -203,7 +204,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
                     epochs: int = 100, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01,
                     val_fraction: float = 0.2, test_fraction: float = 0.2, normalisation: str = "global",
                     log: bool = False, first_sparse: int = 1, seed: int = 0, device="cpu", progress=None,
-                    sources: torch.Tensor | None = None) -> TrainResult:
+                    sources: torch.Tensor | None = None, neuron_input: str = "mlp",
+                    ffn_hidden: int | None = None) -> TrainResult:
     """Train a ``shadowllm`` or ``dejavu`` predictor on one criterion of a criteria dataset.
 
     Three splits: the epoch with the lowest loss on ``val_fraction`` of the data is kept, and Spearman rho is
@@ -211,7 +213,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     baselines on the same rows: the per-unit mean of the training targets (what ``static`` uses) and the per-source
     mean (the task of a prompt, or WikiText-2; ``sources``, default the dataset's ``row_source``). Per-token datasets
     (``row_group``) are split by sequence. Targets stay in their stored dtype and are normalised a batch at a time, so
-    fp16 datasets larger than fp32 memory train."""
+    fp16 datasets larger than fp32 memory train. ``neuron_input`` and ``ffn_hidden``: a DejaVu predictor's neuron nets
+    (:class:`~models.predictors.DejaVuPredictor`)."""
     if kind not in ("shadowllm", "dejavu"):
         raise ValueError(f"kind must be 'shadowllm' or 'dejavu', got {kind!r}")
     if normalisation not in NORMALISATIONS:
@@ -230,11 +233,17 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     if tg.heads.shape[1:] != (L_s, cfg.n_heads) or tg.neurons.shape[1:] != (L_s, cfg.ffn):
         raise ValueError(f"dataset scores {tuple(tg.heads.shape)} / {tuple(tg.neurons.shape)} do not fit the model "
                          f"({L_s} sparse layers, {cfg.n_heads} heads, {cfg.ffn} neurons)")
+    mlp_in = kind == "dejavu" and neuron_input == "mlp"
+    if mlp_in and "ffn_inputs" not in tensors:
+        raise ValueError("a DejaVu predictor with neuron_input 'mlp' reads the MLPs' inputs, and this dataset has no "
+                         "'ffn_inputs' (collect it again, or train with neuron_input 'layer')")
     x_all = tensors["attn0"] if kind == "shadowllm" else tensors["inputs"][:, first_sparse:]  # [N, E] / [N, L_s, E]
+    a_all = tensors["ffn_inputs"][:, first_sparse:] if mlp_in else None  # [N, L_s, E]
     if torch.device(device).type == "cuda":  # batches gathered on the GPU when the data fits beside the predictor
-        need = sum(t.numel() * t.element_size() for t in (x_all, tg.heads, tg.neurons))
+        need = sum(t.numel() * t.element_size() for t in (x_all, a_all, tg.heads, tg.neurons) if t is not None)
         if need < 0.5 * torch.cuda.get_device_properties(device).total_memory:
             x_all, tg = x_all.to(device), Targets(tg.heads.to(device), tg.neurons.to(device))
+            a_all = None if a_all is None else a_all.to(device)
     groups = tensors.get("row_group")
     tr, va, te = _split(N, val_fraction, seed, groups, test_fraction)
     norm = Normaliser(normalisation, log).fit(tg, tr)
@@ -242,25 +251,34 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     if kind == "shadowllm":
         pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device)
     else:
-        pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device)
+        pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device, neuron_input=neuron_input,
+                               ffn_hidden=ffn_hidden)
     pred.requires_grad_(True)
 
+    def inputs_of(idx):
+        """The predictor's inputs of rows ``idx``: (x, MLP inputs or None)."""
+        x = x_all[idx.to(x_all.device)].to(device).float()
+        return x, (None if a_all is None else a_all[idx.to(a_all.device)].to(device).float())
+
     def batch_of(idx):
-        idx = idx.to(x_all.device)
-        x = x_all[idx].to(device).float()
+        x, a = inputs_of(idx)
+        idx = idx.to(tg.heads.device)
         yh = norm.apply_kind(tg.heads[idx].to(device), "heads")
         yn = norm.apply_kind(tg.neurons[idx].to(device), "neurons")
-        return x, yh, yn
+        return x, a, yh, yn
 
-    def forward(xb):
+    def forward(xb, ab=None):
         if kind == "shadowllm":
             return pred(xb)  # heads [b, L_s, H], neurons [b, L_s, F]
         outs = [pred(xb[:, j], first_sparse + j) for j in range(L_s)]
-        return torch.stack([h for h, _ in outs], 1), torch.stack([n for _, n in outs], 1)
+        heads = torch.stack([h for h, _ in outs], 1)
+        if ab is None:
+            return heads, torch.stack([n for _, n in outs], 1)
+        return heads, torch.stack([pred.forward_ffn(ab[:, j], first_sparse + j) for j in range(L_s)], 1)
 
     def loss_of(idx):
-        x, yh, yn = batch_of(idx)
-        h, n = forward(x)
+        x, a, yh, yn = batch_of(idx)
+        h, n = forward(x, a)
         # every output counts once: heads and neurons together, as one MSE over all outputs
         sq = (h - yh).pow(2).sum() + (n - yn).pow(2).sum()
         return sq / (idx.numel() * (yh.shape[1] * yh.shape[2] + yn.shape[1] * yn.shape[2]))
@@ -303,7 +321,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
 
     def predict(idx):
         with torch.no_grad():
-            return forward(x_all[idx.to(x_all.device)].to(device).float())
+            return forward(*inputs_of(idx))
 
     def truth(idx):
         idx = idx.to(tg.heads.device)

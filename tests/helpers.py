@@ -135,9 +135,17 @@ def constant_predictor(pred, scores):
     every backend)."""
     from models.predictors import ShadowLLMPredictor
 
-    nets = [pred.net] if isinstance(pred, ShadowLLMPredictor) else list(pred.nets)
+    if isinstance(pred, ShadowLLMPredictor):
+        pairs = [(pred.net, scores[0])] if len(scores) == 1 else None
+    elif pred.neuron_input == "mlp":  # heads from the input nets, neurons from the MLP-input nets
+        H = pred.cfg.n_heads
+        pairs = [(n, s[:H]) for n, s in zip(pred.nets, scores, strict=True)]
+        pairs += [(n, s[H:]) for n, s in zip(pred.ffn_nets, scores, strict=True)]
+    else:
+        pairs = list(zip(pred.nets, scores, strict=True))
+    assert pairs is not None, "a ShadowLLM predictor takes one score vector"
     with torch.no_grad():
-        for net, s in zip(nets, scores, strict=True):
+        for net, s in pairs:
             net[0].weight.zero_()
             net[0].bias.fill_(1.0)
             net[2].weight.zero_()

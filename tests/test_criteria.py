@@ -41,6 +41,7 @@ def test_batched_equals_one_at_a_time(family):
                                            msg=f"{c} {kind} example {b}")
         torch.testing.assert_close(full["attn0"][b], alone["attn0"][0])
         torch.testing.assert_close(full["inputs"][b], alone["inputs"][0])
+        torch.testing.assert_close(full["ffn_inputs"][b], alone["ffn_inputs"][0])
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])

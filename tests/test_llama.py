@@ -174,6 +174,7 @@ SPARSE_CASES = {
     "static-local": lambda cfg: Static(random_importance(cfg), 0.5, "local"),
     "static-global": lambda cfg: Static(random_importance(cfg), 0.6, "global"),
     "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
+    "dejavu-layer-input-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, neuron_input="layer"),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.7, "random", "local", "prompt", hidden=16),
     "shadowllm-union-local": lambda cfg: ShadowLLM(0.5, "random", "local", "token", hidden=16, batch_rule="union"),

@@ -261,6 +261,7 @@ MODE_CASES = {
     # a global budget narrower than one layer (k_total < H and < F) once broke the plan fill
     "static-global-narrow": lambda cfg: Static(random_importance(cfg), 1 - 0.9 / (cfg.n_layers - 1), "global"),
     "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
+    "dejavu-layer-input-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, neuron_input="layer"),
     "dejavu-lookahead": lambda cfg: DejaVu(0.5, "random", "token", lookahead=True, hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.5, "random", "local", "prompt", hidden=16),

@@ -20,6 +20,7 @@ CASES = {
     "dense": lambda cfg: Dense(),
     "static-global": lambda cfg: Static(random_importance(cfg), 0.5, "global"),
     "dejavu-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16),
+    "dejavu-layer-input-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, neuron_input="layer"),
     "dejavu-lookahead-prompt": lambda cfg: DejaVu(0.6, "random", "prompt", lookahead=True, hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.7, "random", "local", "prompt", hidden=16),

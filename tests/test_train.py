@@ -19,13 +19,17 @@ def synthetic(c, n=384, seed=0):
     L, H, F, E = c.n_layers, c.n_heads, c.ffn, c.hidden
     attn0 = torch.randn(n, E, generator=g)
     inputs = torch.randn(n, L, E, generator=g)
+    ffn_inputs = torch.randn(n, L, E, generator=g)
     wh, wf = torch.randn(E, L * H, generator=g) / E**0.5, torch.randn(E, L * F, generator=g) / E**0.5
     scale = torch.logspace(-2, 1, L)[None, :, None]
     heads = torch.nn.functional.softplus(attn0 @ wh).view(n, L, H) * scale
     neurons = torch.nn.functional.softplus(attn0 @ wf).view(n, L, F) * scale
     dj_h = torch.nn.functional.softplus(torch.einsum("nle,eh->nlh", inputs, wh[:, :H]))
+    # "dj": neurons a function of the MLP inputs; "djl": of the layer inputs (both: heads of the layer inputs)
     return ({"plainact.heads": heads, "plainact.neurons": neurons, "attn0": attn0, "inputs": inputs.half(),
-             "dj.heads": dj_h * scale, "dj.neurons": torch.nn.functional.softplus(
+             "ffn_inputs": ffn_inputs.half(), "dj.heads": dj_h * scale, "dj.neurons": torch.nn.functional.softplus(
+                 torch.einsum("nle,ef->nlf", ffn_inputs, wf[:, :F])) * scale,
+             "djl.heads": dj_h * scale, "djl.neurons": torch.nn.functional.softplus(
                  torch.einsum("nle,ef->nlf", inputs, wf[:, :F])) * scale,
              "jacov.heads": heads[0], "jacov.neurons": neurons[0]})
 
@@ -53,14 +57,34 @@ def test_shadowllm_learns_a_learnable_target_and_val_loss_falls():
 
 
 def test_dejavu_learns_per_layer_targets(tmp_path):
+    """The default DejaVu predictor scores neurons from the MLP inputs (it learns neurons that are a function of them;
+    the layer-input variant cannot), the "layer" variant from the layer inputs; both round-trip through a file."""
     c = cfg()
-    res = train_predictor("dejavu", c, synthetic(c), "dj", hidden=64, epochs=40, normalisation="layer", log=True)
-    assert res.quality["neurons"]["local"] > 0.8, res.quality
-    path = res.predictor.save(tmp_path / "dj.safetensors")
-    loaded = load_predictor(path, c, dtype=torch.float32)
-    assert loaded.meta["criterion"] == "dj" and loaded.meta["normalisation"] == "layer"
-    x = torch.randn(2, c.hidden)
-    assert torch.allclose(loaded(x, 2)[0], res.predictor(x, 2)[0])
+    t = synthetic(c)
+    res = train_predictor("dejavu", c, t, "dj", hidden=64, epochs=40, normalisation="layer", log=True)
+    assert res.predictor.neuron_input == "mlp"
+    assert res.quality["neurons"]["local"] > 0.8 and res.quality["heads"]["local"] > 0.8, res.quality
+    blind = train_predictor("dejavu", c, t, "dj", hidden=64, epochs=40, normalisation="layer", log=True,
+                            neuron_input="layer")
+    assert blind.quality["neurons"]["local"] < 0.3, blind.quality
+    layer = train_predictor("dejavu", c, t, "djl", hidden=64, epochs=40, normalisation="layer", log=True,
+                            neuron_input="layer")
+    assert layer.quality["neurons"]["local"] > 0.8, layer.quality
+    x, a = torch.randn(2, c.hidden), torch.randn(2, c.hidden)
+    for r, name in ((res, "dj"), (layer, "djl")):
+        path = r.predictor.save(tmp_path / f"{name}.safetensors")
+        loaded = load_predictor(path, c, dtype=torch.float32)
+        assert loaded.meta["criterion"] == name and loaded.meta["normalisation"] == "layer"
+        assert loaded.neuron_input == r.predictor.neuron_input
+        assert torch.allclose(loaded(x, 2)[0], r.predictor(x, 2)[0])
+    assert torch.allclose(loaded(x, 2)[1], layer.predictor(x, 2)[1])
+    small = train_predictor("dejavu", c, t, "dj", hidden=64, ffn_hidden=8, epochs=1)
+    assert small.predictor.ffn_nets[0][0].weight.shape == (8, c.hidden)
+    loaded = load_predictor(small.predictor.save(tmp_path / "small.safetensors"), c, dtype=torch.float32)
+    assert torch.allclose(loaded.forward_ffn(a, 3), small.predictor.forward_ffn(a, 3))
+    no_mlp = {k: v for k, v in t.items() if k != "ffn_inputs"}
+    with pytest.raises(ValueError, match="no 'ffn_inputs'"):
+        train_predictor("dejavu", c, no_mlp, "dj", epochs=1)
 
 
 def test_global_normalisation_keeps_cross_layer_order_and_layer_does_not():
@@ -117,6 +141,19 @@ def test_per_token_dataset_trains_in_fp16_with_source_baselines(tmp_path):
     tensors, meta = load_dataset(path)
     assert tensors["plainact.neurons"].dtype == torch.float16 and meta["sources"] == ["wikitext2-valid", "copa"]
     assert len(tensors["attn0"]) == meta["rows"] == len(tensors["row_group"]) > 1000
+    # each row's MLP inputs are its position's: one sequence again through the model, the hook's values at its rows
+    from bench.collect import token_sequences
+
+    _, seqs, _ = token_sequences(load_tokenizer(TINY_RANDOM), tasks=["copa"], per_task=6, wikitext_tokens=1200,
+                                 context=64)
+    g = int(tensors["row_group"][-1])
+    rows = torch.nonzero(tensors["row_group"] == g).flatten()
+    seen = {}
+    model.prefill(torch.tensor([seqs[g][1]]), all_logits=True, hooks={"ffn_in": lambda i, a: seen.setdefault(i, a)})
+    want = torch.stack([seen[i][0] for i in range(model.cfg.n_layers)], 1)  # [P, L, E]
+    assert tensors["ffn_inputs"].shape == tensors["inputs"].shape
+    torch.testing.assert_close(tensors["ffn_inputs"][rows].float(), want[tensors["row_position"][rows].long()].half()
+                               .float())
     res = train_predictor("shadowllm", model.cfg, tensors, "l2norm", hidden=32, epochs=2, batch_size=64)
     assert res.n_test > 0 and set(res.baselines) == {"unit_mean", "source_mean"}
     for b in res.baselines.values():
