@@ -92,8 +92,8 @@ def _caption(rows) -> str:
 
 # Words a label carries when its row is not the canonical setting (batch 1, prompt 128, 128 tokens, default flags,
 # predictors of the default folder): each names a group of traces that the figure's menu shows instead.
-VARIANT_MARKERS = ("fp8-predictor", "no-PDL", "own-GEMV", "batch-union", "per-prompt", "kv:always", "heads-only",
-                   "neurons-only", "dense-context", "-shot", "heads ", "TP", "[")
+VARIANT_MARKERS = ("fp8-predictor", "no-PDL", "own-GEMV", "batch-union", "per-prompt", "kv:always", "layer-input",
+                   "heads-only", "neurons-only", "dense-context", "-shot", "heads ", "TP", "[")
 MAX_LEGEND = 12
 
 
@@ -167,6 +167,9 @@ def _base_label(r) -> str:
     if g and r["mode"] in ("dejavu", "shadowllm"):
         parts.append(f"per-{g}")
     # variants of a case that results files keep side by side
+    if r.get("mode") == "dejavu" and (ex.get("neuron_input") or (ex.get("settings") or {}).get("neuron_input")) \
+            == "layer":  # DejaVu's neurons scored from the layer input instead of the MLP input
+        parts.append("layer-input")
     if ex.get("predictor_dtype") == "fp8":
         parts.append("fp8-predictor")
     if ex.get("batch_rule") == "union" and (r.get("batch") or 1) > 1:

@@ -134,6 +134,13 @@ def test_rows_of_variants_stay_apart_and_the_newest_measurement_wins():
     from reports.html import _variant_of
 
     assert _variant_of("oracle l2norm local TP3-shard") == "TP3-shard" and _variant_of("oracle l2norm local") is None
+    # DejaVu scoring neurons from the MLP input (the default) and from the layer input, each from its own folder
+    d = dict(c, mode="dejavu", criterion="l2norm", policy="local")
+    mlp = make_row(**d, value=40.0, neuron_input="mlp", source="runs/t/predictors/dejavu-l2norm.safetensors")
+    lay = make_row(**d, value=48.0, neuron_input="layer", source="runs/t/predictors-layer/dejavu-l2norm.safetensors")
+    got = {_label(r): r["value"] for r in prepare_rows([mlp, lay])}
+    assert got == {"dejavu l2norm local": 40.0, "dejavu l2norm local layer-input": 48.0}
+    assert _variant_of("dejavu l2norm local layer-input") == "layer-input"
 
 
 def test_report_from_the_committed_results(tmp_path):
