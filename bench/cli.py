@@ -230,6 +230,8 @@ def _collect(args) -> int:
     from .tasks import TASKS, check_tasks
 
     _data_dir(args.data_dir)
+    if args.under_oracle is not None and not args.per_token:
+        raise SystemExit("--under-oracle collects per-token rows: add --per-token")
     known = TOKEN_CRITERIA if args.per_token else CRITERIA
     bad = [c for c in _names(args.criteria) if c not in known]
     if bad:
@@ -247,7 +249,8 @@ def _collect(args) -> int:
         if args.per_token:
             path = collect_tokens(model, tok, tasks=[] if args.tasks == "" else tasks,
                                   wikitext_tokens=args.wikitext_tokens, context=args.context,
-                                  out_dir=args.out or f"runs/criteria-tokens/{args.model}", **common)
+                                  out_dir=args.out or f"runs/criteria-tokens/{args.model}",
+                                  under_oracle=args.under_oracle, **common)
         else:
             path = collect(model, tok, tasks=tasks, neuron_site=args.neuron_site,
                            out_dir=args.out or f"runs/criteria/{args.model}", **common)
@@ -563,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--per-token: tokens of WikiText-2 validation (0: none)")
     col.add_argument("--context", type=_int_at_least(2, "--context"), default=512,
                      help="--per-token: sequence length (WikiText-2 windows; longer prompts keep their end)")
+    col.add_argument("--under-oracle", type=_fraction("--under-oracle"), metavar="S",
+                     help="--per-token, l2norm: rows from the sparse trajectory, every position after the first "
+                          "running the oracle at sparsity S (local), so predictors train on the inputs a sparse model "
+                          "produces")
     col.add_argument("--out", help="output directory (default runs/criteria/MODEL)")
     col.set_defaults(func=_collect)
 

@@ -181,9 +181,27 @@ def token_sequences(tokenizer, *, tasks, shots=(0,), per_task=40, wikitext_token
     return sources, seqs, missing
 
 
+def _merge_hooks(first: dict, then: dict) -> dict:
+    """Hooks that run ``first``'s hook of a site and then ``then``'s on its result (an observe-only hook returns
+    None: the value goes on unchanged)."""
+    out = dict(first)
+    for site, fn in then.items():
+        if site in first:
+            f0 = first[site]
+
+            def both(i, t, f0=f0, fn=fn):
+                r = f0(i, t)
+                return fn(i, t if r is None else r)
+
+            out[site] = both
+        else:
+            out[site] = fn
+    return out
+
+
 def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikitext_tokens=32768, context=512,
                    criteria=TOKEN_CRITERIA, batch_size=4, data_dir=None, out_dir="runs/criteria-tokens", seed=0,
-                   model_name=None, with_inputs=True, progress=True) -> Path:
+                   model_name=None, with_inputs=True, progress=True, under_oracle: float | None = None) -> Path:
     """Per-token importance targets: every position of every sequence of :func:`token_sequences` is one row.
 
     One forward and backward per batch (the loss: every next-token NLL of the batch) gives, per position,
@@ -192,7 +210,13 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
     inputs of that position: layer 0's attention output (``attn0``), each layer's input (``inputs``) and its MLP's
     normalised input (``ffn_inputs``). Written
     like :func:`collect`'s datasets (fp16), so ``shadowbench train`` takes it, plus ``row_group`` (the sequence of
-    each row: splits keep a sequence on one side) and ``row_source`` (index into ``meta["sources"]``)."""
+    each row: splits keep a sequence on one side) and ``row_source`` (index into ``meta["sources"]``).
+
+    ``under_oracle`` s: the rows come from the *sparse* trajectory a sparse model actually follows. Every position
+    after the first runs the oracle at sparsity s (local top-k, :mod:`models.sparse_forward`), so each layer's input
+    and MLP input are those of a model already sparse in the layers before; the targets are what every head and
+    neuron of the layer would give on that input, before the plan drops some (l2norm only). A predictor trained on
+    the dense trajectory sees inputs at inference that drift from its training data, more with every sparse layer."""
     from models.criteria import _Probes
 
     bad = [c for c in criteria if c not in TOKEN_CRITERIA]
@@ -200,6 +224,14 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
         raise ValueError(f"per-token criteria are {TOKEN_CRITERIA}; got {bad}")
     if context < 2 or context > model.cfg.max_positions:
         raise ValueError(f"context must be in [2, {model.cfg.max_positions}], got {context}")
+    oracle = None
+    if under_oracle is not None:
+        from models.modes import Oracle
+
+        if list(criteria) != ["l2norm"]:
+            raise ValueError(f"under_oracle collects l2norm only (a gradient through a dropped unit is zero); got "
+                             f"criteria {list(criteria)}")
+        oracle = Oracle(under_oracle, "local").bind(model)
     sources, seqs, missing = token_sequences(tokenizer, tasks=tasks, shots=shots, per_task=per_task,
                                              wikitext_tokens=wikitext_tokens, context=context, data_dir=data_dir,
                                              seed=seed)
@@ -225,8 +257,15 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
         valid = torch.arange(P)[None, :] < lengths[:, None]  # [B, P]
         tokens, valid_d = tokens.to(model.device), valid.to(model.device)
         probes = _Probes(need_grad, "activation", with_inputs)
+        hooks = probes.hooks()
+        if oracle is not None:  # record each activation, then apply the oracle's plan of its position
+            from models.sparse_forward import PositionPlans, oracle_scores
+
+            plans = PositionPlans(model, oracle, 1, P, len(idx))
+            plans.set_oracle(*oracle_scores(model, tokens))
+            hooks = _merge_hooks(hooks, plans.hooks())
         with torch.enable_grad():
-            logits = model.prefill(tokens, all_logits=True, hooks=probes.hooks())
+            logits = model.prefill(tokens, all_logits=True, hooks=hooks)
             if need_grad:
                 from models.decoder import token_nll
 
@@ -287,6 +326,8 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
         "seed": seed, "neuron_site": "activation",
         "split": "WikiText-2 validation; the tasks' predictor splits (never eval, never WikiText-2 test)",
         "predictor_input_position": "every position (its own)", "commit": git_commit(),
+        "trajectory": "dense" if under_oracle is None else {"mode": "oracle", "sparsity": under_oracle,
+                                                             "policy": "local", "kv_rule": "skip"},
         "seconds": round(time.time() - t0, 1),
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))

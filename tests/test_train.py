@@ -168,3 +168,31 @@ def test_log1p_normaliser_keeps_orders_and_needs_no_offset():
     assert y.heads.mean(dim=(0, 2)).abs().max() < 1e-4  # z-scored per layer
     with pytest.raises(ValueError, match="log must be"):
         train_predictor("shadowllm", cfg(), synthetic(cfg()), "plainact", epochs=1, log="sqrt")
+
+
+def test_per_token_rows_from_the_oracle_trajectory(tmp_path):
+    """collect --per-token --under-oracle: position 0 and the first sparse layer's input are the dense run's (layer 0
+    is dense; its attention already differs, since skipped heads left earlier positions without keys and values),
+    later layers' inputs drift from it (the layers before were sparse), and every unit keeps its target (recorded
+    before the plan drops it)."""
+    from bench.collect import collect_tokens, load_dataset
+    from models.loading import TINY_RANDOM, load_model
+    from models.tokenizer import load_tokenizer
+
+    model = load_model(TINY_RANDOM, dtype="float32")
+    tok = load_tokenizer(TINY_RANDOM)
+    kw = dict(tasks=[], wikitext_tokens=200, context=64, criteria=["l2norm"], progress=False)
+    dense, _ = load_dataset(collect_tokens(model, tok, out_dir=tmp_path / "d", **kw))
+    sparse, meta = load_dataset(collect_tokens(model, tok, out_dir=tmp_path / "s", under_oracle=0.5, **kw))
+    assert meta["trajectory"]["sparsity"] == 0.5
+    assert torch.equal(dense["row_group"], sparse["row_group"]) and torch.equal(dense["row_position"],
+                                                                                 sparse["row_position"])
+    first = sparse["row_position"] == 0
+    for key in ("inputs", "ffn_inputs", "l2norm.heads", "l2norm.neurons"):
+        torch.testing.assert_close(sparse[key][first], dense[key][first])
+    torch.testing.assert_close(sparse["inputs"][:, 1], dense["inputs"][:, 1])
+    drift = (sparse["inputs"][~first, 2:].float() - dense["inputs"][~first, 2:].float()).abs().mean()
+    assert drift > 1e-2 * dense["inputs"][~first, 2:].float().abs().mean()
+    assert (sparse["l2norm.neurons"][:, 1:] == 0).float().mean() < 0.1  # targets of dropped neurons are kept
+    with pytest.raises(ValueError, match="l2norm only"):
+        collect_tokens(model, tok, out_dir=tmp_path / "p", under_oracle=0.5, **dict(kw, criteria=["plainact"]))
