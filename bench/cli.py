@@ -194,7 +194,7 @@ def _latency(args) -> int:
                                batch_rule=args.batch_rule, predictor_dtype=args.predictor_dtype,
                                dense_gemv=args.dense_gemv, norm_fold=not args.no_norm_fold,
                                head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity, tp=tp,
-                               kv_rule=args.kv_rule)
+                               kv_rule=args.kv_rule, neuron_input=args.neuron_input)
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     _say(tp, latency.summary_table(rows))
     _say(tp, *[f"error: {r['model']} {r['mode']} s={r['sparsity']}: {r['extra'].get('error')}" for r in bad[:5]],
@@ -516,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
                      help="the predictors' second layer in the model's dtype (default) or float8 e4m3 with a scale "
                           "per output (half the bytes per prediction)")
+    lat.add_argument("--neuron-input", choices=["mlp", "layer"], default="mlp",
+                     help="DejaVu's random predictor: neurons scored by a second net per layer on the MLP input "
+                          "(default, as `train` makes them) or with the heads from the layer input")
     lat.add_argument("--dense-gemv", choices=["auto", "cublas", "triton"], default="auto",
                      help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS or our gather-rows "
                           "kernel over natural-layout weights (OPT only; keeps a copy of fc2, more memory, see "

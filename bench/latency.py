@@ -91,7 +91,7 @@ def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_poli
 
 
 def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean",
-               predictor_dtype: str = "model", kv_rule: str = "skip", thresholds=None):
+               predictor_dtype: str = "model", kv_rule: str = "skip", thresholds=None, neuron_input: str = "mlp"):
     """The mode of a latency case: random static scores or random predictors of the trained shapes, or the threshold
     mode's ``thresholds`` (:func:`random_thresholds`). ``kv_rule`` applies to the sparse modes (a dense step
     computes every key and value)."""
@@ -104,7 +104,8 @@ def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: st
                      predictor="random",
                      importance=random_importance(cfg, seed) if case.mode == "static" else thresholds,
                      batch_rule=batch_rule, predictor_dtype=predictor_dtype, head_sparsity=case.head_sparsity,
-                     neuron_sparsity=case.neuron_sparsity, kv_rule="skip" if case.mode == "dense" else kv_rule)
+                     neuron_sparsity=case.neuron_sparsity, kv_rule="skip" if case.mode == "dense" else kv_rule,
+                     neuron_input=neuron_input if case.mode == "dejavu" else None)
 
 
 def random_thresholds(model, sparsity: float, seed: int = 0, tokens: int = 256) -> dict:
@@ -159,7 +160,8 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     if mode is None:
         thresholds = random_thresholds(model, case.sparsity, seed) if case.mode == "threshold" else None
         mode = mode_of(case, model.full_cfg, seed, base["extra"].get("batch_rule", "mean"),
-                       base["extra"].get("predictor_dtype", "model"), base["extra"].get("kv_rule", "skip"), thresholds)
+                       base["extra"].get("predictor_dtype", "model"), base["extra"].get("kv_rule", "skip"), thresholds,
+                       base["extra"].get("neuron_input", "mlp"))
     ops = get_ops(None, device)
     if not base["extra"].get("norm_fold", True):
         ops = unfused_norms(ops)
@@ -181,6 +183,7 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
                   pinned=[u["role"] for u in tuned.used()],  # pinned configs used so far (shadow_kernels.tuned)
                   live_heads=sum(counts["heads"]) if "heads" in counts else None,
                   live_neurons=sum(counts["neurons"]) if "neurons" in counts else None, **mode.budgets())
+    common["neuron_input"] = desc.get("neuron_input")  # DejaVu's (None for the other modes)
     if case.mode == "threshold":
         common["thresholds"] = getattr(mode, "source", None) if given else "calibrated on random tokens"
     rows = [make_row(**common, metric="token_ms", value=st["median"], unit="ms",
@@ -236,14 +239,50 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
     return rows
 
 
+# The settings that make a latency case: a results row with the same values of all of them is that case measured.
+# One list for both sides of the resume check (a row's values, and a case's about to run), so they cannot drift apart.
+RESUME_FIELDS = ("model", "mode", "sparsity", "policy", "granularity", "gen_len", "head_sparsity", "neuron_sparsity",
+                 "batch", "prompt_len", "dtype", "device", "pdl", "batch_rule", "predictor_dtype", "dense_gemv",
+                 "norm_fold", "tp", "tp_plan", "kv_rule", "neuron_input")
+
+
+def _resume_key(settings: dict) -> tuple:
+    missing = [f for f in RESUME_FIELDS if f not in settings]
+    if missing:
+        raise KeyError(f"latency resume key lacks {missing}")
+    return tuple(settings[f] for f in RESUME_FIELDS)
+
+
+def _row_settings(r: dict) -> dict:
+    """A row's case settings; fields that older rows lack take the value those rows ran with."""
+    ex = r.get("extra") or {}
+    out = {f: r.get(f) for f in ("model", "mode", "sparsity", "policy", "gen_len", "batch", "prompt_len", "dtype",
+                                 "device")}
+    out.update(granularity=ex.get("granularity"), head_sparsity=ex.get("head_sparsity", r["sparsity"]),
+               neuron_sparsity=ex.get("neuron_sparsity", r["sparsity"]), pdl=ex.get("pdl", False),
+               batch_rule=ex.get("batch_rule", "mean"), predictor_dtype=ex.get("predictor_dtype", "model"),
+               dense_gemv=ex.get("dense_gemv", "cublas"), norm_fold=ex.get("norm_fold", True), tp=ex.get("tp", 1),
+               tp_plan=ex.get("tp_plan"), kv_rule=ex.get("kv_rule", "skip"),
+               # DejaVu rows before the MLP-input neuron nets timed the single net on the layer input
+               neuron_input=ex.get("neuron_input", "layer") if r.get("mode") == "dejavu" else None)
+    return out
+
+
+def _case_settings(c: LatencyCase, run: dict) -> dict:
+    """The settings of case ``c`` in a sweep whose shared settings are ``run`` (batch, prompt_len, dtype, device,
+    pdl, batch_rule, predictor_dtype, dense_gemv by model, norm_fold, tp, tp_plan, kv_rule, neuron_input)."""
+    h, n = c.budgets()
+    dense = c.mode in ("dense", "hf")
+    return {**{k: v for k, v in run.items() if k != "dense_gemv"}, "model": c.model, "mode": c.mode,
+            "sparsity": c.sparsity, "policy": c.policy, "granularity": c.granularity, "gen_len": c.gen_len,
+            "head_sparsity": h, "neuron_sparsity": n, "dense_gemv": run["dense_gemv"][c.model],
+            "kv_rule": "skip" if dense else run["kv_rule"],
+            "neuron_input": run["neuron_input"] if c.mode == "dejavu" else None}
+
+
 def _done_keys(rows) -> set:
-    return {(r["model"], r["mode"], r["sparsity"], r["policy"], r["extra"].get("granularity"), r["gen_len"],
-             r["extra"].get("head_sparsity", r["sparsity"]), r["extra"].get("neuron_sparsity", r["sparsity"]),
-             r["batch"], r["prompt_len"], r["dtype"], r["device"], r["extra"].get("pdl", False),
-             r["extra"].get("batch_rule", "mean"), r["extra"].get("predictor_dtype", "model"),
-             r["extra"].get("dense_gemv", "cublas"), r["extra"].get("norm_fold", True), r["extra"].get("tp", 1),
-             r["extra"].get("tp_plan"), r["extra"].get("kv_rule", "skip"))
-            for r in rows if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
+    return {_resume_key(_row_settings(r)) for r in rows
+            if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
 
 
 def build_model(name: str, dtype, device, seed=0, tp=None):
@@ -260,7 +299,8 @@ def build_model(name: str, dtype, device, seed=0, tp=None):
 def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=128, batch=1, dtype_name="fp16",
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
                 batch_rule="mean", predictor_dtype="model", dense_gemv="auto", norm_fold=True,
-                head_sparsity=None, neuron_sparsity=None, tp=None, kv_rule="skip") -> list[dict]:
+                head_sparsity=None, neuron_sparsity=None, tp=None, kv_rule="skip",
+                neuron_input="mlp") -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
@@ -271,12 +311,16 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     rank's :class:`models.tp.TensorParallel` (every rank runs the sweep, rank 0 writes; rows say the world size and
     plan rule; a failing case stops the group instead of becoming an error row, since the other ranks could not
     know of it). ``kv_rule``: what the sparse modes' skipped heads leave in the cache (``always``: grouped-query
-    models only, every group's key and value rows read and cached each step)."""
+    models only, every group's key and value rows read and cached each step). ``neuron_input``: what DejaVu's random
+    predictor scores neurons from (``mlp``: a second net per layer on the MLP input; ``layer``)."""
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
+    from models.predictors import NEURON_INPUTS
 
     check_batch_rule(batch_rule)
+    if neuron_input not in NEURON_INPUTS:
+        raise ValueError(f"neuron_input must be one of {NEURON_INPUTS}, got {neuron_input!r}")
     if dense_gemv not in DENSE_GEMVS:
         raise ValueError(f"dense_gemv must be one of {DENSE_GEMVS}, got {dense_gemv!r}")
     bad = [m for m in modes if m not in LATENCY_MODES]
@@ -301,14 +345,16 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
         base["extra"].update(tp=tp.world, tp_plan=tp.plan)
     if kv_rule != "skip":
         base["extra"]["kv_rule"] = kv_rule
+    base["extra"]["neuron_input"] = neuron_input  # DejaVu's (its rows keep it; mode_of builds the predictor with it)
     engines = {m: resolve_dense_gemv(dense_gemv, m, dtype, device, 1 if tp is None else tp.world) for m in models}
     done = _done_keys(writer.resume())
+    run = dict(batch=batch, prompt_len=prompt_len, dtype=dtype_name, device=env["device"], pdl=pdl,
+               batch_rule=batch_rule, predictor_dtype=predictor_dtype, dense_gemv=engines, norm_fold=bool(norm_fold),
+               tp=1 if tp is None else tp.world, tp_plan=None if tp is None else tp.plan, kv_rule=kv_rule,
+               neuron_input=neuron_input)
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies,
                                      head_sparsity, neuron_sparsity)
-            if (*c.key(), batch, prompt_len, dtype_name, env["device"], pdl, batch_rule, predictor_dtype,
-                engines[c.model], bool(norm_fold), 1 if tp is None else tp.world, None if tp is None else tp.plan,
-                "skip" if c.mode in ("dense", "hf") else kv_rule)
-            not in done]
+            if _resume_key(_case_settings(c, run)) not in done]
     new_rows: list[dict] = []
     by_model: dict[str, list[LatencyCase]] = {}
     for c in todo:

@@ -205,3 +205,23 @@ def test_auto_dense_gemv_takes_the_own_gemv_where_the_fc2_copy_fits(monkeypatch)
     assert latency.resolve_dense_gemv("auto", "opt-13b", fp16, "cpu") == "cublas"
     assert latency.resolve_dense_gemv("triton", "opt-30b", fp16, "cuda") == "triton"  # asked for: taken as is
     assert cli.build_parser().parse_args(["latency"]).dense_gemv == "auto"
+
+
+def test_resume_key_is_one_list_for_rows_and_cases_and_keeps_dejavu_variants_apart(tmp_path):
+    """The key a row resumes by and the key of the case that wrote it are the same (one field list for both), every
+    mode's rows included; DejaVu's MLP-input and layer-input predictors are two cases; a DejaVu row older than the
+    field counts as the layer-input case it timed."""
+    rows = run(tmp_path, ["dense", "static", "dejavu", "shadowllm"])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["extra"].get("neuron_input") for r in ok if r["mode"] == "dejavu"} == {"mlp"}
+    assert {r["extra"].get("neuron_input") for r in ok if r["mode"] != "dejavu"} == {None}
+    dejavu_rows = [r for r in ok if r["mode"] == "dejavu"]
+    assert run(tmp_path, ["dense", "static", "dejavu", "shadowllm"]) == []
+    layer = run(tmp_path, ["dejavu"], neuron_input="layer")
+    assert layer and {r["extra"]["neuron_input"] for r in layer} == {"layer"}
+    assert run(tmp_path, ["dejavu"], neuron_input="layer") == []
+    old = {**dejavu_rows[0], "extra": {k: v for k, v in dejavu_rows[0]["extra"].items() if k != "neuron_input"}}
+    assert latency._row_settings(old)["neuron_input"] == "layer"
+    assert set(latency._row_settings(dejavu_rows[0])) == set(latency.RESUME_FIELDS)
+    with pytest.raises(ValueError, match="neuron_input must be one of"):
+        run(tmp_path, ["dejavu"], neuron_input="attn")
