@@ -241,7 +241,7 @@ class LlamaDecoder(DecoderBase):
         the residual stream. A dense layer (cuBLAS) runs the add + norm as one kernel first (``ops.add_rms``).
         The residual add is materialised before a layer whose input the mode observes (DejaVu), and the add and
         norm before an MLP whose input it observes (DejaVu's MLP-input neuron predictor); the gate/up GEMV then
-        normalises the materialised sum again in its loop.
+        reads that normalised input (``ops.swiglu``) instead of folding the norm in again.
         """
         ops = ops or get_ops(None, self.device)
         eps = self.cfg.norm_eps
@@ -279,14 +279,20 @@ class LlamaDecoder(DecoderBase):
                 o = self.reduce(o)
             if predict:
                 mode.observe(i, "attn_out", o)
+            a = None
             if watch_ffn:
                 x, a = ops.add_rms(x, o, layer.ln2_w, eps)
                 o = None
                 mode.observe(i, "ffn_in", a)
             with nvtx_range(f"layer{i}.mlp"):
                 if plan.neurons is None:
-                    x, a = ops.add_rms(x, o, layer.ln2_w, eps)
+                    if a is None:
+                        x, a = ops.add_rms(x, o, layer.ln2_w, eps)
                     o = self._mlp(layer, a)
+                elif a is not None:  # normalised already: the gather GEMV reads it as it is
+                    f = ops.swiglu(layer.gate_w, layer.up_w, a, plan.neurons, count=plan.neuron_count,
+                                   validate=False)
+                    o = ops.gather_cols(layer.down_wt, f, plan.neurons, count=plan.neuron_count, validate=False)
                 else:
                     f, x = ops.norm_swiglu(layer.gate_w, layer.up_w, x, plan.neurons,
                                            fold_norm(layer.gate_w, layer.ln2_w, kind="rms", eps=eps), o,

@@ -327,8 +327,9 @@ class OPTDecoder(DecoderBase):
         before and normalises it in its loop, and writes ``x + o`` back as the residual stream; so does fc1. A
         dense projection on cuBLAS (``dense_gemv="cublas"``) keeps the norm as its own kernel (``ops.add_norm``).
         The residual add is materialised before a layer whose input the mode observes (DejaVu), and the add and
-        norm before an MLP whose input it observes (DejaVu's MLP-input neuron predictor; fc1's GEMV then normalises
-        the materialised sum again). Post-LN: each residual add is fused with the norm after it (``ops.add_norm``).
+        norm before an MLP whose input it observes (DejaVu's MLP-input neuron predictor; fc1's GEMV then reads that
+        normalised input, without folding the norm in again). Post-LN: each residual add is fused with the norm after
+        it (``ops.add_norm``).
         """
         cfg = self.cfg
         ops = ops or get_ops(None, self.device)
@@ -381,12 +382,21 @@ class OPTDecoder(DecoderBase):
                 o = self.reduce(o)
             if predict:
                 mode.observe(i, "attn_out", o)
+            a = None
             if watch_ffn and pre:
                 x, a = ops.add_norm(x, o, layer.ln2_w, layer.ln2_b, eps)
                 o = None
                 mode.observe(i, "ffn_in", a)
             with nvtx_range(f"layer{i}.mlp"):
-                if pre:
+                if a is not None:  # normalised already (observed): fc1 reads it without folding the norm in again
+                    if plan.neurons is not None:
+                        f = ops.gather_rows(layer.fc1_w, a, plan.neurons, layer.fc1_b, "relu",
+                                            count=plan.neuron_count, validate=False)
+                    elif own:
+                        f = ops.gemv(layer.fc1_w, a, layer.fc1_b, relu=True)
+                    else:
+                        f = torch.relu_(F.linear(a, layer.fc1_w, layer.fc1_b))
+                elif pre:
                     f, x = norm_gemv(layer.fc1_w, x, o, folds[i][1], plan.neurons, plan.neuron_count, True)
                 else:
                     _, x = ops.add_norm(x, o, layer.ln1_w, layer.ln1_b, eps)
