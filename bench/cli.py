@@ -305,16 +305,77 @@ def _train(args) -> int:
             finally:
                 if bar is not None:
                     bar.close()
-            rho = {r["metric"]: r["value"] for r in t.rows}
-            base = rho.get("spearman_local_neurons_unit_mean"), rho.get("spearman_local_neurons_source_mean")
-            head = "trained" if t.fresh else "up to date (same data and settings; --force retrains)"
-            if base[0] is not None:
-                head = (f"baselines neurons local: unit mean {base[0]:.3f}"
-                        + (f", source mean {base[1]:.3f}" if base[1] is not None else "") + f"; {head}")
-            print(f"{kind:<9} {crit:<9} rho heads local/global {rho.get('spearman_local_heads', float('nan')):.3f}/"
-                  f"{rho.get('spearman_global_heads', float('nan')):.3f}  neurons "
-                  f"{rho.get('spearman_local_neurons', float('nan')):.3f}/"
-                  f"{rho.get('spearman_global_neurons', float('nan')):.3f}  {head} -> {t.path}")
+            _print_trained(kind, crit, t)
+    return status
+
+
+def _print_trained(kind, crit, t) -> None:
+    rho = {r["metric"]: r["value"] for r in t.rows}
+    base = rho.get("spearman_local_neurons_unit_mean"), rho.get("spearman_local_neurons_source_mean")
+    head = "trained" if t.fresh else "up to date (same data and settings; --force retrains)"
+    if base[0] is not None:
+        head = (f"baselines neurons local: unit mean {base[0]:.3f}"
+                + (f", source mean {base[1]:.3f}" if base[1] is not None else "") + f"; {head}")
+    print(f"{kind:<9} {crit:<9} rho heads local/global {rho.get('spearman_local_heads', float('nan')):.3f}/"
+          f"{rho.get('spearman_global_heads', float('nan')):.3f}  neurons "
+          f"{rho.get('spearman_local_neurons', float('nan')):.3f}/"
+          f"{rho.get('spearman_global_neurons', float('nan')):.3f}  {head} -> {t.path}")
+
+
+def _train_stream(args) -> int:
+    from .collect import token_sequences
+    from .results import RowWriter
+    from .tasks import TASKS, check_tasks
+    from .training import stream_case
+
+    _data_dir(args.data_dir)
+    tasks = [] if args.tasks == "" else (_names(args.tasks) if args.tasks else list(TASKS))
+    try:
+        check_tasks(tasks) if tasks else None
+        writer = RowWriter(args.results)
+    except ValueError as err:
+        raise SystemExit(f"train-stream: {err}") from None
+    model, tok = _load_lm(args)
+    try:
+        sources, seqs, missing = token_sequences(tok, tasks=tasks, shots=args.shots, per_task=args.per_task,
+                                                 wikitext_tokens=args.wikitext_tokens, context=args.context,
+                                                 data_dir=args.data_dir)
+    except ValueError as err:
+        raise SystemExit(f"train-stream: {err}") from None
+    per_source = {name: 0 for name in sources}
+    for s, ids in seqs:
+        per_source[sources[s]] += len(ids)
+    data = {"wikitext_tokens": args.wikitext_tokens, "tasks": tasks, "shots": args.shots, "per_task": args.per_task,
+            "context": args.context, "positions": per_source}
+    print(f"{sum(per_source.values())} positions of {len(seqs)} sequences: "
+          + ", ".join(f"{k} {v}" for k, v in per_source.items()) + f"; missing: {sorted(missing) or 'none'}",
+          file=sys.stderr)
+    out = args.out or f"runs/predictors-stream/{args.model}"
+    status = 0
+    for kind in _names(args.kind):
+        for crit in _names(args.criterion):
+            bar = None
+            if not args.no_progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=args.epochs, desc=f"{kind}/{crit}", unit="epoch")
+            try:
+                t = stream_case(kind, crit, model=model, sequences=seqs, sources=sources, model_name=args.model,
+                                data=data, out_dir=out, writer=writer, hidden=args.hidden, epochs=args.epochs,
+                                batch=args.batch, lr=args.lr, val_fraction=args.val_fraction,
+                                test_fraction=args.test_fraction, normalisation=args.normalisation,
+                                log="log1p" if args.log1p else args.log, pool_tokens=args.pool_tokens,
+                                model_batch=args.model_batch, eval_rows=args.eval_rows,
+                                neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden, progress=bar,
+                                force=args.force)
+            except ValueError as err:
+                print(f"train-stream {kind}/{crit}: {err}", file=sys.stderr)
+                status = 1
+                continue
+            finally:
+                if bar is not None:
+                    bar.close()
+            _print_trained(kind, crit, t)
     return status
 
 
@@ -609,6 +670,50 @@ def build_parser() -> argparse.ArgumentParser:
                     "to date")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_train)
+
+    ts = sub.add_parser("train-stream", help="train predictors on per-token targets computed from the model as "
+                        "training goes (no dataset file: 10^6 positions and more)")
+    model_args(ts)
+    ts.add_argument("--kind", default="shadowllm,dejavu", help="shadowllm, dejavu, or both comma-separated")
+    ts.add_argument("--criterion", default="l2norm", help="l2norm (a dense forward per pool) or plainact (a forward "
+                    "and a backward)")
+    ts.add_argument("--wikitext-tokens", type=_int_at_least(0, "--wikitext-tokens"), default=1 << 30,
+                    help="tokens of WikiText-2 validation (default: all; 0: none)")
+    ts.add_argument("--tasks", help="comma-separated tasks whose predictor-split prompts are rows too (default: all "
+                    "seven; '' for none)")
+    ts.add_argument("--shots", type=_ints("shot counts", 0), default=[0, 3], help="comma-separated shot counts")
+    ts.add_argument("--per-task", type=_int_at_least(0, "--per-task"), default=500,
+                    help="examples per task and shot count (0: all)")
+    ts.add_argument("--context", type=_int_at_least(2, "--context"), default=512,
+                    help="sequence length (WikiText-2 windows; longer prompts keep their end)")
+    ts.add_argument("--hidden", type=_int_at_least(1, "--hidden"), help="hidden width (default 2048 ShadowLLM, "
+                    "1024 DejaVu)")
+    ts.add_argument("--neuron-input", choices=["mlp", "layer"], default="mlp",
+                    help="DejaVu: neurons from the MLP input (default) or with the heads from the layer input")
+    ts.add_argument("--ffn-hidden", type=_int_at_least(1, "--ffn-hidden"),
+                    help="DejaVu --neuron-input mlp: hidden width of the neuron nets (default --hidden)")
+    ts.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=10)
+    ts.add_argument("--batch", type=_int_at_least(1, "--batch"), default=1024, help="positions per optimiser step")
+    ts.add_argument("--lr", type=_positive_float("--lr"), default=1e-3)
+    ts.add_argument("--val-fraction", type=_fraction("--val-fraction"), default=0.1,
+                    help="share of the sequences that chooses the best epoch")
+    ts.add_argument("--test-fraction", type=_fraction("--test-fraction", low_open=False), default=0.1,
+                    help="share of the sequences that Spearman rho and its baselines are reported on")
+    ts.add_argument("--normalisation", choices=["global", "layer"], default="layer")
+    ts.add_argument("--log", action="store_true", help="log(s + 1e-6 * mean) before normalising")
+    ts.add_argument("--log1p", action="store_true", help="log(1 + s) before normalising")
+    ts.add_argument("--pool-tokens", type=_int_at_least(1, "--pool-tokens"), default=32768,
+                    help="positions computed at once and shuffled together (device memory: about 0.3 MB each on "
+                         "SmolLM2)")
+    ts.add_argument("--model-batch", type=_int_at_least(1, "--model-batch"), default=16,
+                    help="sequences per forward of the model")
+    ts.add_argument("--eval-rows", type=_int_at_least(1, "--eval-rows"), default=16384,
+                    help="held-out positions for the validation loss and for rho")
+    ts.add_argument("--out", help="predictor directory (default runs/predictors-stream/MODEL)")
+    ts.add_argument("--results", default="runs/train.jsonl", help="JSON Lines file for Spearman rho rows")
+    ts.add_argument("--force", action="store_true", help="train again even where the predictor and its rows are up "
+                    "to date")
+    ts.set_defaults(func=_train_stream)
 
     q = sub.add_parser("quality", help="WikiText-2 perplexity and zero-shot accuracy of each mode")
     model_args(q)

@@ -181,24 +181,6 @@ def token_sequences(tokenizer, *, tasks, shots=(0,), per_task=40, wikitext_token
     return sources, seqs, missing
 
 
-def _merge_hooks(first: dict, then: dict) -> dict:
-    """Hooks that run ``first``'s hook of a site and then ``then``'s on its result (an observe-only hook returns
-    None: the value goes on unchanged)."""
-    out = dict(first)
-    for site, fn in then.items():
-        if site in first:
-            f0 = first[site]
-
-            def both(i, t, f0=f0, fn=fn):
-                r = f0(i, t)
-                return fn(i, t if r is None else r)
-
-            out[site] = both
-        else:
-            out[site] = fn
-    return out
-
-
 def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikitext_tokens=32768, context=512,
                    criteria=TOKEN_CRITERIA, batch_size=4, data_dir=None, out_dir="runs/criteria-tokens", seed=0,
                    model_name=None, with_inputs=True, progress=True, under_oracle: float | None = None) -> Path:
@@ -217,7 +199,7 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
     and MLP input are those of a model already sparse in the layers before; the targets are what every head and
     neuron of the layer would give on that input, before the plan drops some (l2norm only). A predictor trained on
     the dense trajectory sees inputs at inference that drift from its training data, more with every sparse layer."""
-    from models.criteria import _Probes
+    from models.criteria import token_rows
 
     bad = [c for c in criteria if c not in TOKEN_CRITERIA]
     if bad:
@@ -235,10 +217,8 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
     sources, seqs, missing = token_sequences(tokenizer, tasks=tasks, shots=shots, per_task=per_task,
                                              wikitext_tokens=wikitext_tokens, context=context, data_dir=data_dir,
                                              seed=seed)
-    need_grad = "plainact" in criteria
     store = {f"{c}.{k}": [] for c in criteria for k in ("heads", "neurons")}
     attn0, inputs, ffn_inputs, group, source, position = [], [], [], [], [], []
-    L = model.cfg.n_layers
     bar = None
     if progress:
         from tqdm import tqdm
@@ -254,44 +234,22 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
         for r, i in enumerate(idx):
             tokens[r, : len(seqs[i][1])] = torch.tensor(seqs[i][1])
         lengths = torch.tensor([len(seqs[i][1]) for i in idx])
-        valid = torch.arange(P)[None, :] < lengths[:, None]  # [B, P]
-        tokens, valid_d = tokens.to(model.device), valid.to(model.device)
-        probes = _Probes(need_grad, "activation", with_inputs)
-        hooks = probes.hooks()
+        tokens = tokens.to(model.device)
+        extra = None
         if oracle is not None:  # record each activation, then apply the oracle's plan of its position
             from models.sparse_forward import PositionPlans, oracle_scores
 
             plans = PositionPlans(model, oracle, 1, P, len(idx))
             plans.set_oracle(*oracle_scores(model, tokens))
-            hooks = _merge_hooks(hooks, plans.hooks())
-        with torch.enable_grad():
-            logits = model.prefill(tokens, all_logits=True, hooks=hooks)
-            if need_grad:
-                from models.decoder import token_nll
-
-                nll = token_nll(logits, tokens)  # [B, P - 1]
-                loss = (nll * valid_d[:, 1:]).sum()
-                keys = list(probes.probes)
-                grads = dict(zip(keys, torch.autograd.grad(loss, [probes.probes[k] for k in keys]), strict=True))
-        sel = valid_d.reshape(-1)
-        with torch.no_grad():
-            for c in criteria:
-                hs, ns = [], []
-                for i in range(L):
-                    h, f = probes.heads[i].float(), probes.neurons[i].float()  # [B, H, P, D], [B, P, F]
-                    if c == "l2norm":
-                        hs.append(h.norm(dim=-1).transpose(1, 2))
-                        ns.append(f.abs())
-                    else:
-                        gh, gf = grads[("heads", i)].float(), grads[("neurons", i)].float()
-                        hs.append((h * gh).abs().sum(-1).transpose(1, 2))
-                        ns.append((f * gf).abs())
-                store[f"{c}.heads"].append(torch.stack(hs, 2).flatten(0, 1)[sel].half().cpu())
-                store[f"{c}.neurons"].append(torch.stack(ns, 2).flatten(0, 1)[sel].half().cpu())
-            attn0.append(probes.attn0.flatten(0, 1)[sel].half().cpu())
-            if with_inputs:
-                inputs.append(torch.stack([probes.inputs[i] for i in range(L)], 2).flatten(0, 1)[sel].half().cpu())
-                ffn_inputs.append(torch.stack([probes.ffn_in[i] for i in range(L)], 2).flatten(0, 1)[sel].half().cpu())
+            extra = plans.hooks()
+        rows = token_rows(model, tokens, lengths, criteria, with_inputs=with_inputs, extra_hooks=extra)
+        for c in criteria:
+            for k in ("heads", "neurons"):
+                store[f"{c}.{k}"].append(rows[f"{c}.{k}"].half().cpu())
+        attn0.append(rows["attn0"].half().cpu())
+        if with_inputs:
+            inputs.append(rows["inputs"].half().cpu())
+            ffn_inputs.append(rows["ffn_inputs"].half().cpu())
         for i in idx:
             n = len(seqs[i][1])
             group.append(torch.full((n,), i, dtype=torch.int32))

@@ -1,8 +1,9 @@
 """``shadowbench train``'s unit of work: one predictor trained on one criterion, saved, and its rows recorded, or
 found up to date and left alone.
 
-A trained predictor is a case like any measurement: its settings (the criteria dataset's sha256, kind, criterion,
-width, epochs, batch, learning rate, held-out fraction, normalisation, log) form its key. When the results file
+A trained predictor is a case like any measurement: its settings (the criteria dataset's sha256, or for rows streamed
+from the model the model and its sequences; kind, criterion, width, epochs, batch, learning rate, held-out fraction,
+normalisation, log) form its key. When the results file
 holds that key's rows and the predictor file carries the same key in its header, nothing is trained or written
 again; a changed setting retrains and writes new rows."""
 
@@ -66,5 +67,44 @@ def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cf
     saved = res.predictor.save(path)
     rows = predictor_rows(res, model=meta["model"], kind=kind, criterion=criterion, device=device, path=saved,
                           dataset=str(data), epochs=epochs, settings=settings, case_key=key)
+    writer.write(rows)
+    return Trained(saved, rows, True, res)
+
+
+def stream_case(kind: str, criterion: str, *, model, sequences: list, sources: list, model_name: str, data: dict,
+                out_dir, writer, hidden=None, epochs=10, batch=1024, lr=1e-3, val_fraction=0.1, test_fraction=0.1,
+                normalisation="layer", log="log1p", pool_tokens=32768, model_batch=16, eval_rows=16384,
+                neuron_input="mlp", ffn_hidden=None, progress=None, force=False) -> Trained:
+    """One predictor trained on rows streamed from ``model`` (:func:`models.train.train_streaming`), saved and its
+    rows recorded; or found up to date (same model, sequences and settings) and left alone. ``data``: how the
+    sequences were made (sources, token counts, shots, context), part of the key and of the rows."""
+    import time
+
+    from models.train import train_streaming
+
+    settings = {"stream": data, "model": model_name, "model_dtype": str(model.dtype), "kind": kind,
+                "criterion": criterion, "hidden": hidden, "epochs": epochs, "batch": batch, "lr": lr,
+                "val_fraction": val_fraction, "test_fraction": test_fraction, "normalisation": normalisation,
+                "log": log if log == "log1p" else bool(log), "pool_tokens": pool_tokens, "eval_rows": eval_rows}
+    if kind == "dejavu":
+        settings.update(neuron_input=neuron_input, ffn_hidden=ffn_hidden)
+    key = settings_key(settings)
+    path = Path(out_dir) / f"{kind}-{criterion}.safetensors"
+    found = [r for r in writer.resume() if r.get("kind") == "predictor" and r.get("status") == "ok"
+             and (r.get("extra") or {}).get("case_key") == key]
+    if found and not force and path.is_file() and _header_key(path) == key:
+        return Trained(path, found, False)
+    t0 = time.time()
+    res = train_streaming(kind, model, sequences, criterion, hidden=hidden, epochs=epochs, batch_size=batch, lr=lr,
+                          val_fraction=val_fraction, test_fraction=test_fraction, normalisation=normalisation, log=log,
+                          pool_tokens=pool_tokens, model_batch=model_batch, eval_rows=eval_rows,
+                          neuron_input=neuron_input, ffn_hidden=ffn_hidden, progress=progress)
+    seconds = round(time.time() - t0, 1)
+    res.predictor.meta.update({"dataset": "stream", "dataset_model": model_name, "case_key": key,
+                               "stream": data, "sources": sources})
+    saved = res.predictor.save(path)
+    rows = predictor_rows(res, model=model_name, kind=kind, criterion=criterion, device=model.device, path=saved,
+                          dataset="stream", epochs=epochs, settings=settings, case_key=key, seconds=seconds,
+                          sources=sources)
     writer.write(rows)
     return Trained(saved, rows, True, res)

@@ -152,6 +152,80 @@ class _Probes:
         return hooks
 
 
+def merge_hooks(first: dict, then: dict) -> dict:
+    """Hooks that run ``first``'s hook of a site and then ``then``'s on its result (an observe-only hook returns
+    None: the value goes on unchanged)."""
+    out = dict(first)
+    for site, fn in then.items():
+        if site in first:
+            f0 = first[site]
+
+            def both(i, t, f0=f0, fn=fn):
+                r = f0(i, t)
+                return fn(i, t if r is None else r)
+
+            out[site] = both
+        else:
+            out[site] = fn
+    return out
+
+
+def token_rows(model, tokens: torch.Tensor, lengths: torch.Tensor, criteria=("l2norm",), *, with_inputs: bool = True,
+               extra_hooks: dict | None = None) -> dict:
+    """Per-position importance targets and predictor inputs of a batch of sequences, on the model's device.
+
+    ``tokens`` [B, P] (right-padded), ``lengths`` [B]: each sequence's real length. One forward (and, for
+    ``plainact``, one backward of the sum of every real next-token NLL) gives, for every real position in row-major
+    order (n = ``lengths.sum()`` rows):
+
+    - ``{c}.heads`` [n, L, H], ``{c}.neurons`` [n, L, F] (float32): ``l2norm`` (a head's output L2 norm, a neuron's
+      |activation|), ``plainact`` (``|A * dL/dA|`` summed over a head's output, or of one neuron's activation);
+    - ``attn0`` [n, E]: layer 0's attention output (the ShadowLLM predictor's input);
+    - with ``with_inputs``, ``inputs`` and ``ffn_inputs`` [n, L, E]: each layer's input and its MLP's normalised
+      input (DejaVu's).
+
+    ``extra_hooks`` run after the recording hooks of the same site (an oracle's plans: rows of the sparse
+    trajectory)."""
+    for c in criteria:
+        if c not in ("l2norm", "plainact"):
+            raise ValueError(f"per-position criteria are l2norm and plainact; got {c!r}")
+    need_grad = "plainact" in criteria
+    L = model.cfg.n_layers
+    P = tokens.shape[1]
+    valid = (torch.arange(P, device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None])  # [B, P]
+    probes = _Probes(need_grad, "activation", with_inputs)
+    hooks = probes.hooks() if extra_hooks is None else merge_hooks(probes.hooks(), extra_hooks)
+    grads = {}
+    with torch.enable_grad() if need_grad else torch.no_grad():
+        logits = model.prefill(tokens, all_logits=need_grad, hooks=hooks)
+        if need_grad:
+            loss = (token_nll(logits, tokens) * valid[:, 1:]).sum()
+            keys = list(probes.probes)
+            grads = dict(zip(keys, torch.autograd.grad(loss, [probes.probes[k] for k in keys]), strict=True))
+    del logits
+    sel = valid.reshape(-1)
+    out = {}
+    with torch.no_grad():
+        for c in criteria:
+            hs, ns = [], []
+            for i in range(L):
+                h, f = probes.heads[i].float(), probes.neurons[i].float()  # [B, H, P, D], [B, P, F]
+                if c == "l2norm":
+                    hs.append(h.norm(dim=-1).transpose(1, 2))
+                    ns.append(f.abs())
+                else:
+                    gh, gf = grads[("heads", i)].float(), grads[("neurons", i)].float()
+                    hs.append((h * gh).abs().sum(-1).transpose(1, 2))
+                    ns.append((f * gf).abs())
+            out[f"{c}.heads"] = torch.stack(hs, 2).flatten(0, 1)[sel]
+            out[f"{c}.neurons"] = torch.stack(ns, 2).flatten(0, 1)[sel]
+        out["attn0"] = probes.attn0.flatten(0, 1)[sel]
+        if with_inputs:
+            out["inputs"] = torch.stack([probes.inputs[i] for i in range(L)], 2).flatten(0, 1)[sel]
+            out["ffn_inputs"] = torch.stack([probes.ffn_in[i] for i in range(L)], 2).flatten(0, 1)[sel]
+    return out
+
+
 def _corr_score(J: torch.Tensor) -> torch.Tensor:
     """jacov of [..., B, d] gradient vectors: -sum(log(l + k) + 1 / (l + k)) over the eigenvalues l of
     their correlation matrix."""

@@ -141,6 +141,27 @@ class DejaVuPredictor(_Predictor):
         """Neuron scores [..., F] of layer ``layer`` from its MLP input ``a`` (``neuron_input="mlp"``)."""
         return self.ffn_nets[layer - self.first_sparse](a)
 
+    def forward_all(self, x: torch.Tensor, a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of every sparse layer at once (training and evaluation): ``x`` [b, L_s, E] each sparse layer's input
+        (look-ahead: the previous layer's) and, with ``neuron_input="mlp"``, ``a`` [b, L_s, E] its MLP input. Returns
+        heads [b, L_s, H] and neurons [b, L_s, F], the same as :meth:`forward` / :meth:`forward_ffn` layer by layer."""
+        out = _nets_forward(self.nets, x)
+        if self.neuron_input == "layer":
+            return out.split([self.cfg.n_heads, self.cfg.ffn], dim=-1)
+        if a is None:
+            raise ValueError("a DejaVu predictor with neuron_input 'mlp' scores neurons from the MLP inputs: pass a")
+        return out, _nets_forward(self.ffn_nets, a)
+
+
+def _nets_forward(nets: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Every net of ``nets`` on its own slice of ``x`` [b, n, E] at once (two batched matmuls): [b, n, out]."""
+    w1 = torch.stack([m[0].weight for m in nets])  # [n, hidden, E]
+    b1 = torch.stack([m[0].bias for m in nets])
+    w2 = torch.stack([m[2].weight for m in nets])  # [n, out, hidden]
+    b2 = torch.stack([m[2].bias for m in nets])
+    h = torch.baddbmm(b1[:, None], x.transpose(0, 1), w1.transpose(1, 2)).relu()
+    return torch.baddbmm(b2[:, None], h, w2.transpose(1, 2)).transpose(0, 1)
+
 
 def random_predictor(kind: str, cfg: DecoderConfig, *, hidden: int | None = None, first_sparse: int = 1,
                      dtype=torch.float16, device="cpu", seed: int = 0, lookahead: bool = False,

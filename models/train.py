@@ -267,14 +267,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
         yn = norm.apply_kind(tg.neurons[idx].to(device), "neurons")
         return x, a, yh, yn
 
-    def forward(xb, ab=None):
-        if kind == "shadowllm":
-            return pred(xb)  # heads [b, L_s, H], neurons [b, L_s, F]
-        outs = [pred(xb[:, j], first_sparse + j) for j in range(L_s)]
-        heads = torch.stack([h for h, _ in outs], 1)
-        if ab is None:
-            return heads, torch.stack([n for _, n in outs], 1)
-        return heads, torch.stack([pred.forward_ffn(ab[:, j], first_sparse + j) for j in range(L_s)], 1)
+    def forward(xb, ab=None):  # heads [b, L_s, H], neurons [b, L_s, F]
+        return pred(xb) if kind == "shadowllm" else pred.forward_all(xb, ab)
 
     def loss_of(idx):
         x, a, yh, yn = batch_of(idx)
@@ -347,3 +341,219 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
                       "spearman": quality, "rho_split": "test" if len(te) else "validation",
                       "spearman_baselines": baselines})
     return TrainResult(pred, history, quality, best_epoch, len(tr), len(va), norm, len(te), baselines)
+
+
+# ------------------------------------------------------------- rows streamed from the model (no dataset file)
+def _lr_lambda(total: int):
+    """Cosine decay over ``total`` optimiser steps, flat at 0 after them."""
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm", *, hidden: int | None = None,
+                    epochs: int = 10, batch_size: int = 1024, lr: float = 1e-3, weight_decay: float = 0.01,
+                    val_fraction: float = 0.1, test_fraction: float = 0.1, normalisation: str = "layer",
+                    log: bool | str = "log1p", first_sparse: int = 1, seed: int = 0, pool_tokens: int = 32768,
+                    model_batch: int = 16, eval_rows: int = 16384, neuron_input: str = "mlp",
+                    ffn_hidden: int | None = None, tf32: bool = True, progress=None) -> TrainResult:
+    """Train a predictor on per-position targets computed from ``model`` as training goes, never stored.
+
+    ``sequences``: ``[(source index, token ids)]`` (:func:`bench.collect.token_sequences`); every real position of
+    every sequence is a row. The sequences are split into train / validation / test (seeded, a sequence on one
+    side). Each epoch walks the training sequences in a new order, a pool of about ``pool_tokens`` positions at a
+    time: one dense pass of the model over the pool (``model_batch`` sequences per forward,
+    :func:`models.criteria.token_rows`) gives every row's targets and inputs on the device; the pool's rows are
+    shuffled and trained on in batches of ``batch_size``. So the data can be far larger than memory (10^6 positions
+    of SmolLM2 would make a ~160 GB fp16 file) and no two epochs see the same batches.
+
+    The normaliser's statistics come from the first pool of training sequences (up to ``pool_tokens`` positions).
+    The epoch of lowest loss on up to ``eval_rows`` validation positions is kept; Spearman rho and its baselines
+    (per-unit and per-source means of the training targets, accumulated over the first epoch) are reported on up to
+    ``eval_rows`` test positions. ``tf32``: the predictor's matmuls (not the model's) use TF32 on CUDA.
+    AdamW, cosine learning-rate decay over all steps, MSE as in :func:`train_predictor`."""
+    from .criteria import token_rows
+
+    if kind not in ("shadowllm", "dejavu"):
+        raise ValueError(f"kind must be 'shadowllm' or 'dejavu', got {kind!r}")
+    if criterion not in ("l2norm", "plainact"):
+        raise ValueError(f"per-position criteria are l2norm and plainact; got {criterion!r}")
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    if log not in (False, True, "log1p"):
+        raise ValueError(f"log must be False, True or 'log1p', got {log!r}")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("pool_tokens", pool_tokens),
+                    ("model_batch", model_batch), ("eval_rows", eval_rows)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not sequences:
+        raise ValueError("no sequences to train on")
+    short = [i for i, (_, ids) in enumerate(sequences) if len(ids) < 1]
+    if short:
+        raise ValueError(f"sequence {short[0]} is empty")
+    cfg = model.cfg
+    device = model.device
+    L_s = cfg.n_layers - first_sparse
+    mlp_in = kind == "dejavu" and neuron_input == "mlp"
+    tr, va, te = _split(len(sequences), val_fraction, seed, None, test_fraction)
+    gen = torch.Generator().manual_seed(seed + 1)
+    src_of = torch.tensor([s for s, _ in sequences], dtype=torch.long)
+    n_src = int(src_of.max()) + 1
+
+    def rows_of(seq_ids) -> dict:
+        """Rows of the sequences ``seq_ids`` on the device: x, a (or None), raw heads and neurons, source."""
+        parts = []
+        order = sorted((int(i) for i in seq_ids), key=lambda i: -len(sequences[i][1]))  # little padding
+        for b0 in range(0, len(order), model_batch):
+            ids = order[b0: b0 + model_batch]
+            P = max(len(sequences[i][1]) for i in ids)
+            tokens = torch.zeros((len(ids), P), dtype=torch.long)
+            for r, i in enumerate(ids):
+                tokens[r, : len(sequences[i][1])] = torch.tensor(sequences[i][1])
+            lengths = torch.tensor([len(sequences[i][1]) for i in ids])
+            r = token_rows(model, tokens.to(device), lengths, (criterion,), with_inputs=kind == "dejavu")
+            x = r["attn0"] if kind == "shadowllm" else r["inputs"][:, first_sparse:]
+            parts.append({"x": x.float(), "a": r["ffn_inputs"][:, first_sparse:].float() if mlp_in else None,
+                          "heads": r[f"{criterion}.heads"][:, first_sparse:],
+                          "neurons": r[f"{criterion}.neurons"][:, first_sparse:],
+                          "src": src_of[ids].repeat_interleave(lengths).to(device)})
+            del r
+        return {k: (None if parts[0][k] is None else torch.cat([p[k] for p in parts])) for k in parts[0]}
+
+    def pools(seq_ids):
+        """``seq_ids`` in groups of about ``pool_tokens`` positions."""
+        group, n = [], 0
+        for i in seq_ids.tolist():
+            group.append(i)
+            n += len(sequences[i][1])
+            if n >= pool_tokens:
+                yield group
+                group, n = [], 0
+        if group:
+            yield group
+
+    def capped(seq_ids, n_rows, salt):
+        """Rows of ``seq_ids`` (in a seeded order) until ``n_rows`` positions, then a seeded subset of that many."""
+        order = seq_ids[torch.randperm(len(seq_ids), generator=torch.Generator().manual_seed(seed + salt))]
+        take, n = [], 0
+        for i in order.tolist():
+            take.append(i)
+            n += len(sequences[i][1])
+            if n >= n_rows:
+                break
+        r = rows_of(take)
+        keep = torch.randperm(len(r["src"]), generator=torch.Generator().manual_seed(seed + salt + 1))[:n_rows]
+        keep = keep.to(device)
+        return {k: (None if v is None else v[keep]) for k, v in r.items()}
+
+    # statistics of the targets from one pool of training sequences
+    first = next(pools(tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(seed + 5))]))
+    fit_rows = rows_of(first)
+    norm = Normaliser(normalisation, log).fit(Targets(fit_rows["heads"], fit_rows["neurons"]))
+    n_fit = len(fit_rows["src"])
+    del fit_rows
+    val = capped(va, eval_rows, 10)
+    val_y = (norm.apply_kind(val["heads"], "heads"), norm.apply_kind(val["neurons"], "neurons"))
+
+    torch.manual_seed(seed)
+    if kind == "shadowllm":
+        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device)
+    else:
+        pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device, neuron_input=neuron_input,
+                               ffn_hidden=ffn_hidden)
+    pred.requires_grad_(True)
+
+    def forward(x, a):
+        return pred(x) if kind == "shadowllm" else pred.forward_all(x, a)
+
+    def mse(h, n, yh, yn):
+        sq = (h - yh).pow(2).sum() + (n - yn).pow(2).sum()
+        return sq / (yh.shape[0] * (yh.shape[1] * yh.shape[2] + yn.shape[1] * yn.shape[2]))
+
+    use_tf32 = tf32 and torch.device(device).type == "cuda"
+
+    def val_loss(chunk=2048):
+        tot = 0.0
+        with torch.no_grad():
+            for i in range(0, len(val["src"]), chunk):
+                s = slice(i, i + chunk)
+                h, n = forward(val["x"][s], None if val["a"] is None else val["a"][s])
+                tot += float(mse(h, n, val_y[0][s], val_y[1][s])) * len(val["src"][s])
+        return tot / len(val["src"])
+
+    n_train = sum(len(sequences[i][1]) for i in tr.tolist())
+    opt = torch.optim.AdamW(pred.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(epochs * math.ceil(n_train / batch_size)))
+    # per-source sums of the normalised training targets (first epoch): the baselines' means
+    sums = [torch.zeros((n_src + 1, L_s, u), dtype=torch.float64, device=device) for u in (cfg.n_heads, cfg.ffn)]
+    counts = torch.zeros(n_src + 1, dtype=torch.float64, device=device)
+    history, best, best_state, best_epoch = [], float("inf"), None, 0
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    for epoch in range(epochs):
+        pred.train()
+        total, seen = 0.0, 0
+        for group in pools(tr[torch.randperm(len(tr), generator=gen)]):
+            r = rows_of(group)
+            yh, yn = norm.apply_kind(r["heads"], "heads"), norm.apply_kind(r["neurons"], "neurons")
+            del r["heads"], r["neurons"]
+            if epoch == 0:
+                for acc, y in zip(sums, (yh, yn), strict=True):
+                    acc.index_add_(0, r["src"], y.double())
+                    acc[n_src] += y.sum(0).double()
+                counts.index_add_(0, r["src"], torch.ones_like(r["src"], dtype=torch.float64))
+                counts[n_src] += len(r["src"])
+            perm = torch.randperm(len(yh), generator=gen).to(device)
+            torch.backends.cuda.matmul.allow_tf32 = use_tf32 or prev_tf32
+            try:
+                for i in range(0, len(perm), batch_size):
+                    idx = perm[i: i + batch_size]
+                    h, n = forward(r["x"][idx], None if r["a"] is None else r["a"][idx])
+                    loss = mse(h, n, yh[idx], yn[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    total += float(loss.detach()) * len(idx)
+                    seen += len(idx)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+            del r, yh, yn
+        pred.eval()
+        v = val_loss()
+        history.append({"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": v})
+        if v < best:
+            best, best_epoch = v, epoch + 1
+            best_state = copy.deepcopy(pred.state_dict())
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(val=f"{v:.4f}")
+    pred.load_state_dict(best_state)
+    pred.requires_grad_(False).eval()
+    val = val_y = None  # free the device memory before the test rows
+    test = capped(te if len(te) else va, eval_rows, 20)
+    n_report = len(test["src"])
+    rows = torch.arange(n_report)
+
+    def predict(idx):
+        with torch.no_grad():
+            return forward(test["x"][idx], None if test["a"] is None else test["a"][idx])
+
+    def truth(idx):
+        return test["heads"][idx], test["neurons"][idx]
+
+    quality = rank_quality_rows(predict, truth, rows)
+    means = [(acc / counts.clamp(min=1)[:, None, None]).float() for acc in sums]
+    for m in means:  # a source without training rows falls back to the overall mean
+        m[:n_src][counts[:n_src] == 0] = m[n_src]
+    src_t = test["src"]
+    baselines = {
+        "unit_mean": rank_quality_rows(lambda idx: (means[0][n_src].expand(len(idx), -1, -1),
+                                                    means[1][n_src].expand(len(idx), -1, -1)), truth, rows),
+        "source_mean": rank_quality_rows(lambda idx: (means[0][src_t[idx]], means[1][src_t[idx]]), truth, rows),
+    }
+    n_val_rows = min(eval_rows, sum(len(sequences[i][1]) for i in va.tolist()))
+    pred.meta.update({"source": "trained", "criterion": criterion, **norm.describe(), "best_epoch": best_epoch,
+                      "epochs": epochs, "n_train": n_train, "n_val": n_val_rows, "n_test": n_report, "val_loss": best,
+                      "spearman": quality, "rho_split": "test" if len(te) else "validation",
+                      "spearman_baselines": baselines, "rows": "streamed from the model",
+                      "normaliser_rows": n_fit, "sequences": {"train": len(tr), "val": len(va), "test": len(te)}})
+    return TrainResult(pred, history, quality, best_epoch, n_train, n_val_rows, norm, n_report if len(te) else 0,
+                       baselines)

