@@ -196,3 +196,112 @@ def test_per_token_rows_from_the_oracle_trajectory(tmp_path):
     assert (sparse["l2norm.neurons"][:, 1:] == 0).float().mean() < 0.1  # targets of dropped neurons are kept
     with pytest.raises(ValueError, match="l2norm only"):
         collect_tokens(model, tok, out_dir=tmp_path / "p", under_oracle=0.5, **dict(kw, criteria=["plainact"]))
+
+
+@pytest.mark.parametrize("neuron_input", ["mlp", "layer"])
+def test_dejavu_scores_every_layer_at_once_as_layer_by_layer(neuron_input):
+    from models.predictors import DejaVuPredictor
+
+    c = cfg()
+    p = DejaVuPredictor(c, 8, 1, torch.float32, "cpu", neuron_input=neuron_input, ffn_hidden=6 if neuron_input ==
+                        "mlp" else None)
+    x, a = torch.randn(5, c.n_layers - 1, c.hidden), torch.randn(5, c.n_layers - 1, c.hidden)
+    h, n = p.forward_all(x, a if neuron_input == "mlp" else None)
+    for j in range(c.n_layers - 1):
+        hj, nj = p(x[:, j], 1 + j)
+        if neuron_input == "mlp":
+            nj = p.forward_ffn(a[:, j], 1 + j)
+        torch.testing.assert_close(h[:, j], hj)
+        torch.testing.assert_close(n[:, j], nj)
+    if neuron_input == "mlp":
+        with pytest.raises(ValueError, match="pass a"):
+            p.forward_all(x)
+
+
+def _tiny_sequences(model, n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(i % 3, torch.randint(0, model.cfg.vocab, (int(torch.randint(12, 40, (1,), generator=g)),),
+                                  generator=g).tolist()) for i in range(n)]
+
+
+def test_token_rows_of_a_padded_batch_are_each_sequences_own():
+    """Right padding changes no real position's targets or inputs (attention is causal): a batch of unequal
+    sequences gives the rows of each sequence run alone, plainact's gradient included."""
+    from models.criteria import token_rows
+
+    from helpers import tiny_decoder
+
+    model = tiny_decoder("llama")
+    seqs = [ids for _, ids in _tiny_sequences(model, 3)]
+    P = max(map(len, seqs))
+    tokens = torch.zeros((3, P), dtype=torch.long)
+    for r, ids in enumerate(seqs):
+        tokens[r, : len(ids)] = torch.tensor(ids)
+    both = token_rows(model, tokens, torch.tensor([len(s) for s in seqs]), ("l2norm", "plainact"))
+    alone = [token_rows(model, torch.tensor([ids]), torch.tensor([len(ids)]), ("l2norm", "plainact")) for ids in seqs]
+    for key in ("l2norm.heads", "l2norm.neurons", "plainact.neurons", "attn0", "inputs", "ffn_inputs"):
+        torch.testing.assert_close(both[key], torch.cat([a[key] for a in alone]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="snip"):
+        token_rows(model, tokens, torch.tensor([len(s) for s in seqs]), ("snip",))
+
+
+def test_streamed_training_learns_splits_by_sequence_and_repeats_with_its_seed():
+    from models.train import train_streaming
+
+    from helpers import tiny_decoder
+
+    model = tiny_decoder("llama")
+    seqs = _tiny_sequences(model)
+    kw = dict(hidden=64, epochs=6, batch_size=64, pool_tokens=400, model_batch=8, eval_rows=300)
+    res = train_streaming("dejavu", model, seqs, "l2norm", **kw)
+    hist = [h["val_loss"] for h in res.history]
+    assert hist[-1] < hist[0]
+    assert 0 < res.n_train < sum(len(ids) for _, ids in seqs)
+    split = res.predictor.meta["sequences"]
+    assert split["train"] + split["val"] + split["test"] == len(seqs) and split["val"] > 0 and split["test"] > 0
+    # neurons of the MLP input: well above ranking every position by the units' mean
+    assert res.quality["neurons"]["local"] > res.baselines["unit_mean"]["neurons"]["local"] + 0.05
+    again = train_streaming("dejavu", model, seqs, "l2norm", **kw)
+    for k, v in res.predictor.state_dict().items():
+        torch.testing.assert_close(again.predictor.state_dict()[k], v)
+    sh = train_streaming("shadowllm", model, seqs, "l2norm", **dict(kw, epochs=2))
+    assert sh.predictor.kind == "shadowllm" and sh.predictor.meta["rows"] == "streamed from the model"
+
+
+def test_streamed_training_refuses_bad_arguments():
+    from models.train import train_streaming
+
+    from helpers import tiny_decoder
+
+    model = tiny_decoder("opt")
+    seqs = _tiny_sequences(model, 8)
+    for kwargs, match in (({"criterion": "snip"}, "snip"), ({"epochs": 0}, "epochs must be"),
+                          ({"pool_tokens": 0}, "pool_tokens must be"), ({"kind": "medusa"}, "medusa"),
+                          ({"sequences": []}, "no sequences"), ({"sequences": [(0, [])] + seqs}, "sequence 0 is empty"),
+                          ({"normalisation": "row"}, "normalisation must be")):
+        args = dict(kind="dejavu", model=model, sequences=seqs, criterion="l2norm")
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            train_streaming(**args)
+
+
+def test_train_stream_command_saves_records_and_resumes(tmp_path, capsys):
+    from bench.cli import main
+    from models.loading import TINY_RANDOM, load_model
+
+    argv = ["train-stream", "--model", TINY_RANDOM, "--tasks", "copa", "--per-task", "4", "--wikitext-tokens", "600",
+            "--context", "48", "--epochs", "2", "--hidden", "16", "--batch", "64", "--pool-tokens", "400",
+            "--eval-rows", "100", "--kind", "dejavu", "--out", str(tmp_path / "p"), "--results",
+            str(tmp_path / "rows.jsonl"), "--no-progress", "--log1p"]
+    assert main(argv) == 0
+    assert "trained" in capsys.readouterr().out
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert {r["metric"] for r in rows} >= {"spearman_local_neurons", "spearman_local_neurons_source_mean", "val_mse"}
+    assert rows[0]["extra"]["dataset"] == "stream" and rows[0]["extra"]["settings"]["stream"]["positions"]["copa"] > 0
+    pred = load_predictor(tmp_path / "p" / "dejavu-l2norm.safetensors", load_model(TINY_RANDOM).cfg)
+    assert pred.neuron_input == "mlp" and pred.meta["rows"] == "streamed from the model"
+    assert main(argv) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(rows)
