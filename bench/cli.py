@@ -364,7 +364,8 @@ def _train_stream(args) -> int:
                                 data=data, out_dir=out, writer=writer, hidden=args.hidden, epochs=args.epochs,
                                 batch=args.batch, lr=args.lr, val_fraction=args.val_fraction,
                                 test_fraction=args.test_fraction, normalisation=args.normalisation,
-                                log="log1p" if args.log1p else args.log, pool_tokens=args.pool_tokens,
+                                log={"log1p": "log1p", "log": True, "none": False}[args.log],
+                                pool_tokens=args.pool_tokens,
                                 model_batch=args.model_batch, eval_rows=args.eval_rows,
                                 neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden, progress=bar,
                                 force=args.force)
@@ -700,8 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--test-fraction", type=_fraction("--test-fraction", low_open=False), default=0.1,
                     help="share of the sequences that Spearman rho and its baselines are reported on")
     ts.add_argument("--normalisation", choices=["global", "layer"], default="layer")
-    ts.add_argument("--log", action="store_true", help="log(s + 1e-6 * mean) before normalising")
-    ts.add_argument("--log1p", action="store_true", help="log(1 + s) before normalising")
+    ts.add_argument("--log", choices=["log1p", "log", "none"], default="log1p",
+                    help="transform of the scores before normalising: log(1 + s) (default), log(s + 1e-6 * mean), or "
+                         "none")
     ts.add_argument("--pool-tokens", type=_int_at_least(1, "--pool-tokens"), default=32768,
                     help="positions computed at once and shuffled together (device memory: about 0.3 MB each on "
                          "SmolLM2)")

