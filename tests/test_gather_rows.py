@@ -159,7 +159,12 @@ def test_swiglu_matches_reference(N, K, batch, dtype, padded, data):
     idx = torch.randperm(N, generator=g)[:k].to(DEVICE)
     count = torch.tensor([data.draw(st.integers(0, k))], dtype=torch.int32, device=DEVICE) if padded else None
     out = gather_swiglu_gemv(gate, up, x, idx, count)
-    assert_close_rel(out, gather_swiglu_gemv_ref(gate, up, x, idx, count), dtype)
+    # each output is silu(g . x) * (u . x): its rounding error scales with the terms of both dot products, not with
+    # the result (a small output from cancelling terms is not a kernel error: hypothesis found -0.0006, 1.3e-5 off)
+    gi, ui, xd = gate[idx].double().cpu(), up[idx].double().cpu(), x.double().cpu()
+    mg, mu = xd.abs() @ gi.abs().T, xd.abs() @ ui.abs().T
+    magnitude = 1.1 * mg * (xd @ ui.T).abs() + torch.nn.functional.silu(xd @ gi.T).abs() * mu + mg * mu
+    assert_within_dot_bound(out, gather_swiglu_gemv_ref(gate, up, x, idx, count), magnitude, dtype)
 
 
 def test_swiglu_bad_inputs():
