@@ -349,6 +349,11 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
             meta = getattr(getattr(mode, "predictor", None), "meta", None) or {}
             if "normalisation" in meta:  # how the predictor's targets were normalised when it was trained
                 common = dict(common, predictor_normalisation=meta["normalisation"], predictor_log=meta.get("log"))
+            pred = getattr(mode, "predictor", None)
+            if pred is not None:  # its widths and what it was trained on (a dataset file or rows streamed)
+                common = dict(common, predictor_hidden=pred.hidden, predictor_ffn_hidden=getattr(pred, "ffn_hidden",
+                                                                                                 None),
+                              predictor_data=meta.get("dataset"), predictor_n_train=meta.get("n_train"))
             if getattr(mode, "neuron_input", None):  # DejaVu: what its neurons were scored from
                 common = dict(common, neuron_input=mode.neuron_input)
         except Exception as err:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
@@ -408,11 +413,19 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
 
 def quality_table(rows) -> str:
     """Perplexity and accuracy per case, one line each: dense first, the oracle (the ceiling) next. ``s`` is
-    ``heads/neurons`` where the two budgets differ; ``kv:always`` marks that key/value rule."""
+    ``heads/neurons`` where the two budgets differ; ``kv:always`` marks that key/value rule; ``[folder]`` the
+    predictor or importance folder where one mode's rows come from several."""
+    from pathlib import PurePath
+
     cases: dict = {}
-    for r in rows:
-        if r.get("kind") != "quality" or r["status"] != "ok" or r["metric"] not in ("perplexity", "acc"):
-            continue
+    keep = [r for r in rows if r.get("kind") == "quality" and r["status"] == "ok" and r["metric"] in ("perplexity",
+                                                                                                       "acc")]
+    folders: dict = {}  # rows of one mode from several predictor / importance folders: the folder joins the label
+    for r in keep:
+        src = r["extra"].get("source")
+        if src:
+            folders.setdefault((r["model"], r["mode"]), set()).add(PurePath(src).parent.name)
+    for r in keep:
         e = r["extra"]
         hs, ns = e.get("head_sparsity", r["sparsity"]), e.get("neuron_sparsity", r["sparsity"])
         s_txt = f"{r['sparsity']:.2f}" if hs == ns else f"{hs:.2f}/{ns:.2f}"
@@ -420,15 +433,18 @@ def quality_table(rows) -> str:
         mode += " kv:always" if e.get("kv_rule") == "always" else ""
         if e.get("eval") != "wikitext2" and e.get("sparse_prefix") is False and r["mode"] != "dense":
             mode += " dense-ctx"
+        if e.get("source") and len(folders[(r["model"], r["mode"])]) > 1:
+            mode += f" [{PurePath(e['source']).parent.name}]"
         key = (r["model"], mode, r["criterion"] or "-", r["policy"] or "-", s_txt)
         cases.setdefault(key, {})[e["eval"]] = r["value"]
     evals = sorted({e for v in cases.values() for e in v}, key=lambda e: (e != "wikitext2", e))
-    head = f"{'model':<14} {'mode':<26} {'criterion':<9} {'policy':<7} {'s':>9} "
+    mw = max([26] + [len(k[1]) for k in cases])
+    head = f"{'model':<14} {'mode':<{mw}} {'criterion':<9} {'policy':<7} {'s':>9} "
     head += " ".join(f"{e[:10]:>10}" for e in evals)
     lines = [head]
     order = {"dense": 0, "oracle": 1}
     for key in sorted(cases, key=lambda k: (k[0], order.get(k[1].split()[0], 2), k[1], k[2], k[3], k[4])):
         vals = cases[key]
-        lines.append(f"{key[0][:14]:<14} {key[1]:<26} {key[2]:<9} {key[3]:<7} {key[4]:>9} " + " ".join(
+        lines.append(f"{key[0][:14]:<14} {key[1]:<{mw}} {key[2]:<9} {key[3]:<7} {key[4]:>9} " + " ".join(
             f"{vals[e]:>10.4g}" if e in vals else f"{'-':>10}" for e in evals))
     return "\n".join(lines)

@@ -123,6 +123,11 @@ def test_collect_train_quality_end_to_end(tmp_path, capsys):
             ("dejavu", "plainact", "acc_norm"), ("static", "l2norm", "perplexity")} <= ok
     failed = {(r["mode"], r["criterion"]) for r in rows if r["status"] == "error"}
     assert failed == {("dejavu", "l2norm"), ("shadowllm", "l2norm")}
+    # a predictor's rows say its widths and its training data
+    dj = next(r for r in rows if r["mode"] == "dejavu" and r["status"] == "ok")["extra"]
+    assert dj["predictor_hidden"] == 16 and dj["predictor_ffn_hidden"] == 16 and dj["predictor_data"] == str(crit)
+    sh = next(r for r in rows if r["mode"] == "shadowllm" and r["status"] == "ok")["extra"]
+    assert sh["predictor_hidden"] == 16 and sh["predictor_ffn_hidden"] is None and sh["predictor_n_train"] > 0
     n = len(rows)
     cli.main(["quality", "--model", TINY_RANDOM, "--criteria", "plainact", "--sparsity", "0.5", "--tasks", "copa",
               "--limit", "8", "--ppl-tokens", "300", "--context", "128", "--stride", "64", "--criteria-dir", str(crit),
@@ -157,3 +162,17 @@ def test_demo_without_any_task_data_says_where_it_looked(tmp_path):
         cli.main(["demo", "--model", TINY_RANDOM, "--out", str(tmp_path / "demo"), "--data-dir", str(empty),
                   "--no-progress"])
     assert not (tmp_path / "demo" / "criteria").exists()  # it stopped before collecting anything
+
+
+def test_quality_table_names_the_folder_where_one_mode_has_several():
+    from bench.quality import quality_table
+
+    def row(mode, folder, value):
+        return {"kind": "quality", "status": "ok", "metric": "perplexity", "model": "m", "mode": mode,
+                "criterion": "l2norm", "policy": "local", "sparsity": 0.5, "value": value,
+                "extra": {"eval": "wikitext2", "source": f"/x/{folder}/{mode}-l2norm.safetensors"}}
+
+    table = quality_table([row("dejavu", "narrow", 50.0), row("dejavu", "wide", 40.0),
+                           row("shadowllm", "narrow", 90.0)])
+    assert "dejavu [narrow]" in table and "dejavu [wide]" in table and "40" in table and "50" in table
+    assert "shadowllm [" not in table  # one folder: no label needed
