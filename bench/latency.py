@@ -146,7 +146,7 @@ def _predictor_ms(mode, model, batch, device) -> float | None:
         return None
     x = torch.randn(batch, model.cfg.hidden, device=device, dtype=model.dtype)
     if isinstance(mode, ShadowLLM):
-        fn = lambda: mode.observe(0, "attn_out", x)
+        fn = lambda: mode.observe(*mode.source(), x)
     else:
         fn = lambda: [mode.observe(i, site, x) for i in range(model.cfg.n_layers) for site in mode.observed_sites]
     return time_op(fn, device)["median_us"] / 1e3

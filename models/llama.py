@@ -251,7 +251,7 @@ class LlamaDecoder(DecoderBase):
         x = F.embedding(tokens, self.embed_tokens)
         o = None  # the block output not yet added to x
         for i, layer in enumerate(layers):
-            if watch_input:
+            if watch_input and mode.observes("input", i):
                 if o is not None:
                     x, o = x + o, None
                 mode.observe(i, "input", x)

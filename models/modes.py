@@ -69,6 +69,10 @@ class Mode:
     def observe(self, layer: int, site: str, x: torch.Tensor) -> None:  # noqa: B027 - optional hook
         pass
 
+    def observes(self, site: str, layer: int) -> bool:
+        """Whether the mode reads ``site`` of ``layer``: a decode step materialises a layer's input only there."""
+        return site in self.observed_sites
+
     def plan(self, layer: int) -> LayerPlan:
         return self._dense
 
@@ -465,14 +469,18 @@ class DejaVu(_Predicting):
 
 
 class ShadowLLM(_Predicting):
-    """One predictor on layer 0's attention output scoring every head and neuron of the sparse layers."""
+    """One predictor scoring every head and neuron of the sparse layers, from layer 0's attention output (site
+    ``"attn_out"`` of layer 0) or, for a predictor with ``input_site="residual"``, from layer 1's input (the residual
+    stream after layer 0; the decode step materialises that one residual add). ``input_site`` sizes random
+    predictors; a file says its own."""
 
     name = "shadowllm"
 
     def __init__(self, sparsity: float, predictor=None, policy: str = "global", granularity: str = "token",
                  hidden: int | None = None, sparse_hidden: bool | None = None, batch_rule: str = "mean",
-                 predictor_dtype: str = "model"):
+                 predictor_dtype: str = "model", input_site: str | None = None):
         super().__init__(sparsity, policy, 1)
+        self.input_site_arg = input_site or "attn0"
         self._set_batch_rule(batch_rule)
         self._set_predictor_dtype(predictor_dtype)
         self.granularity = _check_granularity(granularity)
@@ -482,21 +490,34 @@ class ShadowLLM(_Predicting):
     def bind(self, model, ops=None):
         super().bind(model, ops)
         self.predictor: ShadowLLMPredictor = _resolve_predictor(self.predictor_arg, "shadowllm", model, self,
-                                                                hidden=self.hidden, first_sparse=1)
+                                                                hidden=self.hidden, first_sparse=1,
+                                                                input_site=self.input_site_arg)
         if self.predictor.first_sparse != 1:
             raise ValueError(f"a ShadowLLM predictor must cover layers from 1, got {self.predictor.first_sparse}")
+        self.input_site = self.predictor.input_site
+        self.observed_sites = ("input",) if self.input_site == "residual" else ("attn_out",)
         self._setup_predictor([None])
         return self
 
     observed_sites = ("attn_out",)
 
+    def source(self) -> tuple[int, str]:
+        """The (layer, site) the predictor reads."""
+        return (1, "input") if self.input_site == "residual" else (0, "attn_out")
+
+    def observes(self, site, layer):
+        return (layer, site) == self.source()
+
     def observe(self, layer, site, x):
-        if layer != 0 or site != "attn_out":
+        if (layer, site) != self.source():
             return
         with nvtx_range("predictor"):
             scores = self._scores(x, None)  # [B, L_s * (H + F)] fp32
             heads, neurons = self.predictor.split(scores)  # [B, L_s, H], [B, L_s, F]
             self.buffers.fill_batch(1, heads, neurons)
+
+    def describe(self):
+        return {**super().describe(), "input_site": self.input_site}
 
 
 

@@ -356,7 +356,7 @@ class OPTDecoder(DecoderBase):
             x = self._embed(tokens, pos.reshape(1).expand(tokens.shape[0]))
         o = None  # pre-LN: the block output not yet added to x (the next norm GEMV adds it)
         for i, layer in enumerate(layers):
-            if watch_input:
+            if watch_input and mode.observes("input", i):
                 if o is not None:
                     x, o = x + o, None
                 mode.observe(i, "input", x)

@@ -1,8 +1,9 @@
 """Sparsity predictors: two-layer MLPs ``Linear -> ReLU -> Linear`` that score heads and neurons.
 
-- :class:`ShadowLLMPredictor`: one MLP on layer 0's attention output (E) that scores every head and
-  neuron of the sparse layers at once. Output layout: ``[heads of L_s layers (L_s * H), neurons of
-  L_s layers (L_s * F)]``, layer-major.
+- :class:`ShadowLLMPredictor`: one MLP that scores every head and neuron of the sparse layers at once, from layer 0's
+  attention output (E; ``input_site="attn0"``, the paper's input and the default) or from the residual stream entering
+  the first sparse layer (``"residual"``: the token's embedding plus layer 0's attention and MLP outputs). Output
+  layout: ``[heads of L_s layers (L_s * H), neurons of L_s layers (L_s * F)]``, layer-major.
 - :class:`DejaVuPredictor`: per sparse layer, MLPs on that layer's own activations. With ``neuron_input="mlp"``
   (the default) two: one on the layer's input scoring its H heads, one on its MLP's input (the normalised residual
   stream after attention, what fc1 / gate and up read) scoring its F neurons, as DejaVu predicts each block from
@@ -29,6 +30,7 @@ from .config import DecoderConfig
 
 KINDS = ("shadowllm", "dejavu")
 NEURON_INPUTS = ("mlp", "layer")  # what a DejaVu predictor scores neurons from (see DejaVuPredictor)
+SHADOWLLM_INPUTS = ("attn0", "residual")  # what a ShadowLLM predictor reads (see ShadowLLMPredictor)
 
 
 def _mlp(E: int, hidden: int, out: int, dtype, device) -> nn.Sequential:
@@ -72,8 +74,12 @@ class ShadowLLMPredictor(_Predictor):
     kind = "shadowllm"
 
     def __init__(self, cfg: DecoderConfig, hidden: int = 2048, first_sparse: int = 1, dtype=torch.float16,
-                 device="cpu"):
+                 device="cpu", input_site: str = "attn0"):
         super().__init__(cfg, hidden, first_sparse, dtype, device)
+        if input_site not in SHADOWLLM_INPUTS:
+            raise ValueError(f"input_site must be one of {SHADOWLLM_INPUTS}, got {input_site!r}")
+        self.input_site = input_site
+        self.meta["input_site"] = input_site
         self.n_out = self.n_sparse * (cfg.n_heads + cfg.ffn)
         self.net = _mlp(cfg.hidden, hidden, self.n_out, dtype, device)
 
@@ -165,13 +171,14 @@ def _nets_forward(nets: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 
 def random_predictor(kind: str, cfg: DecoderConfig, *, hidden: int | None = None, first_sparse: int = 1,
                      dtype=torch.float16, device="cpu", seed: int = 0, lookahead: bool = False,
-                     neuron_input: str = "mlp", ffn_hidden: int | None = None) -> _Predictor:
+                     neuron_input: str = "mlp", ffn_hidden: int | None = None,
+                     input_site: str = "attn0") -> _Predictor:
     """A randomly initialised predictor of the right shape (latency work; marked ``random`` in rows)."""
     if kind not in KINDS:
         raise ValueError(f"predictor kind must be one of {KINDS}, got {kind!r}")
     torch.manual_seed(seed)
     if kind == "shadowllm":
-        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, dtype, device)
+        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, dtype, device, input_site=input_site)
     else:
         pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, dtype, device, lookahead=lookahead,
                                neuron_input=neuron_input, ffn_hidden=ffn_hidden)
@@ -200,7 +207,8 @@ def load_predictor(path, cfg: DecoderConfig, *, dtype=torch.float16, device="cpu
         bad = ", ".join(f"{k} {got[k]} (model has {want[k]})" for k in want if got[k] != want[k])
         raise ValueError(f"{path}: predictor was made for a different model shape: {bad}")
     if kind == "shadowllm":
-        pred = ShadowLLMPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device)
+        pred = ShadowLLMPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device,
+                                  input_site=head.get("input_site", "attn0"))  # older files: layer 0's attention
     else:
         # files written before the MLP-input variant hold one net per layer on the layer input
         pred = DejaVuPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device,

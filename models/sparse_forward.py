@@ -91,6 +91,9 @@ class PositionPlans:
 
     def _on_input(self, i, x):
         mode = self.mode
+        if isinstance(mode, ShadowLLM) and mode.observes("input", i):
+            self._shadowllm(x)
+            return
         if not isinstance(mode, DejaVu):
             return
         target = i + 1 if mode.lookahead else i
@@ -111,10 +114,13 @@ class PositionPlans:
         self._store_selected(i, None, mode.buffers.select(neurons, "neurons"))
 
     def _on_attn_out(self, i, o):
+        if isinstance(self.mode, ShadowLLM) and self.mode.observes("attn_out", i):
+            self._shadowllm(o)
+
+    def _shadowllm(self, x):
+        """Every sparse layer's masks from ShadowLLM's one predictor on its input ``x`` [B, P, E]."""
         mode = self.mode
-        if not isinstance(mode, ShadowLLM) or i != 0:
-            return
-        heads, neurons = mode.predictor.split(self._scores(self._sources(o), None))  # [B, P', L_s, U]
+        heads, neurons = mode.predictor.split(self._scores(self._sources(x), None))  # [B, P', L_s, U]
         b = mode.buffers
         hm, nm = b.select(heads, "heads"), b.select(neurons, "neurons")
         for j in range(b.n_sparse):

@@ -122,6 +122,37 @@ def rank_quality(pred: Targets, true: Targets) -> dict:
     return out
 
 
+def _check_input_site(kind, shadowllm_input):
+    from .predictors import SHADOWLLM_INPUTS
+
+    if shadowllm_input not in SHADOWLLM_INPUTS:
+        raise ValueError(f"shadowllm_input must be one of {SHADOWLLM_INPUTS}, got {shadowllm_input!r}")
+    if kind != "shadowllm" and shadowllm_input != "attn0":
+        raise ValueError("shadowllm_input chooses a ShadowLLM predictor's input; a DejaVu predictor reads each layer's")
+
+
+class _InputScale:
+    """Standardisation of a ShadowLLM predictor's input (the residual stream has channels far louder than others)
+    while it trains, folded into its first layer afterwards: ``w1 / sd`` and ``b1 - (w1 / sd) @ mean``, so the saved
+    predictor reads the raw input and the kernels need nothing new."""
+
+    def __init__(self, x: torch.Tensor):
+        x = x.double()
+        self.mean, self.std = x.mean(0).float(), x.std(0).clamp(min=1e-6).float()
+        self.folded = False
+
+    def __call__(self, x):
+        return x if self.folded else (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def fold(self, pred) -> None:
+        lin = pred.net[0]
+        with torch.no_grad():
+            w = lin.weight / self.std.to(lin.weight.device)
+            lin.bias.sub_(w @ self.mean.to(w.device))
+            lin.weight.copy_(w)
+        self.folded = True
+
+
 @dataclass
 class TrainResult:
     predictor: object
@@ -205,7 +236,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
                     val_fraction: float = 0.2, test_fraction: float = 0.2, normalisation: str = "global",
                     log: bool = False, first_sparse: int = 1, seed: int = 0, device="cpu", progress=None,
                     sources: torch.Tensor | None = None, neuron_input: str = "mlp",
-                    ffn_hidden: int | None = None) -> TrainResult:
+                    ffn_hidden: int | None = None, shadowllm_input: str = "attn0") -> TrainResult:
     """Train a ``shadowllm`` or ``dejavu`` predictor on one criterion of a criteria dataset.
 
     Three splits: the epoch with the lowest loss on ``val_fraction`` of the data is kept, and Spearman rho is
@@ -214,7 +245,9 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     mean (the task of a prompt, or WikiText-2; ``sources``, default the dataset's ``row_source``). Per-token datasets
     (``row_group``) are split by sequence. Targets stay in their stored dtype and are normalised a batch at a time, so
     fp16 datasets larger than fp32 memory train. ``neuron_input`` and ``ffn_hidden``: a DejaVu predictor's neuron nets
-    (:class:`~models.predictors.DejaVuPredictor`)."""
+    (:class:`~models.predictors.DejaVuPredictor`). ``shadowllm_input``: a ShadowLLM predictor's input, ``attn0`` (layer
+    0's attention output) or ``residual`` (the first sparse layer's input, standardised while training and folded
+    into the first layer after)."""
     if kind not in ("shadowllm", "dejavu"):
         raise ValueError(f"kind must be 'shadowllm' or 'dejavu', got {kind!r}")
     if normalisation not in NORMALISATIONS:
@@ -237,7 +270,12 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     if mlp_in and "ffn_inputs" not in tensors:
         raise ValueError("a DejaVu predictor with neuron_input 'mlp' reads the MLPs' inputs, and this dataset has no "
                          "'ffn_inputs' (collect it again, or train with neuron_input 'layer')")
-    x_all = tensors["attn0"] if kind == "shadowllm" else tensors["inputs"][:, first_sparse:]  # [N, E] / [N, L_s, E]
+    _check_input_site(kind, shadowllm_input)
+    residual = kind == "shadowllm" and shadowllm_input == "residual"
+    if kind == "shadowllm":  # [N, E]
+        x_all = tensors["inputs"][:, first_sparse] if residual else tensors["attn0"]
+    else:
+        x_all = tensors["inputs"][:, first_sparse:]  # [N, L_s, E]
     a_all = tensors["ffn_inputs"][:, first_sparse:] if mlp_in else None  # [N, L_s, E]
     if torch.device(device).type == "cuda":  # batches gathered on the GPU when the data fits beside the predictor
         need = sum(t.numel() * t.element_size() for t in (x_all, a_all, tg.heads, tg.neurons) if t is not None)
@@ -249,11 +287,12 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     norm = Normaliser(normalisation, log).fit(tg, tr)
     torch.manual_seed(seed)
     if kind == "shadowllm":
-        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device)
+        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device, input_site=shadowllm_input)
     else:
         pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device, neuron_input=neuron_input,
                                ffn_hidden=ffn_hidden)
     pred.requires_grad_(True)
+    scale = _InputScale(x_all[tr.to(x_all.device)].float()) if residual else None
 
     def inputs_of(idx):
         """The predictor's inputs of rows ``idx``: (x, MLP inputs or None)."""
@@ -268,7 +307,9 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
         return x, a, yh, yn
 
     def forward(xb, ab=None):  # heads [b, L_s, H], neurons [b, L_s, F]
-        return pred(xb) if kind == "shadowllm" else pred.forward_all(xb, ab)
+        if kind == "shadowllm":
+            return pred(xb if scale is None else scale(xb))
+        return pred.forward_all(xb, ab)
 
     def loss_of(idx):
         x, a, yh, yn = batch_of(idx)
@@ -308,6 +349,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
             progress.update(1)
             progress.set_postfix(val=f"{val:.4f}")
     pred.load_state_dict(best_state)
+    if scale is not None:
+        scale.fold(pred)
     pred.requires_grad_(False).eval()
     report = te if len(te) else va
     if len(report) > 8192:  # rho over 8192 held-out rows: plenty for three decimals, and ranks of every unit are cheap
@@ -354,7 +397,8 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
                     val_fraction: float = 0.1, test_fraction: float = 0.1, normalisation: str = "layer",
                     log: bool | str = "log1p", first_sparse: int = 1, seed: int = 0, pool_tokens: int = 32768,
                     model_batch: int = 16, eval_rows: int = 16384, neuron_input: str = "mlp",
-                    ffn_hidden: int | None = None, tf32: bool = True, progress=None) -> TrainResult:
+                    ffn_hidden: int | None = None, tf32: bool = True, progress=None,
+                    shadowllm_input: str = "attn0") -> TrainResult:
     """Train a predictor on per-position targets computed from ``model`` as training goes, never stored.
 
     ``sequences``: ``[(source index, token ids)]`` (:func:`bench.collect.token_sequences`); every real position of
@@ -369,6 +413,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     The epoch of lowest loss on up to ``eval_rows`` validation positions is kept; Spearman rho and its baselines
     (per-unit and per-source means of the training targets, accumulated over the first epoch) are reported on up to
     ``eval_rows`` test positions. ``tf32``: the predictor's matmuls (not the model's) use TF32 on CUDA.
+    ``shadowllm_input``: as in :func:`train_predictor` (the standardisation's statistics from the first pool).
     AdamW, cosine learning-rate decay over all steps, MSE as in :func:`train_predictor`."""
     from .criteria import token_rows
 
@@ -389,6 +434,8 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     short = [i for i, (_, ids) in enumerate(sequences) if len(ids) < 1]
     if short:
         raise ValueError(f"sequence {short[0]} is empty")
+    _check_input_site(kind, shadowllm_input)
+    residual = kind == "shadowllm" and shadowllm_input == "residual"
     cfg = model.cfg
     device = model.device
     L_s = cfg.n_layers - first_sparse
@@ -409,8 +456,11 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
             for r, i in enumerate(ids):
                 tokens[r, : len(sequences[i][1])] = torch.tensor(sequences[i][1])
             lengths = torch.tensor([len(sequences[i][1]) for i in ids])
-            r = token_rows(model, tokens.to(device), lengths, (criterion,), with_inputs=kind == "dejavu")
-            x = r["attn0"] if kind == "shadowllm" else r["inputs"][:, first_sparse:]
+            r = token_rows(model, tokens.to(device), lengths, (criterion,), with_inputs=kind == "dejavu" or residual)
+            if kind == "shadowllm":
+                x = r["inputs"][:, first_sparse] if residual else r["attn0"]
+            else:
+                x = r["inputs"][:, first_sparse:]
             parts.append({"x": x.float(), "a": r["ffn_inputs"][:, first_sparse:].float() if mlp_in else None,
                           "heads": r[f"{criterion}.heads"][:, first_sparse:],
                           "neurons": r[f"{criterion}.neurons"][:, first_sparse:],
@@ -448,6 +498,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     first = next(pools(tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(seed + 5))]))
     fit_rows = rows_of(first)
     norm = Normaliser(normalisation, log).fit(Targets(fit_rows["heads"], fit_rows["neurons"]))
+    scale = _InputScale(fit_rows["x"]) if residual else None
     n_fit = len(fit_rows["src"])
     del fit_rows
     val = capped(va, eval_rows, 10)
@@ -455,14 +506,16 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
 
     torch.manual_seed(seed)
     if kind == "shadowllm":
-        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device)
+        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device, input_site=shadowllm_input)
     else:
         pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device, neuron_input=neuron_input,
                                ffn_hidden=ffn_hidden)
     pred.requires_grad_(True)
 
     def forward(x, a):
-        return pred(x) if kind == "shadowllm" else pred.forward_all(x, a)
+        if kind == "shadowllm":
+            return pred(x if scale is None else scale(x))
+        return pred.forward_all(x, a)
 
     def mse(h, n, yh, yn):
         sq = (h - yh).pow(2).sum() + (n - yn).pow(2).sum()
@@ -526,6 +579,8 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
             progress.update(1)
             progress.set_postfix(val=f"{v:.4f}")
     pred.load_state_dict(best_state)
+    if scale is not None:
+        scale.fold(pred)
     pred.requires_grad_(False).eval()
     val = val_y = None  # free the device memory before the test rows
     test = capped(te if len(te) else va, eval_rows, 20)

@@ -265,6 +265,8 @@ MODE_CASES = {
     "dejavu-lookahead": lambda cfg: DejaVu(0.5, "random", "token", lookahead=True, hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.5, "random", "local", "prompt", hidden=16),
+    "shadowllm-residual-token": lambda cfg: ShadowLLM(0.5, "random", "local", "token", hidden=16,
+                                                      input_site="residual"),
     "dejavu-prompt": lambda cfg: DejaVu(0.7, "random", "prompt", hidden=16),
     "shadowllm-sparse-hidden": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16, sparse_hidden=True),
     "dejavu-sparse-hidden": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, sparse_hidden=True),

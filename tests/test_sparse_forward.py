@@ -24,6 +24,11 @@ CASES = {
     "dejavu-lookahead-prompt": lambda cfg: DejaVu(0.6, "random", "prompt", lookahead=True, hidden=16),
     "shadowllm-global-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16),
     "shadowllm-local-prompt": lambda cfg: ShadowLLM(0.7, "random", "local", "prompt", hidden=16),
+    # the one predictor on layer 1's input (the residual stream after layer 0) instead of layer 0's attention output
+    "shadowllm-residual-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16,
+                                                      input_site="residual"),
+    "shadowllm-residual-prompt": lambda cfg: ShadowLLM(0.6, "random", "local", "prompt", hidden=16,
+                                                       input_site="residual"),
     "shadowllm-fp8-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16, predictor_dtype="fp8"),
     "dejavu-fp8-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, predictor_dtype="fp8"),
     # every group's key and value computed and cached (decodes on grouped-query models only)

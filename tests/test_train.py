@@ -306,3 +306,63 @@ def test_train_stream_command_saves_records_and_resumes(tmp_path, capsys):
     assert main(argv) == 0
     assert "up to date" in capsys.readouterr().out
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(rows)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_shadowllm_on_the_residual_stream_trains_folds_its_scaling_and_round_trips(tmp_path, streamed):
+    """A ShadowLLM predictor reading layer 1's input: trained with that input standardised, the standardisation
+    folded into its first layer (the saved net on the raw input scores as the trained net on the standardised one),
+    and its file says which input it reads (an older file, without the field, reads layer 0's attention output)."""
+    from models.predictors import ShadowLLMPredictor
+    from models.train import _InputScale, train_streaming
+
+    from helpers import tiny_decoder
+
+    c = cfg()
+    x = torch.randn(64, c.hidden) * torch.logspace(-1, 2, c.hidden)  # channels of very different scales
+    scale = _InputScale(x)
+    p = ShadowLLMPredictor(c, 8, 1, torch.float32, "cpu", input_site="residual")
+    want = p(scale(x))
+    scale.fold(p)
+    for got, w in zip(p(x), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-4)
+    if streamed:
+        model = tiny_decoder("llama")
+        res = train_streaming("shadowllm", model, _tiny_sequences(model), "l2norm", hidden=32, epochs=2,
+                              batch_size=64, pool_tokens=400, model_batch=8, eval_rows=200, shadowllm_input="residual")
+    else:
+        res = train_predictor("shadowllm", c, synthetic(c), "plainact", hidden=16, epochs=2,
+                              shadowllm_input="residual")
+        model = None
+    pred = res.predictor
+    assert pred.input_site == "residual"
+    path = pred.save(tmp_path / "p.safetensors")
+    loaded = load_predictor(path, pred.cfg, dtype=torch.float32)
+    assert loaded.input_site == "residual"
+    import json
+
+    from safetensors.torch import save_file
+
+    old = ShadowLLMPredictor(c, 8, 1, torch.float32, "cpu")
+    head = old.header()
+    head.pop("input_site")
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"shadowbench": json.dumps(head)})
+    assert load_predictor(tmp_path / "old.safetensors", c, dtype=torch.float32).input_site == "attn0"
+    with pytest.raises(ValueError, match="shadowllm_input must be one of"):
+        train_predictor("shadowllm", c, synthetic(c), "plainact", epochs=1, shadowllm_input="mlp")
+    with pytest.raises(ValueError, match="DejaVu predictor reads each layer"):
+        train_predictor("dejavu", c, synthetic(c), "plainact", epochs=1, shadowllm_input="residual")
+
+
+def test_shadowllm_residual_mode_observes_only_layer_one_input():
+    from models.modes import ShadowLLM
+
+    from helpers import tiny_decoder
+
+    model = tiny_decoder("llama")
+    mode = ShadowLLM(0.5, "random", "local", "token", hidden=8, input_site="residual").bind(model)
+    assert mode.observes("input", 1) and not mode.observes("input", 2) and not mode.observes("attn_out", 0)
+    attn = ShadowLLM(0.5, "random", "local", "token", hidden=8).bind(model)
+    assert attn.observes("attn_out", 0) and not attn.observes("input", 1)
+    assert mode.describe()["input_site"] == "residual" and attn.describe()["input_site"] == "attn0"
