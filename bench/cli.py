@@ -297,7 +297,8 @@ def _train(args) -> int:
                                val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                                normalisation=args.normalisation, log="log1p" if args.log1p else args.log,
                                device=device, progress=bar, force=args.force, neuron_input=args.neuron_input,
-                               ffn_hidden=args.ffn_hidden, shadowllm_input=args.shadowllm_input)
+                               ffn_hidden=args.ffn_hidden,
+                               shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0")
             except ValueError as err:
                 print(f"train {kind}/{crit}: {err}", file=sys.stderr)
                 status = 1
@@ -368,7 +369,8 @@ def _train_stream(args) -> int:
                                 pool_tokens=args.pool_tokens,
                                 model_batch=args.model_batch, eval_rows=args.eval_rows,
                                 neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden, progress=bar,
-                                force=args.force, shadowllm_input=args.shadowllm_input)
+                                force=args.force,
+                                shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0")
             except ValueError as err:
                 print(f"train-stream {kind}/{crit}: {err}", file=sys.stderr)
                 status = 1
@@ -647,9 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--neuron-input", choices=["mlp", "layer"], default="mlp",
                     help="DejaVu: score each layer's neurons from its MLP input (default; one more net per layer, "
                          "--ffn-hidden wide) or together with its heads from the layer input")
-    tr.add_argument("--shadowllm-input", choices=["attn0", "residual"], default="attn0",
-                    help="ShadowLLM: the one predictor reads layer 0's attention output (default, the paper's) or the "
-                         "residual stream entering layer 1 (the token's embedding plus layer 0's outputs)")
+    tr.add_argument("--shadowllm-input", choices=["attn0", "residual"], default="residual",
+                    help="ShadowLLM: the one predictor reads the residual stream entering layer 1 (default: the "
+                         "token's embedding plus layer 0's outputs; its neurons rank far better, notes/quality.md) or "
+                         "layer 0's attention output (the paper's input)")
     tr.add_argument("--ffn-hidden", type=_int_at_least(1, "--ffn-hidden"),
                     help="DejaVu --neuron-input mlp: hidden width of the neuron nets (default --hidden)")
     tr.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=100)
@@ -694,9 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "1024 DejaVu)")
     ts.add_argument("--neuron-input", choices=["mlp", "layer"], default="mlp",
                     help="DejaVu: neurons from the MLP input (default) or with the heads from the layer input")
-    ts.add_argument("--shadowllm-input", choices=["attn0", "residual"], default="attn0",
-                    help="ShadowLLM: the one predictor reads layer 0's attention output (default, the paper's) or the "
-                         "residual stream entering layer 1 (the token's embedding plus layer 0's outputs)")
+    ts.add_argument("--shadowllm-input", choices=["attn0", "residual"], default="residual",
+                    help="ShadowLLM: the one predictor reads the residual stream entering layer 1 (default) or layer "
+                         "0's attention output (the paper's input)")
     ts.add_argument("--ffn-hidden", type=_int_at_least(1, "--ffn-hidden"),
                     help="DejaVu --neuron-input mlp: hidden width of the neuron nets (default --hidden)")
     ts.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=10)

@@ -356,6 +356,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                               predictor_data=meta.get("dataset"), predictor_n_train=meta.get("n_train"))
             if getattr(mode, "neuron_input", None):  # DejaVu: what its neurons were scored from
                 common = dict(common, neuron_input=mode.neuron_input)
+            if getattr(mode, "input_site", None):  # ShadowLLM: what its one predictor reads
+                common = dict(common, shadowllm_input=mode.input_site)
         except Exception as err:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
             if tp is not None:
                 raise
@@ -430,6 +432,7 @@ def quality_table(rows) -> str:
         hs, ns = e.get("head_sparsity", r["sparsity"]), e.get("neuron_sparsity", r["sparsity"])
         s_txt = f"{r['sparsity']:.2f}" if hs == ns else f"{hs:.2f}/{ns:.2f}"
         mode = r["mode"] + (f" {e['neuron_input']}-in" if e.get("neuron_input") else "")
+        mode += " residual-in" if e.get("shadowllm_input") == "residual" else ""
         mode += " kv:always" if e.get("kv_rule") == "always" else ""
         if e.get("eval") != "wikitext2" and e.get("sparse_prefix") is False and r["mode"] != "dense":
             mode += " dense-ctx"

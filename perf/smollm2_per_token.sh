@@ -11,10 +11,12 @@
 #                                       # s=0.5 on neurons only and on heads only
 #   perf/smollm2_per_token.sh accuracy  # 7-task accuracy at s=0.3, sparse context, up to 500 examples per task;
 #                                       # key/value rule skip, and always for the oracle and the predictors
-#   perf/smollm2_per_token.sh stream    # the same predictors (ShadowLLM 1024, DejaVu MLP-input 256) trained on rows
-#                                       # computed from the model as training goes (`train-stream`, no dataset
-#                                       # file): all of WikiText-2 validation and 400 predictor prompts per task at 0
-#                                       # and 3 shots (839,931 positions), STREAM_EPOCHS (default 6) epochs
+#   perf/smollm2_per_token.sh stream    # the same predictors (ShadowLLM 1024 on layer 0's attention output, DejaVu
+#                                       # MLP-input 256) trained on rows computed from the model as training goes
+#                                       # (`train-stream`, no dataset file): all of WikiText-2 validation and 400
+#                                       # predictor prompts per task at 0 and 3 shots (839,931 positions),
+#                                       # STREAM_EPOCHS (default 6) epochs; and ShadowLLM on layer 1's input (the
+#                                       # residual stream, `--shadowllm-input residual`) in predictors-stream-residual
 #   perf/smollm2_per_token.sh stream-quality  # perplexity of those predictors, both key/value rules (STAGE=accuracy
 #                                       # for their 7-task accuracy instead)
 #   FFN=2048 perf/smollm2_per_token.sh stream-wide  # DejaVu with FFN-wide neuron nets (heads 256), trained the same
@@ -46,7 +48,7 @@ collect)
 train)
   tr="$sb train --data $out/criteria --criterion $crit --epochs $epochs --batch 256 --log1p"
   tr="$tr --results $rows/training.jsonl --no-progress"
-  $tr --kind shadowllm --hidden 1024 --out "$out/predictors"
+  $tr --kind shadowllm --hidden 1024 --shadowllm-input attn0 --out "$out/predictors"
   $tr --kind dejavu --neuron-input mlp --hidden 256 --out "$out/predictors"
   $tr --kind dejavu --neuron-input layer --hidden 1024 --out "$out/predictors-layer" ;;
 quality)
@@ -67,7 +69,8 @@ accuracy)
   $sb quality $common --modes oracle,shadowllm,dejavu $acc --kv-rule always --predictors-dir "$out/predictors" \
       || true ;;
 stream)
-  $ts --kind shadowllm --hidden 1024 --out "$out/predictors-stream"
+  $ts --kind shadowllm --hidden 1024 --shadowllm-input attn0 --out "$out/predictors-stream"
+  $ts --kind shadowllm --hidden 1024 --shadowllm-input residual --out "$out/predictors-stream-residual"
   $ts --kind dejavu --neuron-input mlp --hidden 256 --out "$out/predictors-stream" ;;
 stream-wide)
   w="$out/predictors-stream-ffn${FFN:-2048}"
@@ -79,12 +82,15 @@ stream-wide)
 stream-quality)
   sq="--criteria l2norm --criteria-dir $out/criteria --predictors-dir $out/predictors-stream"
   sq="--model smollm2 $f32 $sq --out $rows/quality.jsonl --no-progress"
+  sr="--model smollm2 $f32 --criteria l2norm --predictors-dir $out/predictors-stream-residual"
+  sr="$sr --out $rows/quality.jsonl --no-progress"
   if [ "${STAGE:-ppl}" = accuracy ]; then
     $sb quality $sq --modes shadowllm,dejavu --policy local --sparsity 0.3 --tasks $tasks --limit ${LIMIT:-500} \
         --no-ppl --batch 64 --kv-rule always || true
   else
     for kv in skip always; do
       $sb quality $sq --modes shadowllm,dejavu --policy local --sparsity 0.3,0.5 --kv-rule $kv --tasks '' $ppl || true
+      $sb quality $sr --modes shadowllm --policy local --sparsity 0.3,0.5 --kv-rule $kv --tasks '' $ppl || true
     done
     for hn in "0 0.5" "0.5 0"; do
       set -- $hn

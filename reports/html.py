@@ -93,6 +93,7 @@ def _caption(rows) -> str:
 # Words a label carries when its row is not the canonical setting (batch 1, prompt 128, 128 tokens, default flags,
 # predictors of the default folder): each names a group of traces that the figure's menu shows instead.
 VARIANT_MARKERS = ("fp8-predictor", "no-PDL", "own-GEMV", "batch-union", "per-prompt", "kv:always", "layer-input",
+                   "residual-input",
                    "heads-only", "neurons-only", "dense-context", "-shot", "heads ", "TP", "[")
 MAX_LEGEND = 12
 
@@ -170,6 +171,8 @@ def _base_label(r) -> str:
     if r.get("mode") == "dejavu" and (ex.get("neuron_input") or (ex.get("settings") or {}).get("neuron_input")) \
             == "layer":  # DejaVu's neurons scored from the layer input instead of the MLP input
         parts.append("layer-input")
+    if r.get("mode") == "shadowllm" and ex.get("shadowllm_input") == "residual":  # reads layer 1's input
+        parts.append("residual-input")
     if ex.get("predictor_dtype") == "fp8":
         parts.append("fp8-predictor")
     if ex.get("batch_rule") == "union" and (r.get("batch") or 1) > 1:
