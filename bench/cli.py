@@ -283,6 +283,21 @@ def _train(args) -> int:
         raise SystemExit(f"train: {err}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = args.out or f"runs/predictors/{meta['model']}"
+
+    def run(kind, crit, bar):
+        return train_case(kind, crit, data=args.data, tensors=tensors, meta=meta, cfg=cfg, out_dir=out, writer=writer,
+                          hidden=args.hidden, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                          val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                          normalisation=args.normalisation, log="log1p" if args.log1p else args.log, device=device,
+                          progress=bar, force=args.force, neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden,
+                          shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0")
+
+    return _train_each(args, "train", run)
+
+
+def _train_each(args, command: str, run) -> int:
+    """``run(kind, criterion, progress bar)`` for every kind and criterion of ``args``: a failed one is reported and
+    the others go on (exit status 1 if any failed)."""
     status = 0
     for kind in _names(args.kind):
         for crit in _names(args.criterion):
@@ -292,15 +307,9 @@ def _train(args) -> int:
 
                 bar = tqdm(total=args.epochs, desc=f"{kind}/{crit}", unit="epoch")
             try:
-                t = train_case(kind, crit, data=args.data, tensors=tensors, meta=meta, cfg=cfg, out_dir=out,
-                               writer=writer, hidden=args.hidden, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                               val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                               normalisation=args.normalisation, log="log1p" if args.log1p else args.log,
-                               device=device, progress=bar, force=args.force, neuron_input=args.neuron_input,
-                               ffn_hidden=args.ffn_hidden,
-                               shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0")
+                t = run(kind, crit, bar)
             except ValueError as err:
-                print(f"train {kind}/{crit}: {err}", file=sys.stderr)
+                print(f"{command} {kind}/{crit}: {err}", file=sys.stderr)
                 status = 1
                 continue
             finally:
@@ -352,34 +361,18 @@ def _train_stream(args) -> int:
           + ", ".join(f"{k} {v}" for k, v in per_source.items()) + f"; missing: {sorted(missing) or 'none'}",
           file=sys.stderr)
     out = args.out or f"runs/predictors-stream/{args.model}"
-    status = 0
-    for kind in _names(args.kind):
-        for crit in _names(args.criterion):
-            bar = None
-            if not args.no_progress:
-                from tqdm import tqdm
 
-                bar = tqdm(total=args.epochs, desc=f"{kind}/{crit}", unit="epoch")
-            try:
-                t = stream_case(kind, crit, model=model, sequences=seqs, sources=sources, model_name=args.model,
-                                data=data, out_dir=out, writer=writer, hidden=args.hidden, epochs=args.epochs,
-                                batch=args.batch, lr=args.lr, val_fraction=args.val_fraction,
-                                test_fraction=args.test_fraction, normalisation=args.normalisation,
-                                log={"log1p": "log1p", "log": True, "none": False}[args.log],
-                                pool_tokens=args.pool_tokens,
-                                model_batch=args.model_batch, eval_rows=args.eval_rows,
-                                neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden, progress=bar,
-                                force=args.force,
-                                shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0")
-            except ValueError as err:
-                print(f"train-stream {kind}/{crit}: {err}", file=sys.stderr)
-                status = 1
-                continue
-            finally:
-                if bar is not None:
-                    bar.close()
-            _print_trained(kind, crit, t)
-    return status
+    def run(kind, crit, bar):
+        return stream_case(kind, crit, model=model, sequences=seqs, sources=sources, model_name=args.model, data=data,
+                           out_dir=out, writer=writer, hidden=args.hidden, epochs=args.epochs, batch=args.batch,
+                           lr=args.lr, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                           normalisation=args.normalisation,
+                           log={"log1p": "log1p", "log": True, "none": False}[args.log], pool_tokens=args.pool_tokens,
+                           model_batch=args.model_batch, eval_rows=args.eval_rows,
+                           neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden, progress=bar, force=args.force,
+                           shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0")
+
+    return _train_each(args, "train-stream", run)
 
 
 def _quality(args) -> int:

@@ -199,7 +199,7 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
     and MLP input are those of a model already sparse in the layers before; the targets are what every head and
     neuron of the layer would give on that input, before the plan drops some (l2norm only). A predictor trained on
     the dense trajectory sees inputs at inference that drift from its training data, more with every sparse layer."""
-    from models.criteria import token_rows
+    from models.criteria import length_batches, token_rows
 
     bad = [c for c in criteria if c not in TOKEN_CRITERIA]
     if bad:
@@ -225,15 +225,8 @@ def collect_tokens(model, tokenizer, *, tasks=(), shots=(0,), per_task=40, wikit
 
         bar = tqdm(total=sum(len(ids) for _, ids in seqs), desc="collect tokens", unit="tok")
     t0 = time.time()
-    # longest first: batches of similar lengths waste little padding
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][1]))
-    for b0 in range(0, len(order), batch_size):
-        idx = order[b0: b0 + batch_size]
-        P = max(len(seqs[i][1]) for i in idx)
-        tokens = torch.zeros((len(idx), P), dtype=torch.long)
-        for r, i in enumerate(idx):
-            tokens[r, : len(seqs[i][1])] = torch.tensor(seqs[i][1])
-        lengths = torch.tensor([len(seqs[i][1]) for i in idx])
+    for idx, tokens, lengths in length_batches(seqs, batch_size):
+        P = tokens.shape[1]
         tokens = tokens.to(model.device)
         extra = None
         if oracle is not None:  # record each activation, then apply the oracle's plan of its position

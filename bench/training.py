@@ -35,6 +35,22 @@ def _header_key(path: Path) -> str | None:
         return None
 
 
+def _case(settings: dict, kind, criterion, *, neuron_input, ffn_hidden, shadowllm_input, out_dir, writer, force):
+    """The key of a training case (its settings and the predictor's variant), its file, and what the results already
+    hold for it: ``(key, path, Trained or None)`` (None: train it)."""
+    if kind == "dejavu":  # the neuron nets' input and width (ShadowLLM has one net)
+        settings.update(neuron_input=neuron_input, ffn_hidden=ffn_hidden)
+    if kind == "shadowllm" and shadowllm_input != "attn0":  # (absent: layer 0's attention output, as older rows)
+        settings.update(shadowllm_input=shadowllm_input)
+    key = settings_key(settings)
+    path = Path(out_dir) / f"{kind}-{criterion}.safetensors"
+    found = [r for r in writer.resume() if r.get("kind") == "predictor" and r.get("status") == "ok"
+             and (r.get("extra") or {}).get("case_key") == key]
+    if found and not force and path.is_file() and _header_key(path) == key:
+        return key, path, Trained(path, found, False)
+    return key, path, None
+
+
 def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cfg, out_dir, writer, hidden=None,
                epochs=100, batch=32, lr=1e-3, val_fraction=0.2, test_fraction=0.2, normalisation="global", log=False,
                device="cpu", progress=None, force=False, neuron_input="mlp", ffn_hidden=None,
@@ -46,16 +62,10 @@ def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cf
                 "hidden": hidden, "epochs": epochs, "batch": batch, "lr": lr, "val_fraction": val_fraction,
                 "test_fraction": test_fraction,
                 "normalisation": normalisation, "log": log if log == "log1p" else bool(log)}
-    if kind == "dejavu":  # the neuron nets' input and width (ShadowLLM has one net)
-        settings.update(neuron_input=neuron_input, ffn_hidden=ffn_hidden)
-    if kind == "shadowllm" and shadowllm_input != "attn0":  # (absent: layer 0's attention output, as older rows)
-        settings.update(shadowllm_input=shadowllm_input)
-    key = settings_key(settings)
-    path = Path(out_dir) / f"{kind}-{criterion}.safetensors"
-    found = [r for r in writer.resume() if r.get("kind") == "predictor" and r.get("status") == "ok"
-             and (r.get("extra") or {}).get("case_key") == key]
-    if found and not force and path.is_file() and _header_key(path) == key:
-        return Trained(path, found, False)
+    key, path, done = _case(settings, kind, criterion, neuron_input=neuron_input, ffn_hidden=ffn_hidden,
+                            shadowllm_input=shadowllm_input, out_dir=out_dir, writer=writer, force=force)
+    if done is not None:
+        return done
     sources = tensors.get("row_source")
     if sources is None and meta.get("examples"):  # sequence-level data: each example's task
         names = sorted({e[0] for e in meta["examples"]})
@@ -89,16 +99,10 @@ def stream_case(kind: str, criterion: str, *, model, sequences: list, sources: l
                 "criterion": criterion, "hidden": hidden, "epochs": epochs, "batch": batch, "lr": lr,
                 "val_fraction": val_fraction, "test_fraction": test_fraction, "normalisation": normalisation,
                 "log": log if log == "log1p" else bool(log), "pool_tokens": pool_tokens, "eval_rows": eval_rows}
-    if kind == "dejavu":
-        settings.update(neuron_input=neuron_input, ffn_hidden=ffn_hidden)
-    if kind == "shadowllm" and shadowllm_input != "attn0":
-        settings.update(shadowllm_input=shadowllm_input)
-    key = settings_key(settings)
-    path = Path(out_dir) / f"{kind}-{criterion}.safetensors"
-    found = [r for r in writer.resume() if r.get("kind") == "predictor" and r.get("status") == "ok"
-             and (r.get("extra") or {}).get("case_key") == key]
-    if found and not force and path.is_file() and _header_key(path) == key:
-        return Trained(path, found, False)
+    key, path, done = _case(settings, kind, criterion, neuron_input=neuron_input, ffn_hidden=ffn_hidden,
+                            shadowllm_input=shadowllm_input, out_dir=out_dir, writer=writer, force=force)
+    if done is not None:
+        return done
     t0 = time.time()
     res = train_streaming(kind, model, sequences, criterion, hidden=hidden, epochs=epochs, batch_size=batch, lr=lr,
                           val_fraction=val_fraction, test_fraction=test_fraction, normalisation=normalisation, log=log,

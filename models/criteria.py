@@ -170,6 +170,19 @@ def merge_hooks(first: dict, then: dict) -> dict:
     return out
 
 
+def length_batches(sequences: list, batch: int):
+    """``(indices, tokens [B, P] right-padded, lengths [B])`` for ``sequences`` (``[(source, ids)]``) taken longest
+    first, ``batch`` at a time, so a batch wastes little padding."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][1]))
+    for b0 in range(0, len(order), batch):
+        idx = order[b0: b0 + batch]
+        lengths = torch.tensor([len(sequences[i][1]) for i in idx])
+        tokens = torch.zeros((len(idx), int(lengths.max())), dtype=torch.long)
+        for r, i in enumerate(idx):
+            tokens[r, : len(sequences[i][1])] = torch.tensor(sequences[i][1])
+        yield idx, tokens, lengths
+
+
 def token_rows(model, tokens: torch.Tensor, lengths: torch.Tensor, criteria=("l2norm",), *, with_inputs: bool = True,
                extra_hooks: dict | None = None) -> dict:
     """Per-position importance targets and predictor inputs of a batch of sequences, on the model's device.

@@ -350,6 +350,15 @@ class OPTDecoder(DecoderBase):
                 return (torch.relu_(y) if relu else y), z
             return ops.norm_gemv(w, x, rows, fold, r, "relu" if relu else None, count, validate=False)
 
+        def fc1_relu(layer, a, plan):
+            """relu(fc1) of the normalised MLP input ``a``: the plan's neurons, or all of them."""
+            if plan.neurons is not None:
+                return ops.gather_rows(layer.fc1_w, a, plan.neurons, layer.fc1_b, "relu", count=plan.neuron_count,
+                                       validate=False)
+            if own:
+                return ops.gemv(layer.fc1_w, a, layer.fc1_b, relu=True)
+            return torch.relu_(F.linear(a, layer.fc1_w, layer.fc1_b))
+
         if ops.embed is not None and self.project_in is None:  # one launch
             x = ops.embed(tokens, self.embed_tokens, pos, self.embed_positions, POSITION_OFFSET)
         else:
@@ -389,26 +398,14 @@ class OPTDecoder(DecoderBase):
                 mode.observe(i, "ffn_in", a)
             with nvtx_range(f"layer{i}.mlp"):
                 if a is not None:  # normalised already (observed): fc1 reads it without folding the norm in again
-                    if plan.neurons is not None:
-                        f = ops.gather_rows(layer.fc1_w, a, plan.neurons, layer.fc1_b, "relu",
-                                            count=plan.neuron_count, validate=False)
-                    elif own:
-                        f = ops.gemv(layer.fc1_w, a, layer.fc1_b, relu=True)
-                    else:
-                        f = torch.relu_(F.linear(a, layer.fc1_w, layer.fc1_b))
+                    f = fc1_relu(layer, a, plan)
                 elif pre:
                     f, x = norm_gemv(layer.fc1_w, x, o, folds[i][1], plan.neurons, plan.neuron_count, True)
                 else:
                     _, x = ops.add_norm(x, o, layer.ln1_w, layer.ln1_b, eps)
                     if watch_ffn:  # post-LN: the MLP's input is the normalised sum itself
                         mode.observe(i, "ffn_in", x)
-                    if plan.neurons is not None:
-                        f = ops.gather_rows(layer.fc1_w, x, plan.neurons, layer.fc1_b, "relu",
-                                            count=plan.neuron_count, validate=False)
-                    elif own:
-                        f = ops.gemv(layer.fc1_w, x, layer.fc1_b, relu=True)
-                    else:
-                        f = torch.relu_(F.linear(x, layer.fc1_w, layer.fc1_b))
+                    f = fc1_relu(layer, x, plan)
                 if plan.neurons is None and own:
                     o = ops.gemv(layer.fc2_w, f, layer.fc2_b)
                 elif plan.neurons is None:

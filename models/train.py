@@ -153,6 +153,39 @@ class _InputScale:
         self.folded = True
 
 
+def _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input):
+    """A float32 predictor to train, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    if kind == "shadowllm":
+        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device, input_site=shadowllm_input)
+    else:
+        pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device, neuron_input=neuron_input,
+                               ffn_hidden=ffn_hidden)
+    return pred.requires_grad_(True)
+
+
+class _BestEpoch:
+    """The epoch of lowest validation loss: its weights kept, the history written, the progress bar advanced."""
+
+    def __init__(self, progress=None):
+        self.history, self.loss, self.state, self.epoch, self.progress = [], float("inf"), None, 0, progress
+
+    def record(self, pred, train_loss: float, val: float) -> None:
+        self.history.append({"epoch": len(self.history) + 1, "train_loss": train_loss, "val_loss": val})
+        if val < self.loss:
+            self.loss, self.epoch, self.state = val, len(self.history), copy.deepcopy(pred.state_dict())
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(val=f"{val:.4f}")
+
+    def restore(self, pred, scale=None) -> None:
+        """The best epoch's weights, the input scaling folded in, frozen for evaluation."""
+        pred.load_state_dict(self.state)
+        if scale is not None:
+            scale.fold(pred)
+        pred.requires_grad_(False).eval()
+
+
 @dataclass
 class TrainResult:
     predictor: object
@@ -285,13 +318,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     groups = tensors.get("row_group")
     tr, va, te = _split(N, val_fraction, seed, groups, test_fraction)
     norm = Normaliser(normalisation, log).fit(tg, tr)
-    torch.manual_seed(seed)
-    if kind == "shadowllm":
-        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device, input_site=shadowllm_input)
-    else:
-        pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device, neuron_input=neuron_input,
-                               ffn_hidden=ffn_hidden)
-    pred.requires_grad_(True)
+    pred = _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input)
     scale = _InputScale(x_all[tr.to(x_all.device)].float()) if residual else None
 
     def inputs_of(idx):
@@ -327,8 +354,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     steps_per_epoch = math.ceil(len(tr) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed + 1)
-    history, best, best_state, best_epoch = [], float("inf"), None, 0
-    for epoch in range(epochs):
+    tracker = _BestEpoch(progress)
+    for _ in range(epochs):
         pred.train()
         order = tr[torch.randperm(len(tr), generator=gen)]
         total = 0.0
@@ -340,18 +367,9 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
             opt.step()
             sched.step()
             total += float(loss.detach()) * idx.numel()
-        val = mean_loss(va)
-        history.append({"epoch": epoch + 1, "train_loss": total / len(tr), "val_loss": val})
-        if val < best:
-            best, best_epoch = val, epoch + 1
-            best_state = copy.deepcopy(pred.state_dict())
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(val=f"{val:.4f}")
-    pred.load_state_dict(best_state)
-    if scale is not None:
-        scale.fold(pred)
-    pred.requires_grad_(False).eval()
+        tracker.record(pred, total / len(tr), mean_loss(va))
+    tracker.restore(pred, scale)
+    history, best, best_epoch = tracker.history, tracker.loss, tracker.epoch
     report = te if len(te) else va
     if len(report) > 8192:  # rho over 8192 held-out rows: plenty for three decimals, and ranks of every unit are cheap
         report = report[torch.randperm(len(report), generator=torch.Generator().manual_seed(seed + 2))[:8192]]
@@ -415,7 +433,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     ``eval_rows`` test positions. ``tf32``: the predictor's matmuls (not the model's) use TF32 on CUDA.
     ``shadowllm_input``: as in :func:`train_predictor` (the standardisation's statistics from the first pool).
     AdamW, cosine learning-rate decay over all steps, MSE as in :func:`train_predictor`."""
-    from .criteria import token_rows
+    from .criteria import length_batches, token_rows
 
     if kind not in ("shadowllm", "dejavu"):
         raise ValueError(f"kind must be 'shadowllm' or 'dejavu', got {kind!r}")
@@ -448,14 +466,9 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     def rows_of(seq_ids) -> dict:
         """Rows of the sequences ``seq_ids`` on the device: x, a (or None), raw heads and neurons, source."""
         parts = []
-        order = sorted((int(i) for i in seq_ids), key=lambda i: -len(sequences[i][1]))  # little padding
-        for b0 in range(0, len(order), model_batch):
-            ids = order[b0: b0 + model_batch]
-            P = max(len(sequences[i][1]) for i in ids)
-            tokens = torch.zeros((len(ids), P), dtype=torch.long)
-            for r, i in enumerate(ids):
-                tokens[r, : len(sequences[i][1])] = torch.tensor(sequences[i][1])
-            lengths = torch.tensor([len(sequences[i][1]) for i in ids])
+        chosen = [int(i) for i in seq_ids]
+        for pos, tokens, lengths in length_batches([sequences[i] for i in chosen], model_batch):
+            ids = [chosen[p] for p in pos]
             r = token_rows(model, tokens.to(device), lengths, (criterion,), with_inputs=kind == "dejavu" or residual)
             if kind == "shadowllm":
                 x = r["inputs"][:, first_sparse] if residual else r["attn0"]
@@ -504,13 +517,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     val = capped(va, eval_rows, 10)
     val_y = (norm.apply_kind(val["heads"], "heads"), norm.apply_kind(val["neurons"], "neurons"))
 
-    torch.manual_seed(seed)
-    if kind == "shadowllm":
-        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device, input_site=shadowllm_input)
-    else:
-        pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device, neuron_input=neuron_input,
-                               ffn_hidden=ffn_hidden)
-    pred.requires_grad_(True)
+    pred = _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input)
 
     def forward(x, a):
         if kind == "shadowllm":
@@ -538,7 +545,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     # per-source sums of the normalised training targets (first epoch): the baselines' means
     sums = [torch.zeros((n_src + 1, L_s, u), dtype=torch.float64, device=device) for u in (cfg.n_heads, cfg.ffn)]
     counts = torch.zeros(n_src + 1, dtype=torch.float64, device=device)
-    history, best, best_state, best_epoch = [], float("inf"), None, 0
+    tracker = _BestEpoch(progress)
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     for epoch in range(epochs):
         pred.train()
@@ -570,18 +577,9 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
                 torch.backends.cuda.matmul.allow_tf32 = prev_tf32
             del r, yh, yn
         pred.eval()
-        v = val_loss()
-        history.append({"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": v})
-        if v < best:
-            best, best_epoch = v, epoch + 1
-            best_state = copy.deepcopy(pred.state_dict())
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(val=f"{v:.4f}")
-    pred.load_state_dict(best_state)
-    if scale is not None:
-        scale.fold(pred)
-    pred.requires_grad_(False).eval()
+        tracker.record(pred, total / max(1, seen), val_loss())
+    tracker.restore(pred, scale)
+    history, best, best_epoch = tracker.history, tracker.loss, tracker.epoch
     val = val_y = None  # free the device memory before the test rows
     test = capped(te if len(te) else va, eval_rows, 20)
     n_report = len(test["src"])
