@@ -21,7 +21,7 @@ import torch
 from models.config import DecoderConfig
 from models.generate import Generator
 from models.loading import random_model
-from models.modes import MODES, NO_DECODE, ShadowLLM, make_mode, mode_variants, random_importance
+from models.modes import MODES, NO_DECODE, make_mode, mode_variants, random_importance
 from models.ops import get_ops, unfused_norms
 from models.opt import OPTDecoder
 from models.registry import get_spec
@@ -145,10 +145,9 @@ def _predictor_ms(mode, model, batch, device) -> float | None:
     if not hasattr(mode, "predictor"):
         return None
     x = torch.randn(batch, model.cfg.hidden, device=device, dtype=model.dtype)
-    if isinstance(mode, ShadowLLM):
-        fn = lambda: mode.observe(*mode.source(), x)
-    else:
-        fn = lambda: [mode.observe(i, site, x) for i in range(model.cfg.n_layers) for site in mode.observed_sites]
+    # every site of every layer offered, as a decode step does: each mode predicts where it reads (captured, so the
+    # calls that return at once cost nothing)
+    fn = lambda: [mode.observe(i, site, x) for i in range(model.cfg.n_layers) for site in mode.observed_sites]
     return time_op(fn, device)["median_us"] / 1e3
 
 

@@ -346,10 +346,10 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
             mode.bind(model)
             if on_mode is not None:
                 on_mode(case, mode, source)
-            meta = getattr(getattr(mode, "predictor", None), "meta", None) or {}
+            pred = getattr(mode, "predictor", None)
+            meta = getattr(pred, "meta", None) or {}
             if "normalisation" in meta:  # how the predictor's targets were normalised when it was trained
                 common = dict(common, predictor_normalisation=meta["normalisation"], predictor_log=meta.get("log"))
-            pred = getattr(mode, "predictor", None)
             if pred is not None:  # its widths and what it was trained on (a dataset file or rows streamed)
                 common = dict(common, predictor_hidden=pred.hidden, predictor_ffn_hidden=getattr(pred, "ffn_hidden",
                                                                                                  None),

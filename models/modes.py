@@ -495,7 +495,7 @@ class ShadowLLM(_Predicting):
         if self.predictor.first_sparse != 1:
             raise ValueError(f"a ShadowLLM predictor must cover layers from 1, got {self.predictor.first_sparse}")
         self.input_site = self.predictor.input_site
-        self.observed_sites = ("input",) if self.input_site == "residual" else ("attn_out",)
+        self.observed_sites = (self.source()[1],)
         self._setup_predictor([None])
         return self
 
