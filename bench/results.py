@@ -181,8 +181,8 @@ class RowWriter:
             existed = self.path.exists()
             with self.path.open("a"):
                 pass
-            if not existed:
-                self.path.unlink()
+            if not existed:  # another process (a rank of the same sweep) may have removed its own probe already
+                self.path.unlink(missing_ok=True)
         except OSError as err:
             raise ValueError(f"cannot write results to {str(self.path)!r}: {err.strerror or err}") from None
 
