@@ -389,3 +389,20 @@ def test_calibrate_then_quality_in_threshold_mode(tmp_path, capsys):
     assert "no thresholds for sparsity 0.3" in err[0]["extra"]["error"]
     with pytest.raises(SystemExit, match="has no latency"):
         cli.main(["latency", "--modes", "oracle"])
+
+
+def test_the_write_probe_survives_another_rank_removing_its_file(tmp_path, monkeypatch):
+    """Two ranks of one sweep both probe a results file that does not exist yet: each creates it and removes it, and
+    the second removal finds it gone. That is not a path that cannot be written."""
+    path = tmp_path / "rows.jsonl"
+    real_open = Path.open
+
+    def open_then_other_rank_removes(self, *args, **kwargs):
+        handle = real_open(self, *args, **kwargs)
+        if self == path:
+            path.unlink()  # the other rank's probe removal, between this one's create and its removal
+        return handle
+
+    monkeypatch.setattr(Path, "open", open_then_other_rank_removes)
+    RowWriter(path)
+    assert not path.exists()
