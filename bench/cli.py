@@ -66,6 +66,16 @@ def _fraction(what: str, low_open=True):
     return _number(what, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
+def _head_share(text: str):
+    """--head-share: 'units' (None) or a number in (0, 1)."""
+    if text.strip() == "units":
+        return None
+    try:
+        return _fraction("--head-share")(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (or 'units')") from None
+
+
 def _positive_float(what: str):
     return _number(what, lambda v: v > 0, "> 0")
 
@@ -194,7 +204,8 @@ def _latency(args) -> int:
                                batch_rule=args.batch_rule, predictor_dtype=args.predictor_dtype,
                                dense_gemv=args.dense_gemv, norm_fold=not args.no_norm_fold,
                                head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity, tp=tp,
-                               kv_rule=args.kv_rule, neuron_input=args.neuron_input)
+                               kv_rule=args.kv_rule, neuron_input=args.neuron_input,
+                               shadowllm_input=args.shadowllm_input)
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     _say(tp, latency.summary_table(rows))
     _say(tp, *[f"error: {r['model']} {r['mode']} s={r['sparsity']}: {r['extra'].get('error')}" for r in bad[:5]],
@@ -290,7 +301,8 @@ def _train(args) -> int:
                           val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                           normalisation=args.normalisation, log="log1p" if args.log1p else args.log, device=device,
                           progress=bar, force=args.force, neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden,
-                          shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0")
+                          shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0",
+                          head_share=args.head_share)
 
     return _train_each(args, "train", run)
 
@@ -370,7 +382,8 @@ def _train_stream(args) -> int:
                            log={"log1p": "log1p", "log": True, "none": False}[args.log], pool_tokens=args.pool_tokens,
                            model_batch=args.model_batch, eval_rows=args.eval_rows,
                            neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden, progress=bar, force=args.force,
-                           shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0")
+                           shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0",
+                           head_share=args.head_share)
 
     return _train_each(args, "train-stream", run)
 
@@ -476,8 +489,8 @@ def _pareto(args) -> int:
                      predictors_dir=args.predictors_dir or f"runs/predictors/{args.model}",
                      thresholds=args.thresholds or f"runs/thresholds/{args.model}.safetensors",
                      data_dir=args.data_dir, head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity,
-                     prompt_len=args.prompt, gen_len=args.gen, quality_out=args.quality_out,
-                     latency_out=args.latency_out, progress=not args.no_progress)
+                     kv_rule=args.kv_rule, granularity=args.granularity, prompt_len=args.prompt, gen_len=args.gen,
+                     quality_out=args.quality_out, latency_out=args.latency_out, progress=not args.no_progress)
     rows = [r for p in (args.quality_out, args.latency_out) for r in RowWriter(p).existing()]
     keys = {(r.get("extra") or {}).get("config_key") for r in out["quality"] + out["latency"]}
     print(pareto_table([o for o in join(rows) if o]) if keys else "no configuration ran")
@@ -576,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--neuron-input", choices=["mlp", "layer"], default="mlp",
                      help="DejaVu's random predictor: neurons scored by a second net per layer on the MLP input "
                           "(default, as `train` makes them) or with the heads from the layer input")
+    lat.add_argument("--shadowllm-input", choices=["residual", "attn0"], default="residual",
+                     help="ShadowLLM's random predictor: reads the residual stream entering layer 1 (default, as "
+                          "`train` makes them; one more residual add per step) or layer 0's attention output")
     lat.add_argument("--dense-gemv", choices=["auto", "cublas", "triton"], default="auto",
                      help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS or our gather-rows "
                           "kernel over natural-layout weights (OPT only; keeps a copy of fc2, more memory, see "
@@ -648,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "layer 0's attention output (the paper's input)")
     tr.add_argument("--ffn-hidden", type=_int_at_least(1, "--ffn-hidden"),
                     help="DejaVu --neuron-input mlp: hidden width of the neuron nets (default --hidden)")
+    tr.add_argument("--head-share", type=_head_share, default=None,
+                    help="the heads' weight W in the loss, the neurons' being 1 - W (a number in (0, 1)); default "
+                         "'units': one MSE over all outputs, every head and neuron once")
     tr.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=100)
     tr.add_argument("--batch", type=_int_at_least(1, "--batch"), default=32)
     tr.add_argument("--lr", type=_positive_float("--lr"), default=1e-3)
@@ -695,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "0's attention output (the paper's input)")
     ts.add_argument("--ffn-hidden", type=_int_at_least(1, "--ffn-hidden"),
                     help="DejaVu --neuron-input mlp: hidden width of the neuron nets (default --hidden)")
+    ts.add_argument("--head-share", type=_head_share, default=None,
+                    help="the heads' weight W in the loss, the neurons' being 1 - W (a number in (0, 1)); default "
+                         "'units': one MSE over all outputs, every head and neuron once")
     ts.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=10)
     ts.add_argument("--batch", type=_int_at_least(1, "--batch"), default=1024, help="positions per optimiser step")
     ts.add_argument("--lr", type=_positive_float("--lr"), default=1e-3)
@@ -791,7 +813,10 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--modes", default="dense,oracle,static,dejavu,shadowllm,threshold")
     par.add_argument("--criteria", default="l2norm", help="criteria of the importance files / predictors")
     par.add_argument("--sparsity", type=_floats, default=[0.3, 0.5])
-    budgets(par, kv=False)
+    budgets(par)
+    par.add_argument("--granularity", choices=["token", "prompt"], default="token",
+                     help="when the predictor modes predict, in the scored and the timed run alike: every token "
+                          "(default) or once per prompt, after prefill")
     par.add_argument("--policy", default="local")
     par.add_argument("--tasks", default="", help="tasks for accuracy (default none: perplexity only)")
     par.add_argument("--limit", type=_int_at_least(1, "--limit"), help="examples per task")

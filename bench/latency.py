@@ -91,7 +91,8 @@ def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_poli
 
 
 def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean",
-               predictor_dtype: str = "model", kv_rule: str = "skip", thresholds=None, neuron_input: str = "mlp"):
+               predictor_dtype: str = "model", kv_rule: str = "skip", thresholds=None, neuron_input: str = "mlp",
+               shadowllm_input: str = "residual"):
     """The mode of a latency case: random static scores or random predictors of the trained shapes, or the threshold
     mode's ``thresholds`` (:func:`random_thresholds`). ``kv_rule`` applies to the sparse modes (a dense step
     computes every key and value)."""
@@ -105,7 +106,8 @@ def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: st
                      importance=random_importance(cfg, seed) if case.mode == "static" else thresholds,
                      batch_rule=batch_rule, predictor_dtype=predictor_dtype, head_sparsity=case.head_sparsity,
                      neuron_sparsity=case.neuron_sparsity, kv_rule="skip" if case.mode == "dense" else kv_rule,
-                     neuron_input=neuron_input if case.mode == "dejavu" else None)
+                     neuron_input=neuron_input if case.mode == "dejavu" else None,
+                     shadowllm_input=shadowllm_input if case.mode == "shadowllm" else None)
 
 
 def random_thresholds(model, sparsity: float, seed: int = 0, tokens: int = 256) -> dict:
@@ -160,7 +162,7 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
         thresholds = random_thresholds(model, case.sparsity, seed) if case.mode == "threshold" else None
         mode = mode_of(case, model.full_cfg, seed, base["extra"].get("batch_rule", "mean"),
                        base["extra"].get("predictor_dtype", "model"), base["extra"].get("kv_rule", "skip"), thresholds,
-                       base["extra"].get("neuron_input", "mlp"))
+                       base["extra"].get("neuron_input", "mlp"), base["extra"].get("shadowllm_input", "residual"))
     ops = get_ops(None, device)
     if not base["extra"].get("norm_fold", True):
         ops = unfused_norms(ops)
@@ -183,6 +185,7 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
                   live_heads=sum(counts["heads"]) if "heads" in counts else None,
                   live_neurons=sum(counts["neurons"]) if "neurons" in counts else None, **mode.budgets())
     common["neuron_input"] = desc.get("neuron_input")  # DejaVu's (None for the other modes)
+    common["shadowllm_input"] = desc.get("input_site")  # ShadowLLM's (None for the other modes)
     if case.mode == "threshold":
         common["thresholds"] = getattr(mode, "source", None) if given else "calibrated on random tokens"
     rows = [make_row(**common, metric="token_ms", value=st["median"], unit="ms",
@@ -242,7 +245,7 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
 # One list for both sides of the resume check (a row's values, and a case's about to run), so they cannot drift apart.
 RESUME_FIELDS = ("model", "mode", "sparsity", "policy", "granularity", "gen_len", "head_sparsity", "neuron_sparsity",
                  "batch", "prompt_len", "dtype", "device", "pdl", "batch_rule", "predictor_dtype", "dense_gemv",
-                 "norm_fold", "tp", "tp_plan", "kv_rule", "neuron_input")
+                 "norm_fold", "tp", "tp_plan", "kv_rule", "neuron_input", "shadowllm_input")
 
 
 def _resume_key(settings: dict) -> tuple:
@@ -263,20 +266,24 @@ def _row_settings(r: dict) -> dict:
                dense_gemv=ex.get("dense_gemv", "cublas"), norm_fold=ex.get("norm_fold", True), tp=ex.get("tp", 1),
                tp_plan=ex.get("tp_plan"), kv_rule=ex.get("kv_rule", "skip"),
                # DejaVu rows before the MLP-input neuron nets timed the single net on the layer input
-               neuron_input=ex.get("neuron_input", "layer") if r.get("mode") == "dejavu" else None)
+               neuron_input=ex.get("neuron_input", "layer") if r.get("mode") == "dejavu" else None,
+               # ShadowLLM rows before the residual input timed a predictor on layer 0's attention output
+               shadowllm_input=ex.get("shadowllm_input", "attn0") if r.get("mode") == "shadowllm" else None)
     return out
 
 
 def _case_settings(c: LatencyCase, run: dict) -> dict:
     """The settings of case ``c`` in a sweep whose shared settings are ``run`` (batch, prompt_len, dtype, device,
-    pdl, batch_rule, predictor_dtype, dense_gemv by model, norm_fold, tp, tp_plan, kv_rule, neuron_input)."""
+    pdl, batch_rule, predictor_dtype, dense_gemv by model, norm_fold, tp, tp_plan, kv_rule, neuron_input,
+    shadowllm_input)."""
     h, n = c.budgets()
     dense = c.mode in ("dense", "hf")
     return {**{k: v for k, v in run.items() if k != "dense_gemv"}, "model": c.model, "mode": c.mode,
             "sparsity": c.sparsity, "policy": c.policy, "granularity": c.granularity, "gen_len": c.gen_len,
             "head_sparsity": h, "neuron_sparsity": n, "dense_gemv": run["dense_gemv"][c.model],
             "kv_rule": "skip" if dense else run["kv_rule"],
-            "neuron_input": run["neuron_input"] if c.mode == "dejavu" else None}
+            "neuron_input": run["neuron_input"] if c.mode == "dejavu" else None,
+            "shadowllm_input": run["shadowllm_input"] if c.mode == "shadowllm" else None}
 
 
 def _done_keys(rows) -> set:
@@ -299,7 +306,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
                 batch_rule="mean", predictor_dtype="model", dense_gemv="auto", norm_fold=True,
                 head_sparsity=None, neuron_sparsity=None, tp=None, kv_rule="skip",
-                neuron_input="mlp") -> list[dict]:
+                neuron_input="mlp", shadowllm_input="residual") -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
@@ -311,15 +318,19 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     plan rule; a failing case stops the group instead of becoming an error row, since the other ranks could not
     know of it). ``kv_rule``: what the sparse modes' skipped heads leave in the cache (``always``: grouped-query
     models only, every group's key and value rows read and cached each step). ``neuron_input``: what DejaVu's random
-    predictor scores neurons from (``mlp``: a second net per layer on the MLP input; ``layer``)."""
+    predictor scores neurons from (``mlp``: a second net per layer on the MLP input; ``layer``).
+    ``shadowllm_input``: what ShadowLLM's random predictor reads (``residual``: the stream entering layer 1, one more
+    residual add materialised per step, as `train` makes them; ``attn0``: layer 0's attention output)."""
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
-    from models.predictors import NEURON_INPUTS
+    from models.predictors import NEURON_INPUTS, SHADOWLLM_INPUTS
 
     check_batch_rule(batch_rule)
     if neuron_input not in NEURON_INPUTS:
         raise ValueError(f"neuron_input must be one of {NEURON_INPUTS}, got {neuron_input!r}")
+    if shadowllm_input not in SHADOWLLM_INPUTS:
+        raise ValueError(f"shadowllm_input must be one of {SHADOWLLM_INPUTS}, got {shadowllm_input!r}")
     if dense_gemv not in DENSE_GEMVS:
         raise ValueError(f"dense_gemv must be one of {DENSE_GEMVS}, got {dense_gemv!r}")
     bad = [m for m in modes if m not in LATENCY_MODES]
@@ -345,12 +356,13 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     if kv_rule != "skip":
         base["extra"]["kv_rule"] = kv_rule
     base["extra"]["neuron_input"] = neuron_input  # DejaVu's (its rows keep it; mode_of builds the predictor with it)
+    base["extra"]["shadowllm_input"] = shadowllm_input  # ShadowLLM's, likewise
     engines = {m: resolve_dense_gemv(dense_gemv, m, dtype, device, 1 if tp is None else tp.world) for m in models}
     done = _done_keys(writer.resume())
     run = dict(batch=batch, prompt_len=prompt_len, dtype=dtype_name, device=env["device"], pdl=pdl,
                batch_rule=batch_rule, predictor_dtype=predictor_dtype, dense_gemv=engines, norm_fold=bool(norm_fold),
                tp=1 if tp is None else tp.world, tp_plan=None if tp is None else tp.plan, kv_rule=kv_rule,
-               neuron_input=neuron_input)
+               neuron_input=neuron_input, shadowllm_input=shadowllm_input)
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies,
                                      head_sparsity, neuron_sparsity)
             if _resume_key(_case_settings(c, run)) not in done]

@@ -40,16 +40,17 @@ def config_key(model: str, case: QualityCase, mode, *, granularity: str, predict
 def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, policies=("local",), granularity="token",
                tasks=(), limit=None, ppl=True, ppl_tokens=2048, context=512, stride=256, criteria_dir=None,
                predictors_dir=None, thresholds=None, data_dir=None, predictor_dtype="model", head_sparsity=None,
-               neuron_sparsity=None, prompt_len=128, gen_len=128, quality_out="runs/quality.jsonl",
+               neuron_sparsity=None, kv_rule="skip", prompt_len=128, gen_len=128, quality_out="runs/quality.jsonl",
                latency_out="runs/latency.jsonl", progress=True) -> dict:
-    """Quality and latency rows of every configuration, each stamped with its ``config_key``."""
+    """Quality and latency rows of every configuration, each stamped with its ``config_key``. ``granularity`` (when
+    the predictor modes predict: every token, or once per prompt) and ``kv_rule`` apply to both parts alike."""
     from .latency import LatencyCase, run_mode_case
     from .timing import copy_bandwidth
 
     lat_writer = RowWriter(latency_out)
     files = dict(criteria_dir=criteria_dir, predictors_dir=predictors_dir, granularity=granularity,
                  predictor_dtype=predictor_dtype, head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity,
-                 thresholds=thresholds)
+                 thresholds=thresholds, kv_rule=kv_rule)
     built = {}  # the modes the quality part bound: timed as they are (their files are loaded and hashed once)
     qrun = run_quality(model, tokenizer, model_name=model_name, modes=modes, criteria=criteria, sparsities=sparsities,
                        policies=policies, tasks=tasks, limit=limit, ppl=ppl, ppl_tokens=ppl_tokens, context=context,
@@ -117,7 +118,8 @@ def join(rows) -> list[dict]:
         rec = by[key]
         rec.update(model=r["model"], mode=r["mode"], criterion=r["criterion"], policy=r["policy"],
                    sparsity=r["sparsity"], kv_rule=e.get("kv_rule"), head_sparsity=e.get("head_sparsity"),
-                   neuron_sparsity=e.get("neuron_sparsity"))
+                   neuron_sparsity=e.get("neuron_sparsity"),
+                   granularity=e.get("granularity") if r["mode"] in ("dejavu", "shadowllm") else None)
         if r["kind"] == "quality" and r["metric"] == "perplexity":
             rec["perplexity"] = r["value"]
         elif r["kind"] == "quality" and r["metric"] == "acc":
@@ -136,11 +138,13 @@ def join(rows) -> list[dict]:
 
 
 def pareto_table(records) -> str:
-    lines = [f"{'mode':<10} {'crit':<9} {'policy':<7} {'s':>5} {'ppl':>9} {'acc':>6} {'ms/tok':>8} {'speedup':>8}"]
+    lines = [f"{'mode':<10} {'crit':<9} {'policy':<7} {'s':>5} {'kv':<6} {'gran.':<6} {'ppl':>9} {'acc':>6} "
+             f"{'ms/tok':>8} {'speedup':>8}"]
     fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
     for o in sorted(records, key=lambda o: (o["mode"] != "dense", o["mode"], str(o["criterion"]), str(o["policy"]),
-                                            o["sparsity"])):
+                                            o["sparsity"], str(o.get("kv_rule")), str(o.get("granularity")))):
         lines.append(f"{o['mode']:<10} {str(o['criterion'] or '-'):<9} {str(o['policy'] or '-'):<7} "
-                     f"{o['sparsity']:>5.2f} {fmt(o.get('perplexity'), '9.2f')} {fmt(o.get('acc_mean'), '6.3f')} "
+                     f"{o['sparsity']:>5.2f} {str(o.get('kv_rule') or '-'):<6} {str(o.get('granularity') or '-'):<6} "
+                     f"{fmt(o.get('perplexity'), '9.2f')} {fmt(o.get('acc_mean'), '6.3f')} "
                      f"{fmt(o.get('token_ms'), '8.3f')} {fmt(o.get('speedup'), '8.2f')}")
     return "\n".join(lines)

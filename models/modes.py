@@ -552,7 +552,8 @@ def random_importance(cfg, seed: int = 0) -> dict:
 def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, granularity: str = "token",
               predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean",
               predictor_dtype: str = "model", head_sparsity: float | None = None,
-              neuron_sparsity: float | None = None, kv_rule: str = "skip", neuron_input: str | None = None) -> Mode:
+              neuron_sparsity: float | None = None, kv_rule: str = "skip", neuron_input: str | None = None,
+              shadowllm_input: str | None = None) -> Mode:
     """Build a mode by name: the one factory of the CLI, latency, quality, profile and tune.
 
     ``importance``: static's scores (a file or a dict with ``heads`` [L, H] and ``neurons`` [L, F]), or the
@@ -560,7 +561,9 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
     a trained predictor file, or ``"random"`` (random weights of the trained shape, for latency work).
     ``head_sparsity`` / ``neuron_sparsity`` override ``sparsity`` for one kind of unit; ``kv_rule`` says what
     skipped heads leave in the cache (:data:`models.plan.KV_RULES`); ``neuron_input``: what a random DejaVu
-    predictor scores neurons from (:data:`models.predictors.NEURON_INPUTS`; a file says its own)."""
+    predictor scores neurons from (:data:`models.predictors.NEURON_INPUTS`; a file says its own);
+    ``shadowllm_input``: what a random ShadowLLM predictor reads (:data:`models.predictors.SHADOWLLM_INPUTS`; a file
+    says its own)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
     if name == "dense":
@@ -582,7 +585,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
                       predictor_dtype=predictor_dtype, neuron_input=neuron_input)
     else:
         mode = ShadowLLM(sparsity, predictor, policy or "global", granularity, batch_rule=batch_rule,
-                         predictor_dtype=predictor_dtype)
+                         predictor_dtype=predictor_dtype, input_site=shadowllm_input)
     if name != "dense":
         mode.set_budgets(head_sparsity, neuron_sparsity)
     return mode.set_kv_rule(kv_rule)

@@ -16,7 +16,8 @@ Target normalisation, explicit because global top-k compares scores across layer
   log(1 + score), which compresses the large scores and leaves the near-zero ones near zero (both increasing, so
   orderings are kept too).
 
-Training: AdamW (lr 1e-3), cosine schedule over all epochs, MSE on the normalised targets, batch 32, up to
+Training: AdamW (lr 1e-3), cosine schedule over all epochs, MSE on the normalised targets (every output once, or
+heads and neurons weighted by ``head_share``: :func:`target_loss`), batch 32, up to
 100 epochs; a held-out fraction of the examples (seeded) is the validation split; the weights of the epoch
 with the lowest validation loss are kept. Evaluation on the validation split: Spearman rho between
 predicted and true scores per example, averaged over examples, within each layer (``local``, then
@@ -153,6 +154,29 @@ class _InputScale:
         self.folded = True
 
 
+def check_head_share(head_share):
+    if head_share is not None and (isinstance(head_share, bool) or not isinstance(head_share, (int, float))
+                                   or not 0 < head_share < 1):
+        raise ValueError(f"head_share must be None or a number in (0, 1), got {head_share!r}")
+
+
+def target_loss(head_share: float | None = None):
+    """The training loss on normalised targets, ``loss(h, n, yh, yn)`` over heads [b, L_s, H] and neurons
+    [b, L_s, F]. ``head_share`` None: one MSE over all outputs, so every head and neuron counts once (on SmolLM2 the
+    heads are 9 of every 1545 outputs of a layer). A number: the heads' mean squared error weighs ``head_share`` and
+    the neurons' ``1 - head_share``, so a ShadowLLM predictor's shared hidden layer is not shaped by the neurons alone
+    (the oracle loses more to skipped heads than to skipped neurons)."""
+    check_head_share(head_share)
+
+    def loss(h, n, yh, yn):
+        if head_share is None:
+            sq = (h - yh).pow(2).sum() + (n - yn).pow(2).sum()
+            return sq / (yh.shape[0] * (yh.shape[1] * yh.shape[2] + yn.shape[1] * yn.shape[2]))
+        return head_share * (h - yh).pow(2).mean() + (1 - head_share) * (n - yn).pow(2).mean()
+
+    return loss
+
+
 def _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input):
     """A float32 predictor to train, initialised from ``seed``."""
     torch.manual_seed(seed)
@@ -269,7 +293,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
                     val_fraction: float = 0.2, test_fraction: float = 0.2, normalisation: str = "global",
                     log: bool = False, first_sparse: int = 1, seed: int = 0, device="cpu", progress=None,
                     sources: torch.Tensor | None = None, neuron_input: str = "mlp",
-                    ffn_hidden: int | None = None, shadowllm_input: str = "attn0") -> TrainResult:
+                    ffn_hidden: int | None = None, shadowllm_input: str = "attn0",
+                    head_share: float | None = None) -> TrainResult:
     """Train a ``shadowllm`` or ``dejavu`` predictor on one criterion of a criteria dataset.
 
     Three splits: the epoch with the lowest loss on ``val_fraction`` of the data is kept, and Spearman rho is
@@ -280,7 +305,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     fp16 datasets larger than fp32 memory train. ``neuron_input`` and ``ffn_hidden``: a DejaVu predictor's neuron nets
     (:class:`~models.predictors.DejaVuPredictor`). ``shadowllm_input``: a ShadowLLM predictor's input, ``attn0`` (layer
     0's attention output) or ``residual`` (the first sparse layer's input, standardised while training and folded
-    into the first layer after)."""
+    into the first layer after). ``head_share``: the heads' weight in the loss (:func:`target_loss`)."""
     if kind not in ("shadowllm", "dejavu"):
         raise ValueError(f"kind must be 'shadowllm' or 'dejavu', got {kind!r}")
     if normalisation not in NORMALISATIONS:
@@ -304,6 +329,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
         raise ValueError("a DejaVu predictor with neuron_input 'mlp' reads the MLPs' inputs, and this dataset has no "
                          "'ffn_inputs' (collect it again, or train with neuron_input 'layer')")
     _check_input_site(kind, shadowllm_input)
+    criterion_loss = target_loss(head_share)
     residual = kind == "shadowllm" and shadowllm_input == "residual"
     if kind == "shadowllm":  # [N, E]
         x_all = tensors["inputs"][:, first_sparse] if residual else tensors["attn0"]
@@ -341,9 +367,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     def loss_of(idx):
         x, a, yh, yn = batch_of(idx)
         h, n = forward(x, a)
-        # every output counts once: heads and neurons together, as one MSE over all outputs
-        sq = (h - yh).pow(2).sum() + (n - yn).pow(2).sum()
-        return sq / (idx.numel() * (yh.shape[1] * yh.shape[2] + yn.shape[1] * yn.shape[2]))
+        return criterion_loss(h, n, yh, yn)
 
     def mean_loss(rows, chunk=1024):
         with torch.no_grad():
@@ -397,7 +421,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
             lambda idx: (mh[n_lab].expand(len(idx), -1, -1), mn[n_lab].expand(len(idx), -1, -1)), truth, report)
         if src is not None:
             baselines["source_mean"] = rank_quality_rows(lambda idx: (mh[labels[idx]], mn[labels[idx]]), truth, report)
-    pred.meta.update({"source": "trained", "criterion": criterion, **norm.describe(), "best_epoch": best_epoch,
+    pred.meta.update({"source": "trained", "criterion": criterion, **norm.describe(), "head_share": head_share,
+                      "best_epoch": best_epoch,
                       "epochs": epochs, "n_train": len(tr), "n_val": len(va), "n_test": len(te), "val_loss": best,
                       "spearman": quality, "rho_split": "test" if len(te) else "validation",
                       "spearman_baselines": baselines})
@@ -416,7 +441,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
                     log: bool | str = "log1p", first_sparse: int = 1, seed: int = 0, pool_tokens: int = 32768,
                     model_batch: int = 16, eval_rows: int = 16384, neuron_input: str = "mlp",
                     ffn_hidden: int | None = None, tf32: bool = True, progress=None,
-                    shadowllm_input: str = "attn0") -> TrainResult:
+                    shadowllm_input: str = "attn0", head_share: float | None = None) -> TrainResult:
     """Train a predictor on per-position targets computed from ``model`` as training goes, never stored.
 
     ``sequences``: ``[(source index, token ids)]`` (:func:`bench.collect.token_sequences`); every real position of
@@ -432,7 +457,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     (per-unit and per-source means of the training targets, accumulated over the first epoch) are reported on up to
     ``eval_rows`` test positions. ``tf32``: the predictor's matmuls (not the model's) use TF32 on CUDA.
     ``shadowllm_input``: as in :func:`train_predictor` (the standardisation's statistics from the first pool).
-    AdamW, cosine learning-rate decay over all steps, MSE as in :func:`train_predictor`."""
+    AdamW, cosine learning-rate decay over all steps, the loss of :func:`target_loss` (``head_share``)."""
     from .criteria import length_batches, token_rows
 
     if kind not in ("shadowllm", "dejavu"):
@@ -453,6 +478,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     if short:
         raise ValueError(f"sequence {short[0]} is empty")
     _check_input_site(kind, shadowllm_input)
+    mse = target_loss(head_share)
     residual = kind == "shadowllm" and shadowllm_input == "residual"
     cfg = model.cfg
     device = model.device
@@ -523,10 +549,6 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
         if kind == "shadowllm":
             return pred(x if scale is None else scale(x))
         return pred.forward_all(x, a)
-
-    def mse(h, n, yh, yn):
-        sq = (h - yh).pow(2).sum() + (n - yn).pow(2).sum()
-        return sq / (yh.shape[0] * (yh.shape[1] * yh.shape[2] + yn.shape[1] * yn.shape[2]))
 
     use_tf32 = tf32 and torch.device(device).type == "cuda"
 
@@ -603,7 +625,8 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
         "source_mean": rank_quality_rows(lambda idx: (means[0][src_t[idx]], means[1][src_t[idx]]), truth, rows),
     }
     n_val_rows = min(eval_rows, sum(len(sequences[i][1]) for i in va.tolist()))
-    pred.meta.update({"source": "trained", "criterion": criterion, **norm.describe(), "best_epoch": best_epoch,
+    pred.meta.update({"source": "trained", "criterion": criterion, **norm.describe(), "head_share": head_share,
+                      "best_epoch": best_epoch,
                       "epochs": epochs, "n_train": n_train, "n_val": n_val_rows, "n_test": n_report, "val_loss": best,
                       "spearman": quality, "rho_split": "test" if len(te) else "validation",
                       "spearman_baselines": baselines, "rows": "streamed from the model",

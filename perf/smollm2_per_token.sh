@@ -11,14 +11,21 @@
 #                                       # s=0.5 on neurons only and on heads only
 #   perf/smollm2_per_token.sh accuracy  # 7-task accuracy at s=0.3, sparse context, up to 500 examples per task;
 #                                       # key/value rule skip, and always for the oracle and the predictors
-#   perf/smollm2_per_token.sh stream    # the same predictors (ShadowLLM 1024 on layer 0's attention output, DejaVu
-#                                       # MLP-input 256) trained on rows computed from the model as training goes
-#                                       # (`train-stream`, no dataset file): all of WikiText-2 validation and 400
-#                                       # predictor prompts per task at 0 and 3 shots (839,931 positions),
-#                                       # STREAM_EPOCHS (default 6) epochs; and ShadowLLM on layer 1's input (the
-#                                       # residual stream, `--shadowllm-input residual`) in predictors-stream-residual
-#   perf/smollm2_per_token.sh stream-quality  # perplexity of those predictors, both key/value rules (STAGE=accuracy
-#                                       # for their 7-task accuracy instead)
+#   perf/smollm2_per_token.sh stream    # ShadowLLM (hidden 1024, on the residual stream entering layer 1, the
+#                                       # default input) and DejaVu (MLP-input nets 256) trained on rows computed from
+#                                       # the model as training goes (`train-stream`, no dataset file): all of
+#                                       # WikiText-2 validation and 400 predictor prompts per task at 0 and 3 shots
+#                                       # (839,931 positions), STREAM_EPOCHS (default 6) epochs, into PRED (default
+#                                       # OUT/predictors-stream); HEAD_SHARE sets ShadowLLM's --head-share; KINDS
+#                                       # (default shadowllm,dejavu) which ones
+#   perf/smollm2_per_token.sh stream-attn0  # ShadowLLM on layer 0's attention output (the paper's input), the same
+#                                       # way, into OUT/predictors-stream-attn0
+#   perf/smollm2_per_token.sh stream-quality  # perplexity of the predictors in PRED (MODES, default
+#                                       # shadowllm,dejavu), both key/value rules, and on heads only and neurons only
+#                                       # (STAGE=accuracy: their 7-task accuracy under `always` instead)
+#   perf/smollm2_per_token.sh pareto    # float16: thresholds calibrated, then `pareto` of dense, oracle, threshold
+#                                       # and the predictors in PRED at s=0.3 and 0.5, per token and per prompt, both
+#                                       # key/value rules: perplexity and decode latency of the same configurations
 #   FFN=2048 perf/smollm2_per_token.sh stream-wide  # DejaVu with FFN-wide neuron nets (heads 256), trained the same
 #                                       # way, and its perplexity at s=0.3 and 0.5 and on neurons only
 # OUT (default runs/smollm2-tokens) holds the dataset and predictors; ROWS (default results) the result tables.
@@ -26,7 +33,7 @@
 # ../shared/data or SHADOWBENCH_DATA. Smaller runs: WT_TOKENS, PER_TASK, EPOCHS, LIMIT, PPL_TOKENS; CRITERIA
 # (default l2norm; l2norm,plainact doubles the dataset).
 set -eu
-stage=${1:?collect, train, quality, accuracy, stream, stream-quality or stream-wide}
+stage=${1:?collect, train, quality, accuracy, stream, stream-attn0, stream-quality, stream-wide or pareto}
 out=${OUT:-runs/smollm2-tokens}
 rows=${ROWS:-results}
 crit=${CRITERIA:-l2norm}
@@ -40,6 +47,7 @@ common="--model smollm2 $f32 --criteria $crit --criteria-dir $out/criteria --out
 # train-stream's rows: all of WikiText-2 validation and the tasks' predictor prompts, computed as training goes
 ts="$sb train-stream --model smollm2 $f32 --criterion l2norm --tasks $tasks --per-task ${PER_TASK:-400} --shots 0,3"
 ts="$ts --epochs ${STREAM_EPOCHS:-6} --batch 1024 --log log1p --results $rows/training.jsonl --no-progress"
+pred=${PRED:-$out/predictors-stream}
 case $stage in
 collect)
   $sb collect --model smollm2 $f32 --per-token --criteria "$crit" --wikitext-tokens "${WT_TOKENS:-98304}" \
@@ -69,9 +77,14 @@ accuracy)
   $sb quality $common --modes oracle,shadowllm,dejavu $acc --kv-rule always --predictors-dir "$out/predictors" \
       || true ;;
 stream)
-  $ts --kind shadowllm --hidden 1024 --shadowllm-input attn0 --out "$out/predictors-stream"
-  $ts --kind shadowllm --hidden 1024 --shadowllm-input residual --out "$out/predictors-stream-residual"
-  $ts --kind dejavu --neuron-input mlp --hidden 256 --out "$out/predictors-stream" ;;
+  case ,${KINDS:-shadowllm,dejavu}, in *,shadowllm,*)
+    $ts --kind shadowllm --hidden 1024 --shadowllm-input residual --head-share "${HEAD_SHARE:-units}" --out "$pred" ;;
+  esac
+  case ,${KINDS:-shadowllm,dejavu}, in *,dejavu,*)
+    $ts --kind dejavu --neuron-input mlp --hidden 256 --out "$pred" ;;
+  esac ;;
+stream-attn0)
+  $ts --kind shadowllm --hidden 1024 --shadowllm-input attn0 --out "$out/predictors-stream-attn0" ;;
 stream-wide)
   w="$out/predictors-stream-ffn${FFN:-2048}"
   $ts --kind dejavu --neuron-input mlp --hidden 256 --ffn-hidden "${FFN:-2048}" --out "$w"
@@ -80,23 +93,30 @@ stream-wide)
   $sb quality $sq --modes dejavu --policy local --sparsity 0.5 --head-sparsity 0 --neuron-sparsity 0.5 --tasks '' \
       $ppl || true ;;
 stream-quality)
-  sq="--criteria l2norm --criteria-dir $out/criteria --predictors-dir $out/predictors-stream"
-  sq="--model smollm2 $f32 $sq --out $rows/quality.jsonl --no-progress"
-  sr="--model smollm2 $f32 --criteria l2norm --predictors-dir $out/predictors-stream-residual"
-  sr="$sr --out $rows/quality.jsonl --no-progress"
+  sq="--model smollm2 $f32 --criteria l2norm --predictors-dir $pred --out $rows/quality.jsonl --no-progress"
+  m=${MODES:-shadowllm,dejavu}
   if [ "${STAGE:-ppl}" = accuracy ]; then
-    $sb quality $sq --modes shadowllm,dejavu --policy local --sparsity 0.3 --tasks $tasks --limit ${LIMIT:-500} \
-        --no-ppl --batch 64 --kv-rule always || true
+    $sb quality $sq --modes "$m" --policy local --sparsity 0.3 --tasks $tasks --limit ${LIMIT:-500} --no-ppl \
+        --batch 64 --kv-rule always || true
   else
     for kv in skip always; do
-      $sb quality $sq --modes shadowllm,dejavu --policy local --sparsity 0.3,0.5 --kv-rule $kv --tasks '' $ppl || true
-      $sb quality $sr --modes shadowllm --policy local --sparsity 0.3,0.5 --kv-rule $kv --tasks '' $ppl || true
+      $sb quality $sq --modes "$m" --policy local --sparsity 0.3,0.5 --kv-rule $kv --tasks '' $ppl || true
     done
     for hn in "0 0.5" "0.5 0"; do
       set -- $hn
-      $sb quality $sq --modes shadowllm,dejavu --policy local --sparsity 0.5 --head-sparsity "$1" \
-          --neuron-sparsity "$2" --tasks '' $ppl || true
+      $sb quality $sq --modes "$m" --policy local --sparsity 0.5 --head-sparsity "$1" --neuron-sparsity "$2" \
+          --tasks '' $ppl || true
     done
   fi ;;
+pareto)
+  th=$out/thresholds-float16.safetensors
+  [ -f "$th" ] || $sb calibrate --model smollm2 --dtype float16 --sparsity 0.3,0.5 --out "$th" --no-progress
+  for kv in skip always; do
+    for g in token prompt; do
+      $sb pareto --model smollm2 --dtype float16 --modes dense,oracle,threshold,dejavu,shadowllm --sparsity 0.3,0.5 \
+          --kv-rule $kv --granularity $g --predictors-dir "$pred" --thresholds "$th" --ppl-tokens ${PPL_TOKENS:-2048} \
+          --quality-out $rows/quality.jsonl --latency-out $rows/latency.jsonl --no-progress || true
+    done
+  done ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

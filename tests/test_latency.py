@@ -225,3 +225,22 @@ def test_resume_key_is_one_list_for_rows_and_cases_and_keeps_dejavu_variants_apa
     assert set(latency._row_settings(dejavu_rows[0])) == set(latency.RESUME_FIELDS)
     with pytest.raises(ValueError, match="neuron_input must be one of"):
         run(tmp_path, ["dejavu"], neuron_input="attn")
+
+
+def test_shadowllm_input_is_a_case_of_its_own(tmp_path):
+    """ShadowLLM's random predictor reads the residual stream entering layer 1 by default (as `train` makes it);
+    layer 0's attention output is a separate case; a ShadowLLM row older than the field counts as the attn0 case it
+    timed; a bad input is refused by name."""
+    rows = [r for r in run(tmp_path, ["shadowllm"]) if r["status"] == "ok"]
+    assert rows and {r["extra"]["shadowllm_input"] for r in rows} == {"residual"}  # the bound predictor's own site
+    assert run(tmp_path, ["shadowllm"]) == []
+    attn0 = run(tmp_path, ["shadowllm"], shadowllm_input="attn0")
+    assert attn0 and {r["extra"]["shadowllm_input"] for r in attn0} == {"attn0"}
+    assert run(tmp_path, ["shadowllm"], shadowllm_input="attn0") == []
+    dense = [r for r in run(tmp_path, ["dense"]) if r["status"] == "ok"]
+    assert {r["extra"].get("shadowllm_input") for r in dense} == {None}
+    old = {**rows[0], "extra": {k: v for k, v in rows[0]["extra"].items() if k != "shadowllm_input"}}
+    assert latency._row_settings(old)["shadowllm_input"] == "attn0"
+    with pytest.raises(ValueError, match="shadowllm_input must be one of"):
+        run(tmp_path, ["shadowllm"], shadowllm_input="layer0")
+    assert cli.build_parser().parse_args(["latency"]).shadowllm_input == "residual"

@@ -51,6 +51,19 @@ def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, ca
     assert cli.main(argv) == 0  # resumed: nothing new
     assert (len(rows(q)), len(rows(lat))) == n
     assert "speedup" in capsys.readouterr().out
+    # the key/value rule and the granularity reach both the scored and the timed mode, and make new configurations
+    variant = argv + ["--kv-rule", "always", "--granularity", "prompt"]
+    variant[variant.index("--modes") + 1] = "shadowllm"
+    assert cli.main(variant) == 0
+    new = rows(q)[n[0]:] + rows(lat)[n[1]:]
+    assert {r["kind"] for r in new} == {"quality", "latency"}
+    for r in new:
+        assert r["extra"]["kv_rule"] == "always" and r["extra"]["granularity"] == "prompt", r
+    old_keys = {r["extra"]["config_key"] for r in qr + lr}
+    assert not old_keys & {r["extra"]["config_key"] for r in new}
+    rec = next(o for o in join(rows(q) + rows(lat)) if o.get("kv_rule") == "always")
+    assert rec["granularity"] == "prompt" and rec["perplexity"] > 0 and rec["token_ms"] > 0
+    assert "always prompt" in capsys.readouterr().out
 
 
 def test_report_draws_the_pareto_figure_and_speedup_table(tmp_path):

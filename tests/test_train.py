@@ -366,3 +366,41 @@ def test_shadowllm_residual_mode_observes_only_layer_one_input():
     attn = ShadowLLM(0.5, "random", "local", "token", hidden=8).bind(model)
     assert attn.observes("attn_out", 0) and not attn.observes("input", 1)
     assert mode.describe()["input_site"] == "residual" and attn.describe()["input_site"] == "attn0"
+
+
+def test_head_share_weighs_heads_and_neurons_and_is_part_of_the_case(tmp_path, capsys):
+    """``head_share`` None is one MSE over every output; a number weighs the heads' mean squared error by it and the
+    neurons' by the rest; bad values are refused by name; the share is part of a training case's key."""
+    import json
+
+    from bench.cli import build_parser, main
+    from models.loading import TINY_RANDOM
+    from models.train import target_loss
+
+    g = torch.Generator().manual_seed(0)
+    h, n = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 24, generator=g)
+    yh, yn = torch.zeros_like(h), torch.zeros_like(n)
+    every = (h.pow(2).sum() + n.pow(2).sum()) / (3 * 2 * (4 + 24))
+    torch.testing.assert_close(target_loss(None)(h, n, yh, yn), every)
+    torch.testing.assert_close(target_loss(0.25)(h, n, yh, yn), 0.25 * h.pow(2).mean() + 0.75 * n.pow(2).mean())
+    for bad in (0, 1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="head_share must be"):
+            target_loss(bad)
+    p = build_parser()
+    assert p.parse_args(["train-stream"]).head_share is None
+    assert p.parse_args(["train", "--data", "d", "--head-share", "units"]).head_share is None
+    assert p.parse_args(["train-stream", "--head-share", "0.5"]).head_share == 0.5
+    with pytest.raises(SystemExit):
+        p.parse_args(["train-stream", "--head-share", "1"])
+    assert "--head-share must be in (0, 1), got 1.0 (or 'units')" in capsys.readouterr().err
+
+    argv = ["train-stream", "--model", TINY_RANDOM, "--tasks", "", "--wikitext-tokens", "400", "--context", "48",
+            "--epochs", "1", "--hidden", "16", "--batch", "64", "--pool-tokens", "200", "--eval-rows", "50", "--kind",
+            "shadowllm", "--out", str(tmp_path / "p"), "--results", str(tmp_path / "rows.jsonl"), "--no-progress"]
+    assert main(argv) == 0 and main(argv + ["--head-share", "0.5"]) == 0
+    capsys.readouterr()
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    shares = {r["extra"]["case_key"]: r["extra"]["settings"].get("head_share") for r in rows}
+    assert sorted(shares.values(), key=str) == [0.5, None]  # two cases; the default keeps older rows' key
+    assert main(argv + ["--head-share", "0.5"]) == 0
+    assert "up to date" in capsys.readouterr().out
