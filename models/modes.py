@@ -440,21 +440,34 @@ class DejaVu(_Predicting):
                              f"from {self.first_sparse}")
         self.lookahead = self.predictor.lookahead
         self.neuron_input = self.predictor.neuron_input
-        self.observed_sites = ("input", "ffn_in") if self.neuron_input == "mlp" else ("input",)
+        # with two nets per layer, a kind without a budget (dense) needs neither its net nor its site
+        b = self.buffers
+        self._head_net = not (self.neuron_input == "mlp" and b.dense_heads)
+        self._ffn_net = self.neuron_input == "mlp" and not b.dense_neurons
+        self.observed_sites = ("input",) * self._head_net + ("ffn_in",) * self._ffn_net
         layers = list(range(self.first_sparse, model.full_cfg.n_layers))
-        self._setup_predictor(layers + ([(i, "ffn_in") for i in layers] if self.neuron_input == "mlp" else []))
+        self._nets = layers * self._head_net + [(i, "ffn_in") for i in layers] * self._ffn_net
+        self._setup_predictor(self._nets)
         return self
+
+    def predictor_bytes(self):
+        """Bytes of the nets the mode runs (a kind without a budget runs no net of its own)."""
+        if self._head_net and (self._ffn_net or self.neuron_input != "mlp"):
+            return super().predictor_bytes()
+        layers = range(self.first_sparse, self.model.full_cfg.n_layers)
+        unused = [(i, "ffn_in") if self._head_net else i for i in layers]
+        return super().predictor_bytes() - sum(t.nbytes for k in unused for t in self._net(k))
 
     observed_sites = ("input",)
 
     def observe(self, layer, site, x):
-        if site == "ffn_in" and self.neuron_input == "mlp":
+        if site not in self.observed_sites:
+            return
+        if site == "ffn_in":
             if not self.buffers.is_sparse(layer):
                 return
             with nvtx_range("predictor"):
                 self.buffers.fill_batch(layer, None, self._scores(x, (layer, "ffn_in"))[:, None])
-            return
-        if site != "input":
             return
         target = layer + 1 if self.lookahead else layer
         if not self.buffers.is_sparse(target):

@@ -170,6 +170,9 @@ class PlanBuffers:
         self.head_sparsity = self.sparsity if head_sparsity is None else check_sparsity(head_sparsity)
         self.neuron_sparsity = self.sparsity if neuron_sparsity is None else check_sparsity(neuron_sparsity)
         self.batch_rule = check_batch_rule(batch_rule)
+        # a kind without a budget (sparsity 0) keeps every unit: its plan is the dense one (no index lists, the dense
+        # path of the decode step), and it is never selected
+        self.dense_heads, self.dense_neurons = self.head_sparsity == 0.0, self.neuron_sparsity == 0.0
         n = n_layers - first
         self.n_sparse = n
         # the whole model's budgets, and what one selection keeps (a shard's under tp_plan "shard")
@@ -207,6 +210,7 @@ class PlanBuffers:
         self._slot_ids = torch.arange(s_h, **i32)
         self._rows3 = torch.arange(3 * head_dim, **i32)
         self._rows1 = torch.arange(head_dim, **i32)
+        self._all_heads = torch.arange(n_heads, **i32)
 
     @property
     def shards(self) -> int:
@@ -248,14 +252,14 @@ class PlanBuffers:
     def fill(self, layer: int, head_scores: torch.Tensor | None, neuron_scores: torch.Tensor | None) -> None:
         """Select from scores of layers ``layer .. layer + n - 1``: heads [n, H], neurons [n, F] (the whole
         model's units). Either may be None: that kind's plan is left as it is (a predictor that scores heads and
-        neurons from different activations fills them apart).
+        neurons from different activations fills them apart); so is a kind without a budget (it is dense).
 
         Global top-k needs the scores of every sparse layer in one call.
         """
-        if head_scores is not None:
+        if head_scores is not None and not self.dense_heads:
             self._check_layers(head_scores.shape[0])
             self._write_heads(layer, self._indices(head_scores, "heads"))
-        if neuron_scores is not None:
+        if neuron_scores is not None and not self.dense_neurons:
             self._check_layers(neuron_scores.shape[0])
             self._write_neurons(layer, self._indices(neuron_scores, "neurons"))
 
@@ -263,7 +267,7 @@ class PlanBuffers:
         """:meth:`fill` from a batch's scores, heads [B, n, H] and neurons [B, n, F] (either may be None), by
         ``batch_rule``."""
         for kind, scores in (("heads", head_scores), ("neurons", neuron_scores)):
-            if scores is None:
+            if scores is None or (self.dense_heads if kind == "heads" else self.dense_neurons):
                 continue
             self._check_layers(scores.shape[1])
             if scores.shape[0] == 1:  # one sequence: its own scores (no mean kernel in the decode step)
@@ -328,17 +332,20 @@ class PlanBuffers:
 
     def layer(self, layer: int) -> LayerPlan:
         j = layer - self.first
-        return LayerPlan(
-            head_slot=self.head_slot[j, : self.H],
+        heads = {} if self.dense_heads else dict(
             qkv_rows=self.qkv_rows[j], qkv_count=self.qkv_count[j : j + 1],
             out_rows=self.out_rows[j], out_count=self.out_count[j : j + 1],
-            neurons=self.neurons[j], neuron_count=self.neuron_count[j : j + 1],
-            q_unit=self.q_unit[j] if self.gqa else None, kv_unit=self.kv_unit[j] if self.gqa else None,
-        )
+            q_unit=self.q_unit[j] if self.gqa else None, kv_unit=self.kv_unit[j] if self.gqa else None)
+        neurons = {} if self.dense_neurons else dict(neurons=self.neurons[j], neuron_count=self.neuron_count[j : j + 1])
+        return LayerPlan(head_slot=self._all_heads if self.dense_heads else self.head_slot[j, : self.H], **heads,
+                         **neurons)
 
     def counts(self) -> dict:
         """Live heads, key-value groups and neurons per sparse layer (reads the device; not for use in a
         decode step)."""
-        heads = (self.out_count // self.D).tolist()
-        groups = (self.kv_unit >= 0).sum(dim=1).tolist() if self.gqa else heads
-        return {"heads": heads, "kv_groups": groups, "neurons": self.neuron_count.tolist()}
+        n = self.n_sparse
+        heads = [self.H] * n if self.dense_heads else (self.out_count // self.D).tolist()
+        groups = ([self.KVH] * n if self.dense_heads else (self.kv_unit >= 0).sum(dim=1).tolist()) if self.gqa \
+            else heads
+        neurons = [self.F] * n if self.dense_neurons else self.neuron_count.tolist()
+        return {"heads": heads, "kv_groups": groups, "neurons": neurons}

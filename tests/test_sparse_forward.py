@@ -31,6 +31,13 @@ CASES = {
                                                        input_site="residual"),
     "shadowllm-fp8-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16, predictor_dtype="fp8"),
     "dejavu-fp8-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, predictor_dtype="fp8"),
+    # a kind without a budget takes the dense path, and DejaVu runs no net for it
+    "dejavu-heads-only-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16).set_budgets(0.5, 0.0),
+    "dejavu-neurons-only-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16).set_budgets(0.0, 0.5),
+    "dejavu-layer-input-heads-only": lambda cfg: DejaVu(0.5, "random", "token", hidden=16,
+                                                        neuron_input="layer").set_budgets(0.5, 0.0),
+    "shadowllm-neurons-only-token": lambda cfg: ShadowLLM(0.5, "random", "local", "token",
+                                                          hidden=16).set_budgets(0.0, 0.6),
     # every group's key and value computed and cached (decodes on grouped-query models only)
     "static-global-kv-always": lambda cfg: Static(random_importance(cfg), 0.7, "global").set_kv_rule("always"),
     "shadowllm-local-token-kv-always": lambda cfg: ShadowLLM(0.7, "random", "local", "token",
@@ -284,3 +291,33 @@ def test_threshold_mode_decodes_like_its_masked_forward(family, backend):
     read, dense = mode.step_weight_bytes(), model.step_weight_bytes()
     kept = [n for layer in mode.live_counts()["inputs"] for n in layer.values()]
     assert min(kept) > 0 and read < 0.8 * dense
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_a_kind_without_a_budget_is_planned_dense_and_runs_no_net(family):
+    """Sparsity 0 for one kind: its plan has no index lists (the decode step's dense path), it counts every unit, it
+    is never selected, and DejaVu neither runs nor counts the bytes of the nets for it."""
+    model = tiny(family)
+    cfg = model.cfg
+    full = DejaVu(0.5, "random", "token", hidden=16).bind(model)
+    heads_only = DejaVu(0.5, full.predictor, "token").set_budgets(0.5, 0.0).bind(model)
+    neurons_only = DejaVu(0.5, full.predictor, "token").set_budgets(0.0, 0.5).bind(model)
+    p = heads_only.plan(1)
+    assert p.neurons is None and p.neuron_count is None and p.qkv_rows is not None
+    q = neurons_only.plan(1)
+    assert q.qkv_rows is None and q.out_rows is None and q.neurons is not None
+    assert q.head_slot.tolist() == list(range(cfg.n_heads))
+    assert heads_only.observed_sites == ("input",) and neurons_only.observed_sites == ("ffn_in",)
+    assert full.observed_sites == ("input", "ffn_in")
+    net_bytes = lambda key: sum(t.nbytes for t in full._net(key))
+    L = range(1, cfg.n_layers)
+    assert heads_only.predictor_bytes() == full.predictor_bytes() - sum(net_bytes((i, "ffn_in")) for i in L)
+    assert neurons_only.predictor_bytes() == full.predictor_bytes() - sum(net_bytes(i) for i in L)
+    assert heads_only.live_counts()["neurons"] == [cfg.ffn] * (cfg.n_layers - 1)
+    assert neurons_only.live_counts()["heads"] == [cfg.n_heads] * (cfg.n_layers - 1)
+    assert heads_only.step_weight_bytes() < model.step_weight_bytes()
+    # a step: the neurons' plan is never filled, the heads' is
+    gen = Generator(model, heads_only, batch=1, max_len=8, backend="torch")
+    gen.generate(torch.randint(0, V, (1, 4), generator=torch.Generator().manual_seed(3)), 2)
+    assert int(heads_only.buffers.neuron_count.sum()) == 0
+    assert sum(heads_only.live_counts()["heads"]) < cfg.n_heads * (cfg.n_layers - 1)
