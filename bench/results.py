@@ -76,7 +76,8 @@ def make_row(**fields) -> dict:
 def predictor_rows(res, *, model: str, kind: str, criterion: str, device, path, **extra) -> list[dict]:
     """Rows of one trained predictor (a ``models.train.TrainResult``): Spearman rho per scope and unit,
     and the best validation MSE with the loss history."""
-    common = dict(kind="predictor", model=model, mode=kind, criterion=criterion, device=str(device),
+    common = dict(kind="predictor", model=model, mode=kind, criterion=criterion,
+                  device=device_name(torch.device(device)),  # the GPU's name, as every other table has it
                   dtype="float32", git_commit=git_commit(), n_train=res.n_train, n_val=res.n_val, n_test=res.n_test,
                   rho_split="test" if res.n_test else "validation",
                   best_epoch=res.best_epoch, hidden=res.predictor.hidden, path=str(path),
