@@ -102,9 +102,10 @@ class InputSparseLayer:
     layout :func:`shadow_kernels.gather_cols_gemv` reads) and its input threshold.
 
     :meth:`project` keeps the input entries above the threshold (a batch keeps the union of its sequences' entries,
-    as the kernels take one index list), turns them into an index list and a count on the device
-    (``ops.mask_to_indices``, no host read: the step stays capturable in a CUDA graph) and reads only those rows.
-    The last counts stay in ``counts`` (device tensors) for the step's byte count."""
+    as the kernels take one index list), turns them into an index list and a count on the device (no host read: the
+    step stays capturable in a CUDA graph) and reads only those rows (``ops.threshold_cols``:
+    :func:`shadow_kernels.threshold_cols_gemv`). The last counts stay in ``counts`` (device tensors) for the step's
+    byte count."""
 
     def __init__(self, weights_t: dict, thresholds: dict):
         self.weights_t = weights_t  # site -> [inputs, outputs]
@@ -113,12 +114,8 @@ class InputSparseLayer:
         self.counts: dict = {}
 
     def project(self, ops, site: str, a: torch.Tensor, bias=None) -> torch.Tensor:
-        wt = self.weights_t[site]
-        keep = (a.abs() > self.thresholds[site]).any(dim=0, keepdim=True)  # [1, inputs]
-        sel = ops.mask_to_indices(keep, wt.shape[0], validate=False)
-        idx = sel.idx[0]
-        self.counts[site] = sel.count
-        return ops.gather_cols(wt, a.index_select(1, idx.long()), idx, bias, count=sel.count, validate=False)
+        y, self.counts[site] = ops.threshold_cols(self.weights_t[site], a, self.thresholds[site], bias, validate=False)
+        return y
 
     def live_inputs(self) -> dict:
         """Inputs each projection read in the last step (reads the device)."""

@@ -38,6 +38,7 @@ from .norm_gemv import (  # noqa: E402
     norm_swiglu_gemv_ref,
 )
 from .pdl import pdl_enabled, set_pdl  # noqa: E402
+from .threshold import threshold_cols_gemv, threshold_cols_gemv_ref, threshold_select  # noqa: E402
 from .topk import (  # noqa: E402
     POLICIES,
     LayerIndices,
@@ -78,6 +79,9 @@ __all__ = [
     "set_pdl",
     "sparse_hidden_predictor",
     "sparse_hidden_predictor_ref",
+    "threshold_cols_gemv",
+    "threshold_cols_gemv_ref",
+    "threshold_select",
     "topk_indices",
     "topk_indices_ref",
     "topk_mask",

@@ -1,0 +1,86 @@
+"""The threshold mode's GEMV: the Triton select-and-gather equals its reference and a masked dense product."""
+
+import pytest
+import torch
+
+from shadow_kernels import threshold_cols_gemv, threshold_cols_gemv_ref, threshold_select
+
+from conftest import DEVICE, DTYPES
+from helpers import assert_close_rel, randn
+
+
+def masked_dense(wt, a, t, bias=None):
+    """fp32 ``(a * [any row |a| > t]) @ wt + bias``: what the kept inputs contribute, no index list."""
+    a2 = a if a.dim() == 2 else a[None]
+    keep = (a2.abs() > t.to(a2.dtype)).any(dim=0)
+    y = (a2.float() * keep.float()) @ wt.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y if a.dim() == 2 else y[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [None, 1, 3, 17])  # 17: more rows than one block of the batch
+@pytest.mark.parametrize("K", [60, 1500])  # 1500: two blocks of the running prefix sum
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_reference_and_masked_dense(dtype, batch, K, with_bias):
+    gen = torch.Generator().manual_seed(K + (batch or 0))
+    M = 70
+    wt = randn(K, M, dtype=dtype, gen=gen)
+    a = randn(K, dtype=dtype, gen=gen) if batch is None else randn(batch, K, dtype=dtype, gen=gen)
+    a[..., 5] = 0  # an exact zero is never kept, whatever the threshold
+    bias = randn(M, dtype=dtype, gen=gen) if with_bias else None
+    t = torch.tensor(0.9 if batch is None or batch < 10 else 2.0, device=DEVICE, dtype=dtype)
+    y, count = threshold_cols_gemv(wt, a, t, bias)
+    y_ref, count_ref = threshold_cols_gemv_ref(wt, a, t, bias)
+    a2 = a if a.dim() == 2 else a[None]
+    kept = int((a2.abs() > t).any(dim=0).sum())
+    assert 0 < kept < K and int(count) == int(count_ref) == kept
+    assert y.shape == y_ref.shape == ((M,) if batch is None else (batch, M)) and y.dtype == dtype
+    assert_close_rel(y, masked_dense(wt, a, t, bias), dtype)
+    assert_close_rel(y_ref, masked_dense(wt, a, t, bias), dtype)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_select_gives_sorted_inputs_their_values_and_zero_padding(batch):
+    gen = torch.Generator().manual_seed(batch)
+    K = 1300
+    a = randn(batch, K, gen=gen)
+    a[:, 7] = float("nan")  # never above a threshold: dropped, as the reference's comparison drops it
+    t = torch.tensor(1.5, device=DEVICE)
+    h, idx, count = threshold_select(a, t)
+    keep = (a.abs() > t).any(dim=0)
+    n = int(count)
+    assert n == int(keep.sum()) and 7 not in idx[:n].tolist()
+    assert idx[:n].tolist() == keep.nonzero().flatten().tolist()
+    torch.testing.assert_close(h[:, :n], a[:, idx[:n].long()], rtol=0, atol=0)
+    assert not idx[n:].any() and not h[:, n:].any()
+
+
+@pytest.mark.parametrize("threshold, kept", [(1e9, 0), (-1.0, "all")])
+def test_nothing_or_everything_kept(threshold, kept):
+    gen = torch.Generator().manual_seed(3)
+    wt, a, bias = randn(50, 30, gen=gen), randn(2, 50, gen=gen), randn(30, gen=gen)
+    y, count = threshold_cols_gemv(wt, a, torch.tensor(threshold, device=DEVICE), bias)
+    if kept == 0:  # no input kept: the bias alone
+        assert int(count) == 0
+        torch.testing.assert_close(y, bias.expand(2, -1))
+    else:
+        assert int(count) == 50
+        assert_close_rel(y, a @ wt + bias, torch.float32)
+
+
+def test_bad_inputs_are_refused_by_name():
+    wt, a = randn(20, 10), randn(20)
+    t = torch.tensor(0.5, device=DEVICE)
+    for fn in (threshold_cols_gemv, threshold_cols_gemv_ref):
+        with pytest.raises(TypeError, match="threshold must be a one-element tensor"):
+            fn(wt, a, 0.5)
+        with pytest.raises(TypeError, match="threshold must be a one-element tensor"):
+            fn(wt, a, torch.ones(2, device=DEVICE))
+        with pytest.raises(ValueError, match="a has 19 inputs but weight_t has 20 rows"):
+            fn(wt, randn(19), t)
+        with pytest.raises(TypeError, match="a has dtype torch.float16"):
+            fn(wt, a.half(), t)
+        with pytest.raises(ValueError, match="bias has 9 entries but weight_t has 10 outputs"):
+            fn(wt, a, t, randn(9))
