@@ -31,7 +31,9 @@ def config_key(model: str, case: QualityCase, mode, *, granularity: str, predict
     b = mode.budgets()
     return settings_key({"model": model, "mode": case.mode, "criterion": case.criterion, "policy": case.policy,
                          "sparsity": case.sparsity, "head_sparsity": b.get("head_sparsity"),
-                         "neuron_sparsity": b.get("neuron_sparsity"), "kv_rule": b.get("kv_rule"),
+                         "neuron_sparsity": b.get("neuron_sparsity"),
+                         # a dense step computes every key and value whatever the rule asked: one configuration
+                         "kv_rule": "skip" if case.mode == "dense" else b.get("kv_rule"),
                          "granularity": granularity if case.mode in ("dejavu", "shadowllm") else None,
                          "predictor_dtype": predictor_dtype if case.mode in ("dejavu", "shadowllm") else None,
                          "source_sha256": file_digest(source)})

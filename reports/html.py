@@ -495,14 +495,26 @@ def summary(rows) -> tuple[str, list]:
             + "".join(body) + "</table>"), used
 
 
-LOSS_LEVELS = (0.05, 0.10, 0.25)
+LOSS_LEVELS = (0.05, 0.10, 0.25, 0.50, 1.00)
+
+
+def _pareto_variant(o) -> str:
+    """What sets a configuration apart beyond its mode, criterion and policy: when it predicts, the key/value rule,
+    one budget apart from the other (one curve each)."""
+    parts = [f"per-{o['granularity']}"] if o.get("granularity") else []
+    if o.get("kv_rule") == "always" and o.get("mode") != "dense":  # (a dense step computes every key and value)
+        parts.append("kv:always")
+    hs, ns = o.get("head_sparsity"), o.get("neuron_sparsity")
+    if hs is not None and ns is not None and hs != ns:
+        parts.append("neurons-only" if hs == 0 else "heads-only" if ns == 0 else f"heads {hs:g}/neurons {ns:g}")
+    return " ".join(parts)
 
 
 def fig_pareto(rows):
     """Speedup over dense against perplexity, one curve per mode, for configurations whose quality and latency were
     measured together (``shadowbench pareto``: rows joined by ``extra.config_key``); the oracle's perplexity as
-    reference lines (it has no latency); and a table of the best speedup each mode reaches within 5, 10 and 25% of
-    dense perplexity."""
+    reference lines (it has no latency); and a table of the best speedup each mode reaches within 5, 10, 25, 50 and
+    100% of dense perplexity. Configurations that differ in granularity, key/value rule or budgets are curves apart."""
     from bench.pareto import join
 
     recs = [o for o in join(rows) if o.get("perplexity")]
@@ -512,10 +524,11 @@ def fig_pareto(rows):
     fig = go.Figure()
     series = defaultdict(list)
     for o in timed:
-        series[(o["model"], o["mode"], o["criterion"], o["policy"])].append(o)
-    for (model, mode, crit, pol), pts in sorted(series.items(), key=lambda kv: (MODE_ORDER.get(kv[0][1], 9), kv[0])):
+        series[(o["model"], o["mode"], o["criterion"], o["policy"], _pareto_variant(o))].append(o)
+    for (model, mode, crit, pol, var), pts in sorted(series.items(),
+                                                     key=lambda kv: (MODE_ORDER.get(kv[0][1], 9), kv[0])):
         pts = sorted(pts, key=lambda o: o["sparsity"])
-        name = " ".join(str(x) for x in (model, mode, crit, pol) if x)
+        name = " ".join(str(x) for x in (model, mode, crit, pol, var) if x)
         fig.add_trace(go.Scatter(x=[o["perplexity"] for o in pts], y=[o["speedup"] for o in pts],
                                  mode="markers" if mode == "dense" else "lines+markers", name=name,
                                  text=[f"s={o['sparsity']:g}" for o in pts]))
@@ -523,20 +536,22 @@ def fig_pareto(rows):
         if o["mode"] == "oracle":
             fig.add_trace(go.Scatter(x=[o["perplexity"]] * 2, y=[0.9, max(p["speedup"] for p in timed)],
                                      mode="lines", line=dict(dash="dot", color="black"),
-                                     name=f"{o['model']} oracle {o['policy']} s={o['sparsity']:g} (ceiling)"))
+                                     name=" ".join(x for x in (f"{o['model']} oracle {o['policy']} s={o['sparsity']:g}",
+                                                               _pareto_variant(o), "(ceiling)") if x)))
     fig.update_xaxes(type="log")
     rows_used = [r for r in rows if (r.get("extra") or {}).get("config_key")]
     dense = {o["model"]: o["perplexity"] for o in recs if o["mode"] == "dense"}
     head = "".join(f"<th>ppl loss &le; {int(x * 100)}%</th>" for x in LOSS_LEVELS)
     body = []
-    for (model, mode, crit, pol), pts in sorted(series.items(), key=lambda kv: (MODE_ORDER.get(kv[0][1], 9), kv[0])):
+    for (model, mode, crit, pol, var), pts in sorted(series.items(),
+                                                     key=lambda kv: (MODE_ORDER.get(kv[0][1], 9), kv[0])):
         if mode == "dense" or model not in dense:
             continue
         cells = []
         for x in LOSS_LEVELS:
             ok = [o["speedup"] for o in pts if o["perplexity"] <= dense[model] * (1 + x)]
             cells.append(f"<td>{max(ok):.2f}x</td>" if ok else "<td>-</td>")
-        body.append(f"<tr><td>{html.escape(' '.join(str(v) for v in (model, mode, crit, pol) if v))}</td>"
+        body.append(f"<tr><td>{html.escape(' '.join(str(v) for v in (model, mode, crit, pol, var) if v))}</td>"
                     + "".join(cells) + "</tr>")
     table = (f"<h3>Best speedup over dense within a perplexity loss</h3><table><tr><th>configuration</th>{head}</tr>"
              + "".join(body) + "</table>") if body else ""
@@ -595,6 +610,7 @@ def build_report(paths, out, title="shadowbench report") -> tuple[Path, dict]:
     fig, used, pareto_table = fig_pareto(rows)
     if fig is not None:  # only where quality and latency rows of the same configurations exist
         drawn["pareto"] = len(used)
+        variants_menu(fig)
         payload = json.dumps(fig.to_plotly_json(), default=_json_default).replace("</", "<\\/")
         parts.insert(0, f"<div class='fig' id='pareto'></div><script type='application/json' id='pareto-spec'>"
                         f"{payload}</script>{pareto_table}")

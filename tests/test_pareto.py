@@ -80,12 +80,16 @@ def test_report_draws_the_pareto_figure_and_speedup_table(tmp_path):
           row("quality", "shadowllm", "perplexity", 21.0, "a", 0.3), row("latency", "shadowllm", "token_ms", 8.0, "a",
                                                                          0.3),
           row("quality", "shadowllm", "perplexity", 24.0, "b"), row("latency", "shadowllm", "token_ms", 5.0, "b"),
-          row("quality", "oracle", "perplexity", 20.5, "o")]
+          row("quality", "oracle", "perplexity", 20.5, "o"),
+          # another key/value rule is a configuration of its own: a curve and a table row apart
+          row("quality", "shadowllm", "perplexity", 22.0, "k", kv_rule="always"),
+          row("latency", "shadowllm", "token_ms", 6.0, "k", kv_rule="always")]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rs))
     out, drawn = build_report([path], tmp_path / "r.html")
     page = out.read_text()
     assert drawn["pareto"] == len(rs)
     # within 5% of dense ppl (<= 21): 10/8 = 1.25x; within 25% (<= 25): 10/5 = 2x
-    assert "<td>1.25x</td><td>1.25x</td><td>2.00x</td>" in page
+    assert "shadowllm l2norm local</td><td>1.25x</td><td>1.25x</td><td>2.00x</td>" in page
+    assert "shadowllm l2norm local kv:always</td><td>-</td><td>1.67x</td><td>1.67x</td>" in page
     assert "oracle local s=0.5 (ceiling)" in page
