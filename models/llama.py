@@ -165,14 +165,14 @@ class LlamaDecoder(DecoderBase):
     def _input_sparse_layer(self, i, layer, x, o, sparse, cache, pos, ops):
         """One layer of the threshold mode's decode step (see OPTDecoder._input_sparse_layer); returns ``(x, o)``."""
         eps = self.cfg.norm_eps
-        x, a = ops.add_rms(x, o, layer.ln1_w, eps)
-        qkv = sparse.project(ops, "qkv", a)
+        if o is None:  # nothing to add yet (a threshold layer 0)
+            o = torch.zeros_like(x)
+        qkv, x = sparse.project_rms(ops, "qkv", x, o, layer.ln1_w, eps)
         heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos, self.rope_sin,
                                   self.scale, self._dense_q_unit, self._dense_kv_unit, self._dense_slots)
         o = self.reduce(sparse.project(ops, "o", heads))
-        x, a = ops.add_rms(x, o, layer.ln2_w, eps)
-        gate, up = sparse.project(ops, "fc1", a).chunk(2, dim=-1)
-        o = self.reduce(sparse.project(ops, "fc2", F.silu(gate) * up))
+        gate_up, x = sparse.project_rms(ops, "fc1", x, o, layer.ln2_w, eps)
+        o = self.reduce(sparse.project(ops, "fc2", gate_up, swiglu=True))
         return x, o
 
     # ---------------------------------------------------------------- running

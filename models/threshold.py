@@ -113,9 +113,19 @@ class InputSparseLayer:
         self.thresholds = {site: t.to(weights_t[site].dtype) for site, t in thresholds.items()}
         self.counts: dict = {}
 
-    def project(self, ops, site: str, a: torch.Tensor, bias=None) -> torch.Tensor:
-        y, self.counts[site] = ops.threshold_cols(self.weights_t[site], a, self.thresholds[site], bias, validate=False)
+    def project(self, ops, site: str, a: torch.Tensor, bias=None, swiglu: bool = False) -> torch.Tensor:
+        """Projection ``site`` of ``a``; ``swiglu``: ``a`` is the gate-and-up output and the input is
+        ``silu(gate) * up``, made where the inputs are selected."""
+        y, self.counts[site] = ops.threshold_cols(self.weights_t[site], a, self.thresholds[site], bias, swiglu=swiglu,
+                                                  validate=False)
         return y
+
+    def project_rms(self, ops, site: str, x, residual, norm_weight, eps):
+        """Llama's residual add and RMS norm, then projection ``site`` of the normalised input: ``(y, x + residual)``
+        (one launch before the GEMV where the batch allows, :func:`shadow_kernels.add_rms_threshold_cols_gemv`)."""
+        y, self.counts[site], s = ops.add_rms_threshold_cols(self.weights_t[site], x, residual, norm_weight, eps,
+                                                             self.thresholds[site], validate=False)
+        return y, s
 
     def live_inputs(self) -> dict:
         """Inputs each projection read in the last step (reads the device)."""

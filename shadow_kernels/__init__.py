@@ -38,7 +38,13 @@ from .norm_gemv import (  # noqa: E402
     norm_swiglu_gemv_ref,
 )
 from .pdl import pdl_enabled, set_pdl  # noqa: E402
-from .threshold import threshold_cols_gemv, threshold_cols_gemv_ref, threshold_select  # noqa: E402
+from .threshold import (  # noqa: E402
+    add_rms_threshold_cols_gemv,
+    add_rms_threshold_cols_gemv_ref,
+    threshold_cols_gemv,
+    threshold_cols_gemv_ref,
+    threshold_select,
+)
 from .topk import (  # noqa: E402
     POLICIES,
     LayerIndices,
@@ -50,6 +56,8 @@ from .topk import (  # noqa: E402
 )
 
 __all__ = [
+    "add_rms_threshold_cols_gemv",
+    "add_rms_threshold_cols_gemv_ref",
     "POLICIES",
     "LayerIndices",
     "NormFold",

@@ -15,24 +15,68 @@ preloading GEMV reads its index list before the kernel just before it finishes, 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ._common import check_device, check_float, next_pow2
+from .add_norm import add_rmsnorm, add_rmsnorm_ref
 from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref
 from .topk import mask_to_indices_ref
 
+# What the select kernel reads before it thresholds: the projection's input itself; SwiGLU's silu(gate) * up from the
+# [B, 2K] output of the gate-and-up projection; or Llama's residual add and RMS norm of [B, K] x and residual (the
+# sum is written out too, it is the next residual).
+PLAIN, SWIGLU, ADD_RMS = 0, 1, 2
+# the add-and-norm prologue holds each row's norm in registers: batches up to this many rows
+ADD_RMS_MAX_BATCH = 16
+
 
 @triton.jit
-def _threshold_select_kernel(a_ptr, t_ptr, h_ptr, idx_ptr, count_ptr, B, K, stride_ab, stride_hb,
-                             BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
+def _input_block(a_ptr, r_ptr, w_ptr, rows, cols, m, stride_ab, stride_rb, K, rstd,
+                 PROLOGUE: tl.constexpr, OUT: tl.constexpr):
+    # the projection's input at [rows, cols], in the input dtype, rounded where the composed PyTorch ops round
+    if PROLOGUE == 1:
+        g = tl.load(a_ptr + rows[:, None] * stride_ab + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        u = tl.load(a_ptr + rows[:, None] * stride_ab + K + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        sg = (g * tl.sigmoid(g)).to(OUT).to(tl.float32)
+        return (sg * u).to(OUT)
+    elif PROLOGUE == 2:
+        x = tl.load(a_ptr + rows[:, None] * stride_ab + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rows[:, None] * stride_rb + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        sf = (x + r).to(OUT).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        return ((sf * rstd[:, None]).to(OUT).to(tl.float32) * w[None, :]).to(OUT)
+    else:
+        return tl.load(a_ptr + rows[:, None] * stride_ab + cols[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _threshold_select_kernel(a_ptr, r_ptr, w_ptr, s_ptr, t_ptr, h_ptr, idx_ptr, count_ptr, B, K, eps,
+                             stride_ab, stride_rb, stride_sb, stride_hb,
+                             PROLOGUE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
     # One program: each block of inputs is kept where any batch row's magnitude exceeds the threshold; a running
     # prefix sum gives each kept input its slot, so the index list comes out sorted. Slots past the count are zeroed
-    # (index 0, value 0), as the index lists of the other kernels are padded.
+    # (index 0, value 0), as the index lists of the other kernels are padded. With the add-and-norm prologue the
+    # batch is one block of rows (the launcher's limit), whose norms a first pass computes.
+    OUT: tl.constexpr = h_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
     offs_b = tl.arange(0, BLOCK_B)
     t = tl.load(t_ptr)
     total = tl.program_id(0) * 0
+    rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if PROLOGUE == 2:
+        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for start in range(0, K, BLOCK):
+            cols = start + offs
+            m = (offs_b[:, None] < B) & (cols < K)[None, :]
+            x = tl.load(a_ptr + offs_b[:, None] * stride_ab + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + offs_b[:, None] * stride_rb + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            sv = (x + r).to(OUT)
+            tl.store(s_ptr + offs_b[:, None] * stride_sb + cols[None, :], sv, mask=m)
+            sf = sv.to(tl.float32)
+            ss += tl.sum(sf * sf, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
     for start in range(0, K, BLOCK):
         cols = start + offs
         ok = cols < K
@@ -40,7 +84,7 @@ def _threshold_select_kernel(a_ptr, t_ptr, h_ptr, idx_ptr, count_ptr, B, K, stri
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + offs_b
             m = (rows[:, None] < B) & ok[None, :]
-            x = tl.load(a_ptr + rows[:, None] * stride_ab + cols[None, :], mask=m, other=0.0)
+            x = _input_block(a_ptr, r_ptr, w_ptr, rows, cols, m, stride_ab, stride_rb, K, rstd, PROLOGUE, OUT)
             keep = keep | tl.max(((tl.abs(x) > t) & m).to(tl.int32), axis=0)
         slot = total + tl.cumsum(keep, axis=0) - 1
         live = keep != 0
@@ -48,7 +92,7 @@ def _threshold_select_kernel(a_ptr, t_ptr, h_ptr, idx_ptr, count_ptr, B, K, stri
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + offs_b
             m = (rows[:, None] < B) & ok[None, :]
-            x = tl.load(a_ptr + rows[:, None] * stride_ab + cols[None, :], mask=m, other=0.0)
+            x = _input_block(a_ptr, r_ptr, w_ptr, rows, cols, m, stride_ab, stride_rb, K, rstd, PROLOGUE, OUT)
             tl.store(h_ptr + rows[:, None] * stride_hb + slot[None, :], x, mask=m & live[None, :])
         total += tl.sum(keep, axis=0)
     for start in range(0, K, BLOCK):
@@ -58,16 +102,17 @@ def _threshold_select_kernel(a_ptr, t_ptr, h_ptr, idx_ptr, count_ptr, B, K, stri
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + offs_b
             tl.store(h_ptr + rows[:, None] * stride_hb + slots[None, :], tl.zeros([BLOCK_B, BLOCK], dtype=tl.float32)
-                     .to(h_ptr.dtype.element_ty), mask=(rows[:, None] < B) & pad[None, :])
+                     .to(OUT), mask=(rows[:, None] < B) & pad[None, :])
     tl.store(count_ptr, total)
 
 
-def _check(weight_t, a, threshold, bias, any_device):
+def _check(weight_t, a, threshold, bias, any_device, swiglu=False):
     check_float("weight_t", weight_t, ndims=(2,), last_contiguous=True, any_device=any_device)
     check_float("a", a, ndims=(1, 2), dtype=weight_t.dtype, device=weight_t.device, any_device=any_device)
     K = weight_t.shape[0]
-    if a.shape[-1] != K:
-        raise ValueError(f"a has {a.shape[-1]} inputs but weight_t has {K} rows (one per input)")
+    if a.shape[-1] != (2 * K if swiglu else K):
+        what = f"{2 * K} (gate and up, {K} each)" if swiglu else str(K)
+        raise ValueError(f"a has {a.shape[-1]} entries but weight_t has {K} rows (one per input): expected {what}")
     if not isinstance(threshold, torch.Tensor) or threshold.numel() != 1:
         got = tuple(threshold.shape) if isinstance(threshold, torch.Tensor) else type(threshold).__name__
         raise TypeError(f"threshold must be a one-element tensor (on the device, so a step stays capturable), got "
@@ -79,45 +124,92 @@ def _check(weight_t, a, threshold, bias, any_device):
             raise ValueError(f"bias has {bias.shape[0]} entries but weight_t has {weight_t.shape[1]} outputs")
 
 
-def threshold_select(a: torch.Tensor, threshold: torch.Tensor):
-    """The inputs of ``a`` [B, K] kept by ``|a| > threshold`` in any row, as ``(h [B, K], idx int32 [K],
-    count int32 [1])``: the kept values in slots ``0 .. count - 1`` of ``h`` and their input numbers, ascending, in
-    ``idx`` (both zero past the count). One Triton launch."""
-    B, K = a.shape
+def _select(a, threshold, prologue=PLAIN, residual=None, norm_weight=None, eps=0.0):
+    """One launch of the select kernel: ``(h, idx, count, s)``, ``s`` the residual sum (ADD_RMS) or None."""
+    B = a.shape[0]
+    K = a.shape[1] // 2 if prologue == SWIGLU else a.shape[1]
     h = torch.empty((B, K), dtype=a.dtype, device=a.device)
     idx = torch.empty((K,), dtype=torch.int32, device=a.device)
     count = torch.empty((1,), dtype=torch.int32, device=a.device)
+    s = torch.empty_like(a) if prologue == ADD_RMS else None
     if B == 0 or K == 0:
         idx.zero_()
         count.zero_()
-        return h.zero_(), idx, count
+        return h.zero_(), idx, count, s
     a = a.contiguous()
+    r = a if residual is None else residual.contiguous()
+    w = a if norm_weight is None else norm_weight
     t = threshold.reshape(1).to(a.dtype)
-    _threshold_select_kernel[(1,)](a, t, h, idx, count, B, K, a.stride(0), h.stride(0),
-                                   BLOCK_B=min(next_pow2(B), 8), BLOCK=1024)
-    return h, idx, count
+    block_b = next_pow2(B) if prologue == ADD_RMS else min(next_pow2(B), 8)
+    _threshold_select_kernel[(1,)](a, r, w, a if s is None else s, t, h, idx, count, B, K, float(eps), a.stride(0),
+                                   r.stride(0), 0 if s is None else s.stride(0), h.stride(0), PROLOGUE=prologue,
+                                   BLOCK_B=block_b, BLOCK=1024)
+    return h, idx, count, s
 
 
-def threshold_cols_gemv(weight_t, a, threshold, bias=None, *, validate=True):
+def threshold_select(a: torch.Tensor, threshold: torch.Tensor, *, swiglu: bool = False):
+    """The inputs of ``a`` [B, K] kept by ``|a| > threshold`` in any row, as ``(h [B, K], idx int32 [K],
+    count int32 [1])``: the kept values in slots ``0 .. count - 1`` of ``h`` and their input numbers, ascending, in
+    ``idx`` (both zero past the count). ``swiglu``: ``a`` is [B, 2K], gate then up, and the inputs are
+    ``silu(gate) * up``. One Triton launch."""
+    return _select(a, threshold, SWIGLU if swiglu else PLAIN)[:3]
+
+
+def threshold_cols_gemv(weight_t, a, threshold, bias=None, *, swiglu=False, validate=True):
     """``(a * [|a| > threshold]) @ weight_t + bias`` reading only the kept inputs' rows of ``weight_t`` [K, M];
     ``a`` [K] or [B, K] in the weight's dtype (a batch keeps the union of its rows' inputs); ``threshold``: a
-    one-element tensor on the device (an exact zero input is always dropped). Returns ``(y, count)``: y [M] or
-    [B, M] in the weight dtype (fp32 accumulation), count the kept inputs (int32 [1], on the device)."""
+    one-element tensor on the device (an exact zero input is always dropped). ``swiglu``: ``a`` is the gate-and-up
+    projection's output [.., 2K] and the input is ``silu(gate) * up``, made in the select kernel (Llama's down
+    projection). Returns ``(y, count)``: y [M] or [B, M] in the weight dtype (fp32 accumulation), count the kept
+    inputs (int32 [1], on the device)."""
     if validate:
-        _check(weight_t, a, threshold, bias, any_device=False)
+        _check(weight_t, a, threshold, bias, any_device=False, swiglu=swiglu)
     a2 = a if a.dim() == 2 else a[None]
-    h, idx, count = threshold_select(a2, threshold)
+    h, idx, count, _ = _select(a2, threshold, SWIGLU if swiglu else PLAIN)
     y = gather_cols_gemv(weight_t, h, idx, bias, count, validate=False)
     return (y if a.dim() == 2 else y[0]), count
 
 
-def threshold_cols_gemv_ref(weight_t, a, threshold, bias=None, *, validate=True):
+def threshold_cols_gemv_ref(weight_t, a, threshold, bias=None, *, swiglu=False, validate=True):
     """Plain-PyTorch reference of :func:`threshold_cols_gemv` (same signature and results; capturable)."""
     if validate:
-        _check(weight_t, a, threshold, bias, any_device=True)
+        _check(weight_t, a, threshold, bias, any_device=True, swiglu=swiglu)
     a2 = a if a.dim() == 2 else a[None]
+    if swiglu:
+        gate, up = a2.chunk(2, dim=-1)
+        a2 = F.silu(gate) * up
     keep = (a2.abs() > threshold.to(a2.dtype)).any(dim=0, keepdim=True)  # [1, K]
     sel = mask_to_indices_ref(keep, weight_t.shape[0], validate=False)
     idx = sel.idx[0]
     y = gather_cols_gemv_ref(weight_t, a2.index_select(1, idx.long()), idx, bias, count=sel.count, validate=False)
     return (y if a.dim() == 2 else y[0]), sel.count
+
+
+def _check_norm(x, residual, norm_weight):
+    if x.dim() != 2 or residual.shape != x.shape or norm_weight.shape != x.shape[1:]:
+        raise ValueError(f"x and residual must be [B, K] and norm_weight [K], got {tuple(x.shape)}, "
+                         f"{tuple(residual.shape)} and {tuple(norm_weight.shape)}")
+
+
+def add_rms_threshold_cols_gemv(weight_t, x, residual, norm_weight, eps, threshold, bias=None, *, validate=True):
+    """Llama's residual add and RMS norm, then :func:`threshold_cols_gemv` of the normalised input: ``(y, count,
+    s)`` with ``s = x + residual`` (the next residual). Up to ``ADD_RMS_MAX_BATCH`` rows the add, the norm and the
+    selection are one launch before the GEMV; larger batches run :func:`shadow_kernels.add_rmsnorm` first."""
+    if validate:
+        _check_norm(x, residual, norm_weight)
+        _check(weight_t, x, threshold, bias, any_device=False)
+    if x.shape[0] > ADD_RMS_MAX_BATCH:
+        s, a = add_rmsnorm(x, residual, norm_weight, eps)
+        return (*threshold_cols_gemv(weight_t, a, threshold, bias, validate=False), s)
+    h, idx, count, s = _select(x, threshold, ADD_RMS, residual, norm_weight, eps)
+    return gather_cols_gemv(weight_t, h, idx, bias, count, validate=False), count, s
+
+
+def add_rms_threshold_cols_gemv_ref(weight_t, x, residual, norm_weight, eps, threshold, bias=None, *,
+                                    validate=True):
+    """Plain-PyTorch reference of :func:`add_rms_threshold_cols_gemv`."""
+    if validate:
+        _check_norm(x, residual, norm_weight)
+        _check(weight_t, x, threshold, bias, any_device=True)
+    s, a = add_rmsnorm_ref(x, residual, norm_weight, eps)
+    return (*threshold_cols_gemv_ref(weight_t, a, threshold, bias, validate=False), s)

@@ -273,15 +273,17 @@ def test_threshold_mode_equals_a_masked_dense_forward(family):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_threshold_mode_decodes_like_its_masked_forward(family, backend):
+@pytest.mark.parametrize("first_sparse", [1, 0])
+def test_threshold_mode_decodes_like_its_masked_forward(family, backend, first_sparse):
     """The threshold mode's decode step (index lists from the thresholds on the device, input-sparse gather-columns
-    GEMVs over transposed weights) gives the logits of the masked forward of quality runs, and reads about the
-    weights the calibrated sparsity leaves."""
+    GEMVs over transposed weights; Llama's residual add and norm, and its silu(gate) * up, made where the inputs are
+    selected) gives the logits of the masked forward of quality runs, and reads about the weights the calibrated
+    sparsity leaves; layer 0 too when it is sparse (nothing to add before its norm)."""
     from bench.latency import random_thresholds
-    from models.modes import make_mode
+    from models.modes import Threshold
 
     model = tiny(family)
-    mode = make_mode("threshold", sparsity=0.5, importance=random_thresholds(model, 0.5, tokens=48))
+    mode = Threshold(0.5, random_thresholds(model, 0.5, tokens=48), first_sparse=first_sparse)
     tokens = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(4))
     gen = Generator(model, mode, batch=1, max_len=9, backend=backend)
     steps = teacher_forced(gen, tokens, 5)[:, 0]

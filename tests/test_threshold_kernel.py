@@ -2,11 +2,20 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from shadow_kernels import threshold_cols_gemv, threshold_cols_gemv_ref, threshold_select
+from shadow_kernels import (
+    add_rms_threshold_cols_gemv,
+    add_rms_threshold_cols_gemv_ref,
+    threshold_cols_gemv,
+    threshold_cols_gemv_ref,
+    threshold_select,
+)
+from shadow_kernels.add_norm import rms_norm
+from shadow_kernels.threshold import ADD_RMS_MAX_BATCH
 
 from conftest import DEVICE, DTYPES
-from helpers import assert_close_rel, randn
+from helpers import assert_close_rel, randn, rel_err
 
 
 def masked_dense(wt, a, t, bias=None):
@@ -78,9 +87,64 @@ def test_bad_inputs_are_refused_by_name():
             fn(wt, a, 0.5)
         with pytest.raises(TypeError, match="threshold must be a one-element tensor"):
             fn(wt, a, torch.ones(2, device=DEVICE))
-        with pytest.raises(ValueError, match="a has 19 inputs but weight_t has 20 rows"):
+        with pytest.raises(ValueError, match="a has 19 entries but weight_t has 20 rows"):
             fn(wt, randn(19), t)
+        with pytest.raises(ValueError, match=r"expected 40 \(gate and up, 20 each\)"):
+            fn(wt, a, t, swiglu=True)
         with pytest.raises(TypeError, match="a has dtype torch.float16"):
             fn(wt, a.half(), t)
         with pytest.raises(ValueError, match="bias has 9 entries but weight_t has 10 outputs"):
             fn(wt, a, t, randn(9))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [None, 1, 3, 17])
+def test_swiglu_inputs_are_made_where_they_are_selected(dtype, batch):
+    """``swiglu``: the input is silu(gate) * up of the gate-and-up output, as Llama's down projection reads it."""
+    gen = torch.Generator().manual_seed(11 + (batch or 0))
+    K, M = 1100, 40
+    wt = randn(K, M, dtype=dtype, gen=gen)
+    gu = randn(2 * K, dtype=dtype, gen=gen) if batch is None else randn(batch, 2 * K, dtype=dtype, gen=gen)
+    t = torch.tensor(0.4, device=DEVICE, dtype=dtype)
+    y, count = threshold_cols_gemv(wt, gu, t, swiglu=True)
+    y_ref, count_ref = threshold_cols_gemv_ref(wt, gu, t, swiglu=True)
+    gate, up = gu.chunk(2, dim=-1)
+    f = F.silu(gate) * up
+    assert 0 < int(count) < K and abs(int(count) - int(count_ref)) <= 2  # an entry at the threshold may round apart
+    # silu(gate) and its product with up are rounded to the dtype apart, as F.silu(gate) * up rounds them: in bf16
+    # the interpreter's truncating casts make that two ulps, not one rounding of the output
+    tol = 4e-2 if dtype == torch.bfloat16 and DEVICE.type == "cpu" else None
+    if tol is None:
+        assert_close_rel(y, masked_dense(wt, f, t), dtype)
+    else:
+        assert rel_err(y, masked_dense(wt, f, t)) <= tol
+    assert_close_rel(y_ref, masked_dense(wt, f, t), dtype)
+    h, idx, n = threshold_select(gu if gu.dim() == 2 else gu[None], t, swiglu=True)
+    assert h.shape[-1] == K and int(n) == int(count)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3, ADD_RMS_MAX_BATCH, ADD_RMS_MAX_BATCH + 1])  # the last: norm launched apart
+def test_add_rms_then_threshold(dtype, batch):
+    """Llama's residual add and RMS norm made where the inputs are selected: the sum written out as the next residual,
+    the normalised input thresholded; a batch past the fused limit takes the add-and-norm kernel first."""
+    gen = torch.Generator().manual_seed(21 + batch)
+    K, M = 1300, 50
+    wt = randn(K, M, dtype=dtype, gen=gen)
+    x, r = randn(batch, K, dtype=dtype, gen=gen), randn(batch, K, dtype=dtype, gen=gen)
+    w = (torch.rand(K, generator=gen) + 0.5).to(device=DEVICE, dtype=dtype)
+    t = torch.tensor(1.2, device=DEVICE, dtype=dtype)
+    y, count, s = add_rms_threshold_cols_gemv(wt, x, r, w, 1e-5, t)
+    y_ref, count_ref, s_ref = add_rms_threshold_cols_gemv_ref(wt, x, r, w, 1e-5, t)
+    exact = {} if dtype == torch.bfloat16 else dict(rtol=0, atol=0)  # the interpreter truncates bf16 casts
+    torch.testing.assert_close(s, x + r, **exact)
+    torch.testing.assert_close(s_ref, x + r, rtol=0, atol=0)
+    a = rms_norm(x + r, w, 1e-5)
+    assert_close_rel(y_ref, masked_dense(wt, a, t), dtype)
+    if dtype == torch.bfloat16 and DEVICE.type == "cpu":  # truncating bf16 casts move entries across the threshold
+        assert abs(int(count) - int(count_ref)) <= K // 100 and rel_err(y, masked_dense(wt, a, t)) <= 0.1
+    else:
+        assert 0 < int(count) < K and abs(int(count) - int(count_ref)) <= 1
+        assert_close_rel(y, masked_dense(wt, a, t), dtype)
+    with pytest.raises(ValueError, match="x and residual must be"):
+        add_rms_threshold_cols_gemv(wt, x, r[:, :-1], w, 1e-5, t)
