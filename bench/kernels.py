@@ -28,7 +28,9 @@ GEMV_OPS = ("fc1", "fc2", "qkv", "out_proj")
 LLAMA_OPS = ("swiglu",)  # fused gate+up gather GEMV (Llama models only)
 PREDICTOR_OPS = ("predictor_dejavu", "predictor_shadowllm")
 TOPK_OPS = ("topk_local", "topk_global")
-OPS = GEMV_OPS + LLAMA_OPS + PREDICTOR_OPS + TOPK_OPS
+# the threshold mode's down projection (fc2): inputs below a threshold dropped, only the kept rows read
+THRESHOLD_OPS = ("threshold_fc2",)
+OPS = GEMV_OPS + LLAMA_OPS + PREDICTOR_OPS + TOPK_OPS + THRESHOLD_OPS
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Relative error (||out - ref|| / ||ref|| against fp32) above which a case is reported as wrong.
@@ -209,6 +211,37 @@ def _topk_case(spec, op, sparsity, device, gen):
                  exact=variants)
 
 
+def _threshold_case(spec, sparsity, batch, dtype, device, gen):
+    """fc2 / down of the threshold mode: the threshold is the s-quantile of the inputs' largest magnitude over the
+    batch, so about a fraction s of the inputs is dropped."""
+    n_in, M = spec.ffn, spec.hidden
+    wt = _rand((n_in, M), dtype, device, gen, n_in**-0.5)
+    w_natural = wt.T.contiguous()
+    a2 = _rand((batch, n_in), dtype, device, gen)
+    t = torch.quantile(a2.abs().amax(dim=0).float(), sparsity).to(dtype).reshape(1)
+    a = _vec(a2, batch)
+
+    def composed():  # the threshold mode's projection before the one-launch select
+        keep = (a2.abs() > t).any(dim=0, keepdim=True)
+        sel = sk.mask_to_indices(keep, n_in, validate=False)
+        idx = sel.idx[0]
+        y = sk.gather_cols_gemv(wt, a2.index_select(1, idx.long()), idx, count=sel.count, validate=False)
+        return y if batch > 1 else y[0]
+
+    variants = {
+        "triton": lambda: sk.threshold_cols_gemv(wt, a, t, validate=False)[0],
+        "triton_composed": composed,
+        "torch_dense": lambda: F.linear(a, w_natural),
+    }
+    keep = (a2.abs() > t).any(dim=0)
+    reference = lambda: _vec((a2.float() * keep.float()) @ wt.float(), batch)
+    k, elt = int(keep.sum()), wt.element_size()
+    moved = (k * M + batch * n_in + batch * M) * elt + 4 * k
+    dense = (n_in * M + batch * n_in + batch * M) * elt
+    return Built(variants, reference, ("triton", "triton_composed"), moved, dense,
+                 {"weight_t": [n_in, M], "selected": k}, tensors={"weight_t": wt, "a": a, "threshold": t})
+
+
 def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
     E, H, d, Fn, B = spec.hidden, spec.n_heads, spec.head_dim, spec.ffn, case.batch
     if case.op == "fc1":
@@ -251,6 +284,8 @@ def build_case(spec: ModelSpec, case: Case, dtype, device, gen) -> Built:
         return _predictor_case(spec, case.op, B, dtype, device, gen)
     if case.op in TOPK_OPS:
         return _topk_case(spec, case.op, case.sparsity, device, gen)
+    if case.op in THRESHOLD_OPS:
+        return _threshold_case(spec, case.sparsity, B, dtype, device, gen)
     raise ValueError(f"unknown op {case.op!r}; known ops: {', '.join(OPS)}")
 
 
