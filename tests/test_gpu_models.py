@@ -39,6 +39,9 @@ MODES = {
     "shadowllm-global": lambda c: ShadowLLM(0.5, "random", "global", "token", hidden=128),
     "shadowllm-local": lambda c: ShadowLLM(0.7, "random", "local", "token", hidden=128),
     "shadowllm-sparse-hidden": lambda c: ShadowLLM(0.5, "random", "global", "token", hidden=128, sparse_hidden=True),
+    # a kind without a budget takes the dense path (DejaVu then runs no net for it)
+    "dejavu-heads-only": lambda c: DejaVu(0.5, "random", "token", hidden=128).set_budgets(0.5, 0.0),
+    "shadowllm-neurons-only": lambda c: ShadowLLM(0.5, "random", "local", "token", hidden=128).set_budgets(0.0, 0.5),
 }
 
 
