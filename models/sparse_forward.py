@@ -58,7 +58,10 @@ class PositionPlans:
                     plan = mode.plan(i)
                     hm = plan.head_slot >= 0
                     nm = torch.zeros(cfg.ffn, dtype=torch.bool, device=hm.device)  # this rank's neurons
-                    nm[plan.neurons[: int(plan.neuron_count)].long()] = True
+                    if plan.neurons is None:  # a neuron budget of 0: every neuron (the dense path)
+                        nm[:] = True
+                    else:
+                        nm[plan.neurons[: int(plan.neuron_count)].long()] = True
                     self._store(i, hm[None, None], nm[None, None])
         elif not isinstance(mode, (Dense, DejaVu, ShadowLLM, Oracle, Threshold)):
             raise TypeError(f"no per-position semantics for mode {type(mode).__name__}")

@@ -32,6 +32,7 @@ CASES = {
     "shadowllm-fp8-token": lambda cfg: ShadowLLM(0.5, "random", "global", "token", hidden=16, predictor_dtype="fp8"),
     "dejavu-fp8-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16, predictor_dtype="fp8"),
     # a kind without a budget takes the dense path, and DejaVu runs no net for it
+    "static-heads-only": lambda cfg: Static(random_importance(cfg), 0.5, "global").set_budgets(0.5, 0.0),
     "dejavu-heads-only-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16).set_budgets(0.5, 0.0),
     "dejavu-neurons-only-token": lambda cfg: DejaVu(0.5, "random", "token", hidden=16).set_budgets(0.0, 0.5),
     "dejavu-layer-input-heads-only": lambda cfg: DejaVu(0.5, "random", "token", hidden=16,
