@@ -121,12 +121,12 @@ def plan_masks_checked(mode, model, check_layer):
     nm = torch.ones(cfg.n_layers, cfg.ffn, dtype=torch.bool)
     for i in range(cfg.n_layers):
         plan = mode.plan(i)
-        if plan.qkv_rows is None:
-            continue
-        hm[i] = plan.head_slot.cpu() >= 0
-        nm[i] = False
-        nm[i, plan.neurons[: int(plan.neuron_count)].long().cpu()] = True
-        check_layer(i, plan, hm[i])
+        if plan.neurons is not None:  # (None: every neuron, the dense path)
+            nm[i] = False
+            nm[i, plan.neurons[: int(plan.neuron_count)].long().cpu()] = True
+        if plan.qkv_rows is not None:  # (None: every head)
+            hm[i] = plan.head_slot.cpu() >= 0
+            check_layer(i, plan, hm[i])
     return hm, nm
 
 
