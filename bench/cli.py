@@ -593,10 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ShadowLLM's random predictor: reads the residual stream entering layer 1 (default, as "
                           "`train` makes them; one more residual add per step) or layer 0's attention output")
     lat.add_argument("--dense-gemv", choices=["auto", "cublas", "triton"], default="auto",
-                     help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS or our gather-rows "
-                          "kernel over natural-layout weights (OPT only; keeps a copy of fc2, more memory, see "
-                          "OPTDecoder.set_dense_gemv); auto (default): ours for OPT on a GPU where the copy fits, "
-                          "it was the faster on every OPT size measured; rows record the engine used")
+                     help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS or our kernels over "
+                          "every row (OPT: keeps a copy of fc2, more memory, see OPTDecoder.set_dense_gemv; Llama: "
+                          "the norm-folded qkv and SwiGLU GEMVs, no copy); auto (default): ours for OPT on a GPU "
+                          "where the copy fits, it was the faster on every OPT size measured, cuBLAS for Llama; rows "
+                          "record the engine used")
     lat.add_argument("--granularity", default="token,prompt",
                      help="when predictors run: token (every decoded token), prompt (once, after prefill)")
     lat.add_argument("--policy", default="global,local", help="top-k policies for shadowllm (static: global, "

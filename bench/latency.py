@@ -32,7 +32,7 @@ from .results import environment, git_commit, make_row, row_writer
 from .timing import copy_bandwidth, percentile, time_op
 
 LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "threshold", "hf")
-DENSE_GEMVS = OPTDecoder.DENSE_GEMVS + ("auto",)  # what --dense-gemv takes (triton: OPT models only)
+DENSE_GEMVS = OPTDecoder.DENSE_GEMVS + ("auto",)  # what --dense-gemv takes
 
 
 def resolve_dense_gemv(choice: str, name: str, dtype: torch.dtype, device, world: int = 1) -> str:
@@ -41,7 +41,7 @@ def resolve_dense_gemv(choice: str, name: str, dtype: torch.dtype, device, world
     against 1.60 ms per token, 6.7B 4.88 against 5.45, 13B 9.16 against 9.96; sweeps at 49c02d5 and 2e8d454), but it
     keeps a natural-layout copy of fc2 (E x F per layer): ``auto`` takes it for OPT on a GPU where the weights, the
     copy and a tenth of the memory (at least 4 GiB) for the cache and workspaces fit (OPT-30B in fp16 does not on
-    80 GB), else cuBLAS; Llama and the CPU always take ``cublas``."""
+    80 GB), else cuBLAS; Llama (whose own path is not timed yet) and the CPU always take ``cublas``."""
     if choice != "auto":
         return choice
     spec = get_spec(name)
@@ -311,7 +311,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
     ``dense_gemv``: ``cublas``, ``triton`` or ``auto`` (the default: :func:`resolve_dense_gemv`), what dense layers
-    run their projections with (``OPTDecoder.set_dense_gemv``; triton: OPT models only; rows record the engine
+    run their projections with (``OPTDecoder.set_dense_gemv``, ``LlamaDecoder.set_dense_gemv``; rows record the engine
     used). ``norm_fold=False``: pre-norm layers run each norm as its
     own kernel before the GEMV (``models.ops.unfused_norms``), to measure the fold against it. ``tp``: this
     rank's :class:`models.tp.TensorParallel` (every rank runs the sweep, rank 0 writes; rows say the world size and
@@ -378,7 +378,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
             model = build_model(name, dtype, device, tp=tp)
             if engine != "cublas":
                 if not hasattr(model, "set_dense_gemv"):
-                    raise ValueError(f"dense_gemv {engine!r} is built for OPT models; {name} is "
+                    raise ValueError(f"dense_gemv {engine!r} is built for OPT and Llama models; {name} is "
                                      f"{model.cfg.family}")
                 model.set_dense_gemv(engine)
         except Exception as err:  # e.g. out of memory: record every case of this model as failed

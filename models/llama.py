@@ -86,6 +86,20 @@ class LlamaDecoder(DecoderBase):
         """Plans use the grouped-query layout (see models.plan)."""
         return self.cfg.n_kv_heads
 
+    DENSE_GEMVS = ("cublas", "triton")
+    dense_gemv = "cublas"
+
+    def set_dense_gemv(self, engine: str) -> None:
+        """What a decode step runs a dense layer with: ``cublas`` (default: the add-and-norm kernel, then cuBLAS for
+        qkv, o, gate, up and down, and PyTorch's silu and product) or ``triton``, the sparse path's own kernels over
+        every row: the add and norm folded into the qkv GEMV and into the SwiGLU GEMV, o through the row GEMV, down
+        through the gather-columns GEMV over every row of its transposed weight. No weight is copied."""
+        if engine not in self.DENSE_GEMVS:
+            raise ValueError(f"dense_gemv must be one of {self.DENSE_GEMVS}, got {engine!r}")
+        self.dense_gemv = engine
+        F_rank = self.layers[0].down_wt.shape[0]  # this rank's neurons
+        self._all_neurons = torch.arange(F_rank, dtype=torch.int32, device=self.device)
+
     def load_hf_state_dict(self, sd: dict) -> None:
         cfg = self.cfg
         E, H, KVH, D, G = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.group
@@ -260,8 +274,16 @@ class LlamaDecoder(DecoderBase):
                 with nvtx_range(f"layer{i}.input_sparse"):
                     x, o = self._input_sparse_layer(i, layer, x, o, plan.input_sparse, cache, pos, ops)
                 continue
+            own = self.dense_gemv == "triton"
             with nvtx_range(f"layer{i}.attn"):
-                if plan.qkv_rows is None:
+                if plan.qkv_rows is None and own:
+                    qkv, x = ops.norm_gemv(layer.qkv_w, x, None, fold_norm(layer.qkv_w, layer.ln1_w, kind="rms",
+                                                                          eps=eps), o, None, None, validate=False)
+                    heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
+                                              self.rope_sin, self.scale, self._dense_q_unit, self._dense_kv_unit,
+                                              plan.head_slot)
+                    o = ops.gemv(layer.o_w, heads)
+                elif plan.qkv_rows is None:
                     x, a = ops.add_rms(x, o, layer.ln1_w, eps)
                     qkv = F.linear(a, layer.qkv_w)
                     heads = ops.gqa_attention(qkv, cache.k[i], cache.v[i], cache.valid[i], pos, self.rope_cos,
@@ -285,7 +307,15 @@ class LlamaDecoder(DecoderBase):
                 o = None
                 mode.observe(i, "ffn_in", a)
             with nvtx_range(f"layer{i}.mlp"):
-                if plan.neurons is None:
+                if plan.neurons is None and own:
+                    if a is None:
+                        f, x = ops.norm_swiglu(layer.gate_w, layer.up_w, x, None,
+                                               fold_norm(layer.gate_w, layer.ln2_w, kind="rms", eps=eps), o, None,
+                                               validate=False)
+                    else:  # normalised already (an observed MLP input)
+                        f = ops.swiglu(layer.gate_w, layer.up_w, a, self._all_neurons, validate=False)
+                    o = ops.gather_cols(layer.down_wt, f, self._all_neurons, validate=False)
+                elif plan.neurons is None:
                     if a is None:
                         x, a = ops.add_rms(x, o, layer.ln2_w, eps)
                     o = self._mlp(layer, a)

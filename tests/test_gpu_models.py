@@ -197,11 +197,13 @@ def test_llama_2_7b_shape_in_every_mode():
         assert out.tokens.shape == (1, 16), name
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("name", ["dense", "shadowllm-global"])
-def test_dense_gemv_triton_matches_cublas_in_a_graph(name):
-    """set_dense_gemv("triton") (our GEMV with preload and PDL over natural-layout weights): the same logits
-    as cuBLAS dense layers within fp16 rounding, and the CUDA graph gives the same tokens as eager."""
-    m = model()
+def test_dense_gemv_triton_matches_cublas_in_a_graph(name, family):
+    """set_dense_gemv("triton") (OPT: our GEMV with preload and PDL over natural-layout weights; Llama: the
+    norm-folded qkv and SwiGLU GEMVs over every row): the same logits as cuBLAS dense layers within fp16 rounding,
+    and the CUDA graph gives the same tokens as eager."""
+    m = model() if family == "opt" else llama_model()
     tokens = torch.randint(0, V, (1, 30), device="cuda")
     # same plans in both (fixed-score predictor): with a random one, layer 0's output rounded the cuBLAS way or
     # ours (norm folded in) flips near-tied units, 2% apart in logits

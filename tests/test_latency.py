@@ -139,8 +139,8 @@ def test_bundled_sweep_config_parses():
 
 
 def test_dense_gemv_triton_rows_and_errors(tmp_path):
-    """--dense-gemv triton: rows say so, resume keeps cuBLAS and own-GEMV rows apart, a Llama model gets an
-    error row that names the reason, and a bad engine name is refused."""
+    """--dense-gemv triton: rows say so, resume keeps cuBLAS and own-GEMV rows apart (OPT and Llama), and a bad
+    engine name is refused."""
     out = tmp_path / "g.jsonl"
     kw = dict(prompt_len=4, out_path=out, progress=False, shadowllm_policies=("global",))
     a = latency.run_latency(["tiny"], ["dense"], [0.5], [4], ["token"], **kw)
@@ -148,8 +148,8 @@ def test_dense_gemv_triton_rows_and_errors(tmp_path):
     assert {r["extra"]["dense_gemv"] for r in a} == {"cublas"} and {r["extra"]["dense_gemv"] for r in b} == {"triton"}
     assert any(r["metric"] == "token_ms" and r["status"] == "ok" for r in b)
     assert latency.run_latency(["tiny"], ["dense"], [0.5], [4], ["token"], dense_gemv="triton", **kw) == []
-    bad = latency.run_latency(["tiny-llama"], ["dense"], [0.5], [4], ["token"], dense_gemv="triton", **kw)
-    assert bad and bad[0]["status"] == "error" and "OPT" in bad[0]["extra"]["error"]
+    llama = latency.run_latency(["tiny-llama"], ["dense"], [0.5], [4], ["token"], dense_gemv="triton", **kw)
+    assert llama and {r["status"] for r in llama} == {"ok"} and {r["extra"]["dense_gemv"] for r in llama} == {"triton"}
     with pytest.raises(ValueError, match="dense_gemv must be one of"):
         latency.run_latency(["tiny"], ["dense"], [0.5], [4], ["token"], dense_gemv="cutlass", **kw)
     assert "+owngemv" in latency.summary_table(b)

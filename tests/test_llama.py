@@ -217,3 +217,36 @@ def test_step_weight_bytes_counts_groups():
     layer1 = (2 * E + (2 + 2) * D * E + 2 * D * E + 3 * 10 * E) * 2
     layer2 = (2 * E + (1 + 2) * D * E + 1 * D * E + 3 * 20 * E) * 2
     assert sparse == dense - 2 * per_layer_dense + layer1 + layer2
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=ON_CPU_ONLY)])
+@pytest.mark.parametrize("mode", ["dense", "dejavu"])
+def test_own_dense_gemv_decodes_as_cublas(backend, mode, monkeypatch):
+    """``set_dense_gemv("triton")``: a dense layer runs the sparse path's kernels over every row (the add and norm
+    folded into qkv and into SwiGLU, o through the row GEMV, down over every row of its transposed weight) and
+    decodes as the cuBLAS path; DejaVu's observed MLP input takes the SwiGLU GEMV without the norm."""
+    c = tiny_cfg()
+    tokens = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(5))
+    import torch.nn.functional as F
+
+    out, linears = [], []
+    real = F.linear
+    for engine in ("cublas", "triton"):
+        m = LlamaDecoder.random(c, torch.float32, "cpu", seed=1, std=0.1)
+        m.set_dense_gemv(engine)
+        md = Dense() if mode == "dense" else DejaVu(0.5, "random", "token", hidden=16)
+        gen = Generator(m, md, batch=2, max_len=10, backend=backend)
+        gen.prefill(tokens[:, :6])
+        calls = []
+        monkeypatch.setattr(F, "linear", lambda *a, _calls=calls, **k: _calls.append(1) or real(*a, **k))
+        steps = []
+        for t in range(6, 10):
+            gen.tok.copy_(tokens[:, t])
+            steps.append(gen.step().float().clone())
+        monkeypatch.setattr(F, "linear", real)
+        out.append(torch.stack(steps))
+        linears.append(len(calls))
+    assert rel(out[1], out[0]) <= (1e-5 if backend == "torch" else 2e-3)
+    assert linears[1] < linears[0]  # the dense layers' cuBLAS projections are gone (the LM head stays)
+    with pytest.raises(ValueError, match="dense_gemv must be one of"):
+        m.set_dense_gemv("cutlass")
