@@ -264,6 +264,7 @@ class LlamaDecoder(DecoderBase):
         watch_ffn = predict and "ffn_in" in mode.observed_sites
         x = F.embedding(tokens, self.embed_tokens)
         o = None  # the block output not yet added to x
+        own = self.dense_gemv == "triton"  # dense layers on our kernels
         for i, layer in enumerate(layers):
             if watch_input and mode.observes("input", i):
                 if o is not None:
@@ -274,7 +275,6 @@ class LlamaDecoder(DecoderBase):
                 with nvtx_range(f"layer{i}.input_sparse"):
                     x, o = self._input_sparse_layer(i, layer, x, o, plan.input_sparse, cache, pos, ops)
                 continue
-            own = self.dense_gemv == "triton"
             with nvtx_range(f"layer{i}.attn"):
                 if plan.qkv_rows is None and own:
                     qkv, x = ops.norm_gemv(layer.qkv_w, x, None, fold_norm(layer.qkv_w, layer.ln1_w, kind="rms",

@@ -361,6 +361,8 @@ class _Predicting(_Sparse):
         self.predictor_dtype = dtype
 
     def _setup_predictor(self, layers):
+        """``layers``: the keys (:meth:`_net`) of the nets the mode runs."""
+        self._nets = list(layers)
         arg = self.sparse_hidden_arg
         self.sparse_hidden = SPARSE_HIDDEN_DEFAULT if arg is None else bool(arg)
         if self.sparse_hidden and self.predictor_dtype == "fp8":
@@ -391,9 +393,9 @@ class _Predicting(_Sparse):
         return scores
 
     def predictor_bytes(self):
-        """Bytes read by the last prediction (all of w2 unless dead hidden units were skipped; fp8 w2 and
-        its scales in place of w2)."""
-        total = self.predictor.nbytes()
+        """Bytes read by the last prediction: the nets the mode runs (all of w2 unless dead hidden units were
+        skipped; fp8 w2 and its scales in place of w2)."""
+        total = sum(t.nbytes for key in self._nets for t in self._net(key))
         for layer, (q, scale) in self._w2q.items():
             total += q.nbytes + scale.nbytes - self._net(layer)[2].nbytes
         for layer, live in self._live.items():
@@ -442,21 +444,12 @@ class DejaVu(_Predicting):
         self.neuron_input = self.predictor.neuron_input
         # with two nets per layer, a kind without a budget (dense) needs neither its net nor its site
         b = self.buffers
-        self._head_net = not (self.neuron_input == "mlp" and b.dense_heads)
-        self._ffn_net = self.neuron_input == "mlp" and not b.dense_neurons
-        self.observed_sites = ("input",) * self._head_net + ("ffn_in",) * self._ffn_net
+        head_net = not (self.neuron_input == "mlp" and b.dense_heads)
+        ffn_net = self.neuron_input == "mlp" and not b.dense_neurons
+        self.observed_sites = ("input",) * head_net + ("ffn_in",) * ffn_net
         layers = list(range(self.first_sparse, model.full_cfg.n_layers))
-        self._nets = layers * self._head_net + [(i, "ffn_in") for i in layers] * self._ffn_net
-        self._setup_predictor(self._nets)
+        self._setup_predictor(layers * head_net + [(i, "ffn_in") for i in layers] * ffn_net)
         return self
-
-    def predictor_bytes(self):
-        """Bytes of the nets the mode runs (a kind without a budget runs no net of its own)."""
-        if self._head_net and (self._ffn_net or self.neuron_input != "mlp"):
-            return super().predictor_bytes()
-        layers = range(self.first_sparse, self.model.full_cfg.n_layers)
-        unused = [(i, "ffn_in") if self._head_net else i for i in layers]
-        return super().predictor_bytes() - sum(t.nbytes for k in unused for t in self._net(k))
 
     observed_sites = ("input",)
 

@@ -177,6 +177,22 @@ def target_loss(head_share: float | None = None):
     return loss
 
 
+def _predictor_input(t: dict, kind: str, residual: bool, first_sparse: int) -> torch.Tensor:
+    """What the predictor reads, from tensors with ``attn0`` [N, E] and ``inputs`` [N, L, E] (a dataset, or rows
+    computed from the model): ShadowLLM's one input [N, E], or DejaVu's layer inputs [N, L_s, E]."""
+    if kind == "shadowllm":
+        return t["inputs"][:, first_sparse] if residual else t["attn0"]
+    return t["inputs"][:, first_sparse:]
+
+
+def _forward(pred, kind: str, scale):
+    """``forward(x, a)`` -> (heads [b, L_s, H], neurons [b, L_s, F]): ShadowLLM on its (standardised) input, DejaVu's
+    nets on the layer inputs ``x`` and MLP inputs ``a``."""
+    if kind == "shadowllm":
+        return lambda x, a=None: pred(x if scale is None else scale(x))
+    return pred.forward_all
+
+
 def _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input):
     """A float32 predictor to train, initialised from ``seed``."""
     torch.manual_seed(seed)
@@ -331,10 +347,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     _check_input_site(kind, shadowllm_input)
     criterion_loss = target_loss(head_share)
     residual = kind == "shadowllm" and shadowllm_input == "residual"
-    if kind == "shadowllm":  # [N, E]
-        x_all = tensors["inputs"][:, first_sparse] if residual else tensors["attn0"]
-    else:
-        x_all = tensors["inputs"][:, first_sparse:]  # [N, L_s, E]
+    x_all = _predictor_input(tensors, kind, residual, first_sparse)
     a_all = tensors["ffn_inputs"][:, first_sparse:] if mlp_in else None  # [N, L_s, E]
     if torch.device(device).type == "cuda":  # batches gathered on the GPU when the data fits beside the predictor
         need = sum(t.numel() * t.element_size() for t in (x_all, a_all, tg.heads, tg.neurons) if t is not None)
@@ -346,6 +359,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     norm = Normaliser(normalisation, log).fit(tg, tr)
     pred = _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input)
     scale = _InputScale(x_all[tr.to(x_all.device)].float()) if residual else None
+    forward = _forward(pred, kind, scale)
 
     def inputs_of(idx):
         """The predictor's inputs of rows ``idx``: (x, MLP inputs or None)."""
@@ -358,11 +372,6 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
         yh = norm.apply_kind(tg.heads[idx].to(device), "heads")
         yn = norm.apply_kind(tg.neurons[idx].to(device), "neurons")
         return x, a, yh, yn
-
-    def forward(xb, ab=None):  # heads [b, L_s, H], neurons [b, L_s, F]
-        if kind == "shadowllm":
-            return pred(xb if scale is None else scale(xb))
-        return pred.forward_all(xb, ab)
 
     def loss_of(idx):
         x, a, yh, yn = batch_of(idx)
@@ -478,7 +487,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     if short:
         raise ValueError(f"sequence {short[0]} is empty")
     _check_input_site(kind, shadowllm_input)
-    mse = target_loss(head_share)
+    criterion_loss = target_loss(head_share)
     residual = kind == "shadowllm" and shadowllm_input == "residual"
     cfg = model.cfg
     device = model.device
@@ -496,10 +505,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
         for pos, tokens, lengths in length_batches([sequences[i] for i in chosen], model_batch):
             ids = [chosen[p] for p in pos]
             r = token_rows(model, tokens.to(device), lengths, (criterion,), with_inputs=kind == "dejavu" or residual)
-            if kind == "shadowllm":
-                x = r["inputs"][:, first_sparse] if residual else r["attn0"]
-            else:
-                x = r["inputs"][:, first_sparse:]
+            x = _predictor_input(r, kind, residual, first_sparse)
             parts.append({"x": x.float(), "a": r["ffn_inputs"][:, first_sparse:].float() if mlp_in else None,
                           "heads": r[f"{criterion}.heads"][:, first_sparse:],
                           "neurons": r[f"{criterion}.neurons"][:, first_sparse:],
@@ -544,11 +550,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     val_y = (norm.apply_kind(val["heads"], "heads"), norm.apply_kind(val["neurons"], "neurons"))
 
     pred = _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input)
-
-    def forward(x, a):
-        if kind == "shadowllm":
-            return pred(x if scale is None else scale(x))
-        return pred.forward_all(x, a)
+    forward = _forward(pred, kind, scale)
 
     use_tf32 = tf32 and torch.device(device).type == "cuda"
 
@@ -558,7 +560,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
             for i in range(0, len(val["src"]), chunk):
                 s = slice(i, i + chunk)
                 h, n = forward(val["x"][s], None if val["a"] is None else val["a"][s])
-                tot += float(mse(h, n, val_y[0][s], val_y[1][s])) * len(val["src"][s])
+                tot += float(criterion_loss(h, n, val_y[0][s], val_y[1][s])) * len(val["src"][s])
         return tot / len(val["src"])
 
     n_train = sum(len(sequences[i][1]) for i in tr.tolist())
@@ -588,7 +590,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
                 for i in range(0, len(perm), batch_size):
                     idx = perm[i: i + batch_size]
                     h, n = forward(r["x"][idx], None if r["a"] is None else r["a"][idx])
-                    loss = mse(h, n, yh[idx], yn[idx])
+                    loss = criterion_loss(h, n, yh[idx], yn[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

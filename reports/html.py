@@ -157,6 +157,13 @@ def variants_menu(fig) -> None:
                                             yanchor="top", showactive=True)])
 
 
+def _budget_label(hs, ns) -> list[str]:
+    """A label's word for head and neuron budgets set apart (none where they are one sparsity)."""
+    if hs is None or ns is None or hs == ns:
+        return []
+    return ["neurons-only" if hs == 0 else "heads-only" if ns == 0 else f"heads {hs:g}/neurons {ns:g}"]
+
+
 def _base_label(r) -> str:
     parts = [r.get("mode") or r.get("kind") or "row"]  # kernel rows have no mode
     if r.get("criterion"):
@@ -183,9 +190,7 @@ def _base_label(r) -> str:
         parts.append("own-GEMV")
     if ex.get("shots"):
         parts.append(f"{ex['shots']}-shot")
-    hs, ns = ex.get("head_sparsity"), ex.get("neuron_sparsity")
-    if hs is not None and ns is not None and hs != ns:
-        parts.append("neurons-only" if hs == 0 else "heads-only" if ns == 0 else f"heads {hs:g}/neurons {ns:g}")
+    parts += _budget_label(ex.get("head_sparsity"), ex.get("neuron_sparsity"))
     if ex.get("kv_rule") == "always":
         parts.append("kv:always")
     if (ex.get("tp") or 1) > 1:  # tensor-parallel rows: world size and plan rule (models.tp)
@@ -504,10 +509,7 @@ def _pareto_variant(o) -> str:
     parts = [f"per-{o['granularity']}"] if o.get("granularity") else []
     if o.get("kv_rule") == "always" and o.get("mode") != "dense":  # (a dense step computes every key and value)
         parts.append("kv:always")
-    hs, ns = o.get("head_sparsity"), o.get("neuron_sparsity")
-    if hs is not None and ns is not None and hs != ns:
-        parts.append("neurons-only" if hs == 0 else "heads-only" if ns == 0 else f"heads {hs:g}/neurons {ns:g}")
-    return " ".join(parts)
+    return " ".join(parts + _budget_label(o.get("head_sparsity"), o.get("neuron_sparsity")))
 
 
 def fig_pareto(rows):

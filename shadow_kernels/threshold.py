@@ -4,9 +4,10 @@ input entry is kept (the threshold mode's projections, TEAL's idea).
 ``weight_t`` is W transposed ([K, M]: K inputs, M outputs), so the weights of one input are one contiguous row. A
 batch keeps the union of its rows' entries (the GEMV takes one index list). Two launches: one program compacts the
 kept entries (a compare against the threshold, a running prefix sum for each kept input's slot) into an index
-list, a count and the kept values; then the gather-columns GEMV reads those rows. The composed PyTorch ops did the
-same in about five launches before the GEMV (abs, compare, any, the index list, a gather of the kept values), and
-a decode step runs four such projections per layer.
+list, a count and the kept values; then the gather-columns GEMV reads those rows. Done with PyTorch ops, the
+selection takes five launches before the GEMV (abs, compare, any, the index list, a gather of the kept values), and
+a decode step runs four such projections per layer. The select kernel can also make its input first: Llama's residual
+add and RMS norm (:func:`add_rms_threshold_cols_gemv`) or SwiGLU's ``silu(gate) * up`` (``swiglu=True``).
 
 The GEMV is launched without preloading its index list (``preload=False``): under programmatic dependent launch a
 preloading GEMV reads its index list before the kernel just before it finishes, and here that kernel writes it.
