@@ -46,6 +46,9 @@ class Ops:
     threshold_cols: Callable | None = None  # (weight_t, a, threshold, bias) -> (y, count): the threshold mode's GEMV
     # (weight_t, x, residual, norm_weight, eps, threshold) -> (y, count, x + residual): Llama's add and RMS norm first
     add_rms_threshold_cols: Callable | None = None
+    # (idx, count, HeadPlanBuffers, n_heads=, head_dim=, n_kv_heads=, kv_always=): the plan buffers of the selected
+    # heads (models.plan)
+    head_plan: Callable | None = None
 
 
 def _gemv_triton(weight, x, bias=None, relu=False):
@@ -74,12 +77,14 @@ TRITON = Ops("triton", partial(sk.gather_rows_gemv, preload=True), partial(sk.ga
              sk.topk_indices, sk.mask_to_indices, add_layernorm, sk.sparse_hidden_predictor,
              add_rmsnorm, gqa_decode_attention, sk.gather_swiglu_gemv, _gemv_triton,
              partial(sk.gather_segments_gemv, preload=True), partial(sk.norm_rows_gemv, preload=True),
-             sk.norm_swiglu_gemv, sk.greedy_next, sk.embed_add, sk.threshold_cols_gemv, sk.add_rms_threshold_cols_gemv)
+             sk.norm_swiglu_gemv, sk.greedy_next, sk.embed_add, sk.threshold_cols_gemv, sk.add_rms_threshold_cols_gemv,
+             sk.head_plan)
 TORCH = Ops("torch", sk.gather_rows_gemv_ref, sk.gather_cols_gemv_ref, decode_attention_ref, sk.fused_predictor_ref,
             sk.topk_indices_ref, sk.mask_to_indices_ref, add_layernorm_ref,
             sk.sparse_hidden_predictor_ref, add_rmsnorm_ref, gqa_decode_attention_ref, sk.gather_swiglu_gemv_ref,
             _gemv_torch, sk.gather_segments_gemv_ref, sk.norm_rows_gemv_ref, sk.norm_swiglu_gemv_ref,
-            sk.greedy_next_ref, sk.embed_add_ref, sk.threshold_cols_gemv_ref, sk.add_rms_threshold_cols_gemv_ref)
+            sk.greedy_next_ref, sk.embed_add_ref, sk.threshold_cols_gemv_ref, sk.add_rms_threshold_cols_gemv_ref,
+            sk.head_plan_ref)
 
 
 def unfused_norms(ops: Ops) -> Ops:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shadow_kernels.topk import topk_mask
+from shadow_kernels.head_plan import HeadPlanBuffers
+from shadow_kernels.topk import LayerIndices, topk_mask
 
 from .ops import Ops
 
@@ -198,7 +199,6 @@ class PlanBuffers:
             self.qkv_rows = torch.zeros((n, s_units * head_dim), **i32)
             self.q_unit = torch.full((n, n_heads), -1, **i32)
             self.kv_unit = torch.full((n, self.KVH), -1, **i32)
-            self._unit_ids = torch.arange(self.U, **i32)
             self._s_units = s_units
         else:
             self.qkv_rows = torch.zeros((n, s_h * 3 * head_dim), **i32)
@@ -207,9 +207,6 @@ class PlanBuffers:
         self.out_count = torch.zeros((n,), **i32)
         self.neurons = torch.zeros((n, s_f), **i32)
         self.neuron_count = torch.zeros((n,), **i32)
-        self._slot_ids = torch.arange(s_h, **i32)
-        self._rows3 = torch.arange(3 * head_dim, **i32)
-        self._rows1 = torch.arange(head_dim, **i32)
         self._all_heads = torch.arange(n_heads, **i32)
 
     @property
@@ -233,12 +230,13 @@ class PlanBuffers:
         units = self.H if kind == "heads" else self.F
         return mask[..., self.rank * units:(self.rank + 1) * units]
 
-    def _indices(self, scores: torch.Tensor, kind: str):
-        """This rank's index lists from the whole model's scores [n, U]."""
+    def _indices(self, scores: torch.Tensor, kind: str, out=None):
+        """This rank's index lists from the whole model's scores [n, U] (into ``out``, plan buffers, where the
+        selection can write them directly)."""
         heads = kind == "heads"
         k = self.k_sel_heads if heads else self.k_sel_neurons
         if self.world == 1:
-            return self.ops.topk(scores, k, self.policy, validate=False)
+            return self.ops.topk(scores, k, self.policy, validate=False, out=out)
         if self.tp_plan == "shard":
             return self.ops.topk(self.local(scores, kind).contiguous(), k, self.policy, validate=False)
         U = scores.shape[1]
@@ -261,7 +259,7 @@ class PlanBuffers:
             self._write_heads(layer, self._indices(head_scores, "heads"))
         if neuron_scores is not None and not self.dense_neurons:
             self._check_layers(neuron_scores.shape[0])
-            self._write_neurons(layer, self._indices(neuron_scores, "neurons"))
+            self._write_neurons(layer, self._indices(neuron_scores, "neurons", self._neuron_out(layer, neuron_scores)))
 
     def fill_batch(self, layer: int, head_scores: torch.Tensor | None, neuron_scores: torch.Tensor | None) -> None:
         """:meth:`fill` from a batch's scores, heads [B, n, H] and neurons [B, n, F] (either may be None), by
@@ -271,7 +269,7 @@ class PlanBuffers:
                 continue
             self._check_layers(scores.shape[1])
             if scores.shape[0] == 1:  # one sequence: its own scores (no mean kernel in the decode step)
-                idx = self._indices(scores[0], kind)
+                idx = self._indices(scores[0], kind, self._neuron_out(layer, scores[0]) if kind == "neurons" else None)
             elif self.batch_rule == "mean":
                 idx = self._indices(scores.mean(dim=0), kind)
             else:
@@ -290,45 +288,32 @@ class PlanBuffers:
             raise ValueError(f"global top-k needs the scores of all {self.n_sparse} sparse layers, got {n}")
 
     def _write_heads(self, layer: int, heads) -> None:
+        """The head plans of layers ``layer ..`` from their selection (one launch on the Triton backend:
+        :func:`shadow_kernels.head_plan.head_plan`)."""
         n = heads.idx.shape[0]
         sl = slice(layer - self.first, layer - self.first + n)
-        S = self.slots_heads
-        live = self._slot_ids[None, :] < heads.count[:, None]
-        target = torch.where(live, heads.idx, self.H).long()
-        slots = self.head_slot[sl]
-        slots.fill_(-1)
-        slots.scatter_(1, target, self._slot_ids.expand(n, S))
-        if self.gqa:
-            self._fill_units(sl, n, slots[:, : self.H] >= 0)
-        else:
-            torch.add(self._rows3, heads.idx[:, :, None], alpha=3 * self.D,
-                      out=self.qkv_rows[sl].view(n, S, 3 * self.D))
-            torch.mul(heads.count, 3 * self.D, out=self.qkv_count[sl])
-        torch.add(self._rows1, heads.idx[:, :, None], alpha=self.D, out=self.out_rows[sl].view(n, S, self.D))
-        torch.mul(heads.count, self.D, out=self.out_count[sl])
+        bufs = HeadPlanBuffers(head_slot=self.head_slot[sl], qkv_rows=self.qkv_rows[sl], qkv_count=self.qkv_count[sl],
+                               out_rows=self.out_rows[sl], out_count=self.out_count[sl],
+                               q_unit=self.q_unit[sl] if self.gqa else None,
+                               kv_unit=self.kv_unit[sl] if self.gqa else None)
+        self.ops.head_plan(heads.idx, heads.count, bufs, n_heads=self.H, head_dim=self.D,
+                           n_kv_heads=self.KVH if self.gqa else None, kv_always=self.kv_always, validate=False)
+
+    def _neuron_out(self, layer: int, scores: torch.Tensor):
+        """The neuron buffers of layers ``layer ..`` (one per row of ``scores``), for the selection to write into;
+        None where the selection's lists are not the plan's (a union's slots, a rank's share)."""
+        if self.batch_rule != "mean" or self.world != 1:
+            return None
+        sl = slice(layer - self.first, layer - self.first + scores.shape[0])
+        return LayerIndices(self.neurons[sl], self.neuron_count[sl])
 
     def _write_neurons(self, layer: int, neurons) -> None:
         n = neurons.idx.shape[0]
         sl = slice(layer - self.first, layer - self.first + n)
+        if neurons.idx.data_ptr() == self.neurons[sl].data_ptr():  # the selection wrote them in place
+            return
         self.neurons[sl].copy_(neurons.idx)
         self.neuron_count[sl].copy_(neurons.count)
-
-    def _fill_units(self, sl, n: int, head_live: torch.Tensor) -> None:
-        """Grouped-query layout from the kept heads [n, H] bool: a group's key and value are live when
-        one of its queries is; live units are numbered group by group in the dense unit order."""
-        KVH, G, D = self.KVH, self.G, self.D
-        hl = head_live.view(n, KVH, G)
-        group_live = torch.ones_like(hl[:, :, :1]) if self.kv_always else hl.any(dim=2, keepdim=True)
-        unit_live = torch.cat([hl, group_live, group_live], dim=2).view(n, self.U)
-        offs = torch.cumsum(unit_live, dim=1, dtype=torch.int32) - 1
-        unit_at = torch.where(unit_live, offs, -1).view(n, KVH, G + 2)
-        self.q_unit[sl].copy_(unit_at[:, :, :G].reshape(n, self.H))
-        self.kv_unit[sl].copy_(unit_at[:, :, G])
-        compact = torch.zeros((n, self.U + 1), dtype=torch.int32, device=head_live.device)
-        compact.scatter_(1, torch.where(unit_live, offs, self.U).long(), self._unit_ids.expand(n, self.U))
-        units = compact[:, : self._s_units]
-        torch.add(self._rows1, units[:, :, None], alpha=D, out=self.qkv_rows[sl].view(n, self._s_units, D))
-        torch.mul(unit_live.sum(dim=1, dtype=torch.int32), D, out=self.qkv_count[sl])
 
     def layer(self, layer: int) -> LayerPlan:
         j = layer - self.first

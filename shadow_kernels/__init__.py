@@ -29,6 +29,7 @@ from .gather_rows import (  # noqa: E402
 )
 from .gather_segments import gather_segments_gemv, gather_segments_gemv_ref  # noqa: E402
 from .greedy import greedy_next, greedy_next_ref  # noqa: E402
+from .head_plan import HeadPlanBuffers, head_plan, head_plan_ref  # noqa: E402
 from .norm_gemv import (  # noqa: E402
     NormFold,
     fold_norm,
@@ -76,6 +77,9 @@ __all__ = [
     "gather_swiglu_gemv_ref",
     "greedy_next",
     "greedy_next_ref",
+    "HeadPlanBuffers",
+    "head_plan",
+    "head_plan_ref",
     "mask_to_indices",
     "mask_to_indices_ref",
     "norm_rows_gemv",

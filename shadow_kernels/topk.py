@@ -339,12 +339,17 @@ _HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 _SMALL = 1 << 12
 
 
-def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerIndices:
-    """Padded index lists of the top-k of [L, n] scores by radix select (see the module docstring)."""
+def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int, out: LayerIndices | None = None
+                ) -> LayerIndices:
+    """Padded index lists of the top-k of [L, n] scores by radix select (see the module docstring), into ``out``
+    when given (its writing launch then runs without programmatic dependent launch: see :func:`topk_indices`)."""
     L, n = scores.shape
     dev = scores.device
-    idx = torch.empty((L, k_max), dtype=torch.int32, device=dev)
-    count = torch.empty((L,), dtype=torch.int32, device=dev)
+    if out is None:
+        idx = torch.empty((L, k_max), dtype=torch.int32, device=dev)
+        count = torch.empty((L,), dtype=torch.int32, device=dev)
+    else:
+        idx, count = out
     if L == 0:
         return LayerIndices(idx, count)
     if k == 0 or n == 0:
@@ -352,13 +357,14 @@ def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerI
     s = scores.float().contiguous()
     glob = policy == "global"
     pdl = pdl_kwargs(dev)
+    last = pdl_kwargs(dev, pdl=False) if out is not None else pdl  # the launch that writes idx and count
     nbins = 256 if _HIST_MASK else 512
     rows = next_pow2(L) if glob else 1
     if rows * next_pow2(n) <= _SMALL:  # one launch: the tile fits in one program's registers
         np2 = next_pow2(n)
         _radix_small_kernel[(1 if glob else L,)](s, idx, count, k, n, L, k_max, s.stride(0),
                                                  idx.stride(0) if k_max else 1, ROWS=rows, NP=np2, NBINS=nbins,
-                                                 num_warps=8 if rows * np2 >= 4096 else 4, **pdl)
+                                                 num_warps=8 if rows * np2 >= 4096 else 4, **last)
         return LayerIndices(idx, count)
     block = min(1024, next_pow2(n))
     chunk = max(block, min(_RADIX_CHUNK, next_pow2(n)))
@@ -371,7 +377,7 @@ def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int) -> LayerI
                                    CHUNK=chunk, BLOCK=block, NBINS=nbins, **pdl)
     _radix_write_kernel[(L, C)](s, hist, chunk_hist, above, idx, count, k, n, L, C, k_max, triton.cdiv(k_max, C),
                                 s.stride(0), idx.stride(0) if k_max else 1, GLOBAL=glob, CHUNK=chunk, BLOCK=block,
-                                C_BLOCK=next_pow2(C), LC_BLOCK=next_pow2(L * C), **pdl)
+                                C_BLOCK=next_pow2(C), LC_BLOCK=next_pow2(L * C), **last)
     return LayerIndices(idx, count)
 
 
@@ -390,24 +396,45 @@ def _check_select(scores, k, policy, validate) -> int:
     return min(n, k)
 
 
-def topk_indices(scores, k, policy="local", *, validate=True) -> LayerIndices:
+def topk_indices(scores, k, policy="local", *, validate=True, out: LayerIndices | None = None) -> LayerIndices:
     """Select units from [L, n] scores and return the padded index lists (radix select, Triton).
 
     policy "local": exactly k units in every layer. policy "global": exactly k units over all
     layers together, distributed by score (k_max = min(n, k) slots per layer). Among scores equal to
     the k-th largest, the lowest indices are taken (layer-major when global).
+
+    ``out``: int32 ``(idx [L, k_max], count [L])`` to write into (a plan's buffers), returned. The launch that writes
+    them then runs without programmatic dependent launch, as a PyTorch kernel does, so a kernel after it that
+    preloads its index list (:mod:`shadow_kernels.pdl`) reads the new one.
     """
     k_max = _check_select(scores, k, policy, validate)
     check_device("scores", scores)
-    return _radix_topk(scores, k, policy, k_max)
+    _check_out(out, scores.shape[0], k_max)
+    return _radix_topk(scores, k, policy, k_max, out)
 
 
-def topk_indices_ref(scores, k, policy="local", *, validate=True) -> LayerIndices:
+def _check_out(out, L: int, k_max: int) -> None:
+    if out is None:
+        return
+    idx, count = out
+    if (idx.dtype != torch.int32 or tuple(idx.shape) != (L, k_max) or idx.stride(-1) != 1 or count.dtype != torch.int32
+            or tuple(count.shape) != (L,) or count.stride(0) != 1):
+        raise ValueError(f"out must be int32 idx [{L}, {k_max}] and count [{L}] with unit stride, got idx "
+                         f"{idx.dtype} {tuple(idx.shape)} and count {count.dtype} {tuple(count.shape)}")
+
+
+def topk_indices_ref(scores, k, policy="local", *, validate=True, out: LayerIndices | None = None) -> LayerIndices:
     """Plain-PyTorch reference of :func:`topk_indices` (a stable descending sort: equal scores in index
     order, as the kernel takes them)."""
     k_max = _check_select(scores, k, policy, validate)
+    _check_out(out, scores.shape[0], k_max)
     L, n = scores.shape
     flat = scores.reshape(-1) if policy == "global" else scores
     order = torch.sort(flat.float() + 0.0, dim=-1, descending=True, stable=True).indices[..., :k]
     mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True)
-    return mask_to_indices_ref(mask.view(L, n), k_max)
+    sel = mask_to_indices_ref(mask.view(L, n), k_max)
+    if out is None:
+        return sel
+    out[0].copy_(sel.idx)
+    out[1].copy_(sel.count)
+    return out

@@ -199,3 +199,20 @@ def test_radix_select_both_histogram_forms(monkeypatch, masked_histogram, one_la
         sel = topk_indices(scores, k, policy)
         ref = topk_indices_ref(scores, k, policy)
         assert torch.equal(sel.idx, ref.idx) and torch.equal(sel.count, ref.count)
+
+
+@pytest.mark.parametrize("policy,k,n", [("local", 5, 50), ("global", 60, 50), ("local", 3000, 5000)])
+def test_indices_into_given_buffers(policy, k, n):
+    # plan buffers as the output: rows of a larger buffer, stale values overwritten
+    scores = randn(3, n)
+    k_max = k if policy == "local" else min(n, k)
+    idx = torch.full((5, k_max), 9, dtype=torch.int32, device=DEVICE)
+    count = torch.full((5,), 9, dtype=torch.int32, device=DEVICE)
+    for fn in (topk_indices, topk_indices_ref):
+        got = fn(scores, k, policy, out=(idx[1:4], count[1:4]))
+        ref = topk_indices_ref(scores, k, policy)
+        assert got[0].data_ptr() == idx[1:4].data_ptr()
+        assert torch.equal(idx[1:4], ref.idx) and torch.equal(count[1:4], ref.count)
+        assert (idx[0] == 9).all() and (idx[4] == 9).all() and int(count[0]) == 9 and int(count[4]) == 9
+    with pytest.raises(ValueError, match=r"out must be int32 idx \[3, "):
+        topk_indices(scores, k, policy, out=(idx[:2], count[:2]))
