@@ -490,7 +490,8 @@ def _pareto(args) -> int:
                      thresholds=args.thresholds or f"runs/thresholds/{args.model}.safetensors",
                      data_dir=args.data_dir, head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity,
                      kv_rule=args.kv_rule, granularity=args.granularity, prompt_len=args.prompt, gen_len=args.gen,
-                     quality_out=args.quality_out, latency_out=args.latency_out, progress=not args.no_progress)
+                     quality_out=args.quality_out, latency_out=args.latency_out, progress=not args.no_progress,
+                     dense_gemv=args.dense_gemv)
     rows = [r for p in (args.quality_out, args.latency_out) for r in RowWriter(p).existing()]
     keys = {(r.get("extra") or {}).get("config_key") for r in out["quality"] + out["latency"]}
     print(pareto_table([o for o in join(rows) if o]) if keys else "no configuration ran")
@@ -595,9 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--dense-gemv", choices=["auto", "cublas", "triton"], default="auto",
                      help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS or our kernels over "
                           "every row (OPT: keeps a copy of fc2, more memory, see OPTDecoder.set_dense_gemv; Llama: "
-                          "the norm-folded qkv and SwiGLU GEMVs, no copy); auto (default): ours for OPT on a GPU "
-                          "where the copy fits, it was the faster on every OPT size measured, cuBLAS for Llama; rows "
-                          "record the engine used")
+                          "the norm-folded qkv and SwiGLU GEMVs, no copy); auto (default): ours on a GPU (for OPT "
+                          "where the copy fits), the faster on every size measured; rows record the engine used")
     lat.add_argument("--granularity", default="token,prompt",
                      help="when predictors run: token (every decoded token), prompt (once, after prefill)")
     lat.add_argument("--policy", default="global,local", help="top-k policies for shadowllm (static: global, "
@@ -827,6 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--thresholds")
     par.add_argument("--prompt", type=_int_at_least(1, "--prompt"), default=128, help="latency: prompt length")
     par.add_argument("--gen", type=_int_at_least(1, "--gen"), default=128, help="latency: tokens generated")
+    par.add_argument("--dense-gemv", choices=["auto", "cublas", "triton"], default="auto",
+                     help="what the timed decode steps run dense layers with (see `latency --dense-gemv`; default "
+                          "auto: our GEMVs on a GPU, where they fit)")
     par.add_argument("--quality-out", default="runs/quality.jsonl")
     par.add_argument("--latency-out", default="runs/latency.jsonl")
     par.set_defaults(func=_pareto)

@@ -35,24 +35,33 @@ LATENCY_MODES = ("dense", "static", "dejavu", "shadowllm", "threshold", "hf")
 DENSE_GEMVS = OPTDecoder.DENSE_GEMVS + ("auto",)  # what --dense-gemv takes
 
 
+def auto_dense_gemv(family: str, weight_bytes: int, copy_bytes: int, device, world: int = 1) -> str:
+    """The faster dense GEMV engine that fits (``auto``). Our GEMV (``triton``) ran the dense layers faster than
+    cuBLAS on the H100 at every size measured: OPT-1.3B 1.11 against 1.60 ms per token, 6.7B 4.88 against 5.45, 13B
+    9.16 against 9.96 (sweeps at 49c02d5 and 2e8d454); SmolLM2-135M (Llama) 0.556 against 1.058 (9391a90; Llama-2
+    sizes not timed). Llama's path copies no weight, so it always takes ``triton`` on a GPU. OPT's keeps a
+    natural-layout copy of fc2 (``copy_bytes``): ``triton`` where the weights, the copy and a tenth of the memory (at
+    least 4 GiB) for the cache and workspaces fit (OPT-30B in fp16 does not on 80 GB), else ``cublas``. The CPU
+    always takes ``cublas``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cublas"
+    if family == "llama":
+        return "triton"
+    total = torch.cuda.get_device_properties(device).total_memory
+    return "triton" if (weight_bytes + copy_bytes) / world + max(4 << 30, total // 10) <= total else "cublas"
+
+
 def resolve_dense_gemv(choice: str, name: str, dtype: torch.dtype, device, world: int = 1) -> str:
-    """The dense GEMV engine of one model: ``choice`` itself, or for ``auto`` the faster one that fits. Our GEMV
-    (``triton``) ran OPT's dense layers faster than cuBLAS on the H100 at every size measured (dense OPT-1.3B 1.11
-    against 1.60 ms per token, 6.7B 4.88 against 5.45, 13B 9.16 against 9.96; sweeps at 49c02d5 and 2e8d454), but it
-    keeps a natural-layout copy of fc2 (E x F per layer): ``auto`` takes it for OPT on a GPU where the weights, the
-    copy and a tenth of the memory (at least 4 GiB) for the cache and workspaces fit (OPT-30B in fp16 does not on
-    80 GB), else cuBLAS; Llama (whose own path is not timed yet) and the CPU always take ``cublas``."""
+    """The dense GEMV engine of registry model ``name``: ``choice`` itself, or for ``auto``
+    :func:`auto_dense_gemv` from the model's shape."""
     if choice != "auto":
         return choice
     spec = get_spec(name)
-    device = torch.device(device)
-    if spec.family != "opt" or device.type != "cuda":
-        return "cublas"
     el = torch.empty((), dtype=dtype).element_size()
     weights = (spec.layer_weight_params() * spec.n_layers + (spec.vocab + spec.max_positions) * spec.hidden) * el
     copy = spec.hidden * spec.ffn * spec.n_layers * el
-    total = torch.cuda.get_device_properties(device).total_memory
-    return "triton" if (weights + copy) / world + max(4 << 30, total // 10) <= total else "cublas"
+    return auto_dense_gemv(spec.family, weights, copy, device, world)
 
 
 @dataclass(frozen=True)

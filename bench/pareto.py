@@ -43,12 +43,17 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
                tasks=(), limit=None, ppl=True, ppl_tokens=2048, context=512, stride=256, criteria_dir=None,
                predictors_dir=None, thresholds=None, data_dir=None, predictor_dtype="model", head_sparsity=None,
                neuron_sparsity=None, kv_rule="skip", prompt_len=128, gen_len=128, quality_out="runs/quality.jsonl",
-               latency_out="runs/latency.jsonl", progress=True) -> dict:
+               latency_out="runs/latency.jsonl", progress=True, dense_gemv="auto") -> dict:
     """Quality and latency rows of every configuration, each stamped with its ``config_key``. ``granularity`` (when
-    the predictor modes predict: every token, or once per prompt) and ``kv_rule`` apply to both parts alike."""
-    from .latency import LatencyCase, run_mode_case
+    the predictor modes predict: every token, or once per prompt) and ``kv_rule`` apply to both parts alike.
+    ``dense_gemv``: what the timed decode steps run dense layers with (``cublas``, ``triton``, or ``auto``: the
+    faster that fits, :func:`bench.latency.auto_dense_gemv`); latency rows record it, and a configuration timed
+    with another engine is timed again."""
+    from .latency import DENSE_GEMVS, LatencyCase, auto_dense_gemv, run_mode_case
     from .timing import copy_bandwidth
 
+    if dense_gemv not in DENSE_GEMVS:
+        raise ValueError(f"dense_gemv must be one of {DENSE_GEMVS}, got {dense_gemv!r}")
     lat_writer = RowWriter(latency_out)
     files = dict(criteria_dir=criteria_dir, predictors_dir=predictors_dir, granularity=granularity,
                  predictor_dtype=predictor_dtype, head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity,
@@ -62,13 +67,22 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
                        on_mode=lambda case, mode, source: built.__setitem__(case, (mode, source)), **files)
     device = model.device
     env = environment(device)
-    done = {(r.get("extra") or {}).get("config_key") for r in lat_writer.resume()
-            if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
+    engine = dense_gemv
+    if engine == "auto":
+        cfg = model.full_cfg
+        copy = cfg.hidden * cfg.ffn * cfg.n_layers * model.dtype.itemsize  # OPT's natural-layout fc2
+        engine = auto_dense_gemv(cfg.family, sum(p.nbytes for p in model.parameters()), copy, device)
+    if hasattr(model, "set_dense_gemv"):
+        model.set_dense_gemv(engine)
+    else:
+        engine = "cublas"
+    done = {((r.get("extra") or {}).get("config_key"), (r.get("extra") or {}).get("dense_gemv", "cublas"))
+            for r in lat_writer.resume() if r.get("kind") == "latency" and r.get("status") in ("ok", "skipped")}
     bw = copy_bandwidth(device)["copy_gbps"]
     base = dict(kind="latency", device=env["device"], dtype=str(model.dtype).replace("torch.", ""), batch=1,
                 prompt_len=prompt_len, git_commit=git_commit(), weights="trained",
                 extra={"torch": env["torch"], "triton": env["triton"], "copy_gbps": bw, "batch_rule": "mean",
-                       "predictor_dtype": predictor_dtype, "dense_gemv": "cublas", "norm_fold": True})
+                       "predictor_dtype": predictor_dtype, "dense_gemv": engine, "norm_fold": True})
     new = []
     for case in quality_cases(modes, criteria, sparsities, policies):
         try:
@@ -81,7 +95,7 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
                                 value=None, unit=None, status="error", error=f"{type(err).__name__}: {err}"))
             lat_writer.write(new[-1:])
             continue
-        if key in done:
+        if (key, engine) in done:
             continue
         common = dict(base, model=model_name, mode=case.mode, criterion=case.criterion, policy=case.policy,
                       sparsity=case.sparsity, gen_len=gen_len, config_key=key, source=source)

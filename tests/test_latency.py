@@ -191,8 +191,8 @@ def test_unfused_norm_ops_decode_like_the_fold(family):
 
 def test_auto_dense_gemv_takes_the_own_gemv_where_the_fc2_copy_fits(monkeypatch):
     """``auto`` (the default): our GEMV for OPT on a GPU when the weights and the natural-layout fc2 copy leave room
-    (OPT-13B on 80 GB yes, OPT-30B no, OPT-30B over two ranks yes), cuBLAS for Llama and on the CPU; rows of the
-    default record the engine used."""
+    (OPT-13B on 80 GB yes, OPT-30B no, OPT-30B over two ranks yes), ours for Llama on a GPU (no copy), cuBLAS on the
+    CPU; rows of the default record the engine used."""
     import torch
 
     props = type("Props", (), {"total_memory": 80 << 30})()
@@ -201,7 +201,8 @@ def test_auto_dense_gemv_takes_the_own_gemv_where_the_fc2_copy_fits(monkeypatch)
     pick = lambda name, world=1: latency.resolve_dense_gemv("auto", name, fp16, "cuda", world)
     assert pick("opt-13b") == "triton" and pick("opt-6.7b") == "triton"
     assert pick("opt-30b") == "cublas" and pick("opt-30b", 2) == "triton"
-    assert pick("llama-2-7b") == "cublas"
+    assert pick("llama-2-7b") == "triton" and pick("smollm2-135m") == "triton"
+    assert latency.resolve_dense_gemv("auto", "llama-2-7b", fp16, "cpu") == "cublas"
     assert latency.resolve_dense_gemv("auto", "opt-13b", fp16, "cpu") == "cublas"
     assert latency.resolve_dense_gemv("triton", "opt-30b", fp16, "cuda") == "triton"  # asked for: taken as is
     assert cli.build_parser().parse_args(["latency"]).dense_gemv == "auto"

@@ -51,6 +51,15 @@ def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, ca
     assert cli.main(argv) == 0  # resumed: nothing new
     assert (len(rows(q)), len(rows(lat))) == n
     assert "speedup" in capsys.readouterr().out
+    assert {r["extra"]["dense_gemv"] for r in lr} == {"cublas"}  # auto on the CPU
+    # another dense engine: the same configurations timed again (not scored again), the rows saying which
+    own = argv + ["--dense-gemv", "triton"]
+    own[own.index("--modes") + 1] = "dense"
+    assert cli.main(own) == 0
+    assert len(rows(q)) == n[0]
+    timed = [r for r in rows(lat)[n[1]:] if r["metric"] == "token_ms"]
+    assert [(r["mode"], r["extra"]["dense_gemv"]) for r in timed] == [("dense", "triton")]
+    n = len(qr), len(rows(lat))
     # the key/value rule and the granularity reach both the scored and the timed mode, and make new configurations
     variant = argv + ["--kv-rule", "always", "--granularity", "prompt"]
     variant[variant.index("--modes") + 1] = "shadowllm"
