@@ -182,10 +182,13 @@ def _digit_hist(u, shift, ok, spread, NBINS: tl.constexpr):
 
 @triton.jit
 def _radix_small_kernel(s_ptr, idx_ptr, count_ptr, k, n, L, k_max, stride_s, stride_idx, ROWS: tl.constexpr,
-                        NP: tl.constexpr, NBINS: tl.constexpr, USE_PDL: tl.constexpr):
+                        NP: tl.constexpr, NBINS: tl.constexpr, SEARCH: tl.constexpr, USE_PDL: tl.constexpr):
     # The whole selection in one program for a tile of ROWS x NP scores held in registers: one row (local,
     # a program per layer) or every layer (global, one program). Same threshold, ties and layout as the
     # multi-launch path; one launch instead of six for the head scores and DejaVu's per-layer scores.
+    # SEARCH: the threshold key bit by bit, from the top, by counting the keys at or above each candidate (32
+    # counts, no atomics); else four byte histograms (tl.histogram's shared-memory adds serialise where many keys
+    # share a byte, as the top byte of scores of one magnitude does).
     if USE_PDL:  # see shadow_kernels.pdl
         pdl_sync()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -194,19 +197,31 @@ def _radix_small_kernel(s_ptr, idx_ptr, count_ptr, k, n, L, k_max, stride_s, str
     u = _ukey(tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :], mask=ok, other=0.0))
     uf = tl.reshape(u, [ROWS * NP])
     okf = tl.reshape(ok, [ROWS * NP])
-    bins = tl.arange(0, NBINS)
-    k_rem = k
-    prefix = k * 0
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p
-        m = okf
-        if p > 0:
-            m = m & ((uf >> (shift + 8)) == (prefix >> (shift + 8)))
-        h = _digit_hist(uf, shift, m, uf, NBINS)
-        if NBINS != 256:
-            h = tl.where(bins < 256, h, 0)
-        d, k_rem = _descend_bins(h, k_rem)
-        prefix = prefix | (d << shift)
+    if SEARCH:
+        sk = uf ^ -2147483648  # signed order of the unsigned keys
+        prefix = k * 0
+        for b in tl.static_range(32):
+            if b == 0:
+                cand = prefix | -2147483648
+            else:
+                cand = prefix | (1 << (31 - b))
+            n_ge = tl.sum((okf & (sk >= (cand ^ -2147483648))).to(tl.int32), axis=0)
+            prefix = tl.where(n_ge >= k, cand, prefix)
+        k_rem = k - tl.sum((okf & (sk > (prefix ^ -2147483648))).to(tl.int32), axis=0)
+    else:
+        bins = tl.arange(0, NBINS)
+        k_rem = k
+        prefix = k * 0
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p
+            m = okf
+            if p > 0:
+                m = m & ((uf >> (shift + 8)) == (prefix >> (shift + 8)))
+            h = _digit_hist(uf, shift, m, uf, NBINS)
+            if NBINS != 256:
+                h = tl.where(bins < 256, h, 0)
+            d, k_rem = _descend_bins(h, k_rem)
+            prefix = prefix | (d << shift)
     key = u ^ -2147483648  # signed order
     t_signed = prefix ^ -2147483648
     eq = (ok & (key == t_signed)).to(tl.int32)
@@ -337,6 +352,8 @@ _HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 # the head scores of OPT up to 66B (64 x 64 padded). v7e tried 16k: a program per layer over 8192 neuron
 # scores (OPT-1.3B local) took 38.5 us against 24.7 us for the multi-launch path (notes/kernels.md).
 _SMALL = 1 << 12
+# The one-launch path finds its threshold by counting (SEARCH) rather than by byte histograms.
+_SMALL_SEARCH = True
 
 
 def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int, out: LayerIndices | None = None
@@ -364,6 +381,7 @@ def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int, out: Laye
         np2 = next_pow2(n)
         _radix_small_kernel[(1 if glob else L,)](s, idx, count, k, n, L, k_max, s.stride(0),
                                                  idx.stride(0) if k_max else 1, ROWS=rows, NP=np2, NBINS=nbins,
+                                                 SEARCH=_SMALL_SEARCH,
                                                  num_warps=8 if rows * np2 >= 4096 else 4, **last)
         return LayerIndices(idx, count)
     block = min(1024, next_pow2(n))

@@ -216,3 +216,18 @@ def test_indices_into_given_buffers(policy, k, n):
         assert (idx[0] == 9).all() and (idx[4] == 9).all() and int(count[0]) == 9 and int(count[4]) == 9
     with pytest.raises(ValueError, match=r"out must be int32 idx \[3, "):
         topk_indices(scores, k, policy, out=(idx[:2], count[:2]))
+
+
+@pytest.mark.parametrize("search", [True, False])
+@pytest.mark.parametrize("policy,L,n", [("local", 3, 1536), ("local", 2, 9), ("global", 4, 9), ("global", 8, 300)])
+def test_one_launch_thresholds_by_counting_and_by_histograms_agree(monkeypatch, search, policy, L, n):
+    # both ways of finding the threshold in the one-launch path, on scores with many ties and negative values
+    import shadow_kernels.topk as topk
+
+    monkeypatch.setattr(topk, "_SMALL_SEARCH", search)
+    gen = torch.Generator().manual_seed(L * n)
+    scores = (torch.randint(-40, 41, (L, n), generator=gen).float() / 3).to(DEVICE)
+    for frac in (0.3, 0.5, 0.9):
+        k = max(1, round(frac * (n if policy == "local" else L * n)))
+        sel, ref = topk_indices(scores, k, policy), topk_indices_ref(scores, k, policy)
+        assert torch.equal(sel.idx, ref.idx) and torch.equal(sel.count, ref.count)
