@@ -352,7 +352,9 @@ _HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 # the head scores of OPT up to 66B (64 x 64 padded). v7e tried 16k: a program per layer over 8192 neuron
 # scores (OPT-1.3B local) took 38.5 us against 24.7 us for the multi-launch path (notes/kernels.md).
 _SMALL = 1 << 12
-# The one-launch path finds its threshold by counting (SEARCH) rather than by byte histograms.
+# The one-launch path of a local selection (a program per row) finds its threshold by counting (SEARCH) rather than
+# by byte histograms: DejaVu's 58 single-row selections per SmolLM2 token took 351 us against 476 us (H100, 9b4eef7,
+# one call). The global tile (ShadowLLM's 29 x 9 head scores) keeps the histograms: 5.7 us against 6.5 by counting.
 _SMALL_SEARCH = True
 
 
@@ -381,7 +383,7 @@ def _radix_topk(scores: torch.Tensor, k: int, policy: str, k_max: int, out: Laye
         np2 = next_pow2(n)
         _radix_small_kernel[(1 if glob else L,)](s, idx, count, k, n, L, k_max, s.stride(0),
                                                  idx.stride(0) if k_max else 1, ROWS=rows, NP=np2, NBINS=nbins,
-                                                 SEARCH=_SMALL_SEARCH,
+                                                 SEARCH=_SMALL_SEARCH and not glob,
                                                  num_warps=8 if rows * np2 >= 4096 else 4, **last)
         return LayerIndices(idx, count)
     block = min(1024, next_pow2(n))

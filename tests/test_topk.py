@@ -221,7 +221,8 @@ def test_indices_into_given_buffers(policy, k, n):
 @pytest.mark.parametrize("search", [True, False])
 @pytest.mark.parametrize("policy,L,n", [("local", 3, 1536), ("local", 2, 9), ("global", 4, 9), ("global", 8, 300)])
 def test_one_launch_thresholds_by_counting_and_by_histograms_agree(monkeypatch, search, policy, L, n):
-    # both ways of finding the threshold in the one-launch path, on scores with many ties and negative values
+    # both ways of finding the threshold in the one-launch path (counting is taken for local selections), on scores
+    # with many ties and negative values
     import shadow_kernels.topk as topk
 
     monkeypatch.setattr(topk, "_SMALL_SEARCH", search)
