@@ -123,31 +123,42 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
 
 
 def join(rows) -> list[dict]:
-    """One record per configuration key: its perplexity, mean task accuracy, ms per token and speedup over the dense
-    configuration of the same model and device."""
-    by = defaultdict(dict)
+    """One record per configuration key and dense engine: its perplexity, mean task accuracy, ms per token and
+    speedup over the dense configuration of the same model, device and dense engine (``extra.dense_gemv`` of the
+    latency rows: what the timed steps ran dense layers with; rows without it ran cuBLAS). A configuration timed
+    under two engines gives two records with the same quality; one never timed, a record without latency."""
+    meta, quality, timed = {}, defaultdict(dict), defaultdict(dict)
     for r in rows:
         e = r.get("extra") or {}
         key = e.get("config_key")
         if not key or r.get("status") != "ok":
             continue
-        rec = by[key]
-        rec.update(model=r["model"], mode=r["mode"], criterion=r["criterion"], policy=r["policy"],
-                   sparsity=r["sparsity"], kv_rule=e.get("kv_rule"), head_sparsity=e.get("head_sparsity"),
-                   neuron_sparsity=e.get("neuron_sparsity"),
-                   granularity=e.get("granularity") if r["mode"] in ("dejavu", "shadowllm") else None)
+        meta.setdefault(key, {}).update(
+            model=r["model"], mode=r["mode"], criterion=r["criterion"], policy=r["policy"], sparsity=r["sparsity"],
+            kv_rule=e.get("kv_rule"), head_sparsity=e.get("head_sparsity"), neuron_sparsity=e.get("neuron_sparsity"),
+            granularity=e.get("granularity") if r["mode"] in ("dejavu", "shadowllm") else None)
         if r["kind"] == "quality" and r["metric"] == "perplexity":
-            rec["perplexity"] = r["value"]
+            quality[key]["perplexity"] = r["value"]
         elif r["kind"] == "quality" and r["metric"] == "acc":
-            rec.setdefault("acc", {})[e.get("eval")] = r["value"]
+            quality[key].setdefault("acc", {})[e.get("eval")] = r["value"]
         elif r["kind"] == "latency" and r["metric"] == "token_ms":
-            rec["token_ms"], rec["device"] = r["value"], r["device"]
-    out = list(by.values())
-    dense = {(o["model"], o.get("device")): o.get("token_ms") for o in out if o["mode"] == "dense"}
+            engine = e.get("dense_gemv") or "cublas"
+            timed[(key, engine)] = {"token_ms": r["value"], "device": r["device"], "dense_gemv": engine}
+    engines = defaultdict(list)
+    for key, engine in timed:
+        engines[key].append(engine)
+    out = []
+    for key, m in meta.items():
+        q = quality.get(key, {})
+        for engine in engines.get(key) or [None]:
+            rec = dict(m, **{k: dict(v) if isinstance(v, dict) else v for k, v in q.items()})
+            rec.update(timed.get((key, engine), {}))
+            out.append(rec)
+    dense = {(o["model"], o.get("device"), o.get("dense_gemv")): o.get("token_ms") for o in out if o["mode"] == "dense"}
     for o in out:
         if "acc" in o:
             o["acc_mean"] = statistics.fmean(o["acc"].values())
-        d = dense.get((o["model"], o.get("device")))
+        d = dense.get((o["model"], o.get("device"), o.get("dense_gemv")))
         if d and o.get("token_ms"):
             o["speedup"] = d / o["token_ms"]
     return out

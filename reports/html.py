@@ -505,11 +505,15 @@ LOSS_LEVELS = (0.05, 0.10, 0.25, 0.50, 1.00)
 
 def _pareto_variant(o) -> str:
     """What sets a configuration apart beyond its mode, criterion and policy: when it predicts, the key/value rule,
-    one budget apart from the other (one curve each)."""
+    one budget apart from the other, and on a GPU what its timed step ran dense layers with (one curve each; a
+    speedup is over the dense step of the same engine)."""
     parts = [f"per-{o['granularity']}"] if o.get("granularity") else []
     if o.get("kv_rule") == "always" and o.get("mode") != "dense":  # (a dense step computes every key and value)
         parts.append("kv:always")
-    return " ".join(parts + _budget_label(o.get("head_sparsity"), o.get("neuron_sparsity")))
+    parts += _budget_label(o.get("head_sparsity"), o.get("neuron_sparsity"))
+    if o.get("dense_gemv") and not str(o.get("device", "")).startswith("cpu"):
+        parts.append("dense:" + ("ours" if o["dense_gemv"] == "triton" else o["dense_gemv"]))
+    return " ".join(parts)
 
 
 def fig_pareto(rows):

@@ -92,13 +92,23 @@ def test_report_draws_the_pareto_figure_and_speedup_table(tmp_path):
           row("quality", "oracle", "perplexity", 20.5, "o"),
           # another key/value rule is a configuration of its own: a curve and a table row apart
           row("quality", "shadowllm", "perplexity", 22.0, "k", kv_rule="always"),
-          row("latency", "shadowllm", "token_ms", 6.0, "k", kv_rule="always")]
+          row("latency", "shadowllm", "token_ms", 6.0, "k", kv_rule="always"),
+          # timed again with dense layers on our kernels: its own records, over the dense step of that engine
+          row("latency", "dense", "token_ms", 4.0, "d", dense_gemv="triton"),
+          row("latency", "shadowllm", "token_ms", 5.0, "b", dense_gemv="triton")]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rs))
     out, drawn = build_report([path], tmp_path / "r.html")
     page = out.read_text()
     assert drawn["pareto"] == len(rs)
     # within 5% of dense ppl (<= 21): 10/8 = 1.25x; within 25% (<= 25): 10/5 = 2x
-    assert "shadowllm l2norm local</td><td>1.25x</td><td>1.25x</td><td>2.00x</td>" in page
-    assert "shadowllm l2norm local kv:always</td><td>-</td><td>1.67x</td><td>1.67x</td>" in page
+    # rows without an engine ran cuBLAS
+    assert "shadowllm l2norm local dense:cublas</td><td>1.25x</td><td>1.25x</td><td>2.00x</td>" in page
+    assert "shadowllm l2norm local kv:always dense:cublas</td><td>-</td><td>1.67x</td><td>1.67x</td>" in page
+    assert "shadowllm l2norm local dense:ours</td><td>-</td><td>-</td><td>0.80x</td>" in page
+    recs = {(o["mode"], o.get("dense_gemv"), o["sparsity"]) for o in join(rs) if o.get("speedup")}
+    assert ("shadowllm", "triton", 0.5) in recs and ("shadowllm", "cublas", 0.5) in recs
+    both = [o for o in join(rs) if o["mode"] == "shadowllm" and o["sparsity"] == 0.5 and o.get("kv_rule") is None]
+    assert sorted((o["dense_gemv"], o["perplexity"], o["speedup"]) for o in both) == [("cublas", 24.0, 2.0),
+                                                                                       ("triton", 24.0, 0.8)]
     assert "oracle local s=0.5 (ceiling)" in page
