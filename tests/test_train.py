@@ -245,6 +245,49 @@ def test_token_rows_of_a_padded_batch_are_each_sequences_own():
         token_rows(model, tokens, torch.tensor([len(s) for s in seqs]), ("snip",))
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_per_position_targets_equal_per_position_autograd(family):
+    """Each row of token_rows against its own computation: at position p, a zero probe added to that position's
+    head outputs and neuron activations alone, the gradient of the sequence's summed next-token NLL with respect to
+    it (torch.autograd.grad), and plainact = |A * dL/dA| (a head's summed over its output), l2norm = the head's
+    output norm and the neuron's |activation|, from the same forward (float64 model; the rows are float32)."""
+    from models.criteria import token_rows
+    from models.decoder import token_nll
+
+    from helpers import tiny_decoder
+
+    model = tiny_decoder(family, dtype=torch.float64)
+    ids = _tiny_sequences(model, 1, seed=3)[0][1][:14]
+    tokens = torch.tensor([ids])
+    rows = token_rows(model, tokens, torch.tensor([len(ids)]), ("l2norm", "plainact"), with_inputs=False)
+    L = model.cfg.n_layers
+    for p in (0, 5, len(ids) - 1):
+        acts, probes = {}, {}
+
+        def heads(i, h, p=p):
+            z = torch.zeros_like(h[:, :, p:p + 1], requires_grad=True)
+            probes[("h", i)], acts[("h", i)] = z, h[0, :, p].detach()
+            return torch.cat([h[:, :, :p], h[:, :, p:p + 1] + z, h[:, :, p + 1:]], dim=2)
+
+        def neurons(i, f, p=p):
+            z = torch.zeros_like(f[:, p:p + 1], requires_grad=True)
+            probes[("n", i)], acts[("n", i)] = z, f[0, p].detach()
+            return torch.cat([f[:, :p], f[:, p:p + 1] + z, f[:, p + 1:]], dim=1)
+
+        with torch.enable_grad():
+            loss = token_nll(model.prefill(tokens, all_logits=True, hooks={"heads": heads, "neurons": neurons}),
+                             tokens).sum()
+            keys = sorted(probes)
+            grads = dict(zip(keys, torch.autograd.grad(loss, [probes[k] for k in keys]), strict=True))
+        for i in range(L):
+            h, gh = acts[("h", i)], grads[("h", i)][0, :, 0]  # [H, D]
+            f, gf = acts[("n", i)], grads[("n", i)][0, 0]  # [F]
+            torch.testing.assert_close(rows["plainact.heads"][p, i], (h * gh).abs().sum(-1).float())
+            torch.testing.assert_close(rows["plainact.neurons"][p, i], (f * gf).abs().float())
+            torch.testing.assert_close(rows["l2norm.heads"][p, i], h.norm(dim=-1).float())
+            torch.testing.assert_close(rows["l2norm.neurons"][p, i], f.abs().float())
+
+
 def test_streamed_training_learns_splits_by_sequence_and_repeats_with_its_seed():
     from models.train import train_streaming
 
