@@ -264,12 +264,12 @@ def test_per_position_targets_equal_per_position_autograd(family):
     for p in (0, 5, len(ids) - 1):
         acts, probes = {}, {}
 
-        def heads(i, h, p=p):
+        def heads(i, h, p=p, probes=probes, acts=acts):
             z = torch.zeros_like(h[:, :, p:p + 1], requires_grad=True)
             probes[("h", i)], acts[("h", i)] = z, h[0, :, p].detach()
             return torch.cat([h[:, :, :p], h[:, :, p:p + 1] + z, h[:, :, p + 1:]], dim=2)
 
-        def neurons(i, f, p=p):
+        def neurons(i, f, p=p, probes=probes, acts=acts):
             z = torch.zeros_like(f[:, p:p + 1], requires_grad=True)
             probes[("n", i)], acts[("n", i)] = z, f[0, p].detach()
             return torch.cat([f[:, :p], f[:, p:p + 1] + z, f[:, p + 1:]], dim=1)
