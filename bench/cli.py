@@ -76,6 +76,14 @@ def _head_share(text: str):
         raise argparse.ArgumentTypeError(f"{err} (or 'units')") from None
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    """--stages: comma-separated layer indices."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
 def _positive_float(what: str):
     return _number(what, lambda v: v > 0, "> 0")
 
@@ -205,7 +213,7 @@ def _latency(args) -> int:
                                dense_gemv=args.dense_gemv, norm_fold=not args.no_norm_fold,
                                head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity, tp=tp,
                                kv_rule=args.kv_rule, neuron_input=args.neuron_input,
-                               shadowllm_input=args.shadowllm_input)
+                               shadowllm_input=args.shadowllm_input, shadowllm_stages=args.shadowllm_stages)
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     _say(tp, latency.summary_table(rows))
     _say(tp, *[f"error: {r['model']} {r['mode']} s={r['sparsity']}: {r['extra'].get('error')}" for r in bad[:5]],
@@ -302,7 +310,7 @@ def _train(args) -> int:
                           normalisation=args.normalisation, log="log1p" if args.log1p else args.log, device=device,
                           progress=bar, force=args.force, neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden,
                           shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0",
-                          head_share=args.head_share)
+                          head_share=args.head_share, stages=args.stages if kind == "shadowllm" else None)
 
     return _train_each(args, "train", run)
 
@@ -383,7 +391,7 @@ def _train_stream(args) -> int:
                            model_batch=args.model_batch, eval_rows=args.eval_rows,
                            neuron_input=args.neuron_input, ffn_hidden=args.ffn_hidden, progress=bar, force=args.force,
                            shadowllm_input=args.shadowllm_input if kind == "shadowllm" else "attn0",
-                           head_share=args.head_share)
+                           head_share=args.head_share, stages=args.stages if kind == "shadowllm" else None)
 
     return _train_each(args, "train-stream", run)
 
@@ -593,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--shadowllm-input", choices=["residual", "attn0"], default="residual",
                      help="ShadowLLM's random predictor: reads the residual stream entering layer 1 (default, as "
                           "`train` makes them; one more residual add per step) or layer 0's attention output")
+    lat.add_argument("--shadowllm-stages", default=None,
+                     help="ShadowLLM's random predictor in stages, e.g. 1,15: a net per stage on the residual stream "
+                          "entering its first layer (as `train --stages` makes them; local top-k only)")
     lat.add_argument("--dense-gemv", choices=["auto", "cublas", "triton"], default="auto",
                      help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS or our kernels over "
                           "every row (OPT: keeps a copy of fc2, more memory, see OPTDecoder.set_dense_gemv; Llama: "
@@ -668,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--head-share", type=_head_share, default=None,
                     help="the heads' weight W in the loss, the neurons' being 1 - W (a number in (0, 1)); default "
                          "'units': one MSE over all outputs, every head and neuron once")
+    tr.add_argument("--stages", type=_layers, default=None,
+                    help="ShadowLLM: the layers where a stage's predictor starts, comma-separated, the first 1: each "
+                         "stage's net reads the residual stream entering its first layer and scores its layers up to "
+                         "the next stage (default: one predictor for every layer; residual input, local top-k)")
     tr.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=100)
     tr.add_argument("--batch", type=_int_at_least(1, "--batch"), default=32)
     tr.add_argument("--lr", type=_positive_float("--lr"), default=1e-3)
@@ -718,6 +733,10 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--head-share", type=_head_share, default=None,
                     help="the heads' weight W in the loss, the neurons' being 1 - W (a number in (0, 1)); default "
                          "'units': one MSE over all outputs, every head and neuron once")
+    ts.add_argument("--stages", type=_layers, default=None,
+                    help="ShadowLLM: the layers where a stage's predictor starts, comma-separated, the first 1: each "
+                         "stage's net reads the residual stream entering its first layer and scores its layers up to "
+                         "the next stage (default: one predictor for every layer; residual input, local top-k)")
     ts.add_argument("--epochs", type=_int_at_least(1, "--epochs"), default=10)
     ts.add_argument("--batch", type=_int_at_least(1, "--batch"), default=1024, help="positions per optimiser step")
     ts.add_argument("--lr", type=_positive_float("--lr"), default=1e-3)

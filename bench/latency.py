@@ -101,7 +101,7 @@ def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_poli
 
 def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean",
                predictor_dtype: str = "model", kv_rule: str = "skip", thresholds=None, neuron_input: str = "mlp",
-               shadowllm_input: str = "residual"):
+               shadowllm_input: str = "residual", shadowllm_stages: str | None = None):
     """The mode of a latency case: random static scores or random predictors of the trained shapes, or the threshold
     mode's ``thresholds`` (:func:`random_thresholds`). ``kv_rule`` applies to the sparse modes (a dense step
     computes every key and value)."""
@@ -116,7 +116,18 @@ def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: st
                      batch_rule=batch_rule, predictor_dtype=predictor_dtype, head_sparsity=case.head_sparsity,
                      neuron_sparsity=case.neuron_sparsity, kv_rule="skip" if case.mode == "dense" else kv_rule,
                      neuron_input=neuron_input if case.mode == "dejavu" else None,
-                     shadowllm_input=shadowllm_input if case.mode == "shadowllm" else None)
+                     shadowllm_input=shadowllm_input if case.mode == "shadowllm" else None,
+                     shadowllm_stages=parse_stages(shadowllm_stages) if case.mode == "shadowllm" else None)
+
+
+def parse_stages(stages) -> tuple[int, ...] | None:
+    """ShadowLLM stage starts from ``"1,15"``, a sequence of ints, or None (one predictor)."""
+    if stages is None:
+        return None
+    try:
+        return tuple(int(v) for v in (stages.split(",") if isinstance(stages, str) else stages))
+    except (TypeError, ValueError):
+        raise ValueError(f"shadowllm_stages must be layer indices like '1,15', got {stages!r}") from None
 
 
 def random_thresholds(model, sparsity: float, seed: int = 0, tokens: int = 256) -> dict:
@@ -171,7 +182,8 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
         thresholds = random_thresholds(model, case.sparsity, seed) if case.mode == "threshold" else None
         mode = mode_of(case, model.full_cfg, seed, base["extra"].get("batch_rule", "mean"),
                        base["extra"].get("predictor_dtype", "model"), base["extra"].get("kv_rule", "skip"), thresholds,
-                       base["extra"].get("neuron_input", "mlp"), base["extra"].get("shadowllm_input", "residual"))
+                       base["extra"].get("neuron_input", "mlp"), base["extra"].get("shadowllm_input", "residual"),
+                       base["extra"].get("shadowllm_stages"))
     ops = get_ops(None, device)
     if not base["extra"].get("norm_fold", True):
         ops = unfused_norms(ops)
@@ -254,7 +266,7 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
 # One list for both sides of the resume check (a row's values, and a case's about to run), so they cannot drift apart.
 RESUME_FIELDS = ("model", "mode", "sparsity", "policy", "granularity", "gen_len", "head_sparsity", "neuron_sparsity",
                  "batch", "prompt_len", "dtype", "device", "pdl", "batch_rule", "predictor_dtype", "dense_gemv",
-                 "norm_fold", "tp", "tp_plan", "kv_rule", "neuron_input", "shadowllm_input")
+                 "norm_fold", "tp", "tp_plan", "kv_rule", "neuron_input", "shadowllm_input", "shadowllm_stages")
 
 
 def _resume_key(settings: dict) -> tuple:
@@ -277,7 +289,8 @@ def _row_settings(r: dict) -> dict:
                # DejaVu rows before the MLP-input neuron nets timed the single net on the layer input
                neuron_input=ex.get("neuron_input", "layer") if r.get("mode") == "dejavu" else None,
                # ShadowLLM rows before the residual input timed a predictor on layer 0's attention output
-               shadowllm_input=ex.get("shadowllm_input", "attn0") if r.get("mode") == "shadowllm" else None)
+               shadowllm_input=ex.get("shadowllm_input", "attn0") if r.get("mode") == "shadowllm" else None,
+               shadowllm_stages=ex.get("shadowllm_stages") if r.get("mode") == "shadowllm" else None)
     return out
 
 
@@ -292,7 +305,8 @@ def _case_settings(c: LatencyCase, run: dict) -> dict:
             "head_sparsity": h, "neuron_sparsity": n, "dense_gemv": run["dense_gemv"][c.model],
             "kv_rule": "skip" if dense else run["kv_rule"],
             "neuron_input": run["neuron_input"] if c.mode == "dejavu" else None,
-            "shadowllm_input": run["shadowllm_input"] if c.mode == "shadowllm" else None}
+            "shadowllm_input": run["shadowllm_input"] if c.mode == "shadowllm" else None,
+            "shadowllm_stages": run["shadowllm_stages"] if c.mode == "shadowllm" else None}
 
 
 def _done_keys(rows) -> set:
@@ -315,7 +329,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
                 batch_rule="mean", predictor_dtype="model", dense_gemv="auto", norm_fold=True,
                 head_sparsity=None, neuron_sparsity=None, tp=None, kv_rule="skip",
-                neuron_input="mlp", shadowllm_input="residual") -> list[dict]:
+                neuron_input="mlp", shadowllm_input="residual", shadowllm_stages=None) -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
@@ -329,7 +343,9 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     models only, every group's key and value rows read and cached each step). ``neuron_input``: what DejaVu's random
     predictor scores neurons from (``mlp``: a second net per layer on the MLP input; ``layer``).
     ``shadowllm_input``: what ShadowLLM's random predictor reads (``residual``: the stream entering layer 1, one more
-    residual add materialised per step, as `train` makes them; ``attn0``: layer 0's attention output)."""
+    residual add materialised per step, as `train` makes them; ``attn0``: layer 0's attention output).
+    ``shadowllm_stages``: a staged random ShadowLLM predictor's stage starts (``"1,15"``; local top-k only; rows
+    record them)."""
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
@@ -366,12 +382,15 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
         base["extra"]["kv_rule"] = kv_rule
     base["extra"]["neuron_input"] = neuron_input  # DejaVu's (its rows keep it; mode_of builds the predictor with it)
     base["extra"]["shadowllm_input"] = shadowllm_input  # ShadowLLM's, likewise
+    if shadowllm_stages is not None:  # a staged ShadowLLM's stage starts, "1,15" (absent: one predictor)
+        shadowllm_stages = ",".join(str(v) for v in parse_stages(shadowllm_stages))
+        base["extra"]["shadowllm_stages"] = shadowllm_stages
     engines = {m: resolve_dense_gemv(dense_gemv, m, dtype, device, 1 if tp is None else tp.world) for m in models}
     done = _done_keys(writer.resume())
     run = dict(batch=batch, prompt_len=prompt_len, dtype=dtype_name, device=env["device"], pdl=pdl,
                batch_rule=batch_rule, predictor_dtype=predictor_dtype, dense_gemv=engines, norm_fold=bool(norm_fold),
                tp=1 if tp is None else tp.world, tp_plan=None if tp is None else tp.plan, kv_rule=kv_rule,
-               neuron_input=neuron_input, shadowllm_input=shadowllm_input)
+               neuron_input=neuron_input, shadowllm_input=shadowllm_input, shadowllm_stages=shadowllm_stages)
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies,
                                      head_sparsity, neuron_sparsity)
             if _resume_key(_case_settings(c, run)) not in done]

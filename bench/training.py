@@ -36,7 +36,7 @@ def _header_key(path: Path) -> str | None:
 
 
 def _case(settings: dict, kind, criterion, *, neuron_input, ffn_hidden, shadowllm_input, head_share, out_dir, writer,
-          force):
+          force, stages=None):
     """The key of a training case (its settings and the predictor's variant), its file, and what the results already
     hold for it: ``(key, path, Trained or None)`` (None: train it)."""
     if kind == "dejavu":  # the neuron nets' input and width (ShadowLLM has one net)
@@ -45,6 +45,8 @@ def _case(settings: dict, kind, criterion, *, neuron_input, ffn_hidden, shadowll
         settings.update(shadowllm_input=shadowllm_input)
     if head_share is not None:  # (absent: one MSE over all outputs, as older rows)
         settings.update(head_share=head_share)
+    if stages is not None and len(stages) > 1:  # (absent: one predictor, as older rows)
+        settings.update(stages=list(stages))
     key = settings_key(settings)
     path = Path(out_dir) / f"{kind}-{criterion}.safetensors"
     found = [r for r in writer.resume() if r.get("kind") == "predictor" and r.get("status") == "ok"
@@ -57,7 +59,7 @@ def _case(settings: dict, kind, criterion, *, neuron_input, ffn_hidden, shadowll
 def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cfg, out_dir, writer, hidden=None,
                epochs=100, batch=32, lr=1e-3, val_fraction=0.2, test_fraction=0.2, normalisation="global", log=False,
                device="cpu", progress=None, force=False, neuron_input="mlp", ffn_hidden=None,
-               shadowllm_input="attn0", head_share=None) -> Trained:
+               shadowllm_input="attn0", head_share=None, stages=None) -> Trained:
     from models.train import train_predictor
 
     data = Path(data)
@@ -67,7 +69,7 @@ def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cf
                 "normalisation": normalisation, "log": log if log == "log1p" else bool(log)}
     key, path, done = _case(settings, kind, criterion, neuron_input=neuron_input, ffn_hidden=ffn_hidden,
                             shadowllm_input=shadowllm_input, head_share=head_share, out_dir=out_dir, writer=writer,
-                            force=force)
+                            force=force, stages=stages)
     if done is not None:
         return done
     sources = tensors.get("row_source")
@@ -79,7 +81,8 @@ def train_case(kind: str, criterion: str, *, data, tensors: dict, meta: dict, cf
     res = train_predictor(kind, cfg, tensors, criterion, hidden=hidden, epochs=epochs, batch_size=batch, lr=lr,
                           val_fraction=val_fraction, test_fraction=test_fraction, normalisation=normalisation,
                           log=log, device=device, progress=progress, sources=sources, neuron_input=neuron_input,
-                          ffn_hidden=ffn_hidden, shadowllm_input=shadowllm_input, head_share=head_share)
+                          ffn_hidden=ffn_hidden, shadowllm_input=shadowllm_input, head_share=head_share,
+                          stages=stages)
     res.predictor.meta.update({"dataset": str(data), "dataset_model": meta["model"], "case_key": key})
     saved = res.predictor.save(path)
     rows = predictor_rows(res, model=meta["model"], kind=kind, criterion=criterion, device=device, path=saved,
@@ -92,7 +95,7 @@ def stream_case(kind: str, criterion: str, *, model, sequences: list, sources: l
                 out_dir, writer, hidden=None, epochs=10, batch=1024, lr=1e-3, val_fraction=0.1, test_fraction=0.1,
                 normalisation="layer", log="log1p", pool_tokens=32768, model_batch=16, eval_rows=16384,
                 neuron_input="mlp", ffn_hidden=None, progress=None, force=False, shadowllm_input="attn0",
-                head_share=None) -> Trained:
+                head_share=None, stages=None) -> Trained:
     """One predictor trained on rows streamed from ``model`` (:func:`models.train.train_streaming`), saved and its
     rows recorded; or found up to date (same model, sequences and settings) and left alone. ``data``: how the
     sequences were made (sources, token counts, shots, context), part of the key and of the rows."""
@@ -106,7 +109,7 @@ def stream_case(kind: str, criterion: str, *, model, sequences: list, sources: l
                 "log": log if log == "log1p" else bool(log), "pool_tokens": pool_tokens, "eval_rows": eval_rows}
     key, path, done = _case(settings, kind, criterion, neuron_input=neuron_input, ffn_hidden=ffn_hidden,
                             shadowllm_input=shadowllm_input, head_share=head_share, out_dir=out_dir, writer=writer,
-                            force=force)
+                            force=force, stages=stages)
     if done is not None:
         return done
     t0 = time.time()
@@ -114,7 +117,7 @@ def stream_case(kind: str, criterion: str, *, model, sequences: list, sources: l
                           val_fraction=val_fraction, test_fraction=test_fraction, normalisation=normalisation, log=log,
                           pool_tokens=pool_tokens, model_batch=model_batch, eval_rows=eval_rows,
                           neuron_input=neuron_input, ffn_hidden=ffn_hidden, progress=progress,
-                          shadowllm_input=shadowllm_input, head_share=head_share)
+                          shadowllm_input=shadowllm_input, head_share=head_share, stages=stages)
     seconds = round(time.time() - t0, 1)
     res.predictor.meta.update({"dataset": "stream", "dataset_model": model_name, "case_key": key,
                                "stream": data, "sources": sources})

@@ -477,16 +477,19 @@ class DejaVu(_Predicting):
 class ShadowLLM(_Predicting):
     """One predictor scoring every head and neuron of the sparse layers, from layer 0's attention output (site
     ``"attn_out"`` of layer 0) or, for a predictor with ``input_site="residual"``, from layer 1's input (the residual
-    stream after layer 0; the decode step materialises that one residual add). ``input_site`` sizes random
+    stream after layer 0; the decode step materialises that one residual add). A staged predictor
+    (:class:`~models.predictors.ShadowLLMPredictor` ``stages``) runs one net per stage, each on the residual stream
+    entering its first layer, filling that stage's plans (local top-k only). ``input_site`` and ``stages`` size random
     predictors; a file says its own."""
 
     name = "shadowllm"
 
     def __init__(self, sparsity: float, predictor=None, policy: str = "global", granularity: str = "token",
                  hidden: int | None = None, sparse_hidden: bool | None = None, batch_rule: str = "mean",
-                 predictor_dtype: str = "model", input_site: str | None = None):
+                 predictor_dtype: str = "model", input_site: str | None = None, stages=None):
         super().__init__(sparsity, policy, 1)
         self.input_site_arg = input_site or "attn0"
+        self.stages_arg = stages
         self._set_batch_rule(batch_rule)
         self._set_predictor_dtype(predictor_dtype)
         self.granularity = _check_granularity(granularity)
@@ -497,33 +500,49 @@ class ShadowLLM(_Predicting):
         super().bind(model, ops)
         self.predictor: ShadowLLMPredictor = _resolve_predictor(self.predictor_arg, "shadowllm", model, self,
                                                                 hidden=self.hidden, first_sparse=1,
-                                                                input_site=self.input_site_arg)
+                                                                input_site=self.input_site_arg,
+                                                                stages=self.stages_arg)
         if self.predictor.first_sparse != 1:
             raise ValueError(f"a ShadowLLM predictor must cover layers from 1, got {self.predictor.first_sparse}")
         self.input_site = self.predictor.input_site
+        self.stages = self.predictor.stages
+        if len(self.stages) > 1 and self.buffers.policy == "global":
+            raise ValueError(f"a staged ShadowLLM predictor (stages {list(self.stages)}) scores its layers stage by "
+                             "stage; global top-k needs every layer's scores at once: use policy 'local'")
         self.observed_sites = (self.source()[1],)
-        self._setup_predictor([None])
+        self._setup_predictor([None] if len(self.stages) == 1 else list(range(len(self.stages))))
         return self
 
     observed_sites = ("attn_out",)
+    stages = (1,)
 
     def source(self) -> tuple[int, str]:
-        """The (layer, site) the predictor reads."""
+        """The (layer, site) the (first) predictor reads."""
         return (1, "input") if self.input_site == "residual" else (0, "attn_out")
 
+    def _stage_at(self, layer, site):
+        """The key of the net that reads (layer, site) (None: the single predictor), or False where none does."""
+        if len(self.stages) == 1:
+            return None if (layer, site) == self.source() else False
+        return self.stages.index(layer) if site == "input" and layer in self.stages else False
+
     def observes(self, site, layer):
-        return (layer, site) == self.source()
+        return self._stage_at(layer, site) is not False
 
     def observe(self, layer, site, x):
-        if (layer, site) != self.source():
+        stage = self._stage_at(layer, site)
+        if stage is False:
             return
         with nvtx_range("predictor"):
-            scores = self._scores(x, None)  # [B, L_s * (H + F)] fp32
-            heads, neurons = self.predictor.split(scores)  # [B, L_s, H], [B, L_s, F]
-            self.buffers.fill_batch(1, heads, neurons)
+            scores = self._scores(x, stage)  # [B, n * (H + F)] fp32, n the layers the net scores
+            heads, neurons = self.predictor.split(scores, stage)  # [B, n, H], [B, n, F]
+            self.buffers.fill_batch(layer if stage is not None else 1, heads, neurons)
 
     def describe(self):
-        return {**super().describe(), "input_site": self.input_site}
+        d = {**super().describe(), "input_site": self.input_site}
+        if len(self.stages) > 1:
+            d["stages"] = list(self.stages)
+        return d
 
 
 
@@ -559,7 +578,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
               predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean",
               predictor_dtype: str = "model", head_sparsity: float | None = None,
               neuron_sparsity: float | None = None, kv_rule: str = "skip", neuron_input: str | None = None,
-              shadowllm_input: str | None = None) -> Mode:
+              shadowllm_input: str | None = None, shadowllm_stages=None) -> Mode:
     """Build a mode by name: the one factory of the CLI, latency, quality, profile and tune.
 
     ``importance``: static's scores (a file or a dict with ``heads`` [L, H] and ``neurons`` [L, F]), or the
@@ -569,7 +588,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
     skipped heads leave in the cache (:data:`models.plan.KV_RULES`); ``neuron_input``: what a random DejaVu
     predictor scores neurons from (:data:`models.predictors.NEURON_INPUTS`; a file says its own);
     ``shadowllm_input``: what a random ShadowLLM predictor reads (:data:`models.predictors.SHADOWLLM_INPUTS`; a file
-    says its own)."""
+    says its own).; ``shadowllm_stages``: a random ShadowLLM predictor's stage starts (a file says its own)"""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
     if name == "dense":
@@ -591,7 +610,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
                       predictor_dtype=predictor_dtype, neuron_input=neuron_input)
     else:
         mode = ShadowLLM(sparsity, predictor, policy or "global", granularity, batch_rule=batch_rule,
-                         predictor_dtype=predictor_dtype, input_site=shadowllm_input)
+                         predictor_dtype=predictor_dtype, input_site=shadowllm_input, stages=shadowllm_stages)
     if name != "dense":
         mode.set_budgets(head_sparsity, neuron_sparsity)
     return mode.set_kv_rule(kv_rule)

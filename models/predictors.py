@@ -71,29 +71,77 @@ class _Predictor(nn.Module):
 
 
 class ShadowLLMPredictor(_Predictor):
+    """One MLP on one early activation scoring every sparse layer; with ``stages`` (residual input only), one MLP per
+    stage: stage s reads the residual stream entering layer ``stages[s]`` and scores layers ``stages[s]`` up to the
+    next stage's first layer. ``stages=(first_sparse,)`` (the default) is the paper's single predictor; more stages
+    trade predictor launches for inputs closer to the layers they score (on SmolLM2 a second predictor at layer 15
+    lowered s=0.5 perplexity by a quarter, notes/quality.md)."""
+
     kind = "shadowllm"
 
     def __init__(self, cfg: DecoderConfig, hidden: int = 2048, first_sparse: int = 1, dtype=torch.float16,
-                 device="cpu", input_site: str = "attn0"):
+                 device="cpu", input_site: str = "attn0", stages=None):
         super().__init__(cfg, hidden, first_sparse, dtype, device)
         if input_site not in SHADOWLLM_INPUTS:
             raise ValueError(f"input_site must be one of {SHADOWLLM_INPUTS}, got {input_site!r}")
         self.input_site = input_site
         self.meta["input_site"] = input_site
+        self.stages = check_stages(stages, first_sparse, cfg.n_layers, input_site)
+        if len(self.stages) > 1:
+            self.meta["stages"] = list(self.stages)
+        ends = self.stages[1:] + (cfg.n_layers,)
+        self.stage_layers = tuple(e - b for b, e in zip(self.stages, ends, strict=True))  # layers each stage scores
         self.n_out = self.n_sparse * (cfg.n_heads + cfg.ffn)
-        self.net = _mlp(cfg.hidden, hidden, self.n_out, dtype, device)
+        outs = [n * (cfg.n_heads + cfg.ffn) for n in self.stage_layers]
+        self.net = _mlp(cfg.hidden, hidden, outs[0], dtype, device)
+        # later stages' nets (none for the single predictor, whose files hold ``net`` only)
+        self.stage_nets = nn.ModuleList(_mlp(cfg.hidden, hidden, o, dtype, device) for o in outs[1:])
 
-    def weights(self, layer: int | None = None):
-        return self.net[0].weight, self.net[0].bias, self.net[2].weight, self.net[2].bias
+    def stage_of(self, layer: int) -> int | None:
+        """The stage whose net reads the residual stream entering ``layer`` (None: no stage starts there)."""
+        return self.stages.index(layer) if layer in self.stages else None
 
-    def split(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[..., n_out] -> heads [..., L_s, H], neurons [..., L_s, F]."""
-        c, n = self.cfg, self.n_sparse
+    def _stage_net(self, stage: int | None):
+        return self.net if not stage else self.stage_nets[stage - 1]
+
+    def weights(self, stage: int | None = None):
+        """``(w1, b1, w2, b2)`` of a stage's net (None or 0: the first)."""
+        net = self._stage_net(stage)
+        return net[0].weight, net[0].bias, net[2].weight, net[2].bias
+
+    def split(self, scores: torch.Tensor, stage: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stage's scores [..., n * (H + F)] -> heads [..., n, H], neurons [..., n, F] of its n layers (stage None:
+        the whole single predictor)."""
+        c = self.cfg
+        n = self.n_sparse if stage is None and len(self.stages) == 1 else self.stage_layers[stage or 0]
         heads, neurons = scores.split([n * c.n_heads, n * c.ffn], dim=-1)
         return heads.unflatten(-1, (n, c.n_heads)), neurons.unflatten(-1, (n, c.ffn))
 
     def forward(self, x):
-        return self.split(self.net(x))
+        """Scores of every sparse layer: ``x`` [..., E] (one stage) or [..., n_stages, E] (each stage's input) ->
+        heads [..., L_s, H], neurons [..., L_s, F]."""
+        if len(self.stages) == 1:
+            return self.split(self.net(x))
+        parts = [self.split(self._stage_net(s)(x[..., s, :]), s) for s in range(len(self.stages))]
+        return torch.cat([h for h, _ in parts], dim=-2), torch.cat([n for _, n in parts], dim=-2)
+
+
+def check_stages(stages, first_sparse: int, n_layers: int, input_site: str) -> tuple[int, ...]:
+    """ShadowLLM's stage starts: ``(first_sparse,)`` for None; else increasing layers from ``first_sparse``, below
+    ``n_layers``, and a residual-stream input (each stage reads the stream entering its first layer)."""
+    if stages is None:
+        return (first_sparse,)
+    try:
+        st = tuple(int(v) for v in stages)
+    except (TypeError, ValueError):
+        raise ValueError(f"stages must be layer indices, got {stages!r}") from None
+    if not st or st[0] != first_sparse or any(st[i + 1] <= st[i] for i in range(len(st) - 1)) or st[-1] >= n_layers:
+        raise ValueError(f"stages must be increasing layers starting at the first sparse layer {first_sparse} and "
+                         f"below {n_layers}, got {list(st)}")
+    if len(st) > 1 and input_site != "residual":
+        raise ValueError(f"a staged ShadowLLM reads the residual stream entering each stage; input_site "
+                         f"{input_site!r} has one site only")
+    return st
 
 
 class DejaVuPredictor(_Predictor):
@@ -172,13 +220,14 @@ def _nets_forward(nets: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 def random_predictor(kind: str, cfg: DecoderConfig, *, hidden: int | None = None, first_sparse: int = 1,
                      dtype=torch.float16, device="cpu", seed: int = 0, lookahead: bool = False,
                      neuron_input: str = "mlp", ffn_hidden: int | None = None,
-                     input_site: str = "attn0") -> _Predictor:
+                     input_site: str = "attn0", stages=None) -> _Predictor:
     """A randomly initialised predictor of the right shape (latency work; marked ``random`` in rows)."""
     if kind not in KINDS:
         raise ValueError(f"predictor kind must be one of {KINDS}, got {kind!r}")
     torch.manual_seed(seed)
     if kind == "shadowllm":
-        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, dtype, device, input_site=input_site)
+        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, dtype, device, input_site=input_site,
+                                  stages=stages)
     else:
         pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, dtype, device, lookahead=lookahead,
                                neuron_input=neuron_input, ffn_hidden=ffn_hidden)
@@ -208,7 +257,8 @@ def load_predictor(path, cfg: DecoderConfig, *, dtype=torch.float16, device="cpu
         raise ValueError(f"{path}: predictor was made for a different model shape: {bad}")
     if kind == "shadowllm":
         pred = ShadowLLMPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device,
-                                  input_site=head.get("input_site", "attn0"))  # older files: layer 0's attention
+                                  input_site=head.get("input_site", "attn0"),  # older files: layer 0's attention
+                                  stages=head.get("stages"))
     else:
         # files written before the MLP-input variant hold one net per layer on the layer input
         pred = DejaVuPredictor(cfg, head["hidden"], head["first_sparse"], dtype, device,

@@ -95,7 +95,7 @@ class PositionPlans:
     def _on_input(self, i, x):
         mode = self.mode
         if isinstance(mode, ShadowLLM) and mode.observes("input", i):
-            self._shadowllm(x)
+            self._shadowllm(x, i, "input")
             return
         if not isinstance(mode, DejaVu):
             return
@@ -118,16 +118,19 @@ class PositionPlans:
 
     def _on_attn_out(self, i, o):
         if isinstance(self.mode, ShadowLLM) and self.mode.observes("attn_out", i):
-            self._shadowllm(o)
+            self._shadowllm(o, i, "attn_out")
 
-    def _shadowllm(self, x):
-        """Every sparse layer's masks from ShadowLLM's one predictor on its input ``x`` [B, P, E]."""
+    def _shadowllm(self, x, layer, site):
+        """The masks of the layers that ShadowLLM's net reading (``layer``, ``site``) scores (every sparse layer for
+        the single predictor, a stage's layers for a staged one), from its input ``x`` [B, P, E]."""
         mode = self.mode
-        heads, neurons = mode.predictor.split(self._scores(self._sources(x), None))  # [B, P', L_s, U]
+        stage = mode._stage_at(layer, site)
+        heads, neurons = mode.predictor.split(self._scores(self._sources(x), stage), stage)  # [B, P', n, U]
         b = mode.buffers
         hm, nm = b.select(heads, "heads"), b.select(neurons, "neurons")
-        for j in range(b.n_sparse):
-            self._store_selected(b.first + j, hm[:, :, j], nm[:, :, j])
+        first = b.first if stage is None else layer
+        for j in range(heads.shape[2]):
+            self._store_selected(first + j, hm[:, :, j], nm[:, :, j])
 
     def set_oracle(self, heads: dict, neurons: dict) -> None:
         """The oracle's plans from a dense pass's scores: ``heads[i]`` [B, P, H] head output L2 norms and

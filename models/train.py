@@ -146,11 +146,14 @@ class _InputScale:
         return x if self.folded else (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def fold(self, pred) -> None:
-        lin = pred.net[0]
+        """Into the first layer of each stage's net (statistics [E], or [n_stages, E] for a staged predictor)."""
+        mean, std = (self.mean, self.std) if self.mean.dim() == 2 else (self.mean[None], self.std[None])
         with torch.no_grad():
-            w = lin.weight / self.std.to(lin.weight.device)
-            lin.bias.sub_(w @ self.mean.to(w.device))
-            lin.weight.copy_(w)
+            for stage in range(mean.shape[0]):
+                lin = pred.net[0] if stage == 0 else pred.stage_nets[stage - 1][0]
+                w = lin.weight / std[stage].to(lin.weight.device)
+                lin.bias.sub_(w @ mean[stage].to(w.device))
+                lin.weight.copy_(w)
         self.folded = True
 
 
@@ -177,10 +180,13 @@ def target_loss(head_share: float | None = None):
     return loss
 
 
-def _predictor_input(t: dict, kind: str, residual: bool, first_sparse: int) -> torch.Tensor:
+def _predictor_input(t: dict, kind: str, residual: bool, first_sparse: int, stages=None) -> torch.Tensor:
     """What the predictor reads, from tensors with ``attn0`` [N, E] and ``inputs`` [N, L, E] (a dataset, or rows
-    computed from the model): ShadowLLM's one input [N, E], or DejaVu's layer inputs [N, L_s, E]."""
+    computed from the model): ShadowLLM's one input [N, E] (a staged one's [N, n_stages, E], the residual stream
+    entering each stage), or DejaVu's layer inputs [N, L_s, E]."""
     if kind == "shadowllm":
+        if stages is not None and len(stages) > 1:
+            return t["inputs"][:, list(stages)]
         return t["inputs"][:, first_sparse] if residual else t["attn0"]
     return t["inputs"][:, first_sparse:]
 
@@ -193,11 +199,25 @@ def _forward(pred, kind: str, scale):
     return pred.forward_all
 
 
-def _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input):
+def _check_train_stages(kind, stages, first_sparse, cfg, shadowllm_input):
+    """``stages`` of a predictor to train: ShadowLLM's only (checked as the predictor checks them), None for one."""
+    if stages is None:
+        return None
+    if kind != "shadowllm":
+        raise ValueError("stages split a ShadowLLM predictor; a DejaVu predictor has a net per layer already")
+    from .predictors import check_stages
+
+    st = check_stages(stages, first_sparse, cfg.n_layers, shadowllm_input)
+    return st if len(st) > 1 else None
+
+
+def _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input,
+                   stages=None):
     """A float32 predictor to train, initialised from ``seed``."""
     torch.manual_seed(seed)
     if kind == "shadowllm":
-        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device, input_site=shadowllm_input)
+        pred = ShadowLLMPredictor(cfg, hidden or 2048, first_sparse, torch.float32, device, input_site=shadowllm_input,
+                                  stages=stages)
     else:
         pred = DejaVuPredictor(cfg, hidden or 1024, first_sparse, torch.float32, device, neuron_input=neuron_input,
                                ffn_hidden=ffn_hidden)
@@ -310,7 +330,7 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
                     log: bool = False, first_sparse: int = 1, seed: int = 0, device="cpu", progress=None,
                     sources: torch.Tensor | None = None, neuron_input: str = "mlp",
                     ffn_hidden: int | None = None, shadowllm_input: str = "attn0",
-                    head_share: float | None = None) -> TrainResult:
+                    head_share: float | None = None, stages=None) -> TrainResult:
     """Train a ``shadowllm`` or ``dejavu`` predictor on one criterion of a criteria dataset.
 
     Three splits: the epoch with the lowest loss on ``val_fraction`` of the data is kept, and Spearman rho is
@@ -321,7 +341,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     fp16 datasets larger than fp32 memory train. ``neuron_input`` and ``ffn_hidden``: a DejaVu predictor's neuron nets
     (:class:`~models.predictors.DejaVuPredictor`). ``shadowllm_input``: a ShadowLLM predictor's input, ``attn0`` (layer
     0's attention output) or ``residual`` (the first sparse layer's input, standardised while training and folded
-    into the first layer after). ``head_share``: the heads' weight in the loss (:func:`target_loss`)."""
+    into the first layer after). ``head_share``: the heads' weight in the loss (:func:`target_loss`). ``stages``:
+    a staged ShadowLLM predictor's stage starts (:class:`~models.predictors.ShadowLLMPredictor`; residual input)."""
     if kind not in ("shadowllm", "dejavu"):
         raise ValueError(f"kind must be 'shadowllm' or 'dejavu', got {kind!r}")
     if normalisation not in NORMALISATIONS:
@@ -347,7 +368,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     _check_input_site(kind, shadowllm_input)
     criterion_loss = target_loss(head_share)
     residual = kind == "shadowllm" and shadowllm_input == "residual"
-    x_all = _predictor_input(tensors, kind, residual, first_sparse)
+    stages = _check_train_stages(kind, stages, first_sparse, cfg, shadowllm_input)
+    x_all = _predictor_input(tensors, kind, residual, first_sparse, stages)
     a_all = tensors["ffn_inputs"][:, first_sparse:] if mlp_in else None  # [N, L_s, E]
     if torch.device(device).type == "cuda":  # batches gathered on the GPU when the data fits beside the predictor
         need = sum(t.numel() * t.element_size() for t in (x_all, a_all, tg.heads, tg.neurons) if t is not None)
@@ -357,7 +379,8 @@ def train_predictor(kind: str, cfg: DecoderConfig, tensors: dict, criterion: str
     groups = tensors.get("row_group")
     tr, va, te = _split(N, val_fraction, seed, groups, test_fraction)
     norm = Normaliser(normalisation, log).fit(tg, tr)
-    pred = _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input)
+    pred = _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input,
+                          stages)
     scale = _InputScale(x_all[tr.to(x_all.device)].float()) if residual else None
     forward = _forward(pred, kind, scale)
 
@@ -450,7 +473,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
                     log: bool | str = "log1p", first_sparse: int = 1, seed: int = 0, pool_tokens: int = 32768,
                     model_batch: int = 16, eval_rows: int = 16384, neuron_input: str = "mlp",
                     ffn_hidden: int | None = None, tf32: bool = True, progress=None,
-                    shadowllm_input: str = "attn0", head_share: float | None = None) -> TrainResult:
+                    shadowllm_input: str = "attn0", head_share: float | None = None, stages=None) -> TrainResult:
     """Train a predictor on per-position targets computed from ``model`` as training goes, never stored.
 
     ``sequences``: ``[(source index, token ids)]`` (:func:`bench.collect.token_sequences`); every real position of
@@ -491,6 +514,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     residual = kind == "shadowllm" and shadowllm_input == "residual"
     cfg = model.cfg
     device = model.device
+    stages = _check_train_stages(kind, stages, first_sparse, cfg, shadowllm_input)
     L_s = cfg.n_layers - first_sparse
     mlp_in = kind == "dejavu" and neuron_input == "mlp"
     tr, va, te = _split(len(sequences), val_fraction, seed, None, test_fraction)
@@ -505,7 +529,7 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
         for pos, tokens, lengths in length_batches([sequences[i] for i in chosen], model_batch):
             ids = [chosen[p] for p in pos]
             r = token_rows(model, tokens.to(device), lengths, (criterion,), with_inputs=kind == "dejavu" or residual)
-            x = _predictor_input(r, kind, residual, first_sparse)
+            x = _predictor_input(r, kind, residual, first_sparse, stages)
             parts.append({"x": x.float(), "a": r["ffn_inputs"][:, first_sparse:].float() if mlp_in else None,
                           "heads": r[f"{criterion}.heads"][:, first_sparse:],
                           "neurons": r[f"{criterion}.neurons"][:, first_sparse:],
@@ -549,7 +573,8 @@ def train_streaming(kind: str, model, sequences: list, criterion: str = "l2norm"
     val = capped(va, eval_rows, 10)
     val_y = (norm.apply_kind(val["heads"], "heads"), norm.apply_kind(val["neurons"], "neurons"))
 
-    pred = _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input)
+    pred = _new_predictor(kind, cfg, hidden, first_sparse, device, seed, neuron_input, ffn_hidden, shadowllm_input,
+                          stages)
     forward = _forward(pred, kind, scale)
 
     use_tf32 = tf32 and torch.device(device).type == "cuda"

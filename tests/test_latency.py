@@ -245,3 +245,22 @@ def test_shadowllm_input_is_a_case_of_its_own(tmp_path):
     with pytest.raises(ValueError, match="shadowllm_input must be one of"):
         run(tmp_path, ["shadowllm"], shadowllm_input="layer0")
     assert cli.build_parser().parse_args(["latency"]).shadowllm_input == "residual"
+
+
+def test_staged_shadowllm_is_a_case_of_its_own(tmp_path):
+    """A staged random ShadowLLM predictor (`--shadowllm-stages 1,2`): its rows say so and resume apart from the one
+    predictor's; it reads more predictor bytes (a second first layer); under a global budget its case is an error
+    row naming why, and the sweep goes on."""
+    one = [r for r in run(tmp_path, ["shadowllm"], shadowllm_policies=("local",)) if r["status"] == "ok"]
+    staged = run(tmp_path, ["shadowllm"], shadowllm_policies=("local",), shadowllm_stages="1,2")
+    assert staged and {r["status"] for r in staged} == {"ok"}
+    assert {r["extra"]["shadowllm_stages"] for r in staged} == {"1,2"}
+    pb = lambda rows: {r["extra"]["granularity"]: r["extra"]["predictor_bytes"] for r in rows if r["metric"] == "step_bytes"}
+    assert all(pb(staged)[g] > pb(one)[g] for g in pb(one))
+    assert run(tmp_path, ["shadowllm"], shadowllm_policies=("local",), shadowllm_stages="1,2") == []
+    glob = run(tmp_path, ["shadowllm"], shadowllm_policies=("global",), shadowllm_stages="1,2")
+    assert glob and {r["status"] for r in glob} == {"error"}
+    assert all("global top-k needs every layer" in r["extra"]["error"] for r in glob)
+    with pytest.raises(ValueError, match="shadowllm_stages must be layer indices"):
+        run(tmp_path, ["shadowllm"], shadowllm_stages="1,x")
+    assert cli.build_parser().parse_args(["latency", "--shadowllm-stages", "1,2"]).shadowllm_stages == "1,2"

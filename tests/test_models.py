@@ -317,6 +317,44 @@ def test_shadowllm_output_layout_and_global_budget():
     assert torch.equal(nm[1:].flatten(), want)
 
 
+def test_staged_shadowllm_routes_each_stage_to_its_layers(tmp_path):
+    """stages (1, 3): the first net (on layer 1's input) plans layers 1-2, the second (on layer 3's input) layer 3;
+    the file keeps the stages; a global budget, layer 0's attention as input and bad stage lists are refused."""
+    model = tiny_model()
+    cfg = model.cfg
+    H, Fd = cfg.n_heads, cfg.ffn
+    pred = ShadowLLMPredictor(cfg, 8, dtype=torch.float32, input_site="residual", stages=(1, 3))
+    assert pred.stage_layers == (2, 1) and pred.stage_of(3) == 1 and pred.stage_of(2) is None
+    first = [torch.randn(2, H), torch.randn(2, Fd)]
+    second = [torch.randn(1, H), torch.randn(1, Fd)]
+    constant_predictor(pred, [torch.cat([first[0].flatten(), first[1].flatten()])])
+    with torch.no_grad():  # the second stage's net: constant scores too
+        net = pred.stage_nets[0]
+        net[0].weight.zero_()
+        net[0].bias.fill_(1.0)
+        net[2].weight.zero_()
+        net[2].bias.copy_(torch.cat([second[0].flatten(), second[1].flatten()]))
+    path = pred.save(tmp_path / "staged.safetensors")
+    loaded = load_predictor(path, cfg, dtype=torch.float32)
+    assert loaded.stages == (1, 3) and loaded.meta["stages"] == [1, 3]
+    mode = ShadowLLM(0.5, str(path), "local", "prompt")
+    Generator(model, mode, batch=1, max_len=8, backend="torch").prefill(torch.randint(0, V, (1, 3)))
+    assert mode.observes("input", 1) and mode.observes("input", 3) and not mode.observes("input", 2)
+    hm, nm = plan_masks(mode, model)
+    wanted = [(first[0][0], first[1][0]), (first[0][1], first[1][1]), (second[0][0], second[1][0])]
+    for layer, (h, n) in enumerate(wanted, start=1):
+        assert set(torch.nonzero(hm[layer]).flatten().tolist()) == set(h.topk(kept_units(H, 0.5)).indices.tolist())
+        assert set(torch.nonzero(nm[layer]).flatten().tolist()) == set(n.topk(kept_units(Fd, 0.5)).indices.tolist())
+    assert mode.predictor_bytes() == sum(p.nbytes for p in loaded.parameters())
+    with pytest.raises(ValueError, match="global top-k needs every layer"):
+        ShadowLLM(0.5, str(path), "global", "token").bind(model)
+    with pytest.raises(ValueError, match="input_site 'attn0' has one site"):
+        ShadowLLMPredictor(cfg, 8, input_site="attn0", stages=(1, 2))
+    for bad in ((2, 3), (1, 1), (1, 4), ()):
+        with pytest.raises(ValueError, match="stages must be increasing layers"):
+            ShadowLLMPredictor(cfg, 8, input_site="residual", stages=bad)
+
+
 def test_dejavu_layer_routing():
     model = tiny_model()
     cfg = model.cfg

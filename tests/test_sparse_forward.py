@@ -39,6 +39,11 @@ CASES = {
                                                         neuron_input="layer").set_budgets(0.5, 0.0),
     "shadowllm-neurons-only-token": lambda cfg: ShadowLLM(0.5, "random", "local", "token",
                                                           hidden=16).set_budgets(0.0, 0.6),
+    # a staged predictor: a second net on the residual stream entering layer 2 scores layers 2.. (plans per stage)
+    "shadowllm-staged-token": lambda cfg: ShadowLLM(0.5, "random", "local", "token", hidden=16, input_site="residual",
+                                                    stages=(1, 2)),
+    "shadowllm-staged-prompt": lambda cfg: ShadowLLM(0.6, "random", "local", "prompt", hidden=16,
+                                                     input_site="residual", stages=(1, 2)),
     # every group's key and value computed and cached (decodes on grouped-query models only)
     "static-global-kv-always": lambda cfg: Static(random_importance(cfg), 0.7, "global").set_kv_rule("always"),
     "shadowllm-local-token-kv-always": lambda cfg: ShadowLLM(0.7, "random", "local", "token",

@@ -447,3 +447,61 @@ def test_head_share_weighs_heads_and_neurons_and_is_part_of_the_case(tmp_path, c
     assert sorted(shares.values(), key=str) == [0.5, None]  # two cases; the default keeps older rows' key
     assert main(argv + ["--head-share", "0.5"]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_staged_shadowllm_trains_on_each_stage_input_and_folds_each_scaling(tmp_path, streamed):
+    """stages (1, 3): the second net reads layer 3's input and scores layer 3; each stage's standardisation folds
+    into its own first layer; the file keeps the stages, the training rows' settings too."""
+    from models.predictors import ShadowLLMPredictor
+    from models.train import _InputScale, _predictor_input, train_streaming
+
+    from helpers import tiny_decoder
+
+    c = cfg()
+    t = synthetic(c)
+    x = _predictor_input(t, "shadowllm", True, 1, (1, 3))
+    assert torch.equal(x[:, 0], t["inputs"][:, 1]) and torch.equal(x[:, 1], t["inputs"][:, 3])
+    x = x * torch.logspace(-1, 2, c.hidden)
+    scale = _InputScale(x)
+    p = ShadowLLMPredictor(c, 8, 1, torch.float32, "cpu", input_site="residual", stages=(1, 3))
+    want = p(scale(x))
+    assert want[0].shape == (len(x), 3, c.n_heads) and want[1].shape == (len(x), 3, c.ffn)
+    scale.fold(p)
+    for got, w in zip(p(x), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-4)
+    if streamed:
+        model = tiny_decoder("llama")
+        res = train_streaming("shadowllm", model, _tiny_sequences(model), "l2norm", hidden=32, epochs=2,
+                              batch_size=64, pool_tokens=400, model_batch=8, eval_rows=200, shadowllm_input="residual",
+                              stages=(1, 3))
+    else:
+        res = train_predictor("shadowllm", c, t, "plainact", hidden=16, epochs=2, shadowllm_input="residual",
+                              stages=(1, 3))
+    assert res.predictor.stages == (1, 3)
+    loaded = load_predictor(res.predictor.save(tmp_path / "p.safetensors"), res.predictor.cfg, dtype=torch.float32)
+    assert loaded.stages == (1, 3)
+    with pytest.raises(ValueError, match="stages split a ShadowLLM predictor"):
+        train_predictor("dejavu", c, t, "plainact", epochs=1, stages=(1, 3))
+    with pytest.raises(ValueError, match="stages must be increasing"):
+        train_predictor("shadowllm", c, t, "plainact", epochs=1, shadowllm_input="residual", stages=(1, 9))
+
+
+def test_train_command_takes_stages(tmp_path):
+    import json
+
+    from bench.cli import main
+    from models.loading import TINY_RANDOM, load_model
+
+    crit = tmp_path / "crit"
+    assert main(["collect", "--model", TINY_RANDOM, "--tasks", "copa", "--per-task", "8", "--per-token", "--criteria",
+                 "l2norm", "--out", str(crit), "--no-progress"]) == 0
+    assert main(["train", "--data", str(crit), "--kind", "shadowllm", "--criterion", "l2norm", "--epochs", "1",
+                 "--hidden", "8", "--stages", "1,2", "--out", str(tmp_path / "p"), "--results",
+                 str(tmp_path / "t.jsonl"), "--no-progress"]) == 0
+    pred = load_predictor(tmp_path / "p" / "shadowllm-l2norm.safetensors", load_model(TINY_RANDOM).cfg)
+    assert pred.stages == (1, 2)
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert rows[0]["extra"]["settings"]["stages"] == [1, 2]
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(crit), "--stages", "1,x"])
