@@ -16,9 +16,10 @@
 #                                       # the model as training goes (`train-stream`, no dataset file): all of
 #                                       # WikiText-2 validation and 400 predictor prompts per task at 0 and 3 shots
 #                                       # (839,931 positions), STREAM_EPOCHS (default 6) epochs, into PRED (default
-#                                       # OUT/predictors-stream); SHADOWLLM_HIDDEN (default 1024) and HEAD_SHARE set
-#                                       # ShadowLLM's --hidden and --head-share; KINDS (default shadowllm,dejavu)
-#                                       # which ones
+#                                       # OUT/predictors-stream); SHADOWLLM_HIDDEN (default 1024), HEAD_SHARE and
+#                                       # SHADOWLLM_STAGES (e.g. 1,15; default one predictor) set ShadowLLM's
+#                                       # --hidden, --head-share and --stages; KINDS (default shadowllm,dejavu) which
+#                                       # ones
 #   perf/smollm2_per_token.sh stream-attn0  # ShadowLLM on layer 0's attention output (the paper's input), the same
 #                                       # way, into OUT/predictors-stream-attn0
 #   perf/smollm2_per_token.sh stream-quality  # perplexity of the predictors in PRED (MODES, default
@@ -81,7 +82,7 @@ accuracy)
 stream)
   case ,${KINDS:-shadowllm,dejavu}, in *,shadowllm,*)
     $ts --kind shadowllm --hidden "${SHADOWLLM_HIDDEN:-1024}" --shadowllm-input residual \
-        --head-share "${HEAD_SHARE:-units}" --out "$pred" ;;
+        --head-share "${HEAD_SHARE:-units}" ${SHADOWLLM_STAGES:+--stages "$SHADOWLLM_STAGES"} --out "$pred" ;;
   esac
   case ,${KINDS:-shadowllm,dejavu}, in *,dejavu,*)
     $ts --kind dejavu --neuron-input mlp --hidden 256 --out "$pred" ;;

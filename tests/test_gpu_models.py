@@ -42,6 +42,9 @@ MODES = {
     # a kind without a budget takes the dense path (DejaVu then runs no net for it)
     "dejavu-heads-only": lambda c: DejaVu(0.5, "random", "token", hidden=128).set_budgets(0.5, 0.0),
     "shadowllm-neurons-only": lambda c: ShadowLLM(0.5, "random", "local", "token", hidden=128).set_budgets(0.0, 0.5),
+    # a net per stage, each run when the step reaches its layer
+    "shadowllm-staged": lambda c: ShadowLLM(0.5, "random", "local", "token", hidden=128, input_site="residual",
+                                            stages=(1, 2)),
 }
 
 

@@ -255,7 +255,8 @@ def test_staged_shadowllm_is_a_case_of_its_own(tmp_path):
     staged = run(tmp_path, ["shadowllm"], shadowllm_policies=("local",), shadowllm_stages="1,2")
     assert staged and {r["status"] for r in staged} == {"ok"}
     assert {r["extra"]["shadowllm_stages"] for r in staged} == {"1,2"}
-    pb = lambda rows: {r["extra"]["granularity"]: r["extra"]["predictor_bytes"] for r in rows if r["metric"] == "step_bytes"}
+    pb = lambda rows: {r["extra"]["granularity"]: r["extra"]["predictor_bytes"] for r in rows
+                       if r["metric"] == "step_bytes"}
     assert all(pb(staged)[g] > pb(one)[g] for g in pb(one))
     assert run(tmp_path, ["shadowllm"], shadowllm_policies=("local",), shadowllm_stages="1,2") == []
     glob = run(tmp_path, ["shadowllm"], shadowllm_policies=("global",), shadowllm_stages="1,2")
