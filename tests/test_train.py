@@ -351,32 +351,44 @@ def test_train_stream_command_saves_records_and_resumes(tmp_path, capsys):
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(rows)
 
 
+def _folds_exactly(pred, x):
+    """The input standardisation folded into ``pred``'s first layer(s): the folded net on raw ``x`` scores as the
+    trained net on standardised ``x``. Returns those scores."""
+    from models.train import _InputScale
+
+    scale = _InputScale(x)
+    want = pred(scale(x))
+    scale.fold(pred)
+    for got, w in zip(pred(x), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-4)
+    return want
+
+
+def _residual_trained(streamed: bool, c, data, **kw):
+    """A residual-input ShadowLLM trained briefly: streamed from tiny Llama, or on ``data`` (config ``c``)."""
+    from models.train import train_streaming
+
+    from helpers import tiny_decoder
+
+    if streamed:
+        model = tiny_decoder("llama")
+        return train_streaming("shadowllm", model, _tiny_sequences(model), "l2norm", hidden=32, epochs=2,
+                               batch_size=64, pool_tokens=400, model_batch=8, eval_rows=200,
+                               shadowllm_input="residual", **kw)
+    return train_predictor("shadowllm", c, data, "plainact", hidden=16, epochs=2, shadowllm_input="residual", **kw)
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_shadowllm_on_the_residual_stream_trains_folds_its_scaling_and_round_trips(tmp_path, streamed):
     """A ShadowLLM predictor reading layer 1's input: trained with that input standardised, the standardisation
     folded into its first layer (the saved net on the raw input scores as the trained net on the standardised one),
     and its file says which input it reads (an older file, without the field, reads layer 0's attention output)."""
     from models.predictors import ShadowLLMPredictor
-    from models.train import _InputScale, train_streaming
-
-    from helpers import tiny_decoder
 
     c = cfg()
     x = torch.randn(64, c.hidden) * torch.logspace(-1, 2, c.hidden)  # channels of very different scales
-    scale = _InputScale(x)
-    p = ShadowLLMPredictor(c, 8, 1, torch.float32, "cpu", input_site="residual")
-    want = p(scale(x))
-    scale.fold(p)
-    for got, w in zip(p(x), want, strict=True):
-        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-4)
-    if streamed:
-        model = tiny_decoder("llama")
-        res = train_streaming("shadowllm", model, _tiny_sequences(model), "l2norm", hidden=32, epochs=2,
-                              batch_size=64, pool_tokens=400, model_batch=8, eval_rows=200, shadowllm_input="residual")
-    else:
-        res = train_predictor("shadowllm", c, synthetic(c), "plainact", hidden=16, epochs=2,
-                              shadowllm_input="residual")
-        model = None
+    _folds_exactly(ShadowLLMPredictor(c, 8, 1, torch.float32, "cpu", input_site="residual"), x)
+    res = _residual_trained(streamed, c, synthetic(c))
     pred = res.predictor
     assert pred.input_site == "residual"
     path = pred.save(tmp_path / "p.safetensors")
@@ -454,30 +466,16 @@ def test_staged_shadowllm_trains_on_each_stage_input_and_folds_each_scaling(tmp_
     """stages (1, 3): the second net reads layer 3's input and scores layer 3; each stage's standardisation folds
     into its own first layer; the file keeps the stages, the training rows' settings too."""
     from models.predictors import ShadowLLMPredictor
-    from models.train import _InputScale, _predictor_input, train_streaming
-
-    from helpers import tiny_decoder
+    from models.train import _predictor_input
 
     c = cfg()
     t = synthetic(c)
     x = _predictor_input(t, "shadowllm", True, 1, (1, 3))
     assert torch.equal(x[:, 0], t["inputs"][:, 1]) and torch.equal(x[:, 1], t["inputs"][:, 3])
     x = x * torch.logspace(-1, 2, c.hidden)
-    scale = _InputScale(x)
-    p = ShadowLLMPredictor(c, 8, 1, torch.float32, "cpu", input_site="residual", stages=(1, 3))
-    want = p(scale(x))
+    want = _folds_exactly(ShadowLLMPredictor(c, 8, 1, torch.float32, "cpu", input_site="residual", stages=(1, 3)), x)
     assert want[0].shape == (len(x), 3, c.n_heads) and want[1].shape == (len(x), 3, c.ffn)
-    scale.fold(p)
-    for got, w in zip(p(x), want, strict=True):
-        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-4)
-    if streamed:
-        model = tiny_decoder("llama")
-        res = train_streaming("shadowllm", model, _tiny_sequences(model), "l2norm", hidden=32, epochs=2,
-                              batch_size=64, pool_tokens=400, model_batch=8, eval_rows=200, shadowllm_input="residual",
-                              stages=(1, 3))
-    else:
-        res = train_predictor("shadowllm", c, t, "plainact", hidden=16, epochs=2, shadowllm_input="residual",
-                              stages=(1, 3))
+    res = _residual_trained(streamed, c, t, stages=(1, 3))
     assert res.predictor.stages == (1, 3)
     loaded = load_predictor(res.predictor.save(tmp_path / "p.safetensors"), res.predictor.cfg, dtype=torch.float32)
     assert loaded.stages == (1, 3)
