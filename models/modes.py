@@ -524,7 +524,8 @@ class ShadowLLM(_Predicting):
         """The key of the net that reads (layer, site) (None: the single predictor), or False where none does."""
         if len(self.stages) == 1:
             return None if (layer, site) == self.source() else False
-        return self.stages.index(layer) if site == "input" and layer in self.stages else False
+        stage = self.predictor.stage_of(layer) if site == "input" else None
+        return False if stage is None else stage
 
     def observes(self, site, layer):
         return self._stage_at(layer, site) is not False
@@ -588,7 +589,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
     skipped heads leave in the cache (:data:`models.plan.KV_RULES`); ``neuron_input``: what a random DejaVu
     predictor scores neurons from (:data:`models.predictors.NEURON_INPUTS`; a file says its own);
     ``shadowllm_input``: what a random ShadowLLM predictor reads (:data:`models.predictors.SHADOWLLM_INPUTS`; a file
-    says its own).; ``shadowllm_stages``: a random ShadowLLM predictor's stage starts (a file says its own)"""
+    says its own); ``shadowllm_stages``: a random ShadowLLM predictor's stage starts (a file says its own)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
     if name == "dense":

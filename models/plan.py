@@ -192,14 +192,12 @@ class PlanBuffers:
         i32 = dict(dtype=torch.int32, device=device)
         self.head_slot = torch.full((n, n_heads + 1), -1, **i32)
         if self.gqa:
-            G = n_heads // self.KVH
-            self.G, self.U = G, self.KVH * (G + 2)
+            units = self.KVH * (n_heads // self.KVH + 2)  # every group's queries, key and value
             # kept queries + keys/values of their groups (of every group under kv_rule "always")
-            s_units = min(self.U, s_h + 2 * (self.KVH if self.kv_always else min(self.KVH, s_h)))
+            s_units = min(units, s_h + 2 * (self.KVH if self.kv_always else min(self.KVH, s_h)))
             self.qkv_rows = torch.zeros((n, s_units * head_dim), **i32)
             self.q_unit = torch.full((n, n_heads), -1, **i32)
             self.kv_unit = torch.full((n, self.KVH), -1, **i32)
-            self._s_units = s_units
         else:
             self.qkv_rows = torch.zeros((n, s_h * 3 * head_dim), **i32)
         self.qkv_count = torch.zeros((n,), **i32)

@@ -101,19 +101,20 @@ class ShadowLLMPredictor(_Predictor):
         """The stage whose net reads the residual stream entering ``layer`` (None: no stage starts there)."""
         return self.stages.index(layer) if layer in self.stages else None
 
-    def _stage_net(self, stage: int | None):
+    def stage_net(self, stage: int | None) -> nn.Sequential:
+        """A stage's net (None or 0: the first, ``net``)."""
         return self.net if not stage else self.stage_nets[stage - 1]
 
     def weights(self, stage: int | None = None):
         """``(w1, b1, w2, b2)`` of a stage's net (None or 0: the first)."""
-        net = self._stage_net(stage)
+        net = self.stage_net(stage)
         return net[0].weight, net[0].bias, net[2].weight, net[2].bias
 
     def split(self, scores: torch.Tensor, stage: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A stage's scores [..., n * (H + F)] -> heads [..., n, H], neurons [..., n, F] of its n layers (stage None:
         the whole single predictor)."""
         c = self.cfg
-        n = self.n_sparse if stage is None and len(self.stages) == 1 else self.stage_layers[stage or 0]
+        n = self.stage_layers[stage or 0]  # (the single predictor's one stage scores every sparse layer)
         heads, neurons = scores.split([n * c.n_heads, n * c.ffn], dim=-1)
         return heads.unflatten(-1, (n, c.n_heads)), neurons.unflatten(-1, (n, c.ffn))
 
@@ -122,7 +123,7 @@ class ShadowLLMPredictor(_Predictor):
         heads [..., L_s, H], neurons [..., L_s, F]."""
         if len(self.stages) == 1:
             return self.split(self.net(x))
-        parts = [self.split(self._stage_net(s)(x[..., s, :]), s) for s in range(len(self.stages))]
+        parts = [self.split(self.stage_net(s)(x[..., s, :]), s) for s in range(len(self.stages))]
         return torch.cat([h for h, _ in parts], dim=-2), torch.cat([n for _, n in parts], dim=-2)
 
 

@@ -150,7 +150,7 @@ class _InputScale:
         mean, std = (self.mean, self.std) if self.mean.dim() == 2 else (self.mean[None], self.std[None])
         with torch.no_grad():
             for stage in range(mean.shape[0]):
-                lin = pred.net[0] if stage == 0 else pred.stage_nets[stage - 1][0]
+                lin = pred.stage_net(stage)[0]
                 w = lin.weight / std[stage].to(lin.weight.device)
                 lin.bias.sub_(w @ mean[stage].to(w.device))
                 lin.weight.copy_(w)
