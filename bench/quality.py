@@ -358,6 +358,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 common = dict(common, neuron_input=mode.neuron_input)
             if getattr(mode, "input_site", None):  # ShadowLLM: what its one predictor reads
                 common = dict(common, shadowllm_input=mode.input_site)
+            if len(getattr(mode, "stages", ())) > 1:  # ShadowLLM in stages: the layers whose input each net reads
+                common = dict(common, shadowllm_stages=",".join(map(str, mode.stages)))
         except Exception as err:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
             if tp is not None:
                 raise
@@ -433,6 +435,7 @@ def quality_table(rows) -> str:
         s_txt = f"{r['sparsity']:.2f}" if hs == ns else f"{hs:.2f}/{ns:.2f}"
         mode = r["mode"] + (f" {e['neuron_input']}-in" if e.get("neuron_input") else "")
         mode += " residual-in" if e.get("shadowllm_input") == "residual" else ""
+        mode += f" stages:{e['shadowllm_stages']}" if e.get("shadowllm_stages") else ""
         mode += " kv:always" if e.get("kv_rule") == "always" else ""
         if e.get("eval") != "wikitext2" and e.get("sparse_prefix") is False and r["mode"] != "dense":
             mode += " dense-ctx"

@@ -503,3 +503,13 @@ def test_train_command_takes_stages(tmp_path):
     assert rows[0]["extra"]["settings"]["stages"] == [1, 2]
     with pytest.raises(SystemExit):
         main(["train", "--data", str(crit), "--stages", "1,x"])
+    # its quality rows name the stages, and so does the quality table's label
+    from bench.quality import quality_table
+
+    q = tmp_path / "q.jsonl"
+    assert main(["quality", "--model", TINY_RANDOM, "--modes", "shadowllm", "--policy", "local", "--criteria",
+                 "l2norm", "--sparsity", "0.5", "--tasks", "", "--ppl-tokens", "200", "--context", "64", "--stride",
+                 "32", "--predictors-dir", str(tmp_path / "p"), "--out", str(q), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in q.read_text().splitlines()]
+    assert [r["extra"]["shadowllm_stages"] for r in rows] == ["1,2"]
+    assert "shadowllm residual-in stages:1,2" in quality_table(rows)
