@@ -213,7 +213,8 @@ def _latency(args) -> int:
                                dense_gemv=args.dense_gemv, norm_fold=not args.no_norm_fold,
                                head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity, tp=tp,
                                kv_rule=args.kv_rule, neuron_input=args.neuron_input,
-                               shadowllm_input=args.shadowllm_input, shadowllm_stages=args.shadowllm_stages)
+                               shadowllm_input=args.shadowllm_input, shadowllm_stages=args.shadowllm_stages,
+                               threshold_path=args.threshold_path)
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     _say(tp, latency.summary_table(rows))
     _say(tp, *[f"error: {r['model']} {r['mode']} s={r['sparsity']}: {r['extra'].get('error')}" for r in bad[:5]],
@@ -604,6 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--shadowllm-stages", default=None,
                      help="ShadowLLM's random predictor in stages, e.g. 1,15: a net per stage on the residual stream "
                           "entering its first layer (as `train --stages` makes them; local top-k only)")
+    lat.add_argument("--threshold-path", choices=["fused", "select"], default="fused",
+                     help="the threshold mode's projections at batch 1: fused (default; each GEMV program thresholds "
+                          "its own chunk of the input) or select (one program makes an index list, then the "
+                          "gather-cols GEMV; a batch always takes this path)")
     lat.add_argument("--dense-gemv", choices=["auto", "cublas", "triton"], default="auto",
                      help="dense layers' projections (dense mode, ShadowLLM's layer 0): cuBLAS or our kernels over "
                           "every row (OPT: keeps a copy of fc2, more memory, see OPTDecoder.set_dense_gemv; Llama: "

@@ -228,8 +228,14 @@ def _threshold_case(spec, sparsity, batch, dtype, device, gen):
         y = sk.gather_cols_gemv(wt, a2.index_select(1, idx.long()), idx, count=sel.count, validate=False)
         return y if batch > 1 else y[0]
 
+    def select_gather():  # two launches, the path of a batch: one program selects, then the gather-cols GEMV
+        h, idx, count = sk.threshold_select(a2, t)
+        y = sk.gather_cols_gemv(wt, h, idx, count=count, validate=False)
+        return y if batch > 1 else y[0]
+
     variants = {
-        "triton": lambda: sk.threshold_cols_gemv(wt, a, t, validate=False)[0],
+        "triton": lambda: sk.threshold_cols_gemv(wt, a, t, validate=False)[0],  # one token: the fused path
+        "triton_select_gather": select_gather,
         "triton_composed": composed,
         "torch_dense": lambda: F.linear(a, w_natural),
     }
@@ -238,7 +244,7 @@ def _threshold_case(spec, sparsity, batch, dtype, device, gen):
     k, elt = int(keep.sum()), wt.element_size()
     moved = (k * M + batch * n_in + batch * M) * elt + 4 * k
     dense = (n_in * M + batch * n_in + batch * M) * elt
-    return Built(variants, reference, ("triton", "triton_composed"), moved, dense,
+    return Built(variants, reference, ("triton", "triton_select_gather", "triton_composed"), moved, dense,
                  {"weight_t": [n_in, M], "selected": k}, tensors={"weight_t": wt, "a": a, "threshold": t})
 
 

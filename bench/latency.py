@@ -266,7 +266,9 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
 # One list for both sides of the resume check (a row's values, and a case's about to run), so they cannot drift apart.
 RESUME_FIELDS = ("model", "mode", "sparsity", "policy", "granularity", "gen_len", "head_sparsity", "neuron_sparsity",
                  "batch", "prompt_len", "dtype", "device", "pdl", "batch_rule", "predictor_dtype", "dense_gemv",
-                 "norm_fold", "tp", "tp_plan", "kv_rule", "neuron_input", "shadowllm_input", "shadowllm_stages")
+                 "norm_fold", "tp", "tp_plan", "kv_rule", "neuron_input", "shadowllm_input", "shadowllm_stages",
+                 "threshold_path")
+THRESHOLD_PATHS = ("fused", "select")
 
 
 def _resume_key(settings: dict) -> tuple:
@@ -290,7 +292,9 @@ def _row_settings(r: dict) -> dict:
                neuron_input=ex.get("neuron_input", "layer") if r.get("mode") == "dejavu" else None,
                # ShadowLLM rows before the residual input timed a predictor on layer 0's attention output
                shadowllm_input=ex.get("shadowllm_input", "attn0") if r.get("mode") == "shadowllm" else None,
-               shadowllm_stages=ex.get("shadowllm_stages") if r.get("mode") == "shadowllm" else None)
+               shadowllm_stages=ex.get("shadowllm_stages") if r.get("mode") == "shadowllm" else None,
+               # threshold rows before the fused one-token path ran select, then gather
+               threshold_path=ex.get("threshold_path", "select") if r.get("mode") == "threshold" else None)
     return out
 
 
@@ -298,7 +302,8 @@ def _case_settings(c: LatencyCase, run: dict) -> dict:
     """The settings of case ``c`` in a sweep whose shared settings are ``run`` (batch, prompt_len, dtype, device,
     pdl, batch_rule, predictor_dtype, dense_gemv by model, norm_fold, tp, tp_plan, kv_rule, neuron_input,
     shadowllm_input)."""
-    h, n = c.budgets()
+    # the threshold mode has no head or neuron budget (its rows record None, as its quality rows do)
+    h, n = (None, None) if c.mode == "threshold" else c.budgets()
     dense = c.mode in ("dense", "hf")
     return {**{k: v for k, v in run.items() if k != "dense_gemv"}, "model": c.model, "mode": c.mode,
             "sparsity": c.sparsity, "policy": c.policy, "granularity": c.granularity, "gen_len": c.gen_len,
@@ -306,7 +311,8 @@ def _case_settings(c: LatencyCase, run: dict) -> dict:
             "kv_rule": "skip" if dense else run["kv_rule"],
             "neuron_input": run["neuron_input"] if c.mode == "dejavu" else None,
             "shadowllm_input": run["shadowllm_input"] if c.mode == "shadowllm" else None,
-            "shadowllm_stages": run["shadowllm_stages"] if c.mode == "shadowllm" else None}
+            "shadowllm_stages": run["shadowllm_stages"] if c.mode == "shadowllm" else None,
+            "threshold_path": run["threshold_path"] if c.mode == "threshold" else None}
 
 
 def _done_keys(rows) -> set:
@@ -329,7 +335,8 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                 out_path="runs/latency.jsonl", shadowllm_policies=("global", "local"), progress=True,
                 batch_rule="mean", predictor_dtype="model", dense_gemv="auto", norm_fold=True,
                 head_sparsity=None, neuron_sparsity=None, tp=None, kv_rule="skip",
-                neuron_input="mlp", shadowllm_input="residual", shadowllm_stages=None) -> list[dict]:
+                neuron_input="mlp", shadowllm_input="residual", shadowllm_stages=None,
+                threshold_path="fused") -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
@@ -345,7 +352,30 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     ``shadowllm_input``: what ShadowLLM's random predictor reads (``residual``: the stream entering layer 1, one more
     residual add materialised per step, as `train` makes them; ``attn0``: layer 0's attention output).
     ``shadowllm_stages``: a staged random ShadowLLM predictor's stage starts (``"1,15"``; local top-k only; rows
-    record them)."""
+    record them). ``threshold_path``: how the threshold mode's projections run at batch 1 (``fused``: each GEMV
+    program thresholds its own chunk of the input; ``select``: one program makes an index list, then the
+    gather-cols GEMV; :mod:`shadow_kernels.threshold`); its rows record it."""
+    from shadow_kernels.threshold import set_fused
+
+    if threshold_path not in THRESHOLD_PATHS:
+        raise ValueError(f"threshold_path must be one of {THRESHOLD_PATHS}, got {threshold_path!r}")
+    prev = set_fused(threshold_path == "fused")
+    try:
+        return _run_latency(models, modes, sparsities, gens, granularities, prompt_len=prompt_len, batch=batch,
+                            dtype_name=dtype_name, out_path=out_path, shadowllm_policies=shadowllm_policies,
+                            progress=progress, batch_rule=batch_rule, predictor_dtype=predictor_dtype,
+                            dense_gemv=dense_gemv, norm_fold=norm_fold, head_sparsity=head_sparsity,
+                            neuron_sparsity=neuron_sparsity, tp=tp, kv_rule=kv_rule, neuron_input=neuron_input,
+                            shadowllm_input=shadowllm_input, shadowllm_stages=shadowllm_stages,
+                            threshold_path=threshold_path)
+    finally:
+        set_fused(prev)
+
+
+def _run_latency(models, modes, sparsities, gens, granularities, *, prompt_len, batch, dtype_name, out_path,
+                 shadowllm_policies, progress, batch_rule, predictor_dtype, dense_gemv, norm_fold, head_sparsity,
+                 neuron_sparsity, tp, kv_rule, neuron_input, shadowllm_input, shadowllm_stages,
+                 threshold_path) -> list[dict]:
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
@@ -385,12 +415,14 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     if shadowllm_stages is not None:  # a staged ShadowLLM's stage starts, "1,15" (absent: one predictor)
         shadowllm_stages = ",".join(str(v) for v in parse_stages(shadowllm_stages))
         base["extra"]["shadowllm_stages"] = shadowllm_stages
+    base["extra"]["threshold_path"] = threshold_path  # the threshold mode's (its rows keep it)
     engines = {m: resolve_dense_gemv(dense_gemv, m, dtype, device, 1 if tp is None else tp.world) for m in models}
     done = _done_keys(writer.resume())
     run = dict(batch=batch, prompt_len=prompt_len, dtype=dtype_name, device=env["device"], pdl=pdl,
                batch_rule=batch_rule, predictor_dtype=predictor_dtype, dense_gemv=engines, norm_fold=bool(norm_fold),
                tp=1 if tp is None else tp.world, tp_plan=None if tp is None else tp.plan, kv_rule=kv_rule,
-               neuron_input=neuron_input, shadowllm_input=shadowllm_input, shadowllm_stages=shadowllm_stages)
+               neuron_input=neuron_input, shadowllm_input=shadowllm_input, shadowllm_stages=shadowllm_stages,
+               threshold_path=threshold_path)
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies,
                                      head_sparsity, neuron_sparsity)
             if _resume_key(_case_settings(c, run)) not in done]

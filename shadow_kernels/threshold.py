@@ -11,18 +11,28 @@ add and RMS norm (:func:`add_rms_threshold_cols_gemv`) or SwiGLU's ``silu(gate) 
 
 The GEMV is launched without preloading its index list (``preload=False``): under programmatic dependent launch a
 preloading GEMV reads its index list before the kernel just before it finishes, and here that kernel writes it.
+
+One token (batch 1) takes a fused path instead (:func:`set_fused`, on by default; ``SHADOWBENCH_THRESHOLD_FUSED=0``
+turns it off): every program of the GEMV makes its own chunk of the input (the prologue, the add-and-norm's sum of
+squares over the whole row included), compares it against the threshold and loads only the weight rows of the kept
+entries (a masked-off row is never fetched), with no index list. The select kernel is one program walking the whole
+input with a running prefix sum, a serial step of a few microseconds before each projection; the fused path removes
+it. The split reduction's second kernel also adds the chunks' counts of kept inputs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_float, next_pow2
+from ._common import check_device, check_float, next_pow2, set_switch, sm_count
 from .add_norm import add_rmsnorm, add_rmsnorm_ref
 from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref
+from .pdl import pdl_kwargs, pdl_sync
 from .topk import mask_to_indices_ref
 
 # What the select kernel reads before it thresholds: the projection's input itself; SwiGLU's silu(gate) * up from the
@@ -107,6 +117,142 @@ def _threshold_select_kernel(a_ptr, r_ptr, w_ptr, s_ptr, t_ptr, h_ptr, idx_ptr, 
     tl.store(count_ptr, total)
 
 
+@triton.jit
+def _fused_kernel(a_ptr, r_ptr, w_ptr, s_ptr, t_ptr, wt_ptr, bias_ptr, out_ptr, cnt_ptr, K, M, eps, stride_wk,
+                  stride_os, CHUNK, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
+                  USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One token. A program owns BLOCK_M outputs and the inputs [pid_s * CHUNK, + CHUNK): it makes them (prologue),
+    # keeps those above the threshold and reads only their weight rows. The programs of the first output block write
+    # their chunk's count of kept inputs (and, with the add-and-norm prologue, the chunk's residual sum).
+    # MODE 0: one chunk, the output and the count written directly; 1: fp32 partials and per-chunk counts, summed by
+    # _fused_reduce_kernel.
+    if USE_PDL:
+        pdl_sync()
+    OUT: tl.constexpr = wt_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = tl.arange(0, 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    rstd = tl.zeros([1], dtype=tl.float32)
+    if PROLOGUE == 2:  # every program needs the row's norm: the sum of squares of the whole row, in fp32
+        ss = tl.zeros([1], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + offs_k
+            m = (rows[:, None] < 1) & (cols < K)[None, :]
+            x = tl.load(a_ptr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            sf = (x + r).to(OUT).to(tl.float32)
+            ss += tl.sum(sf * sf, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+    t = tl.load(t_ptr)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    k_lo = pid_s * CHUNK
+    k_hi = tl.minimum(k_lo + CHUNK, K)
+    acc = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
+    kept = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for start in range(k_lo, k_hi, BLOCK_K):
+        cols = start + offs_k
+        m = (rows[:, None] < 1) & (cols < k_hi)[None, :]
+        x = _input_block(a_ptr, r_ptr, w_ptr, rows, cols, m, 0, 0, K, rstd, PROLOGUE, OUT)  # [1, BLOCK_K]
+        keep = (tl.abs(x) > t) & m
+        if PROLOGUE == 2:
+            sv = (tl.load(a_ptr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                  + tl.load(r_ptr + cols[None, :], mask=m, other=0.0).to(tl.float32)).to(OUT)
+            tl.store(s_ptr + cols[None, :], sv, mask=m & ((rows + pid_m) == 0)[:, None])  # a tensor mask (interpreter)
+        keep1 = tl.max(keep.to(tl.int32), axis=0)  # [BLOCK_K]
+        w = tl.load(wt_ptr + cols.to(tl.int64)[:, None] * stride_wk + offs_m[None, :],
+                    mask=(keep1 != 0)[:, None] & m_ok[None, :], other=0.0)
+        h = tl.sum(tl.where(keep, x, 0.0).to(tl.float32), axis=0)  # [BLOCK_K]
+        acc += w.to(tl.float32) * h[:, None]
+        kept += keep1
+    out = tl.sum(acc, axis=0)
+    n_kept = tl.sum(kept, axis=0)
+    if MODE == 0:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_m, out.to(OUT), mask=m_ok)
+    else:
+        tl.store(out_ptr + pid_s * stride_os + offs_m, out, mask=m_ok)
+    if pid_m == 0:
+        tl.store(cnt_ptr + pid_s, n_kept)
+
+
+@triton.jit
+def _fused_reduce_kernel(part_ptr, cnt_part_ptr, cnt_ptr, bias_ptr, y_ptr, M, SPLIT, HAS_BIAS: tl.constexpr,
+                         USE_PDL: tl.constexpr, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr):
+    # the fused path's partials summed in chunk order (bit-identical from run to run), plus the bias; program 0 also
+    # sums the chunks' counts
+    if USE_PDL:
+        pdl_sync()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(0, SPLIT):
+        acc += tl.load(part_ptr + c * M + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    if tl.program_id(0) == 0:
+        c = tl.arange(0, SPLIT_P2)
+        tl.store(cnt_ptr, tl.sum(tl.load(cnt_part_ptr + c, mask=c < SPLIT, other=0), axis=0))
+
+
+_FUSED = {"on": os.environ.get("SHADOWBENCH_THRESHOLD_FUSED", "1") != "0"}
+_FUSED_BLOCK_K = 32
+# at least this many inputs per chunk of the split: two loop iterations of the fused kernel
+_FUSED_MIN_CHUNK = 2 * _FUSED_BLOCK_K
+
+
+def set_fused(on: bool) -> bool:
+    """Turn the one-token fused path (module docstring) on or off for later calls; returns the previous setting."""
+    return set_switch(_FUSED, on, "set_fused")
+
+
+def fused_split(K: int, M: int, block_m: int, device: torch.device) -> int:
+    """Chunks of the input the fused path splits into: about four programs per SM over the output blocks, each
+    chunk at least ``_FUSED_MIN_CHUNK`` inputs."""
+    want = max(1, 4 * sm_count(device) // triton.cdiv(M, block_m))
+    return max(1, min(want, triton.cdiv(K, _FUSED_MIN_CHUNK)))
+
+
+def _fused(weight_t, a, threshold, bias, prologue=PLAIN, residual=None, norm_weight=None, eps=0.0, split=None):
+    """The fused path for one token ``a`` [1, K] (or [1, 2K] gate and up): ``(y [1, M], count int32 [1], s)``."""
+    K, M = weight_t.shape
+    dev = weight_t.device
+    y = torch.empty((1, M), dtype=weight_t.dtype, device=dev)
+    count = torch.empty((1,), dtype=torch.int32, device=dev)
+    s = torch.empty_like(a) if prologue == ADD_RMS else None
+    a = a.contiguous()
+    r = a if residual is None else residual.contiguous()
+    w = a if norm_weight is None else norm_weight
+    t = threshold.reshape(1).to(a.dtype)
+    block_m = 128 if M >= 512 else 64
+    n_split = split or fused_split(K, M, block_m, dev)
+    chunk = triton.cdiv(triton.cdiv(K, n_split), _FUSED_BLOCK_K) * _FUSED_BLOCK_K
+    n_split = triton.cdiv(K, chunk)
+    bias_arg = bias if bias is not None else weight_t
+    if n_split == 1:
+        mode, out, cnt = 0, y, count
+    else:
+        mode = 1
+        out = torch.empty((n_split, M), dtype=torch.float32, device=dev)
+        cnt = torch.empty((n_split,), dtype=torch.int32, device=dev)
+    _fused_kernel[(triton.cdiv(M, block_m), n_split)](
+        a, r, w, a if s is None else s, t, weight_t, bias_arg, out, cnt, K, M, float(eps), weight_t.stride(0), M,
+        chunk, PROLOGUE=prologue, HAS_BIAS=bias is not None, MODE=mode, BLOCK_M=block_m, BLOCK_K=_FUSED_BLOCK_K,
+        num_warps=4, **pdl_kwargs(dev))
+    if mode == 1:
+        _fused_reduce_kernel[(triton.cdiv(M, 256),)](out, cnt, count, bias_arg, y, M, n_split,
+                                                    HAS_BIAS=bias is not None, BLOCK=256,
+                                                    SPLIT_P2=next_pow2(n_split), **pdl_kwargs(dev))
+    return y, count, s
+
+
+def _use_fused(a2, weight_t) -> bool:
+    return _FUSED["on"] and a2.shape[0] == 1 and weight_t.shape[0] > 0 and weight_t.shape[1] > 0
+
+
 def _check(weight_t, a, threshold, bias, any_device, swiglu=False):
     check_float("weight_t", weight_t, ndims=(2,), last_contiguous=True, any_device=any_device)
     check_float("a", a, ndims=(1, 2), dtype=weight_t.dtype, device=weight_t.device, any_device=any_device)
@@ -166,8 +312,11 @@ def threshold_cols_gemv(weight_t, a, threshold, bias=None, *, swiglu=False, vali
     if validate:
         _check(weight_t, a, threshold, bias, any_device=False, swiglu=swiglu)
     a2 = a if a.dim() == 2 else a[None]
-    h, idx, count, _ = _select(a2, threshold, SWIGLU if swiglu else PLAIN)
-    y = gather_cols_gemv(weight_t, h, idx, bias, count, validate=False)
+    if _use_fused(a2, weight_t):
+        y, count, _ = _fused(weight_t, a2, threshold, bias, SWIGLU if swiglu else PLAIN)
+    else:
+        h, idx, count, _ = _select(a2, threshold, SWIGLU if swiglu else PLAIN)
+        y = gather_cols_gemv(weight_t, h, idx, bias, count, validate=False)
     return (y if a.dim() == 2 else y[0]), count
 
 
@@ -202,6 +351,8 @@ def add_rms_threshold_cols_gemv(weight_t, x, residual, norm_weight, eps, thresho
     if x.shape[0] > ADD_RMS_MAX_BATCH:
         s, a = add_rmsnorm(x, residual, norm_weight, eps)
         return (*threshold_cols_gemv(weight_t, a, threshold, bias, validate=False), s)
+    if _use_fused(x, weight_t):
+        return _fused(weight_t, x, threshold, bias, ADD_RMS, residual, norm_weight, eps)
     h, idx, count, s = _select(x, threshold, ADD_RMS, residual, norm_weight, eps)
     return gather_cols_gemv(weight_t, h, idx, bias, count, validate=False), count, s
 

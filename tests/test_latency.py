@@ -265,3 +265,25 @@ def test_staged_shadowllm_is_a_case_of_its_own(tmp_path):
     with pytest.raises(ValueError, match="shadowllm_stages must be layer indices"):
         run(tmp_path, ["shadowllm"], shadowllm_stages="1,x")
     assert cli.build_parser().parse_args(["latency", "--shadowllm-stages", "1,2"]).shadowllm_stages == "1,2"
+
+
+def test_threshold_path_is_a_case_of_its_own(tmp_path):
+    """The threshold mode's projections at batch 1 run fused (default) or select-then-gather: rows record which and
+    resume apart; a threshold row older than the field counts as the select path it timed; the module's switch is
+    restored after the sweep; a bad path is refused by name."""
+    from shadow_kernels import threshold as thr
+
+    fused = [r for r in run(tmp_path, ["threshold"]) if r["status"] == "ok"]
+    assert fused and {r["extra"]["threshold_path"] for r in fused} == {"fused"}
+    assert run(tmp_path, ["threshold"]) == []
+    prev = thr.set_fused(True)
+    sel = run(tmp_path, ["threshold"], threshold_path="select")
+    assert thr.set_fused(prev) is True  # the sweep set it back
+    assert sel and {r["status"] for r in sel} == {"ok"} and {r["extra"]["threshold_path"] for r in sel} == {"select"}
+    old = {**fused[0], "extra": {k: v for k, v in fused[0]["extra"].items() if k != "threshold_path"}}
+    assert latency._row_settings(old)["threshold_path"] == "select"
+    dense = [r for r in run(tmp_path, ["dense"]) if r["status"] == "ok"]
+    assert {latency._row_settings(r)["threshold_path"] for r in dense} == {None}
+    with pytest.raises(ValueError, match="threshold_path must be one of"):
+        run(tmp_path, ["threshold"], threshold_path="both")
+    assert cli.build_parser().parse_args(["latency", "--threshold-path", "select"]).threshold_path == "select"

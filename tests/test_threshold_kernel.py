@@ -148,3 +148,37 @@ def test_add_rms_then_threshold(dtype, batch):
         assert_close_rel(y, masked_dense(wt, a, t), dtype)
     with pytest.raises(ValueError, match="x and residual must be"):
         add_rms_threshold_cols_gemv(wt, x, r[:, :-1], w, 1e-5, t)
+
+
+@pytest.mark.parametrize("prologue", ["plain", "swiglu", "add_rms"])
+@pytest.mark.parametrize("split", [1, 3, 40])  # 40: more chunks than the input has blocks of 32 (22 are made)
+def test_one_token_fused_path_equals_select_then_gather(monkeypatch, prologue, split):
+    """One token takes the fused path (every program makes, thresholds and reads its own chunk of the input, no index
+    list); its output, count and residual sum equal those of the two-launch path (select, then gather), split into
+    chunks or not, with and without a bias."""
+    from shadow_kernels import threshold as thr
+
+    monkeypatch.setattr(thr, "fused_split", lambda *args: split)
+    gen = torch.Generator().manual_seed(split)
+    K, M = 700, 300
+    wt, bias = randn(K, M, gen=gen), randn(M, gen=gen)
+    x = randn(1, 2 * K if prologue == "swiglu" else K, gen=gen)
+    r, w = randn(1, K, gen=gen), (torch.rand(K, generator=gen) + 0.5).to(DEVICE)
+    t = torch.tensor(0.6, device=DEVICE)
+
+    def run(fused, b):
+        monkeypatch.setitem(thr._FUSED, "on", fused)
+        if prologue == "add_rms":
+            return add_rms_threshold_cols_gemv(wt, x, r, w, 1e-5, t, b)
+        return (*threshold_cols_gemv(wt, x, t, b, swiglu=prologue == "swiglu"), None)
+
+    for b in (None, bias):
+        (y, n, s), (y2, n2, s2) = run(True, b), run(False, b)
+        assert 0 < int(n2) < K
+        # the fused path sums the norm's squares in other blocks: an entry at the threshold may round apart
+        assert abs(int(n) - int(n2)) <= (1 if prologue == "add_rms" else 0)
+        torch.testing.assert_close(y, y2, rtol=1e-4, atol=1e-4)
+        if s is not None:
+            torch.testing.assert_close(s, s2, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="set_fused takes True or False"):
+        thr.set_fused(1)
