@@ -194,8 +194,8 @@ def _fused_reduce_kernel(part_ptr, cnt_part_ptr, cnt_ptr, bias_ptr, y_ptr, M, SP
         acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
     if tl.program_id(0) == 0:
-        c = tl.arange(0, SPLIT_P2)
-        tl.store(cnt_ptr, tl.sum(tl.load(cnt_part_ptr + c, mask=c < SPLIT, other=0), axis=0))
+        parts = tl.arange(0, SPLIT_P2)
+        tl.store(cnt_ptr, tl.sum(tl.load(cnt_part_ptr + parts, mask=parts < SPLIT, other=0), axis=0))
 
 
 _FUSED = {"on": os.environ.get("SHADOWBENCH_THRESHOLD_FUSED", "1") != "0"}
