@@ -93,7 +93,7 @@ def _caption(rows) -> str:
 # Words a label carries when its row is not the canonical setting (batch 1, prompt 128, 128 tokens, default flags,
 # predictors of the default folder): each names a group of traces that the figure's menu shows instead.
 VARIANT_MARKERS = ("fp8-predictor", "no-PDL", "own-GEMV", "batch-union", "per-prompt", "kv:always", "layer-input",
-                   "residual-input",
+                   "residual-input", "stages:", "select-path",
                    "heads-only", "neurons-only", "dense-context", "-shot", "heads ", "TP", "[")
 MAX_LEGEND = 12
 
@@ -108,6 +108,8 @@ def _variant_of(name: str) -> str | None:
                 return next(w for w in name.split() if w.endswith("-shot"))
             if m == "TP":
                 return next(w for w in name.split() if w.startswith("TP"))
+            if m == "stages:":
+                return next(w for w in name.split() if w.startswith("stages:"))
             return m.strip()
     for w in name.split():
         if w.startswith("gen") and w[3:].isdigit() and w != "gen128":
@@ -180,6 +182,10 @@ def _base_label(r) -> str:
         parts.append("layer-input")
     if r.get("mode") == "shadowllm" and ex.get("shadowllm_input") == "residual":  # reads layer 1's input
         parts.append("residual-input")
+    if r.get("mode") == "shadowllm" and ex.get("shadowllm_stages"):  # one net per stage (models.predictors)
+        parts.append(f"stages:{ex['shadowllm_stages']}")
+    if r.get("kind") == "latency" and r.get("mode") == "threshold" and ex.get("threshold_path", "select") == "select":
+        parts.append("select-path")  # an index list before each GEMV; rows without the field ran this way
     if ex.get("predictor_dtype") == "fp8":
         parts.append("fp8-predictor")
     if ex.get("batch_rule") == "union" and (r.get("batch") or 1) > 1:

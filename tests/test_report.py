@@ -141,6 +141,19 @@ def test_rows_of_variants_stay_apart_and_the_newest_measurement_wins():
     got = {_label(r): r["value"] for r in prepare_rows([mlp, lay])}
     assert got == {"dejavu l2norm local": 40.0, "dejavu l2norm local layer-input": 48.0}
     assert _variant_of("dejavu l2norm local layer-input") == "layer-input"
+    # a staged ShadowLLM's latency (no predictor file) stays apart from the one predictor's
+    lat = dict(kind="latency", model="smollm2-135m", mode="shadowllm", policy="local", sparsity=0.5, device="cpu",
+               dtype="fp16", metric="token_ms", unit="ms", granularity="token")
+    one, staged = make_row(**lat, value=0.61), make_row(**lat, value=0.68, shadowllm_stages="1,8,15,22")
+    got = {_label(r): r["value"] for r in prepare_rows([one, staged])}
+    assert got == {"shadowllm local per-token": 0.61, "shadowllm local per-token stages:1,8,15,22": 0.68}
+    assert _variant_of("shadowllm local per-token stages:1,8,15,22") == "stages:1,8,15,22"
+    # the threshold mode's two paths at batch 1; a row without the field ran select-then-gather
+    th = dict(lat, mode="threshold", policy="local")
+    fused, sel, older = (make_row(**th, value=v, **kw) for v, kw in
+                         ((0.93, {"threshold_path": "fused"}), (1.10, {"threshold_path": "select"}), (1.2, {})))
+    assert [_label(r) for r in (fused, sel, older)] == ["threshold local", "threshold local select-path",
+                                                          "threshold local select-path"]
 
 
 def test_report_from_the_committed_results(tmp_path):
