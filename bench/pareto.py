@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from pathlib import PurePath
 
 import torch
 
@@ -137,6 +138,12 @@ def join(rows) -> list[dict]:
             model=r["model"], mode=r["mode"], criterion=r["criterion"], policy=r["policy"], sparsity=r["sparsity"],
             kv_rule=e.get("kv_rule"), head_sparsity=e.get("head_sparsity"), neuron_sparsity=e.get("neuron_sparsity"),
             granularity=e.get("granularity") if r["mode"] in ("dejavu", "shadowllm") else None)
+        # the predictor, importance or threshold file's folder, and a staged ShadowLLM's stages (quality rows say
+        # them; a latency row without them leaves them be)
+        if e.get("source"):
+            meta[key]["source_folder"] = PurePath(e["source"]).parent.name
+        if e.get("shadowllm_stages"):
+            meta[key]["shadowllm_stages"] = e["shadowllm_stages"]
         if r["kind"] == "quality" and r["metric"] == "perplexity":
             quality[key]["perplexity"] = r["value"]
         elif r["kind"] == "quality" and r["metric"] == "acc":

@@ -516,6 +516,8 @@ def _pareto_variant(o) -> str:
     parts = [f"per-{o['granularity']}"] if o.get("granularity") else []
     if o.get("kv_rule") == "always" and o.get("mode") != "dense":  # (a dense step computes every key and value)
         parts.append("kv:always")
+    if o.get("shadowllm_stages"):
+        parts.append(f"stages:{o['shadowllm_stages']}")
     parts += _budget_label(o.get("head_sparsity"), o.get("neuron_sparsity"))
     if o.get("dense_gemv") and not str(o.get("device", "")).startswith("cpu"):
         parts.append("dense:" + ("ours" if o["dense_gemv"] == "triton" else o["dense_gemv"]))
@@ -535,8 +537,14 @@ def fig_pareto(rows):
         return None, [], ""
     fig = go.Figure()
     series = defaultdict(list)
+    folders = defaultdict(set)  # files of one mode from several folders: the folder joins the curve's name
     for o in timed:
-        series[(o["model"], o["mode"], o["criterion"], o["policy"], _pareto_variant(o))].append(o)
+        folders[(o["model"], o["mode"], o["criterion"], o["policy"])].add(o.get("source_folder"))
+    for o in timed:
+        var = _pareto_variant(o)
+        if len(folders[(o["model"], o["mode"], o["criterion"], o["policy"])]) > 1 and o.get("source_folder"):
+            var = f"{var} [{o['source_folder']}]".strip()
+        series[(o["model"], o["mode"], o["criterion"], o["policy"], var)].append(o)
     for (model, mode, crit, pol, var), pts in sorted(series.items(),
                                                      key=lambda kv: (MODE_ORDER.get(kv[0][1], 9), kv[0])):
         pts = sorted(pts, key=lambda o: o["sparsity"])

@@ -112,3 +112,15 @@ def test_report_draws_the_pareto_figure_and_speedup_table(tmp_path):
     assert sorted((o["dense_gemv"], o["perplexity"], o["speedup"]) for o in both) == [("cublas", 24.0, 2.0),
                                                                                        ("triton", 24.0, 0.8)]
     assert "oracle local s=0.5 (ceiling)" in page
+    # two predictor folders of one mode, one of them staged: curves and table rows apart, named by stages and folder
+    src = lambda folder: {"source": f"/r/{folder}/shadowllm-l2norm.safetensors"}
+    rs2 = rs + [row("quality", "shadowllm", "perplexity", 21.5, "st", shadowllm_stages="1,8", **src("st4")),
+                row("latency", "shadowllm", "token_ms", 6.5, "st", **src("st4"))]
+    rs2 = [dict(r, extra=dict(r["extra"], **src("one"))) if r["mode"] == "shadowllm" and r["extra"]["config_key"]
+           in "abk" else r for r in rs2]
+    rec = next(o for o in join(rs2) if o["mode"] == "shadowllm" and o.get("shadowllm_stages"))
+    assert rec["source_folder"] == "st4" and rec["perplexity"] == 21.5 and rec["speedup"] == 10.0 / 6.5
+    path.write_text("".join(json.dumps(r) + "\n" for r in rs2))
+    page = build_report([path], tmp_path / "r2.html")[0].read_text()
+    assert "shadowllm l2norm local stages:1,8 dense:cublas [st4]</td><td>-</td><td>1.54x</td>" in page
+    assert "shadowllm l2norm local dense:cublas [one]</td><td>1.25x</td>" in page
