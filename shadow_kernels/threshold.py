@@ -216,8 +216,10 @@ def fused_split(K: int, M: int, block_m: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(K, _FUSED_MIN_CHUNK)))
 
 
-def _fused(weight_t, a, threshold, bias, prologue=PLAIN, residual=None, norm_weight=None, eps=0.0, split=None):
-    """The fused path for one token ``a`` [1, K] (or [1, 2K] gate and up): ``(y [1, M], count int32 [1], s)``."""
+def _fused(weight_t, a, threshold, bias, prologue=PLAIN, residual=None, norm_weight=None, eps=0.0, split=None,
+           block_m=None):
+    """The fused path for one token ``a`` [1, K] (or [1, 2K] gate and up): ``(y [1, M], count int32 [1], s)``.
+    ``split`` and ``block_m`` override the chunk count and the outputs per program (for timing them)."""
     K, M = weight_t.shape
     dev = weight_t.device
     y = torch.empty((1, M), dtype=weight_t.dtype, device=dev)
@@ -227,7 +229,7 @@ def _fused(weight_t, a, threshold, bias, prologue=PLAIN, residual=None, norm_wei
     r = a if residual is None else residual.contiguous()
     w = a if norm_weight is None else norm_weight
     t = threshold.reshape(1).to(a.dtype)
-    block_m = 128 if M >= 512 else 64
+    block_m = block_m or (128 if M >= 512 else 64)
     n_split = split or fused_split(K, M, block_m, dev)
     chunk = triton.cdiv(triton.cdiv(K, n_split), _FUSED_BLOCK_K) * _FUSED_BLOCK_K
     n_split = triton.cdiv(K, chunk)
