@@ -441,7 +441,8 @@ def _quality(args) -> int:
                        predictor_dtype=args.predictor_dtype, head_sparsity=args.head_sparsity,
                        neuron_sparsity=args.neuron_sparsity, kv_rule=args.kv_rule,
                        thresholds=args.thresholds or f"runs/thresholds/{args.model}.safetensors",
-                       batch=args.batch, progress=not args.no_progress)
+                       batch=args.batch, progress=not args.no_progress, neuron_rule=args.neuron_rule,
+                       calib_tokens=args.calib_tokens)
     bad = [r for r in run.new if r["status"] != "ok"]
     _say(tp, quality_table(run.rows))
     _say(tp, *[f"error: {r['mode']} {r['criterion']} s={r['sparsity']}: {r['extra'].get('error')}" for r in bad[:5]],
@@ -796,6 +797,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
                    help="the predictors' second layer as stored (default) or quantised to float8 e4m3")
     q.add_argument("--predictors-dir", help="predictor files (default runs/predictors/MODEL)")
+    q.add_argument("--neuron-rule", choices=["topk", "threshold"], default="topk",
+                   help="how dejavu and shadowllm choose each layer's neurons: topk (the same count every token, "
+                        "default) or threshold (those above a per-layer threshold on the predicted score, calibrated "
+                        "on WikiText-2 validation to keep 1 - neuron sparsity of them on average; local policy)")
+    q.add_argument("--calib-tokens", type=_int_at_least(2, "--calib-tokens"), default=4096,
+                   help="--neuron-rule threshold: WikiText-2 validation tokens it calibrates on (default 4096)")
     q.add_argument("--thresholds", help="the threshold mode's calibrated thresholds (default "
                                         "runs/thresholds/MODEL.safetensors; `shadowbench calibrate`)")
     q.add_argument("--batch", type=_int_at_least(1, "--batch"), default=8)

@@ -144,6 +144,8 @@ def join(rows) -> list[dict]:
             meta[key]["source_folder"] = PurePath(e["source"]).parent.name
         if e.get("shadowllm_stages"):
             meta[key]["shadowllm_stages"] = e["shadowllm_stages"]
+        if e.get("neuron_rule"):
+            meta[key]["neuron_rule"] = e["neuron_rule"]
         if r["kind"] == "quality" and r["metric"] == "perplexity":
             quality[key]["perplexity"] = r["value"]
         elif r["kind"] == "quality" and r["metric"] == "acc":

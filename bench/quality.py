@@ -203,7 +203,7 @@ def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
 
 
 def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="token", predictor_dtype="model",
-            head_sparsity=None, neuron_sparsity=None, kv_rule="skip", thresholds=None):
+            head_sparsity=None, neuron_sparsity=None, kv_rule="skip", thresholds=None, neuron_rule="topk"):
     """The mode of a case (``models.modes.make_mode``) with its importance file (static) or trained predictor
     (dejavu, shadowllm), and that file's path."""
     from pathlib import Path
@@ -230,7 +230,8 @@ def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="tok
         source = predictor = str(path)
     mode = make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=granularity,
                      predictor=predictor, importance=importance, predictor_dtype=predictor_dtype,
-                     head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule)
+                     head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule,
+                     neuron_rule=neuron_rule if case.mode in ("dejavu", "shadowllm") else "topk")
     return mode, source
 
 
@@ -284,7 +285,8 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 granularity="token", tasks=(), shots=0, limit=None, ppl=True, ppl_tokens=4096, context=512,
                 stride=256, sparse_prefix=None, criteria_dir=None, predictors_dir=None, data_dir=None,
                 out_path="runs/quality.jsonl", batch=8, progress=True, predictor_dtype="model", head_sparsity=None,
-                neuron_sparsity=None, kv_rule="skip", thresholds=None, config_key=None, on_mode=None) -> QualityRun:
+                neuron_sparsity=None, kv_rule="skip", thresholds=None, config_key=None, on_mode=None,
+                neuron_rule="topk", calib_tokens=4096) -> QualityRun:
     """Perplexity and accuracy rows for every case; resumes ``out_path`` and records failed cases.
 
     A case is done when the file holds its rows with the same settings: the model, mode, criterion, policy,
@@ -294,7 +296,10 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
 
     ``sparse_prefix``: None (default) decodes accuracy contexts sparsely (the paper's setting: every position
     sparse) and keeps perplexity windows' prefixes dense (a prefill, as in decoding); True or False sets both.
-    ``on_mode(case, mode, source)``: called with each case's bound mode (the Pareto sweep times the same object)."""
+    ``on_mode(case, mode, source)``: called with each case's bound mode (the Pareto sweep times the same object).
+    ``neuron_rule`` ``threshold``: the predictor modes keep each layer's neurons above a per-layer threshold,
+    calibrated per case on the first ``calib_tokens`` tokens of WikiText-2 validation in windows of ``context``
+    (:func:`models.sparse_forward.calibrate_neuron_thresholds`); rows record the rule and the calibration."""
     import traceback
 
     from .results import device_name, file_digest, git_commit, make_row, row_writer, settings_key
@@ -332,18 +337,30 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
 
         bar = tqdm(total=len(cases) * len(evals), desc="quality", unit="eval")
     new, rows = [], []
+    calib = None  # the neuron-threshold calibration windows, made once
     for case in cases:
         common = dict(base, mode=case.mode, criterion=case.criterion, policy=case.policy, sparsity=case.sparsity)
         try:
             mode, source = mode_of(case, criteria_dir=criteria_dir, predictors_dir=predictors_dir,
                                    granularity=granularity, predictor_dtype=predictor_dtype,
                                    head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule,
-                                   thresholds=thresholds)
+                                   thresholds=thresholds, neuron_rule=neuron_rule)
             common = dict(common, **mode.budgets())
             if config_key is not None:  # the Pareto sweep's join key (bench.pareto)
                 common = dict(common, config_key=config_key(case, mode, source))
             digest = file_digest(source)
             mode.bind(model)
+            if mode.neuron_rule == "threshold" and not mode.buffers.dense_neurons:
+                if calib is None:
+                    from .tasks import wikitext2_valid_text
+
+                    ids = tokenizer.encode(wikitext2_valid_text(data_dir), special=False)[:calib_tokens]
+                    calib = [ids[i: i + context] for i in range(0, len(ids), context) if len(ids[i: i + context]) > 1]
+                from models.sparse_forward import calibrate_neuron_thresholds
+
+                calibrate_neuron_thresholds(model, mode, calib)
+                common = dict(common, neuron_calibration=f"WikiText-2 validation, {sum(map(len, calib))} tokens, "
+                                                         f"windows of {context}")
             if on_mode is not None:
                 on_mode(case, mode, source)
             pred = getattr(mode, "predictor", None)
@@ -436,6 +453,7 @@ def quality_table(rows) -> str:
         mode = r["mode"] + (f" {e['neuron_input']}-in" if e.get("neuron_input") else "")
         mode += " residual-in" if e.get("shadowllm_input") == "residual" else ""
         mode += f" stages:{e['shadowllm_stages']}" if e.get("shadowllm_stages") else ""
+        mode += " neurons:threshold" if e.get("neuron_rule") == "threshold" else ""
         mode += " kv:always" if e.get("kv_rule") == "always" else ""
         if e.get("eval") != "wikitext2" and e.get("sparse_prefix") is False and r["mode"] != "dense":
             mode += " dense-ctx"

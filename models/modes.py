@@ -28,7 +28,15 @@ from shadow_kernels.fused_predictor import quantize_rows_fp8
 
 from .nvtx import nvtx_range
 from .ops import Ops, get_ops
-from .plan import LayerPlan, PlanBuffers, check_batch_rule, check_kv_rule, check_policy, check_sparsity
+from .plan import (
+    NEURON_RULES,
+    LayerPlan,
+    PlanBuffers,
+    check_batch_rule,
+    check_kv_rule,
+    check_policy,
+    check_sparsity,
+)
 from .predictors import DejaVuPredictor, ShadowLLMPredictor, load_predictor, random_predictor
 
 MODES = ("dense", "static", "dejavu", "shadowllm", "oracle", "threshold")
@@ -105,9 +113,12 @@ class Mode:
     def budgets(self) -> dict:
         """The sparsities a row records: heads and neurons each, and the key/value rule."""
         s = self.sparsity
-        return {"head_sparsity": s if self.head_sparsity is None else self.head_sparsity,
-                "neuron_sparsity": s if self.neuron_sparsity is None else self.neuron_sparsity,
-                "kv_rule": self.kv_rule}
+        out = {"head_sparsity": s if self.head_sparsity is None else self.head_sparsity,
+               "neuron_sparsity": s if self.neuron_sparsity is None else self.neuron_sparsity,
+               "kv_rule": self.kv_rule}
+        if getattr(self, "neuron_rule", "topk") != "topk":  # (absent: top-k, as rows before the rule)
+            out["neuron_rule"] = self.neuron_rule
+        return out
 
     def describe(self) -> dict:
         tp = getattr(getattr(self, "model", None), "tp", None)
@@ -130,6 +141,7 @@ def check_first_sparse(first_sparse) -> int:
 
 class _Sparse(Mode):
     batch_rule = "mean"
+    neuron_rule = "topk"  # the predictor modes may keep each layer's neurons above a threshold (models.plan)
 
     def __init__(self, sparsity: float, policy: str = "local", first_sparse: int = 1):
         self.sparsity = check_sparsity(sparsity)
@@ -149,7 +161,10 @@ class _Sparse(Mode):
                                    batch_rule=self.batch_rule, head_sparsity=self.head_sparsity,
                                    neuron_sparsity=self.neuron_sparsity,
                                    shard=(0, 1) if tp is None else (tp.rank, tp.world),
-                                   tp_plan="exact" if tp is None else tp.plan, kv_rule=self.kv_rule)
+                                   tp_plan="exact" if tp is None else tp.plan, kv_rule=self.kv_rule,
+                                   neuron_rule=self.neuron_rule)
+        if getattr(self, "neuron_thresholds", None) is not None:  # calibrated before this bind (a new plan's buffers)
+            self.buffers.set_neuron_thresholds(self.neuron_thresholds)
         self._plans = [self.buffers.layer(i) if self.buffers.is_sparse(i) else self._dense
                        for i in range(cfg.n_layers)]
         return self
@@ -579,7 +594,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
               predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean",
               predictor_dtype: str = "model", head_sparsity: float | None = None,
               neuron_sparsity: float | None = None, kv_rule: str = "skip", neuron_input: str | None = None,
-              shadowllm_input: str | None = None, shadowllm_stages=None) -> Mode:
+              shadowllm_input: str | None = None, shadowllm_stages=None, neuron_rule: str = "topk") -> Mode:
     """Build a mode by name: the one factory of the CLI, latency, quality, profile and tune.
 
     ``importance``: static's scores (a file or a dict with ``heads`` [L, H] and ``neurons`` [L, F]), or the
@@ -589,9 +604,16 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
     skipped heads leave in the cache (:data:`models.plan.KV_RULES`); ``neuron_input``: what a random DejaVu
     predictor scores neurons from (:data:`models.predictors.NEURON_INPUTS`; a file says its own);
     ``shadowllm_input``: what a random ShadowLLM predictor reads (:data:`models.predictors.SHADOWLLM_INPUTS`; a file
-    says its own); ``shadowllm_stages``: a random ShadowLLM predictor's stage starts (a file says its own)."""
+    says its own); ``shadowllm_stages``: a random ShadowLLM predictor's stage starts (a file says its own);
+    ``neuron_rule``: how the predictor modes choose each layer's neurons (:data:`models.plan.NEURON_RULES`;
+    ``threshold`` needs :func:`models.sparse_forward.calibrate_neuron_thresholds` after binding)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
+    if neuron_rule not in NEURON_RULES:
+        raise ValueError(f"neuron_rule must be one of {NEURON_RULES}, got {neuron_rule!r}")
+    if neuron_rule != "topk" and name not in ("dejavu", "shadowllm"):
+        raise ValueError(f"neuron_rule {neuron_rule!r} chooses neurons from a predictor's scores: modes dejavu and "
+                         f"shadowllm, got {name!r}")
     if name == "dense":
         mode = Dense()
     elif name == "static":
@@ -614,4 +636,6 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
                          predictor_dtype=predictor_dtype, input_site=shadowllm_input, stages=shadowllm_stages)
     if name != "dense":
         mode.set_budgets(head_sparsity, neuron_sparsity)
+    if neuron_rule != "topk":
+        mode.neuron_rule = neuron_rule
     return mode.set_kv_rule(kv_rule)

@@ -50,6 +50,9 @@ TP_PLANS = ("exact", "shard")
 # cached; only its query, attention and output are skipped). "always" decodes on grouped-query models (Llama: every
 # group's key and value rows join the step's Q/K/V gather); OPT's decode step has "skip" only.
 KV_RULES = ("skip", "always")
+# how a predictor mode chooses each layer's neurons: the same count every token, or those above a calibrated
+# per-layer threshold (the count varies per token)
+NEURON_RULES = ("topk", "threshold")
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ class PlanBuffers:
     def __init__(self, *, n_layers: int, first: int, n_heads: int, head_dim: int, ffn: int, sparsity: float,
                  policy: str, device, ops: Ops, n_kv_heads: int | None = None, batch_rule: str = "mean",
                  head_sparsity: float | None = None, neuron_sparsity: float | None = None,
-                 shard: tuple[int, int] = (0, 1), tp_plan: str = "exact", kv_rule: str = "skip"):
+                 shard: tuple[int, int] = (0, 1), tp_plan: str = "exact", kv_rule: str = "skip",
+                 neuron_rule: str = "topk"):
         """``sparsity`` sets both budgets; ``head_sparsity`` / ``neuron_sparsity`` set one each instead (heads and
         neurons cost quality very differently: at s=0.5 on SmolLM2 the oracle loses 4% with neurons only, 40% with
         heads only).
@@ -150,7 +154,11 @@ class PlanBuffers:
         ``kv_rule`` ``always`` (grouped-query layout): every key-value group's key and value rows are computed and
         cached at every step, whatever heads are kept; only the skipped heads' queries, attention and outputs are
         left out. ``skip``: a group whose heads are all skipped leaves nothing. (Without the grouped-query layout,
-        OPT, the rule changes nothing here: OPT's decode step has ``skip`` only.)"""
+        OPT, the rule changes nothing here: OPT's decode step has ``skip`` only.)
+
+        ``neuron_rule`` ``threshold``: a layer keeps the neurons whose score passes that layer's threshold
+        (:meth:`set_neuron_thresholds`, calibrated so that a share ``1 - neuron_sparsity`` is kept on average), so the
+        count varies per token; ``topk`` (default) keeps the same count every token. Local, one rank."""
         self.first, self.n_layers = first, n_layers
         self.gqa = n_kv_heads is not None
         self.kv_always = check_kv_rule(kv_rule) == "always" and self.gqa
@@ -174,6 +182,13 @@ class PlanBuffers:
         # a kind without a budget (sparsity 0) keeps every unit: its plan is the dense one (no index lists, the dense
         # path of the decode step), and it is never selected
         self.dense_heads, self.dense_neurons = self.head_sparsity == 0.0, self.neuron_sparsity == 0.0
+        if neuron_rule not in NEURON_RULES:
+            raise ValueError(f"neuron_rule must be one of {NEURON_RULES}, got {neuron_rule!r}")
+        self.neuron_rule = neuron_rule
+        self.neuron_thresholds: torch.Tensor | None = None  # [n sparse layers], fp32 (neuron_rule "threshold")
+        if neuron_rule == "threshold" and (policy != "local" or world != 1):
+            raise ValueError(f"neuron_rule 'threshold' keeps each layer's neurons above its own threshold: it needs "
+                             f"policy 'local' and one rank, got policy {policy!r} over {world} rank(s)")
         n = n_layers - first
         self.n_sparse = n
         # the whole model's budgets, and what one selection keeps (a shard's under tp_plan "shard")
@@ -188,6 +203,8 @@ class PlanBuffers:
             s_h, s_f = n_heads, ffn
         else:  # the width of the top-k index lists: k, or with a global budget min(units, k)
             s_h, s_f = min(n_heads, self.k_sel_heads), min(ffn, self.k_sel_neurons)
+        if neuron_rule == "threshold":  # any count of a layer's neurons may pass its threshold
+            s_f = ffn
         self.slots_heads, self.slots_neurons = s_h, s_f
         i32 = dict(dtype=torch.int32, device=device)
         self.head_slot = torch.full((n, n_heads + 1), -1, **i32)
@@ -215,9 +232,32 @@ class PlanBuffers:
     def is_sparse(self, layer: int) -> bool:
         return self.first <= layer < self.n_layers
 
-    def select(self, scores: torch.Tensor, kind: str, *, stable: bool = False) -> torch.Tensor:
-        """Masks [..., n, U] of the whole model's units that scores [..., n, U] keep under this plan's budgets
-        (``kind``: ``heads`` or ``neurons``): what :mod:`models.sparse_forward` selects with."""
+    def set_neuron_thresholds(self, thresholds: torch.Tensor) -> None:
+        """The per-layer thresholds of ``neuron_rule`` ``threshold``: [n sparse layers] finite scores."""
+        if self.neuron_rule != "threshold":
+            raise ValueError(f"neuron thresholds are for neuron_rule 'threshold'; this plan's rule is "
+                             f"{self.neuron_rule!r}")
+        t = torch.as_tensor(thresholds, dtype=torch.float32)
+        if tuple(t.shape) != (self.n_sparse,) or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"neuron thresholds must be {self.n_sparse} finite values (one per sparse layer), got "
+                             f"shape {tuple(t.shape)}")
+        self.neuron_thresholds = t.to(self.neurons.device)
+
+    def _neuron_thresholds(self, layer: int | None, n: int) -> torch.Tensor:
+        """The thresholds [n, 1] of layers ``layer .. layer + n - 1``."""
+        if layer is None:
+            raise ValueError("neuron_rule 'threshold' selects per layer: pass the first layer of the scores")
+        if self.neuron_thresholds is None:
+            raise ValueError("neuron_rule 'threshold' has no thresholds yet: calibrate them first "
+                             "(models.sparse_forward.calibrate_neuron_thresholds)")
+        return self.neuron_thresholds[layer - self.first: layer - self.first + n, None]
+
+    def select(self, scores: torch.Tensor, kind: str, *, stable: bool = False, layer: int | None = None
+               ) -> torch.Tensor:
+        """Masks [..., n, U] of the whole model's units that scores [..., n, U] of layers ``layer ..`` keep under
+        this plan's budgets (``kind``: ``heads`` or ``neurons``): what :mod:`models.sparse_forward` selects with."""
+        if kind == "neurons" and self.neuron_rule == "threshold":
+            return scores > self._neuron_thresholds(layer, scores.shape[-2]).to(scores.dtype)
         k = self.k_sel_heads if kind == "heads" else self.k_sel_neurons
         return select_mask(scores, k, self.policy, shards=self.shards, stable=stable)
 
@@ -228,10 +268,13 @@ class PlanBuffers:
         units = self.H if kind == "heads" else self.F
         return mask[..., self.rank * units:(self.rank + 1) * units]
 
-    def _indices(self, scores: torch.Tensor, kind: str, out=None):
-        """This rank's index lists from the whole model's scores [n, U] (into ``out``, plan buffers, where the
-        selection can write them directly)."""
+    def _indices(self, scores: torch.Tensor, kind: str, out=None, layer: int | None = None):
+        """This rank's index lists from the whole model's scores [n, U] of layers ``layer ..`` (into ``out``, plan
+        buffers, where the selection can write them directly)."""
         heads = kind == "heads"
+        if not heads and self.neuron_rule == "threshold":
+            mask = scores > self._neuron_thresholds(layer, scores.shape[0]).to(scores.dtype)
+            return self.ops.mask_to_indices(mask.contiguous(), self.slots_neurons, validate=False)
         k = self.k_sel_heads if heads else self.k_sel_neurons
         if self.world == 1:
             return self.ops.topk(scores, k, self.policy, validate=False, out=out)
@@ -257,7 +300,8 @@ class PlanBuffers:
             self._write_heads(layer, self._indices(head_scores, "heads"))
         if neuron_scores is not None and not self.dense_neurons:
             self._check_layers(neuron_scores.shape[0])
-            self._write_neurons(layer, self._indices(neuron_scores, "neurons", self._neuron_out(layer, neuron_scores)))
+            self._write_neurons(layer, self._indices(neuron_scores, "neurons", self._neuron_out(layer, neuron_scores),
+                                                     layer))
 
     def fill_batch(self, layer: int, head_scores: torch.Tensor | None, neuron_scores: torch.Tensor | None) -> None:
         """:meth:`fill` from a batch's scores, heads [B, n, H] and neurons [B, n, F] (either may be None), by
@@ -267,19 +311,20 @@ class PlanBuffers:
                 continue
             self._check_layers(scores.shape[1])
             if scores.shape[0] == 1:  # one sequence: its own scores (no mean kernel in the decode step)
-                idx = self._indices(scores[0], kind, self._neuron_out(layer, scores[0]) if kind == "neurons" else None)
+                idx = self._indices(scores[0], kind, self._neuron_out(layer, scores[0]) if kind == "neurons" else None,
+                                    layer)
             elif self.batch_rule == "mean":
-                idx = self._indices(scores.mean(dim=0), kind)
+                idx = self._indices(scores.mean(dim=0), kind, layer=layer)
             else:
-                idx = self.ops.mask_to_indices(self._union(scores, kind),
+                idx = self.ops.mask_to_indices(self._union(scores, kind, layer),
                                                self.slots_heads if kind == "heads" else self.slots_neurons,
                                                validate=False)
             (self._write_heads if kind == "heads" else self._write_neurons)(layer, idx)
 
-    def _union(self, scores: torch.Tensor, kind: str) -> torch.Tensor:
+    def _union(self, scores: torch.Tensor, kind: str, layer: int) -> torch.Tensor:
         """[B, n, units] -> [n, units of this rank] bool: the union over the batch of each sequence's top-k (per
         layer, or over all layers of a sequence with the global policy)."""
-        return self.local(self.select(scores, kind).any(dim=0), kind).contiguous()
+        return self.local(self.select(scores, kind, layer=layer).any(dim=0), kind).contiguous()
 
     def _check_layers(self, n: int) -> None:
         if self.policy == "global" and n != self.n_sparse:

@@ -104,7 +104,7 @@ class PositionPlans:
             return
         heads, neurons = mode.predictor.split(self._scores(self._sources(x), target))
         b = mode.buffers
-        nm = None if neurons is None else b.select(neurons, "neurons")
+        nm = None if neurons is None else b.select(neurons[..., None, :], "neurons", layer=target)[..., 0, :]
         self._store_selected(target, b.select(heads, "heads"), nm)
 
     def _on_ffn_in(self, i, a):
@@ -114,7 +114,7 @@ class PositionPlans:
         if not isinstance(mode, DejaVu) or mode.neuron_input != "mlp" or not mode.buffers.is_sparse(i):
             return
         neurons = self._scores(self._sources(a), (i, "ffn_in"))
-        self._store_selected(i, None, mode.buffers.select(neurons, "neurons"))
+        self._store_selected(i, None, mode.buffers.select(neurons[..., None, :], "neurons", layer=i)[..., 0, :])
 
     def _on_attn_out(self, i, o):
         if isinstance(self.mode, ShadowLLM) and self.mode.observes("attn_out", i):
@@ -127,8 +127,8 @@ class PositionPlans:
         stage = mode._stage_at(layer, site)
         heads, neurons = mode.predictor.split(self._scores(self._sources(x), stage), stage)  # [B, P', n, U]
         b = mode.buffers
-        hm, nm = b.select(heads, "heads"), b.select(neurons, "neurons")
         first = b.first if stage is None else layer
+        hm, nm = b.select(heads, "heads"), b.select(neurons, "neurons", layer=first)
         for j in range(heads.shape[2]):
             self._store_selected(first + j, hm[:, :, j], nm[:, :, j])
 
@@ -217,3 +217,47 @@ def oracle_scores(model, tokens: torch.Tensor) -> tuple[dict, dict]:
     model.prefill(tokens, all_logits=True, hooks={"heads": on_heads, "neurons": on_neurons})
     return heads, neurons
 
+
+
+@torch.no_grad()
+def calibrate_neuron_thresholds(model, mode: Mode, windows: list[list[int]], *, per_window: int = 1 << 16,
+                                seed: int = 0) -> torch.Tensor:
+    """The per-layer thresholds of ``neuron_rule`` ``threshold`` for ``mode`` (a predictor mode bound to ``model``):
+    in dense passes over ``windows`` (token id lists, e.g. WikiText-2 validation, never the evaluation text) the
+    predictor scores every position's neurons as the mode does, and each sparse layer's threshold is the
+    ``neuron_sparsity`` quantile of its scores, so that on that text a share ``1 - neuron_sparsity`` of the layer's
+    neurons passes on average while the count varies per token. Up to ``per_window`` scores of each layer are
+    sampled per window. Sets them on the mode's plan buffers and returns them [n sparse layers]."""
+    b = getattr(mode, "buffers", None)
+    if b is None or getattr(b, "neuron_rule", "topk") != "threshold":
+        raise ValueError("calibrate_neuron_thresholds is for a bound predictor mode with neuron_rule 'threshold'")
+    if not windows or any(len(w) < 1 for w in windows):
+        raise ValueError("calibration needs at least one window of text")
+    seen: dict[int, list] = {j: [] for j in range(b.n_sparse)}
+    gen = torch.Generator().manual_seed(seed)
+    select = b.select
+
+    def record(scores, kind, *, stable=False, layer=None):
+        if kind != "neurons":
+            return select(scores, kind, stable=stable, layer=layer)
+        for j in range(scores.shape[-2]):
+            v = scores[..., j, :].float().flatten().cpu()
+            if v.numel() > per_window:
+                v = v[torch.randperm(v.numel(), generator=gen)[:per_window]]
+            seen[layer - b.first + j].append(v)
+        return torch.ones_like(scores, dtype=torch.bool)  # every position of the pass is dense anyway
+
+    b.select = record
+    try:
+        for ids in windows:
+            tokens = torch.tensor([ids], device=model.device)
+            sparse_logits(model, tokens, mode, tokens.shape[1])  # all positions dense: the dense pass's inputs
+    finally:
+        del b.select  # the buffers' own method again
+    missing = [b.first + j for j, v in seen.items() if not v]
+    if missing:
+        raise ValueError(f"the mode scored no neurons of layers {missing} (a neuron budget of 0 needs no thresholds)")
+    t = torch.tensor([float(torch.quantile(torch.cat(seen[j]), b.neuron_sparsity)) for j in range(b.n_sparse)])
+    b.set_neuron_thresholds(t)
+    mode.neuron_thresholds = t  # kept by the mode: a later bind (a Generator's) sets them on its new buffers
+    return t

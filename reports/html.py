@@ -93,7 +93,7 @@ def _caption(rows) -> str:
 # Words a label carries when its row is not the canonical setting (batch 1, prompt 128, 128 tokens, default flags,
 # predictors of the default folder): each names a group of traces that the figure's menu shows instead.
 VARIANT_MARKERS = ("fp8-predictor", "no-PDL", "own-GEMV", "batch-union", "per-prompt", "kv:always", "layer-input",
-                   "residual-input", "stages:", "select-path",
+                   "residual-input", "stages:", "select-path", "neurons:threshold",
                    "heads-only", "neurons-only", "dense-context", "-shot", "heads ", "TP", "[")
 MAX_LEGEND = 12
 
@@ -184,6 +184,8 @@ def _base_label(r) -> str:
         parts.append("residual-input")
     if r.get("mode") == "shadowllm" and ex.get("shadowllm_stages"):  # one net per stage (models.predictors)
         parts.append(f"stages:{ex['shadowllm_stages']}")
+    if ex.get("neuron_rule") == "threshold":  # each layer's neurons above a calibrated threshold (models.plan)
+        parts.append("neurons:threshold")
     if r.get("kind") == "latency" and r.get("mode") == "threshold" and ex.get("threshold_path", "select") == "select":
         parts.append("select-path")  # an index list before each GEMV; rows without the field ran this way
     if ex.get("predictor_dtype") == "fp8":
@@ -518,6 +520,8 @@ def _pareto_variant(o) -> str:
         parts.append("kv:always")
     if o.get("shadowllm_stages"):
         parts.append(f"stages:{o['shadowllm_stages']}")
+    if o.get("neuron_rule") == "threshold":
+        parts.append("neurons:threshold")
     parts += _budget_label(o.get("head_sparsity"), o.get("neuron_sparsity"))
     if o.get("dense_gemv") and not str(o.get("device", "")).startswith("cpu"):
         parts.append("dense:" + ("ours" if o["dense_gemv"] == "triton" else o["dense_gemv"]))

@@ -329,3 +329,63 @@ def test_a_kind_without_a_budget_is_planned_dense_and_runs_no_net(family):
     gen.generate(torch.randint(0, V, (1, 4), generator=torch.Generator().manual_seed(3)), 2)
     assert int(heads_only.buffers.neuron_count.sum()) == 0
     assert sum(heads_only.live_counts()["heads"]) < cfg.n_heads * (cfg.n_layers - 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["shadowllm-staged", "dejavu"])
+def test_neuron_threshold_rule_decodes_like_its_masked_forward(kind, backend):
+    """neuron_rule 'threshold': each sparse layer keeps the neurons whose predicted score passes that layer's
+    threshold, calibrated on other text so that about 1 - s of them pass; the count varies per token. Before
+    calibration the mode says so; the decode step (index lists from the mask, on the device) gives the masked
+    forward's logits; the thresholds survive the Generator's bind."""
+    from models.modes import make_mode
+    from models.sparse_forward import PositionPlans, calibrate_neuron_thresholds
+
+    model = tiny("llama")
+    extra = dict(shadowllm_input="residual", shadowllm_stages=(1, 2)) if kind.startswith("shadowllm") else {}
+    mode = make_mode(kind.split("-")[0], sparsity=0.5, policy="local", predictor="random", neuron_rule="threshold",
+                     **extra).bind(model)
+    tokens = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="no thresholds yet"):
+        sparse_logits(model, tokens, mode, 5)
+    gen_ = torch.Generator().manual_seed(5)
+    windows = [torch.randint(0, V, (30,), generator=gen_).tolist() for _ in range(4)]
+    t = calibrate_neuron_thresholds(model, mode, windows)
+    assert t.shape == (model.cfg.n_layers - 1,) and torch.isfinite(t).all()
+    # a sparse pass over the calibration text keeps about half of each layer's neurons, a count that varies per token
+    plans = PositionPlans(model, mode, 1, 30, 1)
+    model.prefill(torch.tensor([windows[0]]), all_logits=True, hooks=plans.hooks())
+    for i in range(1, model.cfg.n_layers):
+        kept = plans.neuron_masks[i][0, 1:].float().sum(-1)  # [positions]
+        assert 0.25 < float(kept.mean()) / model.cfg.ffn < 0.75 and int(kept.max()) > int(kept.min())
+    gen = Generator(model, mode, batch=1, max_len=9, backend=backend)
+    steps = teacher_forced(gen, tokens, 5)[:, 0]
+    got = sparse_logits(model, tokens, mode, 5)[0, 5:]
+    assert rel(steps, got) <= (1e-4 if backend == "torch" else 2e-3)
+    assert rel(got, model.prefill(tokens, all_logits=True)[0, 5:]) > 1e-3
+
+
+def test_neuron_threshold_rule_refuses_what_it_cannot_do():
+    from models.modes import make_mode
+    from models.ops import get_ops
+    from models.plan import PlanBuffers
+
+    with pytest.raises(ValueError, match="modes dejavu and shadowllm, got 'static'"):
+        make_mode("static", importance={"heads": torch.ones(2, 2), "neurons": torch.ones(2, 4)},
+                  neuron_rule="threshold")
+    with pytest.raises(ValueError, match="neuron_rule must be one of"):
+        make_mode("shadowllm", predictor="random", neuron_rule="adaptive")
+    kw = dict(n_layers=3, first=1, n_heads=2, head_dim=4, ffn=8, sparsity=0.5, device="cpu",
+              ops=get_ops("torch", torch.device("cpu")))
+    with pytest.raises(ValueError, match="needs policy 'local' and one rank"):
+        PlanBuffers(policy="global", neuron_rule="threshold", **kw)
+    b = PlanBuffers(policy="local", neuron_rule="threshold", **kw)
+    assert b.slots_neurons == 8  # any count may pass
+    with pytest.raises(ValueError, match=r"2 finite values \(one per sparse layer\), got shape \(3,\)"):
+        b.set_neuron_thresholds(torch.zeros(3))
+    with pytest.raises(ValueError, match="neuron thresholds are for neuron_rule 'threshold'"):
+        PlanBuffers(policy="local", **kw).set_neuron_thresholds(torch.zeros(2))
+    b.set_neuron_thresholds(torch.tensor([0.0, 1.0]))
+    mask = b.select(torch.tensor([[[-1.0, 0.5, 2.0, 0.0, 1.0, 3.0, -2.0, 0.1]] * 2]), "neurons", layer=1)
+    assert mask[0, 0].tolist() == [False, True, True, False, True, True, False, True]
+    assert mask[0, 1].tolist() == [False, False, True, False, False, True, False, False]

@@ -513,3 +513,13 @@ def test_train_command_takes_stages(tmp_path):
     rows = [json.loads(line) for line in q.read_text().splitlines()]
     assert [r["extra"]["shadowllm_stages"] for r in rows] == ["1,2"]
     assert "shadowllm residual-in stages:1,2" in quality_table(rows)
+    # each layer's neurons above a threshold calibrated on WikiText-2 validation: a case of its own, labelled
+    assert main(["quality", "--model", TINY_RANDOM, "--modes", "shadowllm", "--policy", "local", "--criteria",
+                 "l2norm", "--sparsity", "0.5", "--tasks", "", "--ppl-tokens", "200", "--context", "64", "--stride",
+                 "32", "--predictors-dir", str(tmp_path / "p"), "--out", str(q), "--no-progress", "--neuron-rule",
+                 "threshold", "--calib-tokens", "256"]) == 0
+    rows = [json.loads(line) for line in q.read_text().splitlines()]
+    assert len(rows) == 2 and rows[1]["extra"]["neuron_rule"] == "threshold" and "neuron_rule" not in rows[0]["extra"]
+    assert rows[1]["extra"]["neuron_calibration"] == "WikiText-2 validation, 256 tokens, windows of 64"
+    assert rows[1]["value"] != rows[0]["value"]
+    assert "stages:1,2 neurons:threshold" in quality_table(rows)
