@@ -350,7 +350,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                 common = dict(common, config_key=config_key(case, mode, source))
             digest = file_digest(source)
             mode.bind(model)
-            if mode.neuron_rule == "threshold" and not mode.buffers.dense_neurons:
+            if getattr(mode, "neuron_rule", "topk") == "threshold" and not mode.buffers.dense_neurons:
                 if calib is None:
                     from .tasks import wikitext2_valid_text
 
@@ -407,6 +407,9 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                     bar.update(1)
                 continue
             stamp = dict(common, source=source, settings=settings, case_key=key, sparse_prefix=sparse_ctx)
+            tally = getattr(getattr(mode, "buffers", None), "neuron_tally", None)
+            if tally is not None:
+                tally[:] = [0, 0]
             try:
                 if name == "wikitext2":
                     r = perplexity(model, mode, data, context=context, stride=stride, sparse_prefix=sparse_ctx,
@@ -422,6 +425,10 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
                     raise
                 out = [make_row(**stamp, metric="error", value=None, unit=None, status="error", eval=name,
                                 error=f"{type(err).__name__}: {err}", trace=traceback.format_exc(limit=3))]
+            # the share the threshold rule kept on this text, every position
+            if getattr(mode, "neuron_rule", "topk") == "threshold" and tally and tally[1]:
+                for row in out:
+                    row["extra"]["neuron_kept_share"] = tally[0] / tally[1]
             writer.write(out)
             new += out
             rows += out

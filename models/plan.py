@@ -186,6 +186,9 @@ class PlanBuffers:
             raise ValueError(f"neuron_rule must be one of {NEURON_RULES}, got {neuron_rule!r}")
         self.neuron_rule = neuron_rule
         self.neuron_thresholds: torch.Tensor | None = None  # [n sparse layers], fp32 (neuron_rule "threshold")
+        # neurons the threshold rule kept and scored in masked-forward selections since the last reset: the share it
+        # keeps on the evaluated text, which calibration on other text only aims at
+        self.neuron_tally = [0, 0]
         if neuron_rule == "threshold" and (policy != "local" or world != 1):
             raise ValueError(f"neuron_rule 'threshold' keeps each layer's neurons above its own threshold: it needs "
                              f"policy 'local' and one rank, got policy {policy!r} over {world} rank(s)")
@@ -257,7 +260,10 @@ class PlanBuffers:
         """Masks [..., n, U] of the whole model's units that scores [..., n, U] of layers ``layer ..`` keep under
         this plan's budgets (``kind``: ``heads`` or ``neurons``): what :mod:`models.sparse_forward` selects with."""
         if kind == "neurons" and self.neuron_rule == "threshold":
-            return scores > self._neuron_thresholds(layer, scores.shape[-2]).to(scores.dtype)
+            mask = scores > self._neuron_thresholds(layer, scores.shape[-2]).to(scores.dtype)
+            self.neuron_tally[0] += int(mask.sum())
+            self.neuron_tally[1] += mask.numel()
+            return mask
         k = self.k_sel_heads if kind == "heads" else self.k_sel_neurons
         return select_mask(scores, k, self.policy, shards=self.shards, stable=stable)
 

@@ -521,5 +521,6 @@ def test_train_command_takes_stages(tmp_path):
     rows = [json.loads(line) for line in q.read_text().splitlines()]
     assert len(rows) == 2 and rows[1]["extra"]["neuron_rule"] == "threshold" and "neuron_rule" not in rows[0]["extra"]
     assert rows[1]["extra"]["neuron_calibration"] == "WikiText-2 validation, 256 tokens, windows of 64"
+    assert 0.2 < rows[1]["extra"]["neuron_kept_share"] < 0.8  # aimed at 0.5 on other text
     assert rows[1]["value"] != rows[0]["value"]
     assert "stages:1,2 neurons:threshold" in quality_table(rows)
