@@ -104,8 +104,11 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(tmp_p
     rng = random.Random(7)
     partial = []
 
-    def size():
-        return path.stat().st_size if path.exists() else 0
+    def size():  # (the writer's probe of a new path appears and is removed again: no exists-then-stat)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return 0
 
     for _ in range(3):
         # killed at a random point after the run has written a case (the machine's load does not move the kill past
