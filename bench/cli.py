@@ -214,7 +214,7 @@ def _latency(args) -> int:
                                head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity, tp=tp,
                                kv_rule=args.kv_rule, neuron_input=args.neuron_input,
                                shadowllm_input=args.shadowllm_input, shadowllm_stages=args.shadowllm_stages,
-                               threshold_path=args.threshold_path)
+                               threshold_path=args.threshold_path, neuron_rule=args.neuron_rule)
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     _say(tp, latency.summary_table(rows))
     _say(tp, *[f"error: {r['model']} {r['mode']} s={r['sparsity']}: {r['extra'].get('error')}" for r in bad[:5]],
@@ -606,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--shadowllm-stages", default=None,
                      help="ShadowLLM's random predictor in stages, e.g. 1,15: a net per stage on the residual stream "
                           "entering its first layer (as `train --stages` makes them; local top-k only)")
+    lat.add_argument("--neuron-rule", choices=["topk", "threshold"], default="topk",
+                     help="how dejavu and shadowllm choose each layer's neurons: topk (default) or threshold (those "
+                          "above a per-layer threshold, for random predictors calibrated on random tokens; local "
+                          "policy)")
     lat.add_argument("--threshold-path", choices=["fused", "select"], default="fused",
                      help="the threshold mode's projections at batch 1: fused (default; each GEMV program thresholds "
                           "its own chunk of the input) or select (one program makes an index list, then the "

@@ -24,6 +24,7 @@ from models.loading import random_model
 from models.modes import MODES, NO_DECODE, make_mode, mode_variants, random_importance
 from models.ops import get_ops, unfused_norms
 from models.opt import OPTDecoder
+from models.plan import NEURON_RULES
 from models.registry import get_spec
 from shadow_kernels import tuned
 
@@ -101,7 +102,7 @@ def latency_cases(models, modes, sparsities, gens, granularities, shadowllm_poli
 
 def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: str = "mean",
                predictor_dtype: str = "model", kv_rule: str = "skip", thresholds=None, neuron_input: str = "mlp",
-               shadowllm_input: str = "residual", shadowllm_stages: str | None = None):
+               shadowllm_input: str = "residual", shadowllm_stages: str | None = None, neuron_rule: str = "topk"):
     """The mode of a latency case: random static scores or random predictors of the trained shapes, or the threshold
     mode's ``thresholds`` (:func:`random_thresholds`). ``kv_rule`` applies to the sparse modes (a dense step
     computes every key and value)."""
@@ -117,7 +118,8 @@ def mode_of(case: LatencyCase, cfg: DecoderConfig, seed: int = 0, batch_rule: st
                      neuron_sparsity=case.neuron_sparsity, kv_rule="skip" if case.mode == "dense" else kv_rule,
                      neuron_input=neuron_input if case.mode == "dejavu" else None,
                      shadowllm_input=shadowllm_input if case.mode == "shadowllm" else None,
-                     shadowllm_stages=parse_stages(shadowllm_stages) if case.mode == "shadowllm" else None)
+                     shadowllm_stages=parse_stages(shadowllm_stages) if case.mode == "shadowllm" else None,
+                     neuron_rule=neuron_rule if case.mode in PREDICTOR_MODES else "topk")
 
 
 def parse_stages(stages) -> tuple[int, ...] | None:
@@ -173,9 +175,11 @@ def _predictor_ms(mode, model, batch, device) -> float | None:
     return time_op(fn, device)["median_us"] / 1e3
 
 
-def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base, seed=0, mode=None) -> list[dict]:
+def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base, seed=0, mode=None,
+                  neuron_rule="topk") -> list[dict]:
     """The rows of one case. ``mode``: a mode to time instead of the case's random one (the Pareto sweep times the
-    trained predictors and importance files that its quality rows used)."""
+    trained predictors and importance files that its quality rows used); ``neuron_rule``: the random predictor
+    modes' (:data:`models.plan.NEURON_RULES`)."""
     device = model.device
     given = mode is not None
     if mode is None:
@@ -183,7 +187,16 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
         mode = mode_of(case, model.full_cfg, seed, base["extra"].get("batch_rule", "mean"),
                        base["extra"].get("predictor_dtype", "model"), base["extra"].get("kv_rule", "skip"), thresholds,
                        base["extra"].get("neuron_input", "mlp"), base["extra"].get("shadowllm_input", "residual"),
-                       base["extra"].get("shadowllm_stages"))
+                       base["extra"].get("shadowllm_stages"), neuron_rule)
+    if getattr(mode, "neuron_rule", "topk") == "threshold" and getattr(mode, "neuron_thresholds", None) is None:
+        # random predictors: thresholds calibrated on random tokens (rows say so), as the threshold mode's are
+        from models.sparse_forward import calibrate_neuron_thresholds
+
+        mode.bind(model)
+        if not mode.buffers.dense_neurons:
+            g = torch.Generator().manual_seed(seed + 1)
+            calibrate_neuron_thresholds(model, mode, [torch.randint(0, model.cfg.vocab, (64,), generator=g).tolist()
+                                                      for _ in range(2)])
     ops = get_ops(None, device)
     if not base["extra"].get("norm_fold", True):
         ops = unfused_norms(ops)
@@ -209,6 +222,8 @@ def run_mode_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, bas
     common["shadowllm_input"] = desc.get("input_site")  # ShadowLLM's (None for the other modes)
     if case.mode == "threshold":
         common["thresholds"] = getattr(mode, "source", None) if given else "calibrated on random tokens"
+    if getattr(mode, "neuron_rule", "topk") == "threshold" and not given:
+        common["neuron_calibration"] = "random tokens"
     rows = [make_row(**common, metric="token_ms", value=st["median"], unit="ms",
                      **{f"token_ms_{k}": v for k, v in st.items() if k != "median"}),
             make_row(**common, metric="prefill_ms", value=result.prefill_ms, unit="ms"),
@@ -267,8 +282,9 @@ def run_hf_case(model, case: LatencyCase, *, prompt_len, batch, copy_gbps, base,
 RESUME_FIELDS = ("model", "mode", "sparsity", "policy", "granularity", "gen_len", "head_sparsity", "neuron_sparsity",
                  "batch", "prompt_len", "dtype", "device", "pdl", "batch_rule", "predictor_dtype", "dense_gemv",
                  "norm_fold", "tp", "tp_plan", "kv_rule", "neuron_input", "shadowllm_input", "shadowllm_stages",
-                 "threshold_path")
+                 "threshold_path", "neuron_rule")
 THRESHOLD_PATHS = ("fused", "select")
+PREDICTOR_MODES = ("dejavu", "shadowllm")
 
 
 def _resume_key(settings: dict) -> tuple:
@@ -294,7 +310,8 @@ def _row_settings(r: dict) -> dict:
                shadowllm_input=ex.get("shadowllm_input", "attn0") if r.get("mode") == "shadowllm" else None,
                shadowllm_stages=ex.get("shadowllm_stages") if r.get("mode") == "shadowllm" else None,
                # threshold rows before the fused one-token path ran select, then gather
-               threshold_path=ex.get("threshold_path", "select") if r.get("mode") == "threshold" else None)
+               threshold_path=ex.get("threshold_path", "select") if r.get("mode") == "threshold" else None,
+               neuron_rule=ex.get("neuron_rule", "topk") if r.get("mode") in PREDICTOR_MODES else None)
     return out
 
 
@@ -312,7 +329,8 @@ def _case_settings(c: LatencyCase, run: dict) -> dict:
             "neuron_input": run["neuron_input"] if c.mode == "dejavu" else None,
             "shadowllm_input": run["shadowllm_input"] if c.mode == "shadowllm" else None,
             "shadowllm_stages": run["shadowllm_stages"] if c.mode == "shadowllm" else None,
-            "threshold_path": run["threshold_path"] if c.mode == "threshold" else None}
+            "threshold_path": run["threshold_path"] if c.mode == "threshold" else None,
+            "neuron_rule": run["neuron_rule"] if c.mode in PREDICTOR_MODES else None}
 
 
 def _done_keys(rows) -> set:
@@ -336,7 +354,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                 batch_rule="mean", predictor_dtype="model", dense_gemv="auto", norm_fold=True,
                 head_sparsity=None, neuron_sparsity=None, tp=None, kv_rule="skip",
                 neuron_input="mlp", shadowllm_input="residual", shadowllm_stages=None,
-                threshold_path="fused") -> list[dict]:
+                threshold_path="fused", neuron_rule="topk") -> list[dict]:
     """Rows of every case not already in ``out_path``. ``batch_rule``: how a batch > 1 shares one plan in
     the predictor modes (``mean`` or ``union`` of the sequences' selections, see models.plan).
     ``predictor_dtype``: ``model`` or ``fp8`` (the predictors' second layer in float8, see models.modes).
@@ -354,7 +372,9 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
     ``shadowllm_stages``: a staged random ShadowLLM predictor's stage starts (``"1,15"``; local top-k only; rows
     record them). ``threshold_path``: how the threshold mode's projections run at batch 1 (``fused``: each GEMV
     program thresholds its own chunk of the input; ``select``: one program makes an index list, then the
-    gather-cols GEMV; :mod:`shadow_kernels.threshold`); its rows record it."""
+    gather-cols GEMV; :mod:`shadow_kernels.threshold`); its rows record it. ``neuron_rule``: how DejaVu and
+    ShadowLLM choose neurons (``threshold``: each layer's above a threshold calibrated on random tokens, local
+    policy; :mod:`models.plan`); their rows record it."""
     from shadow_kernels.threshold import set_fused
 
     if threshold_path not in THRESHOLD_PATHS:
@@ -367,7 +387,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
                             dense_gemv=dense_gemv, norm_fold=norm_fold, head_sparsity=head_sparsity,
                             neuron_sparsity=neuron_sparsity, tp=tp, kv_rule=kv_rule, neuron_input=neuron_input,
                             shadowllm_input=shadowllm_input, shadowllm_stages=shadowllm_stages,
-                            threshold_path=threshold_path)
+                            threshold_path=threshold_path, neuron_rule=neuron_rule)
     finally:
         set_fused(prev)
 
@@ -375,7 +395,7 @@ def run_latency(models, modes, sparsities, gens, granularities, *, prompt_len=12
 def _run_latency(models, modes, sparsities, gens, granularities, *, prompt_len, batch, dtype_name, out_path,
                  shadowllm_policies, progress, batch_rule, predictor_dtype, dense_gemv, norm_fold, head_sparsity,
                  neuron_sparsity, tp, kv_rule, neuron_input, shadowllm_input, shadowllm_stages,
-                 threshold_path) -> list[dict]:
+                 threshold_path, neuron_rule) -> list[dict]:
     from tqdm import tqdm
 
     from models.plan import check_batch_rule
@@ -416,13 +436,15 @@ def _run_latency(models, modes, sparsities, gens, granularities, *, prompt_len, 
         shadowllm_stages = ",".join(str(v) for v in parse_stages(shadowllm_stages))
         base["extra"]["shadowllm_stages"] = shadowllm_stages
     base["extra"]["threshold_path"] = threshold_path  # the threshold mode's (its rows keep it)
+    if neuron_rule not in NEURON_RULES:
+        raise ValueError(f"neuron_rule must be one of {NEURON_RULES}, got {neuron_rule!r}")
     engines = {m: resolve_dense_gemv(dense_gemv, m, dtype, device, 1 if tp is None else tp.world) for m in models}
     done = _done_keys(writer.resume())
     run = dict(batch=batch, prompt_len=prompt_len, dtype=dtype_name, device=env["device"], pdl=pdl,
                batch_rule=batch_rule, predictor_dtype=predictor_dtype, dense_gemv=engines, norm_fold=bool(norm_fold),
                tp=1 if tp is None else tp.world, tp_plan=None if tp is None else tp.plan, kv_rule=kv_rule,
                neuron_input=neuron_input, shadowllm_input=shadowllm_input, shadowllm_stages=shadowllm_stages,
-               threshold_path=threshold_path)
+               threshold_path=threshold_path, neuron_rule=neuron_rule)
     todo = [c for c in latency_cases(models, modes, sparsities, gens, granularities, shadowllm_policies,
                                      head_sparsity, neuron_sparsity)
             if _resume_key(_case_settings(c, run)) not in done]
@@ -452,7 +474,9 @@ def _run_latency(models, modes, sparsities, gens, granularities, *, prompt_len, 
         for case in cases:
             run = run_hf_case if case.mode == "hf" else run_mode_case
             try:
-                rows = run(model, case, prompt_len=prompt_len, batch=batch, copy_gbps=bw["copy_gbps"], base=mbase)
+                kw = {} if case.mode == "hf" else {"neuron_rule": neuron_rule}
+                rows = run(model, case, prompt_len=prompt_len, batch=batch, copy_gbps=bw["copy_gbps"], base=mbase,
+                           **kw)
             except Exception as err:  # one failing case must not lose the sweep
                 if tp is not None:
                     raise

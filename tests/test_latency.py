@@ -287,3 +287,22 @@ def test_threshold_path_is_a_case_of_its_own(tmp_path):
     with pytest.raises(ValueError, match="threshold_path must be one of"):
         run(tmp_path, ["threshold"], threshold_path="both")
     assert cli.build_parser().parse_args(["latency", "--threshold-path", "select"]).threshold_path == "select"
+
+
+def test_neuron_threshold_rule_is_a_case_of_its_own(tmp_path):
+    """`--neuron-rule threshold` times DejaVu and ShadowLLM keeping each layer's neurons above a threshold (random
+    predictors: calibrated on random tokens, rows say so): rows record the rule and resume apart from top-k; the
+    dense rows are the same case either way; a global ShadowLLM budget is an error row naming why."""
+    top = [r for r in run(tmp_path, ["dense", "dejavu"]) if r["status"] == "ok"]
+    thr = run(tmp_path, ["dense", "dejavu", "shadowllm"], neuron_rule="threshold", shadowllm_policies=("local",))
+    assert thr and {r["status"] for r in thr} == {"ok"} and {r["mode"] for r in thr} == {"dejavu", "shadowllm"}
+    assert {r["extra"]["neuron_rule"] for r in thr} == {"threshold"}
+    assert {r["extra"]["neuron_calibration"] for r in thr} == {"random tokens"}
+    assert all("neuron_rule" not in r["extra"] for r in top)
+    assert run(tmp_path, ["dejavu"], neuron_rule="threshold") == []
+    glob = run(tmp_path, ["shadowllm"], neuron_rule="threshold", shadowllm_policies=("global",))
+    assert glob and {r["status"] for r in glob} == {"error"}
+    assert all("needs policy 'local' and one rank" in r["extra"]["error"] for r in glob)
+    with pytest.raises(ValueError, match="neuron_rule must be one of"):
+        run(tmp_path, ["dejavu"], neuron_rule="adaptive")
+    assert cli.build_parser().parse_args(["latency", "--neuron-rule", "threshold"]).neuron_rule == "threshold"
