@@ -428,7 +428,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
             # the share the threshold rule kept on this text, every position
             if getattr(mode, "neuron_rule", "topk") == "threshold" and tally and tally[1]:
                 for row in out:
-                    row["extra"]["neuron_kept_share"] = tally[0] / tally[1]
+                    row["extra"]["neuron_kept_share"] = float(tally[0]) / tally[1]
             writer.write(out)
             new += out
             rows += out

@@ -261,7 +261,7 @@ class PlanBuffers:
         this plan's budgets (``kind``: ``heads`` or ``neurons``): what :mod:`models.sparse_forward` selects with."""
         if kind == "neurons" and self.neuron_rule == "threshold":
             mask = scores > self._neuron_thresholds(layer, scores.shape[-2]).to(scores.dtype)
-            self.neuron_tally[0] += int(mask.sum())
+            self.neuron_tally[0] += mask.sum()  # a device tensor: read once per evaluation, not per selection
             self.neuron_tally[1] += mask.numel()
             return mask
         k = self.k_sel_heads if kind == "heads" else self.k_sel_neurons

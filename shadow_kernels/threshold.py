@@ -29,9 +29,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_float, next_pow2, set_switch, sm_count
+from ._common import check_device, check_float, next_pow2, set_switch
 from .add_norm import add_rmsnorm, add_rmsnorm_ref
-from .gather_cols import gather_cols_gemv, gather_cols_gemv_ref
+from .gather_cols import choose_split, gather_cols_gemv, gather_cols_gemv_ref
 from .pdl import pdl_kwargs, pdl_sync
 from .topk import mask_to_indices_ref
 
@@ -200,20 +200,11 @@ def _fused_reduce_kernel(part_ptr, cnt_part_ptr, cnt_ptr, bias_ptr, y_ptr, M, SP
 
 _FUSED = {"on": os.environ.get("SHADOWBENCH_THRESHOLD_FUSED", "1") != "0"}
 _FUSED_BLOCK_K = 32
-# at least this many inputs per chunk of the split: two loop iterations of the fused kernel
-_FUSED_MIN_CHUNK = 2 * _FUSED_BLOCK_K
 
 
 def set_fused(on: bool) -> bool:
     """Turn the one-token fused path (module docstring) on or off for later calls; returns the previous setting."""
     return set_switch(_FUSED, on, "set_fused")
-
-
-def fused_split(K: int, M: int, block_m: int, device: torch.device) -> int:
-    """Chunks of the input the fused path splits into: about four programs per SM over the output blocks, each
-    chunk at least ``_FUSED_MIN_CHUNK`` inputs."""
-    want = max(1, 4 * sm_count(device) // triton.cdiv(M, block_m))
-    return max(1, min(want, triton.cdiv(K, _FUSED_MIN_CHUNK)))
 
 
 def _fused(weight_t, a, threshold, bias, prologue=PLAIN, residual=None, norm_weight=None, eps=0.0, split=None,
@@ -230,7 +221,9 @@ def _fused(weight_t, a, threshold, bias, prologue=PLAIN, residual=None, norm_wei
     w = a if norm_weight is None else norm_weight
     t = threshold.reshape(1).to(a.dtype)
     block_m = block_m or (128 if M >= 512 else 64)
-    n_split = split or fused_split(K, M, block_m, dev)
+    # split as gather-cols splits its rows: about four programs per SM over the output blocks, each chunk at least
+    # 64 inputs (two loop iterations of the fused kernel)
+    n_split = split or choose_split(K, M, block_m, dev)
     chunk = triton.cdiv(triton.cdiv(K, n_split), _FUSED_BLOCK_K) * _FUSED_BLOCK_K
     n_split = triton.cdiv(K, chunk)
     bias_arg = bias if bias is not None else weight_t

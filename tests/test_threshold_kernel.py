@@ -158,7 +158,7 @@ def test_one_token_fused_path_equals_select_then_gather(monkeypatch, prologue, s
     chunks or not, with and without a bias."""
     from shadow_kernels import threshold as thr
 
-    monkeypatch.setattr(thr, "fused_split", lambda *args: split)
+    monkeypatch.setattr(thr, "choose_split", lambda *args: split)
     gen = torch.Generator().manual_seed(split)
     K, M = 700, 300
     wt, bias = randn(K, M, gen=gen), randn(M, gen=gen)
