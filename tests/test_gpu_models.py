@@ -242,3 +242,27 @@ def test_threshold_and_kv_always_graph_triton_equals_eager_torch(family):
                                            backend=backend, cuda_graph=graph), tokens, 20)
                   for backend, graph in (("triton", True), ("torch", False))]
         assert rel(logits[0], logits[1]) <= 1e-3, name
+
+
+@pytest.mark.parametrize("kind", ["shadowllm-staged", "dejavu"])
+def test_neuron_threshold_rule_graph_triton_equals_eager_torch(kind):
+    """neuron_rule 'threshold' on the GPU: each sparse layer's neurons above its calibrated threshold become index
+    lists of a count that varies per token inside the captured step; graph-captured Triton kernels give the logits of
+    the eager PyTorch references (fp32, Llama with grouped queries), and the sparse logits differ from dense ones."""
+    from models.modes import make_mode
+    from models.sparse_forward import calibrate_neuron_thresholds
+
+    m = llama_model(2, torch.float32)
+    extra = dict(shadowllm_input="residual", shadowllm_stages=(1, 2)) if kind.startswith("shadowllm") else {}
+    mode = make_mode(kind.split("-")[0], sparsity=0.5, policy="local", predictor="random", neuron_rule="threshold",
+                     **extra).bind(m)
+    g = torch.Generator().manual_seed(3)
+    calibrate_neuron_thresholds(m, mode, [torch.randint(0, V, (64,), generator=g).tolist() for _ in range(4)])
+    tokens = torch.randint(0, V, (1, 30), device="cuda")
+    logits = [teacher_forced(Generator(m, mode, batch=1, max_len=30, backend=backend, cuda_graph=graph), tokens, 20)
+              for backend, graph in (("triton", True), ("torch", False))]
+    assert rel(logits[0], logits[1]) <= 1e-3
+    counts = mode.live_counts()["neurons"]
+    assert 0 < sum(counts) < m.cfg.ffn * (m.cfg.n_layers - 1)
+    dense = teacher_forced(Generator(m, make_mode("dense"), batch=1, max_len=30, cuda_graph=False), tokens, 20)
+    assert rel(logits[1], dense) > 1e-3
