@@ -802,9 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the predictors' second layer as stored (default) or quantised to float8 e4m3")
     q.add_argument("--predictors-dir", help="predictor files (default runs/predictors/MODEL)")
     q.add_argument("--neuron-rule", choices=["topk", "threshold"], default="topk",
-                   help="how dejavu and shadowllm choose each layer's neurons: topk (the same count every token, "
-                        "default) or threshold (those above a per-layer threshold on the predicted score, calibrated "
-                        "on WikiText-2 validation to keep 1 - neuron sparsity of them on average; local policy)")
+                   help="how dejavu, shadowllm and oracle choose each layer's neurons: topk (the same count every "
+                        "token, default) or threshold (those above a per-layer threshold on the predicted score, or "
+                        "the oracle's |activation|, calibrated on WikiText-2 validation to keep 1 - neuron sparsity "
+                        "of them on average; local policy)")
     q.add_argument("--calib-tokens", type=_int_at_least(2, "--calib-tokens"), default=4096,
                    help="--neuron-rule threshold: WikiText-2 validation tokens it calibrates on (default 4096)")
     q.add_argument("--thresholds", help="the threshold mode's calibrated thresholds (default "

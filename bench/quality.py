@@ -208,7 +208,7 @@ def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="tok
     (dejavu, shadowllm), and that file's path."""
     from pathlib import Path
 
-    from models.modes import make_mode
+    from models.modes import NEURON_RULE_MODES, make_mode
 
     source = importance = predictor = None
     if case.mode == "static":
@@ -231,7 +231,7 @@ def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="tok
     mode = make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=granularity,
                      predictor=predictor, importance=importance, predictor_dtype=predictor_dtype,
                      head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule,
-                     neuron_rule=neuron_rule if case.mode in ("dejavu", "shadowllm") else "topk")
+                     neuron_rule=neuron_rule if case.mode in NEURON_RULE_MODES else "topk")
     return mode, source
 
 

@@ -234,7 +234,9 @@ class Oracle(_Sparse):
     largest L2 norm and the neurons with the largest |activation| in a dense pass of the model over the same
     tokens, per layer (``local``) or over all sparse layers (``global``; the scores then compete across layers
     as they are, unnormalised). It needs every head and neuron computed to choose, so it has no decode step and no
-    latency: :mod:`models.sparse_forward` runs it (two passes, dense then masked)."""
+    latency: :mod:`models.sparse_forward` runs it (two passes, dense then masked). With ``neuron_rule``
+    ``threshold`` a layer keeps the neurons whose |activation| passes its calibrated threshold instead (a count that
+    varies per token): the ceiling of the predictors under that rule."""
 
     name = "oracle"
     granularity = "token"
@@ -590,6 +592,10 @@ def random_importance(cfg, seed: int = 0) -> dict:
             "neurons": torch.rand(cfg.n_layers, cfg.ffn, generator=g)}
 
 
+# the modes whose neurons a per-token rule may choose (models.plan.NEURON_RULES): they score every token's neurons
+NEURON_RULE_MODES = ("oracle", "dejavu", "shadowllm")
+
+
 def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, granularity: str = "token",
               predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean",
               predictor_dtype: str = "model", head_sparsity: float | None = None,
@@ -605,15 +611,17 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
     predictor scores neurons from (:data:`models.predictors.NEURON_INPUTS`; a file says its own);
     ``shadowllm_input``: what a random ShadowLLM predictor reads (:data:`models.predictors.SHADOWLLM_INPUTS`; a file
     says its own); ``shadowllm_stages``: a random ShadowLLM predictor's stage starts (a file says its own);
-    ``neuron_rule``: how the predictor modes choose each layer's neurons (:data:`models.plan.NEURON_RULES`;
-    ``threshold`` needs :func:`models.sparse_forward.calibrate_neuron_thresholds` after binding)."""
+    ``neuron_rule``: how the predictor modes and the oracle choose each layer's neurons
+    (:data:`models.plan.NEURON_RULES`; ``threshold`` needs :func:`models.sparse_forward.calibrate_neuron_thresholds`
+    after binding; the oracle's is then the ceiling of a per-token neuron count, as the predictors' top-k has the
+    fixed-count oracle)."""
     if name not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {name!r}")
     if neuron_rule not in NEURON_RULES:
         raise ValueError(f"neuron_rule must be one of {NEURON_RULES}, got {neuron_rule!r}")
-    if neuron_rule != "topk" and name not in ("dejavu", "shadowllm"):
-        raise ValueError(f"neuron_rule {neuron_rule!r} chooses neurons from a predictor's scores: modes dejavu and "
-                         f"shadowllm, got {name!r}")
+    if neuron_rule != "topk" and name not in NEURON_RULE_MODES:
+        raise ValueError(f"neuron_rule {neuron_rule!r} chooses neurons from per-token scores: modes "
+                         f"{', '.join(NEURON_RULE_MODES)}, got {name!r}")
     if name == "dense":
         mode = Dense()
     elif name == "static":

@@ -141,7 +141,7 @@ class PositionPlans:
         layers = [b.first + j for j in range(b.n_sparse)]
         hs = torch.stack([heads[i] for i in layers], 2)  # [B, P, L_s, H]
         ns = torch.stack([neurons[i] for i in layers], 2)
-        hm, nm = b.select(hs, "heads", stable=True), b.select(ns, "neurons", stable=True)
+        hm, nm = b.select(hs, "heads", stable=True), b.select(ns, "neurons", stable=True, layer=b.first)
         for j, i in enumerate(layers):
             self._store_selected(i, hm[:, :, j], nm[:, :, j])
 
@@ -222,9 +222,10 @@ def oracle_scores(model, tokens: torch.Tensor) -> tuple[dict, dict]:
 @torch.no_grad()
 def calibrate_neuron_thresholds(model, mode: Mode, windows: list[list[int]], *, per_window: int = 1 << 16,
                                 seed: int = 0) -> torch.Tensor:
-    """The per-layer thresholds of ``neuron_rule`` ``threshold`` for ``mode`` (a predictor mode bound to ``model``):
-    in dense passes over ``windows`` (token id lists, e.g. WikiText-2 validation, never the evaluation text) the
-    predictor scores every position's neurons as the mode does, and each sparse layer's threshold is the
+    """The per-layer thresholds of ``neuron_rule`` ``threshold`` for ``mode`` (a predictor mode or the oracle, bound
+    to ``model``): in dense passes over ``windows`` (token id lists, e.g. WikiText-2 validation, never the evaluation
+    text) the mode scores every position's neurons as it does when it selects (the predictor; the oracle's dense
+    |activation|), and each sparse layer's threshold is the
     ``neuron_sparsity`` quantile of its scores, so that on that text a share ``1 - neuron_sparsity`` of the layer's
     neurons passes on average while the count varies per token. Up to ``per_window`` scores of each layer are
     sampled per window. Sets them on the mode's plan buffers and returns them [n sparse layers]."""

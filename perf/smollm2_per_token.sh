@@ -23,8 +23,10 @@
 #   perf/smollm2_per_token.sh stream-attn0  # ShadowLLM on layer 0's attention output (the paper's input), the same
 #                                       # way, into OUT/predictors-stream-attn0
 #   perf/smollm2_per_token.sh stream-quality  # perplexity of the predictors in PRED (MODES, default
-#                                       # shadowllm,dejavu), both key/value rules, and on heads only and neurons only
-#                                       # (STAGE=accuracy: their 7-task accuracy under `always` instead)
+#                                       # shadowllm,dejavu; oracle may join), both key/value rules, and on heads only
+#                                       # and neurons only (STAGE=accuracy: their 7-task accuracy under `always`
+#                                       # instead); NEURON_RULE=threshold: neurons above per-layer thresholds
+#                                       # calibrated on WikiText-2 validation (`quality --neuron-rule`)
 #   perf/smollm2_per_token.sh pareto    # float16: thresholds calibrated, then `pareto` of dense, oracle, threshold
 #                                       # and the predictors in PRED at s=0.3 and 0.5, per token and per prompt, both
 #                                       # key/value rules, and the predicted heads with dense neurons: perplexity and
@@ -98,6 +100,7 @@ stream-wide)
       $ppl || true ;;
 stream-quality)
   sq="--model smollm2 $f32 --criteria l2norm --predictors-dir $pred --out $rows/quality.jsonl --no-progress"
+  sq="$sq --neuron-rule ${NEURON_RULE:-topk}"
   m=${MODES:-shadowllm,dejavu}
   if [ "${STAGE:-ppl}" = accuracy ]; then
     $sb quality $sq --modes "$m" --policy local --sparsity 0.3 --tasks $tasks --limit ${LIMIT:-500} --no-ppl \

@@ -97,9 +97,10 @@ def test_bad_arguments():
         model.prefill(tokens, hooks={"nope": lambda i, x: x})
 
 
-def _brute_force_oracle(model, tokens, start, sparsity, policy, kv_rule, first=1):
+def _brute_force_oracle(model, tokens, start, sparsity, policy, kv_rule, first=1, neuron_thresholds=None):
     """The oracle by hand: a dense pass records every head's output and every activation; per position, python
-    loops keep the units of largest norm (ties to the lower index); a masked pass applies the choices."""
+    loops keep the units of largest norm (ties to the lower index), or with ``neuron_thresholds`` (one per sparse
+    layer) the neurons whose |activation| passes their layer's; a masked pass applies the choices."""
     from models.plan import kept_units
 
     cfg = model.cfg
@@ -125,7 +126,10 @@ def _brute_force_oracle(model, tokens, start, sparsity, policy, kv_rule, first=1
             hs = {i: [float(heads[i][b, j, t].norm()) for j in range(H)] for i in layers}
             ns = {i: [float(acts[i][b, t, j].abs()) for j in range(F)] for i in layers}
             for scores, mask, k in ((hs, hmask, kh), (ns, nmask, kn)):
-                if policy == "local":
+                if neuron_thresholds is not None and mask is nmask:
+                    for i in layers:
+                        mask[i][b, t] = torch.tensor(scores[i]) > float(neuron_thresholds[i - first])
+                elif policy == "local":
                     for i in layers:
                         keep = sorted(range(len(scores[i])), key=lambda j: (-scores[i][j], j))[:k]
                         mask[i][b, t] = False
@@ -166,6 +170,35 @@ def test_oracle_equals_a_brute_force_masked_forward(family, policy, kv_rule):
     if policy == "global":  # a global budget lets layers keep different numbers of heads
         kept = torch.stack([hmask[i][:, 4:].sum(-1) for i in range(1, model.cfg.n_layers)])
         assert kept.sum(0).eq(kept.sum(0)[0, 0]).all()
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_oracle_with_the_neuron_threshold_rule_equals_a_brute_force_masked_forward(family):
+    """The per-token-count ceiling: the oracle under neuron_rule 'threshold' keeps each position's neurons whose dense
+    |activation| passes their layer's threshold (calibrated on other text to keep about half), heads by top-k, as a
+    masked forward by hand does; the count varies per token, and it is not the fixed-count oracle."""
+    from models.modes import make_mode
+    from models.sparse_forward import PositionPlans, calibrate_neuron_thresholds, oracle_scores
+
+    model = tiny(family)
+    mode = make_mode("oracle", sparsity=0.5, policy="local", neuron_rule="threshold").bind(model)
+    g = torch.Generator().manual_seed(7)
+    t = calibrate_neuron_thresholds(model, mode, [torch.randint(0, V, (30,), generator=g).tolist() for _ in range(4)])
+    assert t.shape == (model.cfg.n_layers - 1,) and bool((t >= 0).all())  # OPT's ReLU: over half are exact zeros
+    tokens = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    got = sparse_logits(model, tokens, mode, 4)
+    want, _ = _brute_force_oracle(model, tokens, 4, 0.5, "local", "skip", neuron_thresholds=t)
+    assert rel(got, want) <= 1e-5
+    topk = sparse_logits(model, tokens, make_mode("oracle", sparsity=0.5, policy="local").bind(model), 4)
+    assert rel(got, topk) > 1e-4
+    plans = PositionPlans(model, mode, 4, 9, 2)
+    plans.set_oracle(*oracle_scores(model, tokens))
+    kept = torch.stack([plans.neuron_masks[i][:, 4:].float().sum(-1) for i in range(1, model.cfg.n_layers)])
+    assert int(kept.max()) > int(kept.min())
+    if family == "llama":  # SiLU: no ties, so about half passes (with ReLU a zero never passes)
+        assert 0.2 < float(kept.mean()) / model.cfg.ffn < 0.8
+    with pytest.raises(ValueError, match="needs policy 'local'"):
+        make_mode("oracle", sparsity=0.5, policy="global", neuron_rule="threshold").bind(model)
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
@@ -370,7 +403,7 @@ def test_neuron_threshold_rule_refuses_what_it_cannot_do():
     from models.ops import get_ops
     from models.plan import PlanBuffers
 
-    with pytest.raises(ValueError, match="modes dejavu and shadowllm, got 'static'"):
+    with pytest.raises(ValueError, match="modes oracle, dejavu, shadowllm, got 'static'"):
         make_mode("static", importance={"heads": torch.ones(2, 2), "neurons": torch.ones(2, 4)},
                   neuron_rule="threshold")
     with pytest.raises(ValueError, match="neuron_rule must be one of"):

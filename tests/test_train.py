@@ -524,3 +524,11 @@ def test_train_command_takes_stages(tmp_path):
     assert 0.2 < rows[1]["extra"]["neuron_kept_share"] < 0.8  # aimed at 0.5 on other text
     assert rows[1]["value"] != rows[0]["value"]
     assert "stages:1,2 neurons:threshold" in quality_table(rows)
+    # the oracle under the same rule (its ceiling: a per-token count chosen from the dense |activation|)
+    assert main(["quality", "--model", TINY_RANDOM, "--modes", "oracle", "--policy", "local", "--sparsity", "0.5",
+                 "--tasks", "", "--ppl-tokens", "200", "--context", "64", "--stride", "32", "--out", str(q),
+                 "--no-progress", "--neuron-rule", "threshold", "--calib-tokens", "256"]) == 0
+    rows = [json.loads(line) for line in q.read_text().splitlines()]
+    assert rows[-1]["mode"] == "oracle" and rows[-1]["extra"]["neuron_rule"] == "threshold"
+    assert 0.2 < rows[-1]["extra"]["neuron_kept_share"] < 0.8
+    assert "oracle neurons:threshold" in quality_table(rows)
