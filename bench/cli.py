@@ -501,7 +501,7 @@ def _pareto(args) -> int:
                      data_dir=args.data_dir, head_sparsity=args.head_sparsity, neuron_sparsity=args.neuron_sparsity,
                      kv_rule=args.kv_rule, granularity=args.granularity, prompt_len=args.prompt, gen_len=args.gen,
                      quality_out=args.quality_out, latency_out=args.latency_out, progress=not args.no_progress,
-                     dense_gemv=args.dense_gemv)
+                     dense_gemv=args.dense_gemv, neuron_rule=args.neuron_rule, calib_tokens=args.calib_tokens)
     rows = [r for p in (args.quality_out, args.latency_out) for r in RowWriter(p).existing()]
     keys = {(r.get("extra") or {}).get("config_key") for r in out["quality"] + out["latency"]}
     print(pareto_table([o for o in join(rows) if o]) if keys else "no configuration ran")
@@ -538,6 +538,17 @@ def _tune(args) -> int:
         raise SystemExit(f"tune: {err}") from None
     print(f"rows appended to {args.rows}" + (f"; {len(table['entries'])} entries in {args.table}" if table else ""))
     return 0
+
+
+def neuron_rule_args(p) -> None:
+    """--neuron-rule and --calib-tokens: of quality and pareto."""
+    p.add_argument("--neuron-rule", choices=["topk", "threshold"], default="topk",
+                   help="how dejavu, shadowllm and oracle choose each layer's neurons: topk (the same count every "
+                        "token, default) or threshold (those above a per-layer threshold on the predicted score, or "
+                        "the oracle's |activation|, calibrated on WikiText-2 validation to keep 1 - neuron sparsity "
+                        "of them on average; local policy)")
+    p.add_argument("--calib-tokens", type=_int_at_least(2, "--calib-tokens"), default=4096,
+                   help="--neuron-rule threshold: WikiText-2 validation tokens it calibrates on (default 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -801,13 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--predictor-dtype", choices=["model", "fp8"], default="model",
                    help="the predictors' second layer as stored (default) or quantised to float8 e4m3")
     q.add_argument("--predictors-dir", help="predictor files (default runs/predictors/MODEL)")
-    q.add_argument("--neuron-rule", choices=["topk", "threshold"], default="topk",
-                   help="how dejavu, shadowllm and oracle choose each layer's neurons: topk (the same count every "
-                        "token, default) or threshold (those above a per-layer threshold on the predicted score, or "
-                        "the oracle's |activation|, calibrated on WikiText-2 validation to keep 1 - neuron sparsity "
-                        "of them on average; local policy)")
-    q.add_argument("--calib-tokens", type=_int_at_least(2, "--calib-tokens"), default=4096,
-                   help="--neuron-rule threshold: WikiText-2 validation tokens it calibrates on (default 4096)")
+    neuron_rule_args(q)
     q.add_argument("--thresholds", help="the threshold mode's calibrated thresholds (default "
                                         "runs/thresholds/MODEL.safetensors; `shadowbench calibrate`)")
     q.add_argument("--batch", type=_int_at_least(1, "--batch"), default=8)
@@ -861,6 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--criteria-dir")
     par.add_argument("--predictors-dir")
     par.add_argument("--thresholds")
+    neuron_rule_args(par)
     par.add_argument("--prompt", type=_int_at_least(1, "--prompt"), default=128, help="latency: prompt length")
     par.add_argument("--gen", type=_int_at_least(1, "--gen"), default=128, help="latency: tokens generated")
     par.add_argument("--dense-gemv", choices=["auto", "cublas", "triton"], default="auto",

@@ -30,7 +30,8 @@ from .results import RowWriter, environment, file_digest, git_commit, make_row, 
 
 def config_key(model: str, case: QualityCase, mode, *, granularity: str, predictor_dtype: str, source) -> str:
     b = mode.budgets()
-    return settings_key({"model": model, "mode": case.mode, "criterion": case.criterion, "policy": case.policy,
+    rule = {"neuron_rule": b["neuron_rule"]} if b.get("neuron_rule") else {}  # (absent: top-k; keys stay as they were)
+    return settings_key({**rule, "model": model, "mode": case.mode, "criterion": case.criterion, "policy": case.policy,
                          "sparsity": case.sparsity, "head_sparsity": b.get("head_sparsity"),
                          "neuron_sparsity": b.get("neuron_sparsity"),
                          # a dense step computes every key and value whatever the rule asked: one configuration
@@ -44,12 +45,15 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
                tasks=(), limit=None, ppl=True, ppl_tokens=2048, context=512, stride=256, criteria_dir=None,
                predictors_dir=None, thresholds=None, data_dir=None, predictor_dtype="model", head_sparsity=None,
                neuron_sparsity=None, kv_rule="skip", prompt_len=128, gen_len=128, quality_out="runs/quality.jsonl",
-               latency_out="runs/latency.jsonl", progress=True, dense_gemv="auto") -> dict:
+               latency_out="runs/latency.jsonl", progress=True, dense_gemv="auto", neuron_rule="topk",
+               calib_tokens=4096) -> dict:
     """Quality and latency rows of every configuration, each stamped with its ``config_key``. ``granularity`` (when
     the predictor modes predict: every token, or once per prompt) and ``kv_rule`` apply to both parts alike.
     ``dense_gemv``: what the timed decode steps run dense layers with (``cublas``, ``triton``, or ``auto``: the
     faster that fits, :func:`bench.latency.auto_dense_gemv`); latency rows record it, and a configuration timed
-    with another engine is timed again."""
+    with another engine is timed again. ``neuron_rule`` ``threshold``: the predictor modes and the oracle keep each
+    layer's neurons above a threshold calibrated on ``calib_tokens`` of WikiText-2 validation
+    (:func:`bench.quality.run_quality`), and the decode step times the mode with those very thresholds."""
     from .latency import DENSE_GEMVS, LatencyCase, auto_dense_gemv, run_mode_case
     from .timing import copy_bandwidth
 
@@ -58,14 +62,15 @@ def run_pareto(model, tokenizer, *, model_name, modes, criteria, sparsities, pol
     lat_writer = RowWriter(latency_out)
     files = dict(criteria_dir=criteria_dir, predictors_dir=predictors_dir, granularity=granularity,
                  predictor_dtype=predictor_dtype, head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity,
-                 thresholds=thresholds, kv_rule=kv_rule)
+                 thresholds=thresholds, kv_rule=kv_rule, neuron_rule=neuron_rule)
     built = {}  # the modes the quality part bound: timed as they are (their files are loaded and hashed once)
     qrun = run_quality(model, tokenizer, model_name=model_name, modes=modes, criteria=criteria, sparsities=sparsities,
                        policies=policies, tasks=tasks, limit=limit, ppl=ppl, ppl_tokens=ppl_tokens, context=context,
                        stride=stride, data_dir=data_dir, out_path=quality_out, progress=progress,
                        config_key=lambda case, mode, source: config_key(model_name, case, mode, granularity=granularity,
                                                                        predictor_dtype=predictor_dtype, source=source),
-                       on_mode=lambda case, mode, source: built.__setitem__(case, (mode, source)), **files)
+                       on_mode=lambda case, mode, source: built.__setitem__(case, (mode, source)),
+                       calib_tokens=calib_tokens, **files)
     device = model.device
     env = environment(device)
     engine = dense_gemv

@@ -73,6 +73,18 @@ def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, ca
     rec = next(o for o in join(rows(q) + rows(lat)) if o.get("kv_rule") == "always")
     assert rec["granularity"] == "prompt" and rec["perplexity"] > 0 and rec["token_ms"] > 0
     assert "always prompt" in capsys.readouterr().out
+    # the neuron threshold rule: calibrated in the scored part, and the timed decode step runs that very mode
+    n = len(rows(q)), len(rows(lat))
+    thr = argv + ["--neuron-rule", "threshold", "--calib-tokens", "256"]
+    thr[thr.index("--modes") + 1] = "oracle,shadowllm"
+    assert cli.main(thr) == 0
+    new_q, new_l = rows(q)[n[0]:], rows(lat)[n[1]:]
+    assert {r["mode"] for r in new_q} == {"oracle", "shadowllm"}
+    assert all(r["extra"]["neuron_rule"] == "threshold" and 0 < r["extra"]["neuron_kept_share"] < 1 for r in new_q)
+    assert not old_keys & {r["extra"]["config_key"] for r in new_q + new_l}
+    recs = {o["mode"]: o for o in join(new_q + new_l)}
+    assert recs["shadowllm"]["neuron_rule"] == "threshold" and recs["shadowllm"]["token_ms"] > 0
+    assert recs["oracle"]["neuron_rule"] == "threshold" and "token_ms" not in recs["oracle"]
 
 
 def test_report_draws_the_pareto_figure_and_speedup_table(tmp_path):
