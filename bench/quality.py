@@ -338,6 +338,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
         bar = tqdm(total=len(cases) * len(evals), desc="quality", unit="eval")
     new, rows = [], []
     calib = None  # the neuron-threshold calibration windows, made once
+    calib_scores: dict = {}  # their neuron scores per scorer
     for case in cases:
         common = dict(base, mode=case.mode, criterion=case.criterion, policy=case.policy, sparsity=case.sparsity)
         try:
@@ -356,9 +357,13 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
 
                     ids = tokenizer.encode(wikitext2_valid_text(data_dir), special=False)[:calib_tokens]
                     calib = [ids[i: i + context] for i in range(0, len(ids), context) if len(ids[i: i + context]) > 1]
-                from models.sparse_forward import calibrate_neuron_thresholds
+                from models.sparse_forward import calibrate_neuron_thresholds, neuron_calibration_scores
 
-                calibrate_neuron_thresholds(model, mode, calib)
+                # the scores hang on the scorer (mode, criterion, file), not the sparsity: a sweep scores once
+                ck = (case.mode, case.criterion, source)
+                if ck not in calib_scores:
+                    calib_scores[ck] = neuron_calibration_scores(model, mode, calib)
+                calibrate_neuron_thresholds(model, mode, scores=calib_scores[ck])
                 common = dict(common, neuron_calibration=f"WikiText-2 validation, {sum(map(len, calib))} tokens, "
                                                          f"windows of {context}")
             if on_mode is not None:

@@ -220,18 +220,16 @@ def oracle_scores(model, tokens: torch.Tensor) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def calibrate_neuron_thresholds(model, mode: Mode, windows: list[list[int]], *, per_window: int = 1 << 16,
-                                seed: int = 0) -> torch.Tensor:
-    """The per-layer thresholds of ``neuron_rule`` ``threshold`` for ``mode`` (a predictor mode or the oracle, bound
-    to ``model``): in dense passes over ``windows`` (token id lists, e.g. WikiText-2 validation, never the evaluation
-    text) the mode scores every position's neurons as it does when it selects (the predictor; the oracle's dense
-    |activation|), and each sparse layer's threshold is the
-    ``neuron_sparsity`` quantile of its scores, so that on that text a share ``1 - neuron_sparsity`` of the layer's
-    neurons passes on average while the count varies per token. Up to ``per_window`` scores of each layer are
-    sampled per window. Sets them on the mode's plan buffers and returns them [n sparse layers]."""
+def neuron_calibration_scores(model, mode: Mode, windows: list[list[int]], *, per_window: int = 1 << 16,
+                              seed: int = 0) -> list[torch.Tensor]:
+    """Each sparse layer's neuron scores [n] (fp32, on the CPU) as ``mode`` (a predictor mode or the oracle, bound
+    to ``model``, with ``neuron_rule`` ``threshold``) scores them when it selects, in dense passes over ``windows``
+    (token id lists, e.g. WikiText-2 validation, never the evaluation text): the predictor's, or the oracle's dense
+    |activation|. Up to ``per_window`` scores of each layer are sampled per window. They do not depend on the
+    sparsity, so one set serves every sparsity of a mode (:func:`calibrate_neuron_thresholds`)."""
     b = getattr(mode, "buffers", None)
     if b is None or getattr(b, "neuron_rule", "topk") != "threshold":
-        raise ValueError("calibrate_neuron_thresholds is for a bound predictor mode with neuron_rule 'threshold'")
+        raise ValueError("neuron calibration is for a bound predictor mode or oracle with neuron_rule 'threshold'")
     if not windows or any(len(w) < 1 for w in windows):
         raise ValueError("calibration needs at least one window of text")
     seen: dict[int, list] = {j: [] for j in range(b.n_sparse)}
@@ -258,7 +256,30 @@ def calibrate_neuron_thresholds(model, mode: Mode, windows: list[list[int]], *, 
     missing = [b.first + j for j, v in seen.items() if not v]
     if missing:
         raise ValueError(f"the mode scored no neurons of layers {missing} (a neuron budget of 0 needs no thresholds)")
-    t = torch.tensor([float(torch.quantile(torch.cat(seen[j]), b.neuron_sparsity)) for j in range(b.n_sparse)])
+    return [torch.cat(seen[j]) for j in range(b.n_sparse)]
+
+
+@torch.no_grad()
+def calibrate_neuron_thresholds(model, mode: Mode, windows: list[list[int]] | None = None, *,
+                                per_window: int = 1 << 16, seed: int = 0, scores: list | None = None
+                                ) -> torch.Tensor:
+    """The per-layer thresholds of ``neuron_rule`` ``threshold`` for ``mode`` (a predictor mode or the oracle, bound
+    to ``model``): each sparse layer's threshold is the ``neuron_sparsity`` quantile of its neuron scores on
+    calibration text (:func:`neuron_calibration_scores` over ``windows``, or ``scores`` made by it for the same
+    model and scorer), so that on that text a share ``1 - neuron_sparsity`` of the layer's neurons passes on
+    average while the count varies per token. Sets them on the mode's plan buffers and returns them
+    [n sparse layers]."""
+    if scores is None:
+        if windows is None:
+            raise ValueError("calibrate_neuron_thresholds needs windows of text or their scores")
+        scores = neuron_calibration_scores(model, mode, windows, per_window=per_window, seed=seed)
+    b = mode.buffers
+    if getattr(b, "neuron_rule", "topk") != "threshold":
+        raise ValueError("calibrate_neuron_thresholds is for a bound predictor mode or oracle with neuron_rule "
+                         "'threshold'")
+    if len(scores) != b.n_sparse:
+        raise ValueError(f"scores must hold {b.n_sparse} layers (one per sparse layer), got {len(scores)}")
+    t = torch.tensor([float(torch.quantile(v, b.neuron_sparsity)) for v in scores])
     b.set_neuron_thresholds(t)
     mode.neuron_thresholds = t  # kept by the mode: a later bind (a Generator's) sets them on its new buffers
     return t

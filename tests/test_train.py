@@ -485,7 +485,7 @@ def test_staged_shadowllm_trains_on_each_stage_input_and_folds_each_scaling(tmp_
         train_predictor("shadowllm", c, t, "plainact", epochs=1, shadowllm_input="residual", stages=(1, 9))
 
 
-def test_train_command_takes_stages(tmp_path):
+def test_train_command_takes_stages(tmp_path, monkeypatch):
     import json
 
     from bench.cli import main
@@ -524,11 +524,19 @@ def test_train_command_takes_stages(tmp_path):
     assert 0.2 < rows[1]["extra"]["neuron_kept_share"] < 0.8  # aimed at 0.5 on other text
     assert rows[1]["value"] != rows[0]["value"]
     assert "stages:1,2 neurons:threshold" in quality_table(rows)
-    # the oracle under the same rule (its ceiling: a per-token count chosen from the dense |activation|)
-    assert main(["quality", "--model", TINY_RANDOM, "--modes", "oracle", "--policy", "local", "--sparsity", "0.5",
+    # the oracle under the same rule (its ceiling: a per-token count chosen from the dense |activation|); the
+    # calibration text is scored once for both sparsities, and each gets its own thresholds
+    import models.sparse_forward as sf
+
+    scored = []
+    real = sf.neuron_calibration_scores
+    monkeypatch.setattr(sf, "neuron_calibration_scores", lambda *a, **k: scored.append(1) or real(*a, **k))
+    assert main(["quality", "--model", TINY_RANDOM, "--modes", "oracle", "--policy", "local", "--sparsity", "0.3,0.5",
                  "--tasks", "", "--ppl-tokens", "200", "--context", "64", "--stride", "32", "--out", str(q),
                  "--no-progress", "--neuron-rule", "threshold", "--calib-tokens", "256"]) == 0
+    assert len(scored) == 1
     rows = [json.loads(line) for line in q.read_text().splitlines()]
-    assert rows[-1]["mode"] == "oracle" and rows[-1]["extra"]["neuron_rule"] == "threshold"
-    assert 0.2 < rows[-1]["extra"]["neuron_kept_share"] < 0.8
+    assert [(r["mode"], r["sparsity"], r["extra"]["neuron_rule"]) for r in rows[-2:]] == [
+        ("oracle", 0.3, "threshold"), ("oracle", 0.5, "threshold")]
+    assert 0.55 < rows[-2]["extra"]["neuron_kept_share"] < 0.85 and 0.2 < rows[-1]["extra"]["neuron_kept_share"] < 0.8
     assert "oracle neurons:threshold" in quality_table(rows)
