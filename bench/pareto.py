@@ -179,12 +179,25 @@ def join(rows) -> list[dict]:
 
 
 def pareto_table(records) -> str:
-    lines = [f"{'mode':<10} {'crit':<9} {'policy':<7} {'s':>5} {'kv':<6} {'gran.':<6} {'ppl':>9} {'acc':>6} "
+    """One line per record of :func:`join`; the mode's column also names a staged ShadowLLM's stages, the neuron rule
+    when it is not top-k, and the predictor folder where one mode has several, so that no two lines look alike."""
+    folders = defaultdict(set)
+    for o in records:
+        if o.get("source_folder"):
+            folders[(o["model"], o["mode"])].add(o["source_folder"])
+
+    def label(o):
+        out = o["mode"] + (f" stages:{o['shadowllm_stages']}" if o.get("shadowllm_stages") else "")
+        out += " neurons:threshold" if o.get("neuron_rule") == "threshold" else ""
+        return out + (f" [{o['source_folder']}]" if len(folders[(o["model"], o["mode"])]) > 1 else "")
+
+    w = max([10] + [len(label(o)) for o in records])
+    lines = [f"{'mode':<{w}} {'crit':<9} {'policy':<7} {'s':>5} {'kv':<6} {'gran.':<6} {'ppl':>9} {'acc':>6} "
              f"{'ms/tok':>8} {'speedup':>8}"]
     fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
-    for o in sorted(records, key=lambda o: (o["mode"] != "dense", o["mode"], str(o["criterion"]), str(o["policy"]),
+    for o in sorted(records, key=lambda o: (o["mode"] != "dense", label(o), str(o["criterion"]), str(o["policy"]),
                                             o["sparsity"], str(o.get("kv_rule")), str(o.get("granularity")))):
-        lines.append(f"{o['mode']:<10} {str(o['criterion'] or '-'):<9} {str(o['policy'] or '-'):<7} "
+        lines.append(f"{label(o):<{w}} {str(o['criterion'] or '-'):<9} {str(o['policy'] or '-'):<7} "
                      f"{o['sparsity']:>5.2f} {str(o.get('kv_rule') or '-'):<6} {str(o.get('granularity') or '-'):<6} "
                      f"{fmt(o.get('perplexity'), '9.2f')} {fmt(o.get('acc_mean'), '6.3f')} "
                      f"{fmt(o.get('token_ms'), '8.3f')} {fmt(o.get('speedup'), '8.2f')}")

@@ -260,6 +260,8 @@ class PlanBuffers:
         """Masks [..., n, U] of the whole model's units that scores [..., n, U] of layers ``layer ..`` keep under
         this plan's budgets (``kind``: ``heads`` or ``neurons``): what :mod:`models.sparse_forward` selects with."""
         if kind == "neurons" and self.neuron_rule == "threshold":
+            if self.dense_neurons:  # no neuron budget: every neuron is kept, and no threshold was calibrated
+                return torch.ones_like(scores, dtype=torch.bool)
             mask = scores > self._neuron_thresholds(layer, scores.shape[-2]).to(scores.dtype)
             self.neuron_tally[0] += mask.sum()  # a device tensor: read once per evaluation, not per selection
             self.neuron_tally[1] += mask.numel()

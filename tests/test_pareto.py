@@ -85,6 +85,7 @@ def test_pareto_joins_quality_and_latency_of_the_same_configuration(tmp_path, ca
     recs = {o["mode"]: o for o in join(new_q + new_l)}
     assert recs["shadowllm"]["neuron_rule"] == "threshold" and recs["shadowllm"]["token_ms"] > 0
     assert recs["oracle"]["neuron_rule"] == "threshold" and "token_ms" not in recs["oracle"]
+    assert "shadowllm neurons:threshold" in capsys.readouterr().out  # its line apart from top-k's
 
 
 def test_report_draws_the_pareto_figure_and_speedup_table(tmp_path):

@@ -396,6 +396,12 @@ def test_neuron_threshold_rule_decodes_like_its_masked_forward(kind, backend):
     got = sparse_logits(model, tokens, mode, 5)[0, 5:]
     assert rel(steps, got) <= (1e-4 if backend == "torch" else 2e-3)
     assert rel(got, model.prefill(tokens, all_logits=True)[0, 5:]) > 1e-3
+    # heads only under the rule: no neuron budget, nothing to calibrate, every neuron kept (top-k's heads-only logits)
+    heads_only = [make_mode(kind.split("-")[0], sparsity=0.5, policy="local", predictor=mode.predictor,
+                            neuron_rule=rule, head_sparsity=0.5, neuron_sparsity=0.0, **extra)
+                  for rule in ("threshold", "topk")]
+    a, b = (sparse_logits(model, tokens, m.bind(model), 5) for m in heads_only)
+    assert torch.equal(a, b)
 
 
 def test_neuron_threshold_rule_refuses_what_it_cannot_do():
