@@ -30,7 +30,7 @@
 #   perf/smollm2_per_token.sh pareto    # float16: thresholds calibrated, then `pareto` of dense, oracle, threshold
 #                                       # and the predictors in PRED at s=0.3 and 0.5, per token and per prompt, both
 #                                       # key/value rules, and the predicted heads with dense neurons: perplexity and
-#                                       # decode latency of the same configurations
+#                                       # decode latency of the same configurations (NEURON_RULE as above)
 #   FFN=2048 perf/smollm2_per_token.sh stream-wide  # DejaVu with FFN-wide neuron nets (heads 256), trained the same
 #                                       # way, and its perplexity at s=0.3 and 0.5 and on neurons only
 # OUT (default runs/smollm2-tokens) holds the dataset and predictors; ROWS (default results) the result tables.
@@ -122,7 +122,8 @@ pareto)
     for g in token prompt; do
       $sb pareto --model smollm2 --dtype float16 --modes dense,oracle,threshold,dejavu,shadowllm --sparsity 0.3,0.5 \
           --kv-rule $kv --granularity $g --predictors-dir "$pred" --thresholds "$th" --ppl-tokens ${PPL_TOKENS:-2048} \
-          --quality-out $rows/quality.jsonl --latency-out $rows/latency.jsonl --no-progress || true
+          --quality-out $rows/quality.jsonl --latency-out $rows/latency.jsonl --neuron-rule "${NEURON_RULE:-topk}" \
+          --no-progress || true
     done
   done
   # predicted heads with every neuron computed (the MLP's dense path, no neuron nets), s=0.5 on the heads
