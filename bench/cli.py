@@ -786,7 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(q)
     q.add_argument("--modes", default="dense,oracle,static,dejavu,shadowllm",
                    help="comma-separated: dense, oracle (the contextual ceiling: per position, the heads and neurons "
-                        "of largest output norm / |activation| in a dense pass; quality only), static, dejavu, "
+                        "of largest output norm / |activation| in a dense pass, and for --criteria plainact of "
+                        "largest |A * dL/dA| from a backward pass over the scored text; quality only), static, dejavu, "
                         "shadowllm, threshold (training-free: each projection drops input entries below a calibrated "
                         "per-layer magnitude; `shadowbench calibrate` first)")
     q.add_argument("--criteria", default="plainact,l2norm", help="criteria of the importance files / predictors")

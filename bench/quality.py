@@ -165,7 +165,8 @@ def accuracy(model, mode, tokenizer, examples: list[Example], *, batch: int = 8,
 
 # ------------------------------------------------------------------ sweeps (shadowbench quality)
 QUALITY_MODES = ("dense", "static", "dejavu", "shadowllm", "oracle", "threshold")
-# The oracle's criterion: the head output L2 norm and |activation| of a dense pass (models.modes.Oracle).
+# The oracle's criterion where none of the requested criteria is one of its own (models.modes.ORACLE_CRITERIA): the
+# head output L2 norm and |activation| of a dense pass (models.modes.Oracle).
 ORACLE_CRITERION = "l2norm"
 # The threshold mode's: each input entry's magnitude against a calibrated per-layer threshold (models.threshold).
 THRESHOLD_CRITERION = "magnitude"
@@ -183,7 +184,7 @@ class QualityCase:
 
 
 def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
-    from models.modes import mode_variants
+    from models.modes import ORACLE_CRITERIA, mode_variants
 
     bad = [m for m in modes if m not in QUALITY_MODES]
     if bad:
@@ -193,8 +194,11 @@ def quality_cases(modes, criteria, sparsities, policies) -> list[QualityCase]:
         if mode == "dense":
             out.append(QualityCase("dense", None, None, 0.0))
             continue
-        fixed = {"oracle": ORACLE_CRITERION, "threshold": THRESHOLD_CRITERION}
-        for crit in ([fixed[mode]] if mode in fixed else criteria):
+        if mode == "oracle":  # the requested criteria it can rank by (l2norm, plainact), else l2norm
+            crits = [c for c in criteria if c in ORACLE_CRITERIA] or [ORACLE_CRITERION]
+        else:
+            crits = [THRESHOLD_CRITERION] if mode == "threshold" else criteria
+        for crit in crits:
             for s in sparsities:
                 if s == 0.0:
                     continue
@@ -231,7 +235,8 @@ def mode_of(case: QualityCase, *, criteria_dir, predictors_dir, granularity="tok
     mode = make_mode(case.mode, sparsity=case.sparsity, policy=case.policy, granularity=granularity,
                      predictor=predictor, importance=importance, predictor_dtype=predictor_dtype,
                      head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity, kv_rule=kv_rule,
-                     neuron_rule=neuron_rule if case.mode in NEURON_RULE_MODES else "topk")
+                     neuron_rule=neuron_rule if case.mode in NEURON_RULE_MODES else "topk",
+                     oracle_criterion=case.criterion if case.mode == "oracle" else "l2norm")
     return mode, source
 
 

@@ -229,18 +229,29 @@ class Static(_Sparse):
         return {**super().describe(), "importance": self.source, "normalise": self.normalise}
 
 
+ORACLE_CRITERIA = ("l2norm", "plainact")
+
+
 class Oracle(_Sparse):
     """The contextual ceiling for quality runs: every position keeps the heads whose attention output has the
     largest L2 norm and the neurons with the largest |activation| in a dense pass of the model over the same
-    tokens, per layer (``local``) or over all sparse layers (``global``; the scores then compete across layers
-    as they are, unnormalised). It needs every head and neuron computed to choose, so it has no decode step and no
-    latency: :mod:`models.sparse_forward` runs it (two passes, dense then masked). With ``neuron_rule``
-    ``threshold`` a layer keeps the neurons whose |activation| passes its calibrated threshold instead (a count that
-    varies per token): the ceiling of the predictors under that rule."""
+    tokens (``criterion`` ``l2norm``), per layer (``local``) or over all sparse layers (``global``; the scores then
+    compete across layers as they are, unnormalised). ``criterion`` ``plainact`` ranks them by |A * dL/dA| instead:
+    the gradient of the summed next-token loss of those tokens, from one backward pass (it reads the labels of the
+    text it scores, as ShadowLLM's training targets do). It needs every head and neuron computed to choose, so it
+    has no decode step and no latency: :mod:`models.sparse_forward` runs it (two passes, dense then masked). With
+    ``neuron_rule`` ``threshold`` a layer keeps the neurons whose score passes its calibrated threshold instead (a
+    count that varies per token): the ceiling of the predictors under that rule."""
 
     name = "oracle"
     granularity = "token"
     no_decode = NO_DECODE["oracle"]
+
+    def __init__(self, sparsity: float, policy: str = "local", first_sparse: int = 1, criterion: str = "l2norm"):
+        super().__init__(sparsity, policy, first_sparse)
+        if criterion not in ORACLE_CRITERIA:
+            raise ValueError(f"the oracle's criterion must be one of {ORACLE_CRITERIA}, got {criterion!r}")
+        self.criterion = criterion
 
 
 class Threshold(Mode):
@@ -600,7 +611,8 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
               predictor=None, importance=None, lookahead: bool = False, batch_rule: str = "mean",
               predictor_dtype: str = "model", head_sparsity: float | None = None,
               neuron_sparsity: float | None = None, kv_rule: str = "skip", neuron_input: str | None = None,
-              shadowllm_input: str | None = None, shadowllm_stages=None, neuron_rule: str = "topk") -> Mode:
+              shadowllm_input: str | None = None, shadowllm_stages=None, neuron_rule: str = "topk",
+              oracle_criterion: str = "l2norm") -> Mode:
     """Build a mode by name: the one factory of the CLI, latency, quality, profile and tune.
 
     ``importance``: static's scores (a file or a dict with ``heads`` [L, H] and ``neurons`` [L, F]), or the
@@ -611,6 +623,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
     predictor scores neurons from (:data:`models.predictors.NEURON_INPUTS`; a file says its own);
     ``shadowllm_input``: what a random ShadowLLM predictor reads (:data:`models.predictors.SHADOWLLM_INPUTS`; a file
     says its own); ``shadowllm_stages``: a random ShadowLLM predictor's stage starts (a file says its own);
+    ``oracle_criterion``: what the oracle ranks by (:data:`ORACLE_CRITERIA`).
     ``neuron_rule``: how the predictor modes and the oracle choose each layer's neurons
     (:data:`models.plan.NEURON_RULES`; ``threshold`` needs :func:`models.sparse_forward.calibrate_neuron_thresholds`
     after binding; the oracle's is then the ceiling of a per-token neuron count, as the predictors' top-k has the
@@ -629,7 +642,7 @@ def make_mode(name: str, *, sparsity: float = 0.5, policy: str | None = None, gr
             raise ValueError("mode 'static' needs importance scores (a file with 'heads' and 'neurons')")
         mode = Static(importance, sparsity, policy or "global")
     elif name == "oracle":
-        mode = Oracle(sparsity, policy or "local")
+        mode = Oracle(sparsity, policy or "local", criterion=oracle_criterion)
     elif name == "threshold":
         if policy not in (None, "local"):
             raise ValueError(f"mode 'threshold' has a threshold per layer (policy 'local'), got policy {policy!r}")

@@ -192,7 +192,7 @@ def sparse_logits(model, tokens: torch.Tensor, mode: Mode, sparse_from) -> torch
     docstring). Right padding is harmless: positions only see earlier ones."""
     plans = PositionPlans(model, mode, sparse_from, tokens.shape[1], tokens.shape[0])
     if isinstance(mode, Oracle):
-        heads, neurons = oracle_scores(model, tokens)
+        heads, neurons = oracle_scores(model, tokens, mode.criterion)
         if model.tp is not None:  # each rank scored its own shard; every rank selects from all of them
             heads = {i: model.tp.all_gather(t, dim=-1) for i, t in heads.items()}
             neurons = {i: model.tp.all_gather(t, dim=-1) for i, t in neurons.items()}
@@ -200,8 +200,28 @@ def sparse_logits(model, tokens: torch.Tensor, mode: Mode, sparse_from) -> torch
     return model.prefill(tokens, all_logits=True, hooks=plans.hooks())
 
 
+def oracle_scores(model, tokens: torch.Tensor, criterion: str = "l2norm") -> tuple[dict, dict]:
+    """Per layer, every head's score [B, P, H] and every neuron's [B, P, F] at every position, from a dense prefill
+    of ``tokens`` (fp32): ``l2norm``, the L2 norm of the head's attention output and |activation|; ``plainact``,
+    |A * dL/dA| (summed over a head's output), with L the summed next-token loss of ``tokens``, from one backward
+    pass (:func:`models.criteria.token_rows`)."""
+    if criterion == "plainact":
+        if model.tp is not None:
+            raise ValueError("the plainact oracle runs on one rank (its backward pass is not tensor-parallel)")
+        from .criteria import token_rows
+
+        B, P = tokens.shape
+        rows = token_rows(model, tokens, torch.full((B,), P), ("plainact",), with_inputs=False)
+        hs = rows["plainact.heads"].view(B, P, *rows["plainact.heads"].shape[1:])  # [B, P, L, H]
+        ns = rows["plainact.neurons"].view(B, P, *rows["plainact.neurons"].shape[1:])
+        return ({i: hs[:, :, i] for i in range(hs.shape[2])}, {i: ns[:, :, i] for i in range(ns.shape[2])})
+    if criterion != "l2norm":
+        raise ValueError(f"the oracle's criterion must be l2norm or plainact, got {criterion!r}")
+    return _oracle_norms(model, tokens)
+
+
 @torch.no_grad()
-def oracle_scores(model, tokens: torch.Tensor) -> tuple[dict, dict]:
+def _oracle_norms(model, tokens: torch.Tensor) -> tuple[dict, dict]:
     """Per layer, the L2 norm of every head's attention output [B, P, H] and |activation| of every neuron
     [B, P, F] at every position, from a dense prefill of ``tokens`` (fp32)."""
     heads, neurons = {}, {}

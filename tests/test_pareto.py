@@ -124,7 +124,7 @@ def test_report_draws_the_pareto_figure_and_speedup_table(tmp_path):
     both = [o for o in join(rs) if o["mode"] == "shadowllm" and o["sparsity"] == 0.5 and o.get("kv_rule") is None]
     assert sorted((o["dense_gemv"], o["perplexity"], o["speedup"]) for o in both) == [("cublas", 24.0, 2.0),
                                                                                        ("triton", 24.0, 0.8)]
-    assert "oracle local s=0.5 (ceiling)" in page
+    assert "oracle l2norm local s=0.5 (ceiling)" in page
     # two predictor folders of one mode, one of them staged: curves and table rows apart, named by stages and folder
     src = lambda folder: {"source": f"/r/{folder}/shadowllm-l2norm.safetensors"}
     rs2 = rs + [row("quality", "shadowllm", "perplexity", 21.5, "st", shadowllm_stages="1,8", **src("st4")),

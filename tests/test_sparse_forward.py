@@ -97,25 +97,37 @@ def test_bad_arguments():
         model.prefill(tokens, hooks={"nope": lambda i, x: x})
 
 
-def _brute_force_oracle(model, tokens, start, sparsity, policy, kv_rule, first=1, neuron_thresholds=None):
-    """The oracle by hand: a dense pass records every head's output and every activation; per position, python
-    loops keep the units of largest norm (ties to the lower index), or with ``neuron_thresholds`` (one per sparse
-    layer) the neurons whose |activation| passes their layer's; a masked pass applies the choices."""
+def _brute_force_oracle(model, tokens, start, sparsity, policy, kv_rule, first=1, neuron_thresholds=None,
+                        criterion="l2norm"):
+    """The oracle by hand: a dense pass records every head's output and every activation (``plainact``: times its
+    gradient, through zero probes added at each site, of the summed next-token loss); per position, python loops
+    keep the units of largest norm (ties to the lower index), or with ``neuron_thresholds`` (one per sparse layer)
+    the neurons whose score passes their layer's; a masked pass applies the choices."""
     from models.plan import kept_units
 
     cfg = model.cfg
     H, F, L = cfg.n_heads, cfg.ffn, cfg.n_layers
-    heads, acts = {}, {}
+    heads, acts, probes = {}, {}, {}
 
-    def rec_h(i, h):
-        heads[i] = h.clone()
-        return h
-
-    def rec_f(i, f):
-        acts[i] = f.clone()
+    def rec(store, key):
+        def f(i, t):
+            store[i] = t.detach().clone()
+            if criterion != "plainact":
+                return t
+            probes[(key, i)] = p = torch.zeros_like(t, requires_grad=True)
+            return t + p
         return f
 
-    model.prefill(tokens, all_logits=True, hooks={"heads": rec_h, "neurons": rec_f})
+    with torch.enable_grad():
+        logits = model.prefill(tokens, all_logits=True, hooks={"heads": rec(heads, "h"), "neurons": rec(acts, "f")})
+        if criterion == "plainact":
+            logp = torch.log_softmax(logits[:, :-1].float(), -1)
+            loss = -logp.gather(-1, tokens[:, 1:, None]).sum()
+            loss.backward()
+            for i in range(L):  # |A * dL/dA|, summed over a head's output
+                heads[i] = (heads[i] * probes[("h", i)].grad).abs()
+                heads[i] = heads[i].sum(-1, keepdim=True)  # norm() of a one-wide last dim is its value
+                acts[i] = acts[i] * probes[("f", i)].grad
     B, P = tokens.shape
     hmask = {i: torch.ones(B, P, H, dtype=torch.bool) for i in range(L)}
     nmask = {i: torch.ones(B, P, F, dtype=torch.bool) for i in range(L)}
@@ -170,6 +182,30 @@ def test_oracle_equals_a_brute_force_masked_forward(family, policy, kv_rule):
     if policy == "global":  # a global budget lets layers keep different numbers of heads
         kept = torch.stack([hmask[i][:, 4:].sum(-1) for i in range(1, model.cfg.n_layers)])
         assert kept.sum(0).eq(kept.sum(0)[0, 0]).all()
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_plainact_oracle_equals_a_brute_force_masked_forward(family):
+    """The gradient-criterion oracle: per position, the heads and neurons of largest |A * dL/dA| (L: the summed
+    next-token loss of the tokens scored, from one backward pass), as by hand with autograd; it chooses otherwise
+    than the l2norm oracle; quality sweeps run it for --criteria plainact (l2norm where no criterion of its own is
+    asked for)."""
+    from bench.quality import quality_cases
+    from models.modes import make_mode
+
+    model = tiny(family)
+    tokens = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    mode = make_mode("oracle", sparsity=0.5, policy="local", oracle_criterion="plainact").bind(model)
+    got = sparse_logits(model, tokens, mode, 4)
+    want, _ = _brute_force_oracle(model, tokens, 4, 0.5, "local", "skip", criterion="plainact")
+    assert rel(got, want) <= 1e-5
+    norms = sparse_logits(model, tokens, make_mode("oracle", sparsity=0.5, policy="local").bind(model), 4)
+    assert rel(got, norms) > 1e-4
+    with pytest.raises(ValueError, match="the oracle's criterion must be one of"):
+        make_mode("oracle", oracle_criterion="fisher")
+    cases = quality_cases(["oracle"], ["plainact", "fisher", "l2norm"], [0.5], ["local"])
+    assert [c.criterion for c in cases] == ["plainact", "l2norm"]
+    assert [c.criterion for c in quality_cases(["oracle"], ["fisher"], [0.5], ["local"])] == ["l2norm"]
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
