@@ -408,7 +408,7 @@ def _quality(args) -> int:
                            stride=args.stride, batch=args.batch, sparsities=args.sparsity,
                            policies=_names(args.policy), granularity=args.granularity, modes=_names(args.modes),
                            predictor_dtype=args.predictor_dtype, head_sparsity=args.head_sparsity,
-                           neuron_sparsity=args.neuron_sparsity, kv_rule=args.kv_rule)
+                           neuron_sparsity=args.neuron_sparsity, kv_rule=args.kv_rule, neuron_rule=args.neuron_rule)
         RowWriter(args.out)
     except ValueError as err:
         raise SystemExit(f"quality: {err}") from None
@@ -486,7 +486,7 @@ def _pareto(args) -> int:
     try:
         check_quality_args(limit=args.limit, sparsities=args.sparsity, policies=_names(args.policy),
                            modes=_names(args.modes), head_sparsity=args.head_sparsity,
-                           neuron_sparsity=args.neuron_sparsity)
+                           neuron_sparsity=args.neuron_sparsity, neuron_rule=args.neuron_rule)
         tasks = check_tasks(_names(args.tasks)) if args.tasks else []
         RowWriter(args.quality_out)
         RowWriter(args.latency_out)

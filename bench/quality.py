@@ -250,10 +250,10 @@ class QualityRun:
 
 def check_quality_args(*, limit=None, shots=0, ppl_tokens=4096, context=512, stride=256, batch=8, sparsities=(),
                        policies=("global",), granularity="token", modes=(), predictor_dtype="model",
-                       head_sparsity=None, neuron_sparsity=None, kv_rule="skip") -> None:
+                       head_sparsity=None, neuron_sparsity=None, kv_rule="skip", neuron_rule="topk") -> None:
     """Every value that would otherwise fail after the model is loaded, checked first (ValueError naming it)."""
     from models.modes import GRANULARITIES, PREDICTOR_DTYPES
-    from models.plan import POLICIES, check_kv_rule
+    from models.plan import NEURON_RULES, POLICIES, check_kv_rule
 
     bad = [m for m in modes if m not in QUALITY_MODES]
     if bad:
@@ -284,6 +284,12 @@ def check_quality_args(*, limit=None, shots=0, ppl_tokens=4096, context=512, str
         if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
             raise ValueError(f"{name} must be in [0, 1) or None, got {v!r}")
     check_kv_rule(kv_rule)
+    if neuron_rule not in NEURON_RULES:
+        raise ValueError(f"neuron_rule must be one of {NEURON_RULES}, got {neuron_rule!r}")
+    global_ruled = sorted({"oracle", "shadowllm"} & set(modes)) if "global" in policies else []
+    if neuron_rule == "threshold" and global_ruled:
+        raise ValueError(f"neuron rule 'threshold' keeps each layer's neurons above that layer's threshold, so "
+                         f"{' and '.join(global_ruled)} need policy 'local'; got policies {list(policies)}")
 
 
 def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsities, policies=("global",),
@@ -313,7 +319,7 @@ def run_quality(model, tokenizer, *, model_name: str, modes, criteria, sparsitie
     check_quality_args(limit=limit, shots=shots, ppl_tokens=ppl_tokens, context=context, stride=stride, batch=batch,
                        sparsities=sparsities, policies=policies, granularity=granularity, modes=modes,
                        predictor_dtype=predictor_dtype, head_sparsity=head_sparsity, neuron_sparsity=neuron_sparsity,
-                       kv_rule=kv_rule)
+                       kv_rule=kv_rule, neuron_rule=neuron_rule)
     cases = quality_cases(modes, criteria, sparsities, policies)
     tp = model.tp  # a tensor-parallel rank (models.tp): rank 0 writes; a failure stops the group (no error rows)
     writer = row_writer(out_path, tp)

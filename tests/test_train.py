@@ -531,7 +531,8 @@ def test_train_command_takes_stages(tmp_path, monkeypatch):
     scored = []
     real = sf.neuron_calibration_scores
     monkeypatch.setattr(sf, "neuron_calibration_scores", lambda *a, **k: scored.append(1) or real(*a, **k))
-    assert main(["quality", "--model", TINY_RANDOM, "--modes", "oracle", "--policy", "local", "--sparsity", "0.3,0.5",
+    assert main(["quality", "--model", TINY_RANDOM, "--modes", "oracle", "--criteria", "l2norm", "--policy", "local",
+                 "--sparsity", "0.3,0.5",
                  "--tasks", "", "--ppl-tokens", "200", "--context", "64", "--stride", "32", "--out", str(q),
                  "--no-progress", "--neuron-rule", "threshold", "--calib-tokens", "256"]) == 0
     assert len(scored) == 1
@@ -540,3 +541,7 @@ def test_train_command_takes_stages(tmp_path, monkeypatch):
         ("oracle", 0.3, "threshold"), ("oracle", 0.5, "threshold")]
     assert 0.55 < rows[-2]["extra"]["neuron_kept_share"] < 0.85 and 0.2 < rows[-1]["extra"]["neuron_kept_share"] < 0.8
     assert "oracle neurons:threshold" in quality_table(rows)
+    # a global budget has no per-layer threshold: said before the model loads
+    with pytest.raises(SystemExit, match="oracle and shadowllm need policy 'local'; got policies"):
+        main(["quality", "--model", TINY_RANDOM, "--modes", "static,oracle,shadowllm", "--policy", "global,local",
+              "--neuron-rule", "threshold", "--tasks", "", "--out", str(q)])
