@@ -560,8 +560,9 @@ def fig_pareto(rows):
         if o["mode"] == "oracle":
             fig.add_trace(go.Scatter(x=[o["perplexity"]] * 2, y=[0.9, max(p["speedup"] for p in timed)],
                                      mode="lines", line=dict(dash="dot", color="black"),
-                                     name=" ".join(x for x in (f"{o['model']} oracle {o['criterion']} {o['policy']} s={o['sparsity']:g}",
-                                                               _pareto_variant(o), "(ceiling)") if x)))
+                                     name=" ".join(x for x in (f"{o['model']} oracle {o['criterion']} {o['policy']}",
+                                                               f"s={o['sparsity']:g}", _pareto_variant(o),
+                                                               "(ceiling)") if x)))
     fig.update_xaxes(type="log")
     rows_used = [r for r in rows if (r.get("extra") or {}).get("config_key")]
     dense = {o["model"]: o["perplexity"] for o in recs if o["mode"] == "dense"}
