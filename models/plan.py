@@ -246,14 +246,16 @@ class PlanBuffers:
                              f"shape {tuple(t.shape)}")
         self.neuron_thresholds = t.to(self.neurons.device)
 
-    def _neuron_thresholds(self, layer: int | None, n: int) -> torch.Tensor:
-        """The thresholds [n, 1] of layers ``layer .. layer + n - 1``."""
+    def _above_threshold(self, scores: torch.Tensor, layer: int | None) -> torch.Tensor:
+        """Mask [..., n, F] of the neuron scores [..., n, F] of layers ``layer .. layer + n - 1`` that pass their
+        layer's threshold (``neuron_rule`` ``threshold``)."""
         if layer is None:
             raise ValueError("neuron_rule 'threshold' selects per layer: pass the first layer of the scores")
         if self.neuron_thresholds is None:
             raise ValueError("neuron_rule 'threshold' has no thresholds yet: calibrate them first "
                              "(models.sparse_forward.calibrate_neuron_thresholds)")
-        return self.neuron_thresholds[layer - self.first: layer - self.first + n, None]
+        j = layer - self.first
+        return scores > self.neuron_thresholds[j: j + scores.shape[-2], None].to(scores.dtype)
 
     def select(self, scores: torch.Tensor, kind: str, *, stable: bool = False, layer: int | None = None
                ) -> torch.Tensor:
@@ -262,7 +264,7 @@ class PlanBuffers:
         if kind == "neurons" and self.neuron_rule == "threshold":
             if self.dense_neurons:  # no neuron budget: every neuron is kept, and no threshold was calibrated
                 return torch.ones_like(scores, dtype=torch.bool)
-            mask = scores > self._neuron_thresholds(layer, scores.shape[-2]).to(scores.dtype)
+            mask = self._above_threshold(scores, layer)
             self.neuron_tally[0] += mask.sum()  # a device tensor: read once per evaluation, not per selection
             self.neuron_tally[1] += mask.numel()
             return mask
@@ -281,8 +283,8 @@ class PlanBuffers:
         buffers, where the selection can write them directly)."""
         heads = kind == "heads"
         if not heads and self.neuron_rule == "threshold":
-            mask = scores > self._neuron_thresholds(layer, scores.shape[0]).to(scores.dtype)
-            return self.ops.mask_to_indices(mask.contiguous(), self.slots_neurons, validate=False)
+            return self.ops.mask_to_indices(self._above_threshold(scores, layer).contiguous(), self.slots_neurons,
+                                            validate=False)
         k = self.k_sel_heads if heads else self.k_sel_neurons
         if self.world == 1:
             return self.ops.topk(scores, k, self.policy, validate=False, out=out)

@@ -238,7 +238,6 @@ def _oracle_norms(model, tokens: torch.Tensor) -> tuple[dict, dict]:
     return heads, neurons
 
 
-
 @torch.no_grad()
 def neuron_calibration_scores(model, mode: Mode, windows: list[list[int]], *, per_window: int = 1 << 16,
                               seed: int = 0) -> list[torch.Tensor]:
